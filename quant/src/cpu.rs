@@ -1,0 +1,312 @@
+//! 4-bit block quantization on the CPU: scalar `_ref` references that follow bitsandbytes 0.50.2's
+//! `quantize_4bit` / `dequantize_4bit` step by step, and the fast paths (rayon across blocks,
+//! branch-free bucket counting, a byte → pair lookup table) that tests pin bit-identical to them.
+//!
+//! Units: `n_elems` counts 4-bit values, packed buffers hold `packed_len(n_elems)` bytes, and
+//! `absmax` holds one f32 per block of `Blocksize::elems()` consecutive elements of the row-major
+//! flattened tensor (a trailing partial block has its own absmax).
+
+use crate::QuantError;
+use crate::format::{
+    ABSMAX_FLOOR, Blocksize, QuantType, n_blocks, pack_pair, packed_len, unpack_pair,
+};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// An output element type of dequantization: the f32 product `code × absmax`, rounded to nearest even.
+pub trait DequantOut: Copy + Send + Sync + Default + 'static {
+    fn from_f32(v: f32) -> Self;
+}
+impl DequantOut for f32 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+impl DequantOut for bf16 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+impl DequantOut for f16 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+/// Packed codes and per-block absmax of one tensor, before any double quantization.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quantized4 {
+    /// `packed_len(n_elems)` bytes, element `2i` in the high nibble.
+    pub packed: Vec<u8>,
+    /// One f32 per block.
+    pub absmax: Vec<f32>,
+}
+
+/// Bucket of a scaled value `s ∈ [-1, 1]`: the number of midpoints strictly below `s`, so ties go to
+/// the lower code (torch.bucketize with `right=False`). Reference: an explicit scan.
+fn bucket_ref(midpoints: &[f32; 15], s: f32) -> usize {
+    let mut bucket = 0;
+    while bucket < 15 && midpoints[bucket] < s {
+        bucket += 1;
+    }
+    bucket
+}
+
+/// max |x| over a block, propagating NaN (as torch's `abs().max()`; `f32::max` would drop it).
+fn abs_max(block: &[f32]) -> f32 {
+    block.iter().fold(0f32, |m, v| {
+        if v.is_nan() || v.abs() > m {
+            v.abs()
+        } else {
+            m
+        }
+    })
+}
+
+fn check_finite(absmax: f32, block: usize) -> Result<(), QuantError> {
+    if absmax.is_finite() {
+        Ok(())
+    } else {
+        Err(QuantError::NonFinite { block })
+    }
+}
+
+/// Reference 4-bit quantization, element by element as bitsandbytes' default backend computes it:
+/// full blocks scale by `x * (1 / max(absmax, 1e-38))` and store the raw absmax; the trailing partial
+/// block scales by `x / max(absmax, 1e-38)` and stores the clamped absmax; `clamp(-1, 1)`; bucketize
+/// on the midpoints; an odd count pads one value 0.0 (its code, not nibble 0).
+pub fn quantize_ref(x: &[f32], qt: QuantType, bs: Blocksize) -> Result<Quantized4, QuantError> {
+    let b = qt.buckets();
+    let block_elems = bs.elems();
+    let mut codes = Vec::with_capacity(x.len() + 1);
+    let mut absmax = Vec::with_capacity(n_blocks(x.len(), block_elems));
+    for (block, chunk) in x.chunks(block_elems).enumerate() {
+        let am = abs_max(chunk);
+        check_finite(am, block)?;
+        let partial = chunk.len() < block_elems;
+        let scale_by = am.max(ABSMAX_FLOOR);
+        let recip = 1.0 / scale_by;
+        for &v in chunk {
+            let s = if partial { v / scale_by } else { v * recip };
+            codes.push(b.order[bucket_ref(&b.midpoints, s.clamp(-1.0, 1.0))]);
+        }
+        absmax.push(if partial { scale_by } else { am });
+    }
+    if codes.len() % 2 == 1 {
+        codes.push(b.order[bucket_ref(&b.midpoints, 0.0)]);
+    }
+    let packed = codes
+        .chunks_exact(2)
+        .map(|p| pack_pair(p[0], p[1]))
+        .collect();
+    Ok(Quantized4 { packed, absmax })
+}
+
+/// Reference dequantization: `code[q] * absmax[block]` in f32, then rounded to `T`.
+pub fn dequantize_ref<T: DequantOut>(
+    packed: &[u8],
+    absmax: &[f32],
+    qt: QuantType,
+    bs: Blocksize,
+    n_elems: usize,
+) -> Vec<T> {
+    let code = qt.code();
+    (0..n_elems)
+        .map(|i| {
+            let (hi, lo) = unpack_pair(packed[i / 2]);
+            let q = if i % 2 == 0 { hi } else { lo };
+            T::from_f32(code[q as usize] * absmax[i / bs.elems()])
+        })
+        .collect()
+}
+
+/// Validates that buffers fit `n_elems` at this block size.
+pub fn check_lengths(
+    packed: &[u8],
+    absmax_len: usize,
+    bs: Blocksize,
+    n_elems: usize,
+) -> Result<(), QuantError> {
+    let (want_packed, want_blocks) = (packed_len(n_elems), n_blocks(n_elems, bs.elems()));
+    if packed.len() != want_packed || absmax_len != want_blocks {
+        return Err(QuantError::Length {
+            n_elems,
+            packed: packed.len(),
+            want_packed,
+            absmax: absmax_len,
+            want_absmax: want_blocks,
+        });
+    }
+    Ok(())
+}
+
+/// Fast quantization: blocks in parallel, each bucket counted branch-free over the 15 midpoints.
+/// Bit-identical to [`quantize_ref`].
+pub fn quantize(x: &[f32], qt: QuantType, bs: Blocksize) -> Result<Quantized4, QuantError> {
+    let b = qt.buckets();
+    let block_elems = bs.elems();
+    let n = x.len();
+    let mut packed = vec![0u8; packed_len(n)];
+    let mut absmax = vec![0f32; n_blocks(n, block_elems)];
+    let pad_code = b.order[bucket_ref(&b.midpoints, 0.0)];
+    x.par_chunks(block_elems)
+        .zip(packed.par_chunks_mut(block_elems / 2))
+        .zip(absmax.par_iter_mut())
+        .enumerate()
+        .try_for_each(|(block, ((chunk, out), am_out))| {
+            let am = abs_max(chunk);
+            check_finite(am, block)?;
+            let partial = chunk.len() < block_elems;
+            let scale_by = am.max(ABSMAX_FLOOR);
+            let recip = 1.0 / scale_by;
+            let code_of = |v: f32| -> u8 {
+                let s = if partial { v / scale_by } else { v * recip }.clamp(-1.0, 1.0);
+                let bucket: u8 = b.midpoints.iter().map(|&m| (m < s) as u8).sum();
+                b.order[bucket as usize]
+            };
+            let mut pairs = chunk.chunks_exact(2);
+            for (o, p) in out.iter_mut().zip(&mut pairs) {
+                *o = pack_pair(code_of(p[0]), code_of(p[1]));
+            }
+            if let [last] = pairs.remainder() {
+                out[out.len() - 1] = pack_pair(code_of(*last), pad_code);
+            }
+            *am_out = if partial { scale_by } else { am };
+            Ok::<(), QuantError>(())
+        })?;
+    Ok(Quantized4 { packed, absmax })
+}
+
+/// `pair_lut(qt)[byte]` = the two code values of a packed byte, high nibble first.
+pub fn pair_lut(qt: QuantType) -> &'static [[f32; 2]; 256] {
+    use std::sync::OnceLock;
+    static NF4: OnceLock<[[f32; 2]; 256]> = OnceLock::new();
+    static FP4: OnceLock<[[f32; 2]; 256]> = OnceLock::new();
+    let build = || {
+        let code = qt.code();
+        std::array::from_fn(|byte| {
+            let (hi, lo) = unpack_pair(byte as u8);
+            [code[hi as usize], code[lo as usize]]
+        })
+    };
+    match qt {
+        QuantType::Nf4 => NF4.get_or_init(build),
+        QuantType::Fp4 => FP4.get_or_init(build),
+    }
+}
+
+/// Dequantizes the elements `[first_elem, first_elem + out.len())` of a tensor into `out`.
+/// `first_elem` must be even (a byte boundary). Serial: callers parallelize over slices.
+pub fn dequantize_slice<T: DequantOut>(
+    packed: &[u8],
+    absmax: impl Fn(usize) -> f32,
+    qt: QuantType,
+    bs: Blocksize,
+    first_elem: usize,
+    out: &mut [T],
+) {
+    debug_assert!(first_elem % 2 == 0);
+    let lut = pair_lut(qt);
+    let block_elems = bs.elems();
+    let mut elem = first_elem;
+    let mut rest = out;
+    while !rest.is_empty() {
+        let block = elem / block_elems;
+        let take = ((block + 1) * block_elems - elem).min(rest.len());
+        let (now, later) = rest.split_at_mut(take);
+        let scale = absmax(block);
+        let bytes = &packed[elem / 2..(elem + take).div_ceil(2)];
+        let mut pairs = now.chunks_exact_mut(2);
+        for (o, &byte) in (&mut pairs).zip(bytes) {
+            let [a, b] = lut[byte as usize];
+            o[0] = T::from_f32(a * scale);
+            o[1] = T::from_f32(b * scale);
+        }
+        if let [o] = pairs.into_remainder() {
+            *o = T::from_f32(lut[bytes[bytes.len() - 1] as usize][0] * scale);
+        }
+        elem += take;
+        rest = later;
+    }
+}
+
+/// Elements per parallel task of [`dequantize`]: large enough to amortize scheduling, a multiple
+/// of every block size so each task starts on a block (and byte) boundary.
+pub const DEQUANT_TASK_ELEMS: usize = 1 << 16;
+
+/// Fast dequantization into `out` (`out.len() == n_elems`), parallel over 64 Ki-element slices.
+/// Bit-identical to [`dequantize_ref`].
+pub fn dequantize_into<T: DequantOut>(
+    packed: &[u8],
+    absmax: &[f32],
+    qt: QuantType,
+    bs: Blocksize,
+    out: &mut [T],
+) -> Result<(), QuantError> {
+    check_lengths(packed, absmax.len(), bs, out.len())?;
+    out.par_chunks_mut(DEQUANT_TASK_ELEMS)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            dequantize_slice(
+                packed,
+                |b| absmax[b],
+                qt,
+                bs,
+                task * DEQUANT_TASK_ELEMS,
+                chunk,
+            )
+        });
+    Ok(())
+}
+
+/// [`dequantize_into`] into a new vector.
+pub fn dequantize<T: DequantOut>(
+    packed: &[u8],
+    absmax: &[f32],
+    qt: QuantType,
+    bs: Blocksize,
+    n_elems: usize,
+) -> Result<Vec<T>, QuantError> {
+    let mut out = vec![T::default(); n_elems];
+    dequantize_into(packed, absmax, qt, bs, &mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_ties_go_low() {
+        let b = QuantType::Nf4.buckets();
+        for (i, &m) in b.midpoints.iter().enumerate() {
+            assert_eq!(
+                bucket_ref(&b.midpoints, m),
+                i,
+                "a value on midpoint {i} takes the lower code"
+            );
+            assert_eq!(bucket_ref(&b.midpoints, m.next_up()), i + 1);
+        }
+    }
+
+    #[test]
+    fn odd_count_pads_with_the_code_of_zero() {
+        let q = quantize_ref(&[1.0, -1.0, 0.5], QuantType::Nf4, Blocksize::DEFAULT).unwrap();
+        assert_eq!(q.packed, vec![pack_pair(15, 0), pack_pair(12, 7)]);
+        assert_eq!(q.absmax, vec![1.0]);
+    }
+
+    #[test]
+    fn non_finite_input_is_an_error() {
+        let mut x = vec![0.5f32; 130];
+        x[70] = f32::NAN;
+        assert!(matches!(
+            quantize(&x, QuantType::Nf4, Blocksize::DEFAULT),
+            Err(QuantError::NonFinite { block: 1 })
+        ));
+        assert!(quantize_ref(&x, QuantType::Nf4, Blocksize::DEFAULT).is_err());
+    }
+}

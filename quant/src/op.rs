@@ -1,0 +1,307 @@
+//! candle custom ops over an [`Nf4Tensor`]: dequantization, and the 4-bit matmul that QLoRA's
+//! frozen linears run.
+//!
+//! The linear `y = x · dequant(W)ᵀ` is a `CustomOp1` on `x` that carries the packed weight. Its
+//! backward is the other orientation of the same op, `dx = dy · dequant(W)`, which dequantizes the
+//! weight again: no dense `W` is kept between forward and backward and `W` gets no gradient
+//! (it is not an input of the graph). Derivation: `y_mj = Σ_k x_mk W_jk`, so
+//! `∂L/∂x_mk = Σ_j (∂L/∂y_mj) W_jk`, i.e. `dx = dy · W`; symmetrically the backward of `x · W` is
+//! `dy · Wᵀ`.
+//!
+//! CPU: the weight is dequantized one tile at a time (64 rows of `W` for `x · Wᵀ`, 64 columns for
+//! `x · W`) into a per-task f32 buffer and multiplied with `gemm`, tiles in parallel on rayon; peak
+//! extra memory is one tile per thread, never the dense matrix. CUDA arrives with the CUDA issue
+//! through `cuda_fwd` of these same structs.
+
+use crate::tensor::{CpuView, Nf4Tensor};
+use crate::{QuantError, Result};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Rows (for `x · Wᵀ`) or columns (for `x · W`) of the weight dequantized per task.
+pub const TILE: usize = 64;
+
+/// `y = x · dequant(W)ᵀ` for `x: [.., in]`, `W: [out, in]` → `y: [.., out]`, differentiable in `x`.
+pub fn nf4_linear(x: &Tensor, w: &Nf4Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(Nf4Matmul {
+        w: w.clone(),
+        transposed: true,
+    })?)
+}
+
+/// `y = x · dequant(W)` for `x: [.., out]`, `W: [out, in]` → `y: [.., in]`, differentiable in `x`.
+pub fn nf4_matmul(x: &Tensor, w: &Nf4Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(Nf4Matmul {
+        w: w.clone(),
+        transposed: false,
+    })?)
+}
+
+/// The 4-bit matmul op: `x · dequant(W)ᵀ` when `transposed`, else `x · dequant(W)`.
+#[derive(Debug, Clone)]
+pub struct Nf4Matmul {
+    pub w: Nf4Tensor,
+    pub transposed: bool,
+}
+
+impl Nf4Matmul {
+    /// `(k, n)`: the inner dimension `x` must end with, and the output's last dimension.
+    fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        let (out, inp) = self.w.dims2().map_err(to_candle)?;
+        Ok(if self.transposed {
+            (inp, out)
+        } else {
+            (out, inp)
+        })
+    }
+
+    fn compute(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+        let (out, inp) = self.w.dims2().map_err(to_candle)?;
+        self.w
+            .with_cpu(|view| {
+                if inp % 2 == 1 {
+                    dense_fallback(&view, x, m, out, inp, self.transposed)
+                } else if self.transposed {
+                    x_wt(&view, x, m, out, inp)
+                } else {
+                    x_w(&view, x, m, out, inp)
+                }
+            })
+            .map_err(to_candle)
+    }
+}
+
+impl CustomOp1 for Nf4Matmul {
+    fn name(&self) -> &'static str {
+        if self.transposed {
+            "nf4-linear"
+        } else {
+            "nf4-matmul"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (k, n) = self.dims()?;
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&k) || !layout.is_contiguous() {
+            candle_core::bail!(
+                "{}: x {:?} must be contiguous and end with {k}",
+                self.name(),
+                dims
+            );
+        }
+        let m = layout.shape().elem_count() / k;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("x has a last dim") = n;
+        let range = layout.start_offset()..layout.start_offset() + m * k;
+        let y = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(self.compute(&v[range], m)?),
+            CpuStorage::BF16(v) => {
+                let x: Vec<f32> = v[range].iter().map(|v| v.to_f32()).collect();
+                CpuStorage::BF16(
+                    self.compute(&x, m)?
+                        .into_iter()
+                        .map(bf16::from_f32)
+                        .collect(),
+                )
+            }
+            CpuStorage::F16(v) => {
+                let x: Vec<f32> = v[range].iter().map(|v| v.to_f32()).collect();
+                CpuStorage::F16(
+                    self.compute(&x, m)?
+                        .into_iter()
+                        .map(f16::from_f32)
+                        .collect(),
+                )
+            }
+            other => {
+                let dtype = candle_core::backend::BackendStorage::dtype(other);
+                candle_core::bail!("{}: unsupported dtype {dtype:?}", self.name())
+            }
+        };
+        Ok((y, Shape::from_dims(&out_dims)))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let other = Self {
+            w: self.w.clone(),
+            transposed: !self.transposed,
+        };
+        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&other)?))
+    }
+}
+
+/// Raw output pointer shared by tasks that write disjoint columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes a disjoint set of columns of the output.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `y[m, out] = x[m, in] · Wᵀ`: tasks over 64-row tiles of W, each writing its 64 columns of y.
+fn x_wt(view: &CpuView<'_>, x: &[f32], m: usize, out: usize, inp: usize) -> Vec<f32> {
+    let mut y = vec![0f32; m * out];
+    let y_ptr = OutPtr(y.as_mut_ptr());
+    (0..out.div_ceil(TILE))
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf, tile| {
+            let rows = TILE.min(out - tile * TILE);
+            buf.resize(rows * inp, 0f32);
+            view.dequantize_slice(tile * TILE * inp, buf);
+            let y_ptr = y_ptr;
+            // SAFETY: dst covers rows 0..m, columns [tile*TILE, tile*TILE + rows) of y (row stride
+            // `out`), disjoint across tasks; lhs is x [m, inp]; rhs is bufᵀ [inp, rows].
+            unsafe {
+                gemm::gemm(
+                    m,
+                    rows,
+                    inp,
+                    y_ptr.0.add(tile * TILE),
+                    1,
+                    out as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    inp as isize,
+                    buf.as_ptr(),
+                    inp as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    y
+}
+
+/// `y[m, in] = x[m, out] · W`: tasks over 64-column tiles of W (each row's segment dequantized),
+/// each writing its 64 columns of y.
+fn x_w(view: &CpuView<'_>, x: &[f32], m: usize, out: usize, inp: usize) -> Vec<f32> {
+    let mut y = vec![0f32; m * inp];
+    let y_ptr = OutPtr(y.as_mut_ptr());
+    (0..inp.div_ceil(TILE))
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf, tile| {
+            let (c0, cols) = (tile * TILE, TILE.min(inp - tile * TILE));
+            buf.resize(out * cols, 0f32);
+            for (r, row) in buf.chunks_exact_mut(cols).enumerate() {
+                view.dequantize_slice(r * inp + c0, row);
+            }
+            let y_ptr = y_ptr;
+            // SAFETY: dst covers rows 0..m, columns [c0, c0 + cols) of y (row stride `inp`), disjoint
+            // across tasks; lhs is x [m, out]; rhs is buf [out, cols].
+            unsafe {
+                gemm::gemm(
+                    m,
+                    cols,
+                    out,
+                    y_ptr.0.add(c0),
+                    1,
+                    inp as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    out as isize,
+                    buf.as_ptr(),
+                    1,
+                    cols as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    y
+}
+
+/// Odd inner dimensions (rows not starting on a byte): dequantize the whole weight for this call.
+fn dense_fallback(
+    view: &CpuView<'_>,
+    x: &[f32],
+    m: usize,
+    out: usize,
+    inp: usize,
+    transposed: bool,
+) -> Vec<f32> {
+    let mut w = vec![0f32; out * inp];
+    view.dequantize_slice(0, &mut w);
+    let (n, k) = if transposed { (out, inp) } else { (inp, out) };
+    // rhs[k, n]: Wᵀ (strides cs = inp, rs = 1) or W (cs = 1, rs = inp).
+    let (rhs_cs, rhs_rs) = if transposed {
+        (inp as isize, 1)
+    } else {
+        (1, inp as isize)
+    };
+    let mut y = vec![0f32; m * n];
+    // SAFETY: all pointers cover their full matrices with the strides given.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+    y
+}
+
+/// Dequantization as a candle op (applied to the packed codes; no backward).
+#[derive(Debug, Clone)]
+pub struct Dequantize {
+    pub w: Nf4Tensor,
+    pub dtype: DType,
+}
+
+impl CustomOp1 for Dequantize {
+    fn name(&self) -> &'static str {
+        "nf4-dequantize"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let storage = self
+            .w
+            .with_cpu(|view| match self.dtype {
+                DType::F32 => view.dequantize().map(CpuStorage::F32),
+                DType::BF16 => view.dequantize().map(CpuStorage::BF16),
+                DType::F16 => view.dequantize().map(CpuStorage::F16),
+                other => Err(QuantError::UnsupportedDtype(other)),
+            })
+            .and_then(|r| r)
+            .map_err(to_candle)?;
+        Ok((storage, self.w.shape().clone()))
+    }
+}
+
+fn to_candle(e: QuantError) -> candle_core::Error {
+    match e {
+        QuantError::Candle(e) => e,
+        other => candle_core::Error::Msg(other.to_string()),
+    }
+}

@@ -1,0 +1,241 @@
+//! [`Nf4Tensor`]: a 4-bit weight living on a candle [`Device`]: the packed codes and the quant state
+//! as device tensors (u8 codes, f32 or nested absmax), plus the metadata that describes them.
+//! The name says NF4 because that is what QLoRA uses; FP4 rides in the same type.
+
+use crate::cpu::{self, DequantOut};
+use crate::format::{Blocksize, QuantType};
+use crate::nested::NestedAbsmax;
+use crate::quantized::{Absmax, Quantized};
+use crate::{QuantError, Result};
+use candle_core::{CpuStorage, DType, Device, Shape, Storage, Tensor};
+use std::borrow::Cow;
+
+/// Absmax on the device.
+#[derive(Debug, Clone)]
+pub enum AbsmaxTensor {
+    /// f32 `[n_blocks]`.
+    Plain(Tensor),
+    /// u8 codes `[n_blocks]`, f32 `nested_absmax` `[ceil(n_blocks / 256)]`, and the offset.
+    Nested {
+        codes: Tensor,
+        nested_absmax: Tensor,
+        offset: f32,
+    },
+}
+
+/// A frozen 4-bit weight on a device. Cloning is cheap (candle tensors are reference counted).
+#[derive(Debug, Clone)]
+pub struct Nf4Tensor {
+    /// u8 `[packed_len(n_elems)]`, element `2i` in the high nibble.
+    packed: Tensor,
+    absmax: AbsmaxTensor,
+    quant_type: QuantType,
+    blocksize: Blocksize,
+    /// The original shape, `[out, in]` for a linear weight.
+    shape: Shape,
+    /// The dtype the weight was quantized from.
+    dtype: DType,
+}
+
+impl Nf4Tensor {
+    /// Moves a host [`Quantized`] onto `device`.
+    pub fn new(q: &Quantized, device: &Device) -> Result<Self> {
+        q.validate()?;
+        let packed = Tensor::from_slice(&q.packed, q.packed.len(), device)?;
+        let absmax = match &q.absmax {
+            Absmax::Plain(a) => AbsmaxTensor::Plain(Tensor::from_slice(a, a.len(), device)?),
+            Absmax::Nested(n) => AbsmaxTensor::Nested {
+                codes: Tensor::from_slice(&n.codes, n.codes.len(), device)?,
+                nested_absmax: Tensor::from_slice(&n.nested_absmax, n.nested_absmax.len(), device)?,
+                offset: n.offset,
+            },
+        };
+        Ok(Self {
+            packed,
+            absmax,
+            quant_type: q.quant_type,
+            blocksize: q.blocksize,
+            shape: Shape::from_dims(&q.shape),
+            dtype: q.dtype,
+        })
+    }
+
+    /// Quantizes a dense tensor (f32, bf16 or f16, any device) from its own values.
+    pub fn quantize(
+        w: &Tensor,
+        quant_type: QuantType,
+        blocksize: Blocksize,
+        double_quant: bool,
+    ) -> Result<Self> {
+        crate::quantized::check_source_dtype(w.dtype())?;
+        let values = w.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let q = Quantized::quantize(
+            &values,
+            w.dims(),
+            w.dtype(),
+            quant_type,
+            blocksize,
+            double_quant,
+        )?;
+        Self::new(&q, w.device())
+    }
+
+    /// Copies the weight back to the host.
+    pub fn to_quantized(&self) -> Result<Quantized> {
+        let absmax = match &self.absmax {
+            AbsmaxTensor::Plain(a) => Absmax::Plain(a.to_vec1()?),
+            AbsmaxTensor::Nested {
+                codes,
+                nested_absmax,
+                offset,
+            } => Absmax::Nested(NestedAbsmax {
+                codes: codes.to_vec1()?,
+                nested_absmax: nested_absmax.to_vec1()?,
+                offset: *offset,
+            }),
+        };
+        Ok(Quantized {
+            quant_type: self.quant_type,
+            blocksize: self.blocksize,
+            shape: self.shape.dims().to_vec(),
+            dtype: self.dtype,
+            packed: self.packed.to_vec1()?,
+            absmax,
+        })
+    }
+
+    pub fn packed(&self) -> &Tensor {
+        &self.packed
+    }
+    pub fn absmax(&self) -> &AbsmaxTensor {
+        &self.absmax
+    }
+    pub fn quant_type(&self) -> QuantType {
+        self.quant_type
+    }
+    pub fn blocksize(&self) -> Blocksize {
+        self.blocksize
+    }
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        self.packed.device()
+    }
+    pub fn n_elems(&self) -> usize {
+        self.shape.elem_count()
+    }
+
+    /// `(out, in)` of a 2-D weight.
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        Ok(self.shape.dims2()?)
+    }
+
+    /// Bytes held on the device (codes + absmax state).
+    pub fn storage_bytes(&self) -> usize {
+        let absmax = match &self.absmax {
+            AbsmaxTensor::Plain(a) => a.elem_count() * 4,
+            AbsmaxTensor::Nested {
+                codes,
+                nested_absmax,
+                ..
+            } => codes.elem_count() + nested_absmax.elem_count() * 4 + 4,
+        };
+        self.packed.elem_count() + absmax
+    }
+
+    /// Dense weight in `dtype` (f32, bf16 or f16), shaped like the original, with no gradient.
+    pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        Ok(self.packed.apply_op1_no_bwd(&crate::op::Dequantize {
+            w: self.clone(),
+            dtype,
+        })?)
+    }
+
+    /// Runs `f` with the CPU views of this weight: packed bytes and a per-block absmax decoder.
+    /// Errors on a non-CPU device.
+    pub(crate) fn with_cpu<R>(&self, f: impl FnOnce(CpuView<'_>) -> R) -> Result<R> {
+        let (packed_guard, _) = self.packed.storage_and_layout();
+        let packed = cpu_u8(&packed_guard)?;
+        match &self.absmax {
+            AbsmaxTensor::Plain(a) => {
+                let (guard, _) = a.storage_and_layout();
+                let absmax = cpu_f32(&guard)?;
+                Ok(f(CpuView {
+                    w: self,
+                    packed,
+                    absmax: Cow::Borrowed(absmax),
+                }))
+            }
+            AbsmaxTensor::Nested {
+                codes,
+                nested_absmax,
+                offset,
+            } => {
+                // Decoding is 1/blocksize of the work of dequantizing; done once per call.
+                let (cg, _) = codes.storage_and_layout();
+                let (ng, _) = nested_absmax.storage_and_layout();
+                let absmax = crate::nested::decode(cpu_u8(&cg)?, cpu_f32(&ng)?, *offset);
+                Ok(f(CpuView {
+                    w: self,
+                    packed,
+                    absmax: Cow::Owned(absmax),
+                }))
+            }
+        }
+    }
+}
+
+/// Borrowed host data of a CPU [`Nf4Tensor`].
+pub(crate) struct CpuView<'a> {
+    pub w: &'a Nf4Tensor,
+    pub packed: &'a [u8],
+    pub absmax: Cow<'a, [f32]>,
+}
+
+impl CpuView<'_> {
+    /// Dequantizes the whole weight (fast path, parallel).
+    pub fn dequantize<T: DequantOut>(&self) -> Result<Vec<T>> {
+        cpu::dequantize(
+            self.packed,
+            &self.absmax,
+            self.w.quant_type,
+            self.w.blocksize,
+            self.w.n_elems(),
+        )
+    }
+
+    /// Dequantizes elements `[first_elem, first_elem + out.len())` (`first_elem` even).
+    pub fn dequantize_slice<T: DequantOut>(&self, first_elem: usize, out: &mut [T]) {
+        let absmax = &self.absmax;
+        cpu::dequantize_slice(
+            self.packed,
+            |b| absmax[b],
+            self.w.quant_type,
+            self.w.blocksize,
+            first_elem,
+            out,
+        );
+    }
+}
+
+fn cpu_u8(s: &Storage) -> Result<&[u8]> {
+    match s {
+        Storage::Cpu(CpuStorage::U8(v)) => Ok(v),
+        _ => Err(QuantError::Candle(candle_core::Error::Msg(
+            "Nf4Tensor: expected u8 codes on the CPU".into(),
+        ))),
+    }
+}
+
+fn cpu_f32(s: &Storage) -> Result<&[f32]> {
+    match s {
+        Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
+        _ => Err(QuantError::Candle(candle_core::Error::Msg(
+            "Nf4Tensor: expected f32 absmax on the CPU".into(),
+        ))),
+    }
+}

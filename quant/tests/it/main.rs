@@ -1,0 +1,12 @@
+//! qlora-quant's integration tests, one binary: goldens from real bitsandbytes, property tests,
+//! the statistical error band, and the candle ops against dense references.
+
+mod goldens;
+mod ops;
+mod props;
+mod stats;
+
+/// tests/fixtures at the repository root (generators and their committed outputs).
+pub fn fixtures() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}

@@ -1,0 +1,1 @@
+//! qlora: fine-tune Phi-3 with QLoRA in one binary.
