@@ -1,1 +1,14 @@
-//! qlora: fine-tune Phi-3 with QLoRA in one binary.
+//! qlora: fine-tune Phi-3 with QLoRA in one binary: NF4 base weights byte-identical to
+//! bitsandbytes (crate `qlora-quant`), LoRA adapters in PEFT format, exports to safetensors and GGUF.
+//!
+//! - [`checkpoint`]: Hugging Face checkpoint dirs (config.json, safetensors shards) read and write.
+//! - [`model`]: Phi-3 configuration and the tensor-name tables.
+//! - [`quantize`]: `qlora quantize`, a dense checkpoint into a bitsandbytes-4bit one.
+//! - [`fsx`]: atomic writes (temp file or dir, then rename).
+//! - [`cli`]: the command line.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod fsx;
+pub mod model;
+pub mod quantize;

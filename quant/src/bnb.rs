@@ -253,7 +253,7 @@ pub fn to_tensors(
         format!("{weight_name}.quant_map"),
         RawTensor::f32(&q.quant_type.stored_quant_map()),
     ));
-    let json = serde_json::to_vec(&state).expect("quant state serializes");
+    let json = python_json(&state);
     out.push((
         format!("{weight_name}.quant_state.bitsandbytes__{}", q.quant_type),
         RawTensor::u8(&json),
@@ -363,6 +363,67 @@ pub fn from_tensors<'a>(
     Ok(q)
 }
 
+/// JSON as Python's `json.dumps` writes it (`", "` and `": "` separators, floats as `repr`), so
+/// that the quant-state bytes equal what bitsandbytes' `pack_dict_to_tensor` stores.
+fn python_json(value: &impl Serialize) -> Vec<u8> {
+    struct PyFormatter;
+    impl serde_json::ser::Formatter for PyFormatter {
+        fn begin_array_value<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+            first: bool,
+        ) -> std::io::Result<()> {
+            if first { Ok(()) } else { w.write_all(b", ") }
+        }
+        fn begin_object_key<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+            first: bool,
+        ) -> std::io::Result<()> {
+            if first { Ok(()) } else { w.write_all(b", ") }
+        }
+        fn begin_object_value<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+        ) -> std::io::Result<()> {
+            w.write_all(b": ")
+        }
+        fn write_f64<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+            v: f64,
+        ) -> std::io::Result<()> {
+            w.write_all(python_float_repr(v).as_bytes())
+        }
+    }
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, PyFormatter);
+    value.serialize(&mut ser).expect("quant state serializes");
+    out
+}
+
+/// Python's `repr(float)`: the shortest round-trip digits, fixed notation for exponents -4..16,
+/// else `d.ddde±XX`.
+fn python_float_repr(v: f64) -> String {
+    let sci = format!("{v:e}");
+    let (mantissa, exp) = sci.split_once('e').expect("{:e} has an exponent");
+    let exp: i32 = exp.parse().expect("integer exponent");
+    if (-4..16).contains(&exp) {
+        let fixed = format!("{v}");
+        if fixed.contains('.') {
+            fixed
+        } else {
+            format!("{fixed}.0")
+        }
+    } else {
+        format!(
+            "{mantissa}e{}{:02}",
+            if exp < 0 { '-' } else { '+' },
+            exp.abs()
+        )
+    }
+}
+
 fn f32_values(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>> {
     if view.dtype() != Dtype::F32 {
         return Err(bnb_err(
@@ -381,5 +442,23 @@ fn bnb_err(name: &str, msg: String) -> QuantError {
     QuantError::Bnb {
         name: name.to_string(),
         msg,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn python_float_repr_matches_python() {
+        for (v, py) in [
+            (0.05052757263183594, "0.05052757263183594"),
+            (1e-5, "1e-05"),
+            (1.5e-7, "1.5e-07"),
+            (0.0001, "0.0001"),
+            (123.0, "123.0"),
+            (1e16, "1e+16"),
+            (2.5, "2.5"),
+        ] {
+            assert_eq!(super::python_float_repr(v), py);
+        }
     }
 }

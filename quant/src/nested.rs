@@ -169,17 +169,20 @@ fn multi_row_sum<const L: usize>(items: &[[f32; L]], rows: usize) -> [[f32; L]; 
     let level_mask = level_step - 1;
     let mut acc = [[[0f32; L]; ILP]; LEVELS];
     let mut i = 0;
+    let add_row = |acc: &mut [[f32; L]; ILP], row: usize| {
+        for (a, item) in acc.iter_mut().zip(&items[row * ILP..(row + 1) * ILP]) {
+            add(a, item);
+        }
+    };
     while i + level_step <= rows {
         for _ in 0..level_step {
-            for k in 0..ILP {
-                add(&mut acc[0][k], &items[i * ILP + k]);
-            }
+            add_row(&mut acc[0], i);
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..ILP {
-                let lower = std::mem::replace(&mut acc[j - 1][k], [0f32; L]);
-                add(&mut acc[j][k], &lower);
+            let lower = std::mem::replace(&mut acc[j - 1], [[0f32; L]; ILP]);
+            for (a, l) in acc[j].iter_mut().zip(&lower) {
+                add(a, l);
             }
             if i & (level_mask << (j * level_power)) != 0 {
                 break;
@@ -187,17 +190,15 @@ fn multi_row_sum<const L: usize>(items: &[[f32; L]], rows: usize) -> [[f32; L]; 
         }
     }
     for row in i..rows {
-        for k in 0..ILP {
-            add(&mut acc[0][k], &items[row * ILP + k]);
+        add_row(&mut acc[0], row);
+    }
+    let [mut total, upper @ ..] = acc;
+    for level in upper {
+        for (a, u) in total.iter_mut().zip(&level) {
+            add(a, u);
         }
     }
-    for j in 1..LEVELS {
-        for k in 0..ILP {
-            let upper = acc[j][k];
-            add(&mut acc[0][k], &upper);
-        }
-    }
-    acc[0]
+    total
 }
 
 #[cfg(test)]

@@ -143,6 +143,17 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The pointer `offset` elements in (taking `self` whole, so closures capture the Send wrapper).
+    ///
+    /// # Safety
+    /// `offset` must lie inside the output buffer.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: the caller keeps `offset` inside the buffer.
+        unsafe { self.0.add(offset) }
+    }
+}
+
 /// `y[m, out] = x[m, in] · Wᵀ`: tasks over 64-row tiles of W, each writing its 64 columns of y.
 fn x_wt(view: &CpuView<'_>, x: &[f32], m: usize, out: usize, inp: usize) -> Vec<f32> {
     let mut y = vec![0f32; m * out];
@@ -153,7 +164,6 @@ fn x_wt(view: &CpuView<'_>, x: &[f32], m: usize, out: usize, inp: usize) -> Vec<
             let rows = TILE.min(out - tile * TILE);
             buf.resize(rows * inp, 0f32);
             view.dequantize_slice(tile * TILE * inp, buf);
-            let y_ptr = y_ptr;
             // SAFETY: dst covers rows 0..m, columns [tile*TILE, tile*TILE + rows) of y (row stride
             // `out`), disjoint across tasks; lhs is x [m, inp]; rhs is bufᵀ [inp, rows].
             unsafe {
@@ -161,7 +171,7 @@ fn x_wt(view: &CpuView<'_>, x: &[f32], m: usize, out: usize, inp: usize) -> Vec<
                     m,
                     rows,
                     inp,
-                    y_ptr.0.add(tile * TILE),
+                    y_ptr.at(tile * TILE),
                     1,
                     out as isize,
                     false,
@@ -196,7 +206,6 @@ fn x_w(view: &CpuView<'_>, x: &[f32], m: usize, out: usize, inp: usize) -> Vec<f
             for (r, row) in buf.chunks_exact_mut(cols).enumerate() {
                 view.dequantize_slice(r * inp + c0, row);
             }
-            let y_ptr = y_ptr;
             // SAFETY: dst covers rows 0..m, columns [c0, c0 + cols) of y (row stride `inp`), disjoint
             // across tasks; lhs is x [m, out]; rhs is buf [out, cols].
             unsafe {
@@ -204,7 +213,7 @@ fn x_w(view: &CpuView<'_>, x: &[f32], m: usize, out: usize, inp: usize) -> Vec<f
                     m,
                     cols,
                     out,
-                    y_ptr.0.add(c0),
+                    y_ptr.at(c0),
                     1,
                     inp as isize,
                     false,

@@ -1,0 +1,161 @@
+//! Hugging Face checkpoint directories: `config.json` plus `model.safetensors`, or shards listed in
+//! `model.safetensors.index.json`. Shards are memory-mapped; every error names the file.
+
+use anyhow::{Context, Result, bail};
+use memmap2::Mmap;
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The single-file weights name.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// The sharded weights index name.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The model configuration.
+pub const CONFIG_FILE: &str = "config.json";
+
+/// `model.safetensors.index.json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ShardIndex {
+    #[serde(default)]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub weight_map: BTreeMap<String, String>,
+}
+
+/// One memory-mapped safetensors file.
+#[derive(Debug)]
+pub struct Shard {
+    /// File name inside the checkpoint dir.
+    pub file: String,
+    mmap: Mmap,
+}
+
+impl Shard {
+    /// Parses the header (cheap) and gives access to the tensors.
+    pub fn tensors(&self) -> Result<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.mmap)
+            .with_context(|| format!("{}: not a valid safetensors file", self.file))
+    }
+}
+
+/// An opened checkpoint directory.
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    /// `config.json` as written (kept raw so that unknown keys survive a rewrite).
+    pub config: serde_json::Value,
+    pub shards: Vec<Shard>,
+    /// Present when the weights are sharded.
+    pub index: Option<ShardIndex>,
+}
+
+impl Checkpoint {
+    /// Opens `dir`: reads config.json and maps every weights file.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!(
+                "{}: no such checkpoint directory (expected config.json and *.safetensors)",
+                dir.display()
+            );
+        }
+        let config_path = dir.join(CONFIG_FILE);
+        let config_text = std::fs::read_to_string(&config_path).with_context(|| {
+            format!(
+                "{}: cannot read; a checkpoint needs its config.json",
+                config_path.display()
+            )
+        })?;
+        let config: serde_json::Value = serde_json::from_str(&config_text)
+            .with_context(|| format!("{}: invalid JSON", config_path.display()))?;
+        let index_path = dir.join(INDEX_FILE);
+        let (files, index) = if index_path.exists() {
+            let index: ShardIndex = serde_json::from_slice(&std::fs::read(&index_path)?)
+                .with_context(|| format!("{}: invalid shard index", index_path.display()))?;
+            let mut files: Vec<String> = index.weight_map.values().cloned().collect();
+            files.sort();
+            files.dedup();
+            (files, Some(index))
+        } else if dir.join(SINGLE_FILE).exists() {
+            (vec![SINGLE_FILE.to_string()], None)
+        } else {
+            bail!(
+                "{}: no {SINGLE_FILE} or {INDEX_FILE}; is this a Hugging Face checkpoint?",
+                dir.display()
+            );
+        };
+        let shards = files
+            .into_iter()
+            .map(|file| {
+                let path = dir.join(&file);
+                let f = std::fs::File::open(&path).with_context(|| {
+                    format!(
+                        "{}: listed in {INDEX_FILE} but cannot be opened",
+                        path.display()
+                    )
+                })?;
+                // SAFETY: the file is mapped read-only; a checkpoint being rewritten under us is
+                // outside what any loader can defend against (transformers maps it the same way).
+                let mmap = unsafe { Mmap::map(&f) }
+                    .with_context(|| format!("mapping {}", path.display()))?;
+                let shard = Shard { file, mmap };
+                shard.tensors()?;
+                Ok(shard)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            shards,
+            index,
+        })
+    }
+
+    /// Headers of every shard, in shard order.
+    pub fn tensors(&self) -> Result<Vec<SafeTensors<'_>>> {
+        self.shards.iter().map(Shard::tensors).collect()
+    }
+
+    /// A string field of config.json.
+    pub fn config_str(&self, key: &str) -> Option<&str> {
+        self.config.get(key).and_then(|v| v.as_str())
+    }
+}
+
+/// The candle dtype of a safetensors dtype, for the float types a checkpoint stores weights in.
+pub fn float_dtype(dtype: safetensors::Dtype) -> Option<candle_core::DType> {
+    match dtype {
+        safetensors::Dtype::F32 => Some(candle_core::DType::F32),
+        safetensors::Dtype::BF16 => Some(candle_core::DType::BF16),
+        safetensors::Dtype::F16 => Some(candle_core::DType::F16),
+        _ => None,
+    }
+}
+
+/// A tensor's values widened losslessly to f32 (from f32, bf16 or f16); other dtypes are an error
+/// naming the tensor and the file.
+pub fn to_f32(
+    view: &safetensors::tensor::TensorView<'_>,
+    name: &str,
+    file: &str,
+) -> Result<Vec<f32>> {
+    let data = view.data();
+    Ok(match view.dtype() {
+        safetensors::Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        safetensors::Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        safetensors::Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => bail!(
+            "{file}: tensor `{name}` has dtype {other:?}; 4-bit quantization reads f32, bf16 or f16 weights \
+             (convert the checkpoint to one of them first)"
+        ),
+    })
+}

@@ -1,0 +1,28 @@
+//! The command line: clap definitions (their doc comments are the `--help`) and dispatch.
+
+mod quantize;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Fine-tune Phi-3 with QLoRA: NF4 base byte-identical to bitsandbytes, LoRA adapters in PEFT format.
+#[derive(Debug, Parser)]
+#[command(name = "qlora", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Quantize(quantize::QuantizeArgs),
+}
+
+/// Parses the process arguments and runs the chosen command.
+pub fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Quantize(args) => quantize::run(args),
+    }
+}

@@ -1,0 +1,96 @@
+//! Atomic writes: every artifact is written under a temporary name beside its destination and
+//! renamed into place, so a killed run never leaves a half-written file or directory behind.
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+
+/// A directory built under a temporary sibling name and renamed to its destination on
+/// [`AtomicDir::commit`]; dropped without committing, it is removed.
+#[derive(Debug)]
+pub struct AtomicDir {
+    tmp: PathBuf,
+    dest: PathBuf,
+    committed: bool,
+}
+
+impl AtomicDir {
+    /// Starts building `dest`, which must not exist (or be an empty directory).
+    pub fn create(dest: &Path) -> Result<Self> {
+        if dest.exists() {
+            let empty = dest.is_dir() && std::fs::read_dir(dest)?.next().is_none();
+            if !empty {
+                bail!(
+                    "{} already exists; remove it or choose another output path",
+                    dest.display()
+                );
+            }
+        }
+        let name = dest
+            .file_name()
+            .with_context(|| format!("{} has no file name", dest.display()))?;
+        let parent = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        let tmp = parent.join(format!(
+            ".{}.tmp-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)
+                .with_context(|| format!("removing stale {}", tmp.display()))?;
+        }
+        std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        Ok(Self {
+            tmp,
+            dest: dest.to_path_buf(),
+            committed: false,
+        })
+    }
+
+    /// Where to write the contents until the commit.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Renames the finished directory into place.
+    pub fn commit(mut self) -> Result<PathBuf> {
+        if self.dest.is_dir() {
+            std::fs::remove_dir(&self.dest)
+                .with_context(|| format!("replacing empty {}", self.dest.display()))?;
+        }
+        std::fs::rename(&self.tmp, &self.dest).with_context(|| {
+            format!("renaming {} to {}", self.tmp.display(), self.dest.display())
+        })?;
+        self.committed = true;
+        Ok(self.dest.clone())
+    }
+}
+
+impl Drop for AtomicDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary sibling file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_sibling(path);
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+/// `dir/.name.tmp-<pid>` for `dir/name`.
+pub fn tmp_sibling(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}

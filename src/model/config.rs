@@ -1,0 +1,159 @@
+//! Phi-3's `config.json`, typed. Keys we don't use are ignored (Hugging Face configs carry many);
+//! the ones we use are checked, and a config that is not Phi-3 is rejected with a clear error.
+//! Both the transformers 4 layout (`rope_theta`, `rope_scaling`) and the transformers 5 layout
+//! (`rope_parameters`) are read.
+
+use anyhow::{Context, Result, bail, ensure};
+use serde::Deserialize;
+
+/// The `model_type` of the Phi-3 family (Phi-3, Phi-3.5-mini and Phi-4-mini all use it).
+pub const MODEL_TYPE: &str = "phi3";
+
+/// Hyper-parameters of a Phi-3 checkpoint.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Phi3Config {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub quantization_config: Option<serde_json::Value>,
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-5
+}
+
+impl Phi3Config {
+    /// Reads and checks a config.json value; `origin` names the file in errors.
+    pub fn from_value(value: &serde_json::Value, origin: &str) -> Result<Self> {
+        match value.get("model_type").and_then(|v| v.as_str()) {
+            Some(MODEL_TYPE) => {}
+            Some(other) => bail!(
+                "{origin}: model_type is `{other}`, not `{MODEL_TYPE}`; qlora supports Phi-3 checkpoints \
+                 (e.g. microsoft/Phi-3-mini-4k-instruct)"
+            ),
+            None => bail!("{origin}: no model_type key; is this a Hugging Face config.json?"),
+        }
+        let cfg: Self = serde_json::from_value(value.clone())
+            .with_context(|| format!("{origin}: not a valid Phi-3 config"))?;
+        cfg.validate()
+            .with_context(|| format!("{origin}: inconsistent Phi-3 config"))?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        ensure!(
+            self.num_attention_heads > 0 && self.hidden_size % self.num_attention_heads == 0,
+            "hidden_size {} is not a multiple of num_attention_heads {}",
+            self.hidden_size,
+            self.num_attention_heads
+        );
+        let kv = self.num_kv_heads();
+        ensure!(
+            kv > 0 && self.num_attention_heads % kv == 0,
+            "num_attention_heads {} is not a multiple of num_key_value_heads {kv}",
+            self.num_attention_heads
+        );
+        ensure!(
+            self.num_hidden_layers > 0 && self.vocab_size > 0 && self.intermediate_size > 0,
+            "num_hidden_layers, vocab_size and intermediate_size must be positive"
+        );
+        Ok(())
+    }
+
+    /// Key/value heads (grouped-query attention); defaults to the attention heads.
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// `[out, in]` of each block linear, by PEFT target name.
+    pub fn linear_shape(&self, target: &str) -> Option<[usize; 2]> {
+        let (h, hd) = (self.hidden_size, self.head_dim());
+        match target {
+            "qkv_proj" => Some([(self.num_attention_heads + 2 * self.num_kv_heads()) * hd, h]),
+            "o_proj" => Some([h, self.num_attention_heads * hd]),
+            "gate_up_proj" => Some([2 * self.intermediate_size, h]),
+            "down_proj" => Some([h, self.intermediate_size]),
+            _ => None,
+        }
+    }
+
+    /// Whether config.json already declares a quantization.
+    pub fn is_quantized(&self) -> bool {
+        self.quantization_config.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mini() -> serde_json::Value {
+        // microsoft/Phi-3-mini-4k-instruct's config.json, the keys that matter.
+        serde_json::json!({
+            "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 32064,
+            "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "rope_scaling": null, "max_position_embeddings": 4096,
+            "original_max_position_embeddings": 4096, "sliding_window": 2047,
+            "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000
+        })
+    }
+
+    #[test]
+    fn phi3_mini_shapes() {
+        let c = Phi3Config::from_value(&mini(), "config.json").unwrap();
+        assert_eq!(c.head_dim(), 96);
+        assert_eq!(c.linear_shape("qkv_proj"), Some([9216, 3072]));
+        assert_eq!(c.linear_shape("gate_up_proj"), Some([16384, 3072]));
+        assert_eq!(c.linear_shape("down_proj"), Some([3072, 8192]));
+    }
+
+    #[test]
+    fn other_architectures_are_rejected_by_name() {
+        let mut v = mini();
+        v["model_type"] = "llama".into();
+        let err = Phi3Config::from_value(&v, "x/config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("x/config.json") && err.contains("`llama`"),
+            "{err}"
+        );
+        v.as_object_mut().unwrap().remove("model_type");
+        assert!(
+            Phi3Config::from_value(&v, "c")
+                .unwrap_err()
+                .to_string()
+                .contains("no model_type")
+        );
+        let mut v = mini();
+        v["num_key_value_heads"] = 5.into();
+        let err = format!("{:#}", Phi3Config::from_value(&v, "c").unwrap_err());
+        assert!(err.contains("num_key_value_heads 5"), "{err}");
+    }
+}

@@ -1,0 +1,229 @@
+//! `qlora quantize`: a dense Hugging Face Phi-3 checkpoint into a bitsandbytes-4bit checkpoint that
+//! transformers + bitsandbytes load as-is. Block linears are quantized from their own dtype;
+//! embeddings, `lm_head` and norms are copied untouched; shards, tokenizer and other files are
+//! carried over; config.json gains `quantization_config`. The output directory appears only when
+//! complete (built under a temporary name, then renamed).
+
+use crate::checkpoint::{self, CONFIG_FILE, Checkpoint, INDEX_FILE, ShardIndex};
+use crate::fsx::{AtomicDir, write_atomic};
+use crate::model::{Phi3Config, names};
+use anyhow::{Context, Result, bail};
+use indicatif::ProgressBar;
+use qlora_quant::bnb::{self, QuantStorage, QuantizationConfig, RawTensor};
+use qlora_quant::{Blocksize, QuantType, Quantized};
+use safetensors::tensor::TensorView;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// What to quantize and how.
+#[derive(Debug, Clone)]
+pub struct QuantizeOptions {
+    pub model: PathBuf,
+    pub out: PathBuf,
+    pub quant_type: QuantType,
+    pub blocksize: Blocksize,
+    pub double_quant: bool,
+}
+
+/// What was done.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizeReport {
+    pub n_quantized: usize,
+    pub n_copied: usize,
+    /// Bytes of the quantized linears before and after.
+    pub linear_bytes_in: usize,
+    pub linear_bytes_out: usize,
+}
+
+/// A tensor of an output shard: copied from the input or newly built.
+enum OutTensor<'a> {
+    Copied(TensorView<'a>),
+    Built(RawTensor),
+}
+
+impl safetensors::View for OutTensor<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        match self {
+            Self::Copied(v) => v.dtype(),
+            Self::Built(r) => r.dtype,
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        match self {
+            Self::Copied(v) => v.shape(),
+            Self::Built(r) => &r.shape,
+        }
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        match self {
+            Self::Copied(v) => Cow::Borrowed(v.data()),
+            Self::Built(r) => Cow::Borrowed(&r.data),
+        }
+    }
+    fn data_len(&self) -> usize {
+        match self {
+            Self::Copied(v) => v.data().len(),
+            Self::Built(r) => r.data.len(),
+        }
+    }
+}
+
+/// Runs the quantization; `progress` advances once per quantized linear.
+pub fn quantize_checkpoint(
+    opts: &QuantizeOptions,
+    progress: &ProgressBar,
+) -> Result<QuantizeReport> {
+    let ck = Checkpoint::open(&opts.model)?;
+    let config_origin = opts.model.join(CONFIG_FILE).display().to_string();
+    let cfg = Phi3Config::from_value(&ck.config, &config_origin)?;
+    if cfg.is_quantized() {
+        bail!(
+            "{config_origin}: the checkpoint is already quantized (it has quantization_config); give the dense original"
+        );
+    }
+    let headers = ck.tensors()?;
+
+    // Check everything before writing anything: each block linear exists once, with the shape the
+    // config implies and a float dtype.
+    let mut seen = BTreeMap::new();
+    for (shard, st) in ck.shards.iter().zip(&headers) {
+        for (name, view) in st.tensors() {
+            let Some((layer, target)) = names::block_linear(&name) else {
+                continue;
+            };
+            let want = cfg
+                .linear_shape(target)
+                .expect("every block linear has a shape");
+            if view.shape() != want {
+                bail!(
+                    "{}: tensor `{name}` has shape {:?}, but config.json implies {want:?}",
+                    shard.file,
+                    view.shape()
+                );
+            }
+            if checkpoint::float_dtype(view.dtype()).is_none() {
+                checkpoint::to_f32(&view, &name, &shard.file)?;
+            }
+            seen.insert((layer, target), name);
+        }
+    }
+    for layer in 0..cfg.num_hidden_layers {
+        for (suffix, target) in names::BLOCK_LINEARS {
+            if !seen.contains_key(&(layer, target)) {
+                bail!(
+                    "{}: no tensor `{}{layer}.{suffix}.weight`; a Phi-3 checkpoint has fused qkv_proj and \
+                     gate_up_proj (unfused q/k/v checkpoints are not supported)",
+                    opts.model.display(),
+                    names::LAYER_PREFIX
+                );
+            }
+        }
+    }
+
+    let out = AtomicDir::create(&opts.out)?;
+    progress.set_length(seen.len() as u64);
+    let mut report = QuantizeReport {
+        n_quantized: 0,
+        n_copied: 0,
+        linear_bytes_in: 0,
+        linear_bytes_out: 0,
+    };
+    let mut weight_map = BTreeMap::new();
+    let mut total_size = 0usize;
+    for (shard, st) in ck.shards.iter().zip(&headers) {
+        let mut tensors: Vec<(String, OutTensor<'_>)> = Vec::new();
+        let mut names_sorted: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+        names_sorted.sort();
+        for name in names_sorted {
+            let view = st.tensor(&name)?;
+            if names::block_linear(&name).is_some() {
+                progress.set_message(name.clone());
+                let values = checkpoint::to_f32(&view, &name, &shard.file)?;
+                let dtype = checkpoint::float_dtype(view.dtype()).expect("checked above");
+                let q = Quantized::quantize(
+                    &values,
+                    view.shape(),
+                    dtype,
+                    opts.quant_type,
+                    opts.blocksize,
+                    opts.double_quant,
+                )
+                .with_context(|| format!("{}: quantizing `{name}`", shard.file))?;
+                report.n_quantized += 1;
+                report.linear_bytes_in += view.data().len();
+                for (n, t) in bnb::to_tensors(&name, &q, QuantStorage::Uint8)? {
+                    report.linear_bytes_out += t.data.len();
+                    tensors.push((n, OutTensor::Built(t)));
+                }
+                progress.inc(1);
+            } else {
+                report.n_copied += 1;
+                tensors.push((name, OutTensor::Copied(view)));
+            }
+        }
+        for (n, t) in &tensors {
+            weight_map.insert(n.clone(), shard.file.clone());
+            total_size += safetensors::View::data_len(t);
+        }
+        let metadata = Some(std::collections::HashMap::from([(
+            "format".to_string(),
+            "pt".to_string(),
+        )]));
+        let path = out.path().join(&shard.file);
+        safetensors::serialize_to_file(tensors, metadata, &path)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+
+    if ck.index.is_some() {
+        let mut metadata = serde_json::Map::new();
+        metadata.insert("total_size".into(), total_size.into());
+        let index = ShardIndex {
+            metadata,
+            weight_map,
+        };
+        write_atomic(
+            &out.path().join(INDEX_FILE),
+            &serde_json::to_vec_pretty(&index)?,
+        )?;
+    }
+    let mut config = ck.config.clone();
+    let compute = checkpoint::float_dtype(
+        headers
+            .iter()
+            .flat_map(|st| st.tensors())
+            .find(|(n, _)| names::block_linear(n).is_some())
+            .map(|(_, v)| v.dtype())
+            .expect("checked above"),
+    )
+    .expect("checked above");
+    config["quantization_config"] = serde_json::to_value(QuantizationConfig::new_4bit(
+        opts.quant_type,
+        opts.double_quant,
+        compute,
+    ))?;
+    write_atomic(
+        &out.path().join(CONFIG_FILE),
+        &serde_json::to_vec_pretty(&config)?,
+    )?;
+    copy_other_files(&ck, out.path())?;
+    out.commit()?;
+    Ok(report)
+}
+
+/// Tokenizer, generation config and any other non-weight files, copied as they are.
+fn copy_other_files(ck: &Checkpoint, dest: &std::path::Path) -> Result<()> {
+    for entry in std::fs::read_dir(&ck.dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let skip = name == CONFIG_FILE
+            || name == INDEX_FILE
+            || name.ends_with(".safetensors")
+            || name.starts_with('.');
+        if entry.file_type()?.is_file() && !skip {
+            std::fs::copy(entry.path(), dest.join(&name))
+                .with_context(|| format!("copying {name}"))?;
+        }
+    }
+    Ok(())
+}

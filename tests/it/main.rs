@@ -1,0 +1,4 @@
+//! qlora's integration tests, one binary (link time matters with candle).
+
+mod common;
+mod quantize;
