@@ -19,8 +19,11 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-/// Rows (for `x · Wᵀ`) or columns (for `x · W`) of the weight dequantized per task.
+/// Rows of the weight dequantized per task for `x · Wᵀ`.
 pub const TILE: usize = 64;
+/// Columns of the weight dequantized per task for `x · W` (wider: each row segment is a separate
+/// dequantization call).
+pub const TILE_COLS: usize = 256;
 
 /// `y = x · dequant(W)ᵀ` for `x: [.., in]`, `W: [out, in]` → `y: [.., out]`, differentiable in `x`.
 pub fn nf4_linear(x: &Tensor, w: &Nf4Tensor) -> Result<Tensor> {
@@ -198,10 +201,10 @@ fn x_wt(view: &CpuView<'_>, x: &[f32], m: usize, out: usize, inp: usize) -> Vec<
 fn x_w(view: &CpuView<'_>, x: &[f32], m: usize, out: usize, inp: usize) -> Vec<f32> {
     let mut y = vec![0f32; m * inp];
     let y_ptr = OutPtr(y.as_mut_ptr());
-    (0..inp.div_ceil(TILE))
+    (0..inp.div_ceil(TILE_COLS))
         .into_par_iter()
         .for_each_init(Vec::new, |buf, tile| {
-            let (c0, cols) = (tile * TILE, TILE.min(inp - tile * TILE));
+            let (c0, cols) = (tile * TILE_COLS, TILE_COLS.min(inp - tile * TILE_COLS));
             buf.resize(out * cols, 0f32);
             for (r, row) in buf.chunks_exact_mut(cols).enumerate() {
                 view.dequantize_slice(r * inp + c0, row);
