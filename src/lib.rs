@@ -3,12 +3,16 @@
 //!
 //! - [`checkpoint`]: Hugging Face checkpoint dirs (config.json, safetensors shards) read and write.
 //! - [`model`]: Phi-3 configuration and the tensor-name tables.
+//! - [`lora`]: LoRA adapters, their PEFT files.
 //! - [`quantize`]: `qlora quantize`, a dense checkpoint into a bitsandbytes-4bit one.
+//! - [`train`]: the loss and LoRA gradients (gradient checkpointing).
 //! - [`fsx`]: atomic writes (temp file or dir, then rename).
 //! - [`cli`]: the command line.
 
 pub mod checkpoint;
 pub mod cli;
 pub mod fsx;
+pub mod lora;
 pub mod model;
 pub mod quantize;
+pub mod train;

@@ -9,6 +9,28 @@ use serde::Deserialize;
 /// The `model_type` of the Phi-3 family (Phi-3, Phi-3.5-mini and Phi-4-mini all use it).
 pub const MODEL_TYPE: &str = "phi3";
 
+/// Rotary position embedding settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    pub head_dim: usize,
+    pub scaling: RopeScaling,
+}
+
+/// Long-context scaling of the rotary frequencies.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Phi-3 128k "longrope" (formerly "su"): `inv_freq_i = 1 / (factor_i · θ^(2i/d))` with the long
+    /// factors once a sequence exceeds `original_max`, cos/sin scaled by `attention_factor`.
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max: usize,
+        attention_factor: f64,
+    },
+}
+
 /// Hyper-parameters of a Phi-3 checkpoint.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Phi3Config {
@@ -100,6 +122,76 @@ impl Phi3Config {
             "down_proj" => Some([h, self.intermediate_size]),
             _ => None,
         }
+    }
+
+    /// The rotary embedding: base, rotated fraction and scaling, from `rope_parameters`
+    /// (transformers 5) or `rope_theta` + `rope_scaling` (transformers 4 and Microsoft's configs).
+    pub fn rope(&self) -> Result<RopeConfig> {
+        let params = self
+            .rope_parameters
+            .as_ref()
+            .or(self.rope_scaling.as_ref())
+            .filter(|v| !v.is_null());
+        let get_f64 = |k: &str| params.and_then(|p| p.get(k)).and_then(|v| v.as_f64());
+        let theta = self
+            .rope_theta
+            .or_else(|| get_f64("rope_theta"))
+            .unwrap_or(10000.0);
+        let partial = get_f64("partial_rotary_factor").unwrap_or(1.0);
+        if partial != 1.0 {
+            bail!(
+                "partial_rotary_factor {partial} is not supported (Phi-3 and Phi-3.5 rotate the whole head)"
+            );
+        }
+        let kind = params
+            .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        let scaling = match kind {
+            "default" => RopeScaling::None,
+            "longrope" | "su" => {
+                let factors = |k: &str| -> Result<Vec<f64>> {
+                    let list = params
+                        .and_then(|p| p.get(k))
+                        .and_then(|v| v.as_array())
+                        .with_context(|| format!("longrope needs `{k}`"))?;
+                    let f: Vec<f64> = list.iter().filter_map(|v| v.as_f64()).collect();
+                    ensure!(
+                        f.len() == self.head_dim() / 2 && f.len() == list.len(),
+                        "`{k}` has {} numbers, want head_dim / 2 = {}",
+                        list.len(),
+                        self.head_dim() / 2
+                    );
+                    Ok(f)
+                };
+                let original_max = params
+                    .and_then(|p| p.get("original_max_position_embeddings"))
+                    .and_then(|v| v.as_u64())
+                    .map(|v| v as usize)
+                    .or(self.original_max_position_embeddings)
+                    .unwrap_or(self.max_position_embeddings);
+                // transformers' _compute_longrope_parameters: an explicit attention_factor, else
+                // sqrt(1 + ln(s) / ln(original)) with s = max_position_embeddings / original.
+                let scale = self.max_position_embeddings as f64 / original_max as f64;
+                let attention_factor = get_f64("attention_factor").unwrap_or(if scale <= 1.0 {
+                    1.0
+                } else {
+                    (1.0 + scale.ln() / (original_max as f64).ln()).sqrt()
+                });
+                RopeScaling::LongRope {
+                    short_factor: factors("short_factor")?,
+                    long_factor: factors("long_factor")?,
+                    original_max,
+                    attention_factor,
+                }
+            }
+            other => bail!("rope scaling `{other}` is not supported (Phi-3 uses none or longrope)"),
+        };
+        Ok(RopeConfig {
+            theta,
+            head_dim: self.head_dim(),
+            scaling,
+        })
     }
 
     /// Whether config.json already declares a quantization.

@@ -1,6 +1,11 @@
-//! The Phi-3 model family: configuration and tensor names.
+//! The Phi-3 model family: configuration, tensor names, the model itself and its loading.
 
 pub mod config;
+pub mod linear;
+pub mod load;
 pub mod names;
+pub mod phi3;
+pub mod rope;
 
 pub use config::Phi3Config;
+pub use phi3::Phi3;

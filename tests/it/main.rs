@@ -1,4 +1,5 @@
 //! qlora's integration tests, one binary (link time matters with candle).
 
 mod common;
+mod model;
 mod quantize;

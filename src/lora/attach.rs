@@ -1,0 +1,107 @@
+//! Putting adapters on a model: fresh ones for training, or ones read from a PEFT adapter, and
+//! reading them back out for saving or merging.
+
+use super::peft::PeftAdapter;
+use super::{Adapter, LoraConfig};
+use crate::model::Phi3;
+use crate::model::names::LAYER_PREFIX;
+use anyhow::{Result, bail, ensure};
+use candle_core::{Tensor, Var};
+use rand::SeedableRng;
+
+/// `model.layers.{layer}.{self_attn|mlp}.{target}`.
+pub fn module_path(layer: usize, target: &str) -> String {
+    let group = if matches!(target, "qkv_proj" | "o_proj") {
+        "self_attn"
+    } else {
+        "mlp"
+    };
+    format!("{LAYER_PREFIX}{layer}.{group}.{target}")
+}
+
+/// Fresh adapters (A kaiming-uniform from `seed`, B = 0) on every targeted linear.
+pub fn init_adapters(model: &mut Phi3, cfg: &LoraConfig, seed: u64) -> Result<()> {
+    let targets = cfg.target_names()?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let device = model.device.clone();
+    let model_dtype = model.dtype;
+    for (layer, blk) in model.layers.iter_mut().enumerate() {
+        for (t, (name, lin)) in blk.linears_mut().into_iter().enumerate() {
+            lin.adapter = None;
+            if targets.contains(&name) {
+                let (out, inp) = lin.base.dims()?;
+                let stream = (layer * 4 + t) as u64 + 1;
+                let master = super::master_dtype(model_dtype);
+                lin.adapter = Some(Adapter::new(
+                    module_path(layer, name),
+                    out,
+                    inp,
+                    cfg,
+                    &mut rng,
+                    stream,
+                    master,
+                    &device,
+                )?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Adapters read from a PEFT adapter; every module in the file must exist in the model with matching
+/// shapes.
+pub fn load_adapters(model: &mut Phi3, peft: &PeftAdapter) -> Result<()> {
+    let scale = peft.config.scale();
+    let mut used = 0;
+    let device = model.device.clone();
+    let master = super::master_dtype(model.dtype);
+    for (layer, blk) in model.layers.iter_mut().enumerate() {
+        for (t, (name, lin)) in blk.linears_mut().into_iter().enumerate() {
+            let module = module_path(layer, name);
+            lin.adapter = None;
+            if let Some((a, b)) = peft.weights.get(&module) {
+                let (out, inp) = lin.base.dims()?;
+                ensure!(
+                    a.dims() == [peft.config.r, inp] && b.dims() == [out, peft.config.r],
+                    "adapter `{module}`: A {:?} / B {:?} do not fit the base [{out}, {inp}] at r = {}",
+                    a.dims(),
+                    b.dims(),
+                    peft.config.r
+                );
+                lin.adapter = Some(Adapter {
+                    module,
+                    a: Var::from_tensor(&a.to_device(&device)?.to_dtype(master)?)?,
+                    b: Var::from_tensor(&b.to_device(&device)?.to_dtype(master)?)?,
+                    scale,
+                    dropout: peft.config.dropout,
+                    dropout_stream: (layer * 4 + t) as u64 + 1,
+                });
+                used += 1;
+            }
+        }
+    }
+    if used != peft.weights.len() {
+        let missing: Vec<_> = peft
+            .weights
+            .keys()
+            .filter(|m| !model.adapters().iter().any(|a| &a.module == *m))
+            .collect();
+        bail!("the adapter has modules this model lacks: {missing:?} (is it for another base?)");
+    }
+    Ok(())
+}
+
+/// `(module, A, B)` of every adapter, for saving.
+pub fn adapter_weights(model: &Phi3) -> Vec<(String, Tensor, Tensor)> {
+    model
+        .adapters()
+        .into_iter()
+        .map(|a| {
+            (
+                a.module.clone(),
+                a.a.as_tensor().clone(),
+                a.b.as_tensor().clone(),
+            )
+        })
+        .collect()
+}

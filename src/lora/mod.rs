@@ -1,0 +1,222 @@
+//! LoRA, as loralib/PEFT define it: `y = W x + scale · B (A dropout(x))` on a frozen base `W`
+//! (dense or NF4), with `A: [r, in]`, `B: [out, r]` trainable and kept in f32 master precision (cast
+//! to the compute dtype in the forward), `scale = α / r` (or `α / √r` with rsLoRA). `A` starts
+//! kaiming-uniform(a=√5), i.e. U(−1/√in, 1/√in), and `B` at zero, so a fresh adapter leaves the
+//! model's output unchanged. Only adapters are trainable: they alone are [`Var`]s.
+//!
+//! - [`attach`]: adapters onto a model (fresh or loaded) and back out.
+//! - [`peft`]: the adapter on disk in PEFT's format (save, and load with `strict = false`).
+
+pub mod attach;
+pub mod peft;
+
+use crate::model::linear::BaseWeight;
+use anyhow::{Result, bail};
+use candle_core::{DType, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+/// Phi-3's LoRA targets (PEFT module names), in model order.
+pub const TARGETS: [&str; 4] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"];
+
+/// Which linears get adapters and how big they are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank r.
+    pub r: usize,
+    /// α; the update is scaled by α / r (α / √r with rsLoRA).
+    pub alpha: f64,
+    /// Dropout on the adapter's input, during training only.
+    pub dropout: f32,
+    /// Subset of qkv_proj, o_proj, gate_up_proj, down_proj; "all-linear" means all four.
+    pub targets: Vec<String>,
+    /// rsLoRA scaling α / √r.
+    pub rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            targets: TARGETS.iter().map(|t| t.to_string()).collect(),
+            rslora: false,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The update's scale.
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    /// The targeted module names, validated ("all-linear" expanded).
+    pub fn target_names(&self) -> Result<Vec<&'static str>> {
+        if self.r == 0 {
+            bail!("lora r must be at least 1");
+        }
+        if self.targets.iter().any(|t| t == "all-linear") {
+            return Ok(TARGETS.to_vec());
+        }
+        if self.targets.is_empty() {
+            bail!("lora targets is empty: name some of {TARGETS:?} or \"all-linear\"");
+        }
+        let mut out = Vec::new();
+        for t in &self.targets {
+            match TARGETS.iter().find(|k| **k == t) {
+                Some(k) if !out.contains(k) => out.push(*k),
+                Some(_) => {}
+                None => {
+                    bail!("unknown lora target `{t}`: use some of {TARGETS:?} or \"all-linear\"")
+                }
+            }
+        }
+        Ok(TARGETS
+            .iter()
+            .copied()
+            .filter(|t| out.contains(t))
+            .collect())
+    }
+}
+
+/// One adapter pair on one linear.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    /// The Hugging Face module path, e.g. `model.layers.0.self_attn.qkv_proj`.
+    pub module: String,
+    /// `[r, in]`, f32.
+    pub a: Var,
+    /// `[out, r]`, f32.
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f32,
+    /// Distinguishes this adapter's dropout stream from the others'.
+    pub dropout_stream: u64,
+}
+
+impl Adapter {
+    /// A fresh adapter: `A ~ U(−1/√in, 1/√in)` (kaiming-uniform, a = √5), `B = 0`, in `master`
+    /// precision (see [`master_dtype`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        module: String,
+        out: usize,
+        inp: usize,
+        cfg: &LoraConfig,
+        rng: &mut impl Rng,
+        stream: u64,
+        master: DType,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Self> {
+        let bound = 1.0 / (inp as f32).sqrt();
+        let a: Vec<f32> = (0..cfg.r * inp)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        Ok(Self {
+            module,
+            a: Var::from_tensor(&Tensor::from_vec(a, (cfg.r, inp), device)?.to_dtype(master)?)?,
+            b: Var::zeros((out, cfg.r), master, device)?,
+            scale: cfg.scale(),
+            dropout: cfg.dropout,
+            dropout_stream: stream,
+        })
+    }
+
+    /// `scale · (dropout(x) · Aᵀ) · Bᵀ` in `x`'s dtype.
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let (r, inp) = self.a.dims2()?;
+        let out = self.b.dim(0)?;
+        let x = match (ctx.dropout_seed, self.dropout > 0.0) {
+            (Some(seed), true) => dropout(
+                x,
+                self.dropout,
+                seed ^ self.dropout_stream.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            )?,
+            _ => x.clone(),
+        };
+        let mut out_dims = x.dims().to_vec();
+        *out_dims.last_mut().expect("x has dims") = out;
+        let x2 = x.reshape(((), inp))?;
+        let a = self.a.as_tensor().to_dtype(dtype)?;
+        let b = self.b.as_tensor().to_dtype(dtype)?;
+        let h = x2.matmul(&a.t()?)?;
+        debug_assert_eq!(h.dim(1)?, r);
+        (h.matmul(&b.t()?)? * self.scale)?.reshape(out_dims)
+    }
+
+    /// `scale · B · A`, f32 `[out, in]`.
+    pub fn delta(&self) -> candle_core::Result<Tensor> {
+        self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale
+    }
+}
+
+/// Master precision of adapters for a compute dtype: f32, except f64 models (gradient checks) whose
+/// adapters are f64 too.
+pub fn master_dtype(compute: DType) -> DType {
+    if compute == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Per-forward settings shared by every layer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardCtx {
+    /// `Some(seed)` in training: adapter dropout draws its masks from this seed (mixed with each
+    /// adapter's stream), so a recomputed forward (gradient checkpointing) draws the same masks.
+    pub dropout_seed: Option<u64>,
+}
+
+/// Inverted dropout with a mask drawn from `seed`.
+fn dropout(x: &Tensor, p: f32, seed: u64) -> candle_core::Result<Tensor> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let keep = 1.0 - p;
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| {
+            if rng.random::<f32>() < keep {
+                1.0 / keep
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
+        .to_device(x.device())?
+        .to_dtype(x.dtype())?;
+    x * mask
+}
+
+/// A linear layer: a frozen base and an optional adapter.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    pub base: BaseWeight,
+    pub adapter: Option<Adapter>,
+}
+
+impl LoraLinear {
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let y = self.base.forward(x)?;
+        match &self.adapter {
+            Some(a) => y + a.forward(x, ctx)?,
+            None => Ok(y),
+        }
+    }
+
+    /// `W' = W + scale · B·A` as a dense f32 tensor (W dequantized when NF4).
+    pub fn merged(&self) -> candle_core::Result<Tensor> {
+        let w = self.base.to_dense(DType::F32)?;
+        match &self.adapter {
+            Some(a) => w + a.delta()?,
+            None => Ok(w),
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The adapter on disk, in Hugging Face PEFT's format: `adapter_config.json` and
+//! `adapter_model.safetensors` with keys `base_model.model.<module>.lora_A.weight` (`[r, in]`) and
+//! `.lora_B.weight` (`[out, r]`), f32, never `.default.` (PEFT strips the adapter name on save and
+//! re-inserts it on load). Loading is "strict = false" towards the base: the file holds adapters
+//! only; but every adapter key must land on a module of the model, or loading fails.
+
+use super::{LoraConfig, TARGETS};
+use crate::fsx::write_atomic;
+use anyhow::{Context, Result, bail, ensure};
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// PEFT's prefix for a causal LM's modules.
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// The `(A, B)` pair of each adapted module, by Hugging Face module path.
+pub type AdapterWeights = BTreeMap<String, (Tensor, Tensor)>;
+
+/// A PEFT adapter read from disk.
+#[derive(Debug)]
+pub struct PeftAdapter {
+    pub config: LoraConfig,
+    pub base_model_name_or_path: Option<String>,
+    pub weights: AdapterWeights,
+}
+
+/// Writes `adapter_config.json` + `adapter_model.safetensors` into `dir` (created if needed), each
+/// file atomically.
+pub fn save(
+    dir: &Path,
+    cfg: &LoraConfig,
+    base_model: &str,
+    weights: &[(String, Tensor, Tensor)],
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut tensors = Vec::new();
+    for (module, a, b) in weights {
+        tensors.push((
+            format!("{KEY_PREFIX}{module}.lora_A.weight"),
+            a.to_dtype(candle_core::DType::F32)?,
+        ));
+        tensors.push((
+            format!("{KEY_PREFIX}{module}.lora_B.weight"),
+            b.to_dtype(candle_core::DType::F32)?,
+        ));
+    }
+    let targets = cfg.target_names()?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": targets,
+        "use_rslora": cfg.rslora,
+        "use_dora": false,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "modules_to_save": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "revision": null,
+    });
+    let tmp = crate::fsx::tmp_sibling(&dir.join(WEIGHTS_FILE));
+    candle_core::safetensors::save(&tensors.into_iter().collect(), &tmp)?;
+    std::fs::rename(&tmp, dir.join(WEIGHTS_FILE))
+        .with_context(|| format!("writing {}", dir.join(WEIGHTS_FILE).display()))?;
+    write_atomic(&dir.join(CONFIG_FILE), &serde_json::to_vec_pretty(&config)?)
+}
+
+/// Reads a PEFT LoRA adapter directory.
+pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
+    let cfg_path = dir.join(CONFIG_FILE);
+    let origin = cfg_path.display().to_string();
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| {
+        format!(
+            "{origin}: cannot read; is {} a PEFT adapter dir?",
+            dir.display()
+        )
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{origin}: invalid JSON"))?;
+    let str_of = |k: &str| v.get(k).and_then(|x| x.as_str());
+    ensure!(
+        str_of("peft_type").is_none_or(|t| t == "LORA"),
+        "{origin}: peft_type {:?} is not LORA",
+        str_of("peft_type")
+    );
+    if v.get("use_dora").and_then(|x| x.as_bool()) == Some(true) {
+        bail!("{origin}: DoRA adapters (use_dora) are not supported");
+    }
+    if v.get("fan_in_fan_out").and_then(|x| x.as_bool()) == Some(true) {
+        bail!("{origin}: fan_in_fan_out adapters are not supported (Phi-3 linears are not Conv1D)");
+    }
+    if str_of("bias").is_some_and(|b| b != "none") {
+        bail!(
+            "{origin}: bias `{}` is not supported; only bias \"none\"",
+            str_of("bias").unwrap_or_default()
+        );
+    }
+    for k in ["rank_pattern", "alpha_pattern"] {
+        if v.get(k)
+            .and_then(|x| x.as_object())
+            .is_some_and(|m| !m.is_empty())
+        {
+            bail!("{origin}: per-module `{k}` is not supported");
+        }
+    }
+    if v.get("modules_to_save").is_some_and(|m| !m.is_null()) {
+        bail!("{origin}: modules_to_save is not supported (only LoRA matrices are loaded)");
+    }
+    let r = v
+        .get("r")
+        .and_then(|x| x.as_u64())
+        .with_context(|| format!("{origin}: no integer `r`"))? as usize;
+    let alpha = v
+        .get("lora_alpha")
+        .and_then(|x| x.as_f64())
+        .with_context(|| format!("{origin}: no `lora_alpha`"))?;
+    let targets: Vec<String> = match v.get("target_modules") {
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|t| t.as_str().map(str::to_string))
+            .collect(),
+        Some(serde_json::Value::String(s)) if s == "all-linear" => vec!["all-linear".into()],
+        other => bail!("{origin}: target_modules {other:?} is not a list of module names"),
+    };
+    let config = LoraConfig {
+        r,
+        alpha,
+        dropout: v
+            .get("lora_dropout")
+            .and_then(|x| x.as_f64())
+            .unwrap_or(0.0) as f32,
+        targets,
+        rslora: v
+            .get("use_rslora")
+            .and_then(|x| x.as_bool())
+            .unwrap_or(false),
+    };
+    config
+        .target_names()
+        .with_context(|| format!("{origin}: target_modules"))?;
+
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let tensors = candle_core::safetensors::load(&weights_path, device)
+        .with_context(|| format!("{}: cannot read adapter weights", weights_path.display()))?;
+    let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    for (key, t) in tensors {
+        let wfile = weights_path.display();
+        let rest = key
+            .strip_prefix(KEY_PREFIX)
+            .with_context(|| format!("{wfile}: key `{key}` does not start with `{KEY_PREFIX}`"))?;
+        if rest.contains(".default.") {
+            bail!(
+                "{wfile}: key `{key}` contains the adapter name `.default.`; PEFT never saves it (this file would load as zeros in PEFT)"
+            );
+        }
+        let (module, which) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+            (m, 0)
+        } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
+            (m, 1)
+        } else {
+            bail!(
+                "{wfile}: key `{key}` is not a LoRA A/B weight (only LoRA matrices are supported)"
+            );
+        };
+        let t = t.to_dtype(candle_core::DType::F32)?;
+        let slot = pairs.entry(module.to_string()).or_default();
+        if which == 0 {
+            slot.0 = Some(t)
+        } else {
+            slot.1 = Some(t)
+        }
+    }
+    let mut weights = BTreeMap::new();
+    for (module, (a, b)) in pairs {
+        let (Some(a), Some(b)) = (a, b) else {
+            bail!(
+                "{}: module `{module}` lacks its lora_A or lora_B",
+                weights_path.display()
+            )
+        };
+        ensure!(
+            a.dim(0)? == r && b.dim(1)? == r,
+            "{}: `{module}` has rank {}×{} but r = {r}",
+            weights_path.display(),
+            a.dim(0)?,
+            b.dim(1)?
+        );
+        ensure!(
+            TARGETS.iter().any(|t| module.ends_with(t)),
+            "{}: `{module}` is not a Phi-3 linear",
+            weights_path.display()
+        );
+        weights.insert(module, (a, b));
+    }
+    Ok(PeftAdapter {
+        config,
+        base_model_name_or_path: str_of("base_model_name_or_path").map(str::to_string),
+        weights,
+    })
+}

@@ -1,0 +1,303 @@
+//! Phi-3 (transformers' `Phi3ForCausalLM`), one implementation for every base: each block linear is
+//! a [`LoraLinear`] over a dense or NF4 [`BaseWeight`]. Every op on the training path is a
+//! differentiable candle composition (RMSNorm, rotate-half RoPE, softmax, SwiGLU); fused
+//! `qkv_proj` (rows Q | K | V) and `gate_up_proj` (rows gate | up, `up · silu(gate)`) stay fused so
+//! adapter names are PEFT's.
+//!
+//! Shapes: `B` batch, `T` tokens, `H` hidden, `h`/`kv` query/key-value heads of `d` dims.
+
+use super::config::{Phi3Config, RopeConfig};
+use super::linear::BaseWeight;
+use super::rope;
+use crate::lora::{Adapter, ForwardCtx, LoraLinear};
+use candle_core::{D, DType, Device, Result, Tensor};
+
+/// One decoder block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_layernorm: Tensor,
+    pub qkv_proj: LoraLinear,
+    pub o_proj: LoraLinear,
+    pub post_attention_layernorm: Tensor,
+    pub gate_up_proj: LoraLinear,
+    pub down_proj: LoraLinear,
+}
+
+impl Block {
+    /// The four linears with their PEFT target names, in model order.
+    pub fn linears(&self) -> [(&'static str, &LoraLinear); 4] {
+        [
+            ("qkv_proj", &self.qkv_proj),
+            ("o_proj", &self.o_proj),
+            ("gate_up_proj", &self.gate_up_proj),
+            ("down_proj", &self.down_proj),
+        ]
+    }
+
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut LoraLinear); 4] {
+        [
+            ("qkv_proj", &mut self.qkv_proj),
+            ("o_proj", &mut self.o_proj),
+            ("gate_up_proj", &mut self.gate_up_proj),
+            ("down_proj", &mut self.down_proj),
+        ]
+    }
+}
+
+/// What a batch needs beyond its embeddings: rotary tables and the additive attention mask.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// `[B, 1, T, d]`.
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// `[B, 1, T, T_keys]`, 0 where attention is allowed, −∞ elsewhere.
+    pub mask: Tensor,
+}
+
+/// Keys and values of the tokens seen so far, per layer (`[B, kv, T_past, d]`).
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Tokens already in the cache.
+    pub len: usize,
+}
+
+/// The model.
+#[derive(Debug, Clone)]
+pub struct Phi3 {
+    pub cfg: Phi3Config,
+    pub rope: RopeConfig,
+    /// `[V, H]`.
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Block>,
+    pub norm: Tensor,
+    /// `[V, H]` (the embedding itself when tied).
+    pub lm_head: Tensor,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// The dtype reductions run in: f32 for half types, else the dtype itself (f64 stays f64).
+fn reduce_dtype(dtype: DType) -> DType {
+    if matches!(dtype, DType::BF16 | DType::F16) {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// `weight · x / √(mean(x²) + eps)`, computed in f32 (for half types) and cast back before the
+/// weight, as transformers does.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(reduce_dtype(dtype))?;
+    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// Softmax over the last dim, in f32 for half types (max-subtracted; composite, so differentiable).
+fn softmax_f32(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    candle_nn::ops::softmax(&x.to_dtype(reduce_dtype(dtype))?, D::Minus1)?.to_dtype(dtype)
+}
+
+impl Phi3 {
+    /// Rotary tables and mask for token `positions` (u32 `[B, T]`) and optional `segments`
+    /// (u32 `[B, T]`: tokens attend only within their segment, for packed sequences), with
+    /// `past` cached tokens before them (generation).
+    pub fn prepare(
+        &self,
+        positions: &Tensor,
+        segments: Option<&Tensor>,
+        past: usize,
+    ) -> Result<Prepared> {
+        let (cos, sin) = rope::cos_sin(&self.rope, positions, self.dtype)?;
+        let (b, t) = positions.dims2()?;
+        let seg: Option<Vec<Vec<u32>>> = segments.map(|s| s.to_vec2()).transpose()?;
+        let window = self.cfg.sliding_window;
+        let tk = past + t;
+        let mut mask = vec![0f32; b * t * tk];
+        for bi in 0..b {
+            for i in 0..t {
+                let qi = past + i;
+                for j in 0..tk {
+                    let causal = j <= qi;
+                    let same = match &seg {
+                        Some(s) if j >= past => s[bi][j - past] == s[bi][i],
+                        _ => true,
+                    };
+                    // transformers' sliding window: key j visible from query i when i - j < window.
+                    let in_window = window.is_none_or(|w| qi - j.min(qi) < w);
+                    if !(causal && same && in_window) {
+                        mask[(bi * t + i) * tk + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, t, tk), &Device::Cpu)?
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?;
+        Ok(Prepared { cos, sin, mask })
+    }
+
+    /// Token embeddings `[B, T, H]` (frozen).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))
+    }
+
+    /// Decoder block `layer` on `x: [B, T, H]`.
+    pub fn block(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        prep: &Prepared,
+        ctx: &ForwardCtx,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let blk = &self.layers[layer];
+        let eps = self.cfg.rms_norm_eps;
+        let h = rms_norm(x, &blk.input_layernorm, eps)?;
+        let attn = self.attention(layer, &h, prep, ctx, cache)?;
+        let x = (x + attn)?;
+        let h = rms_norm(&x, &blk.post_attention_layernorm, eps)?;
+        let gu = blk.gate_up_proj.forward(&h, ctx)?;
+        let i = self.cfg.intermediate_size;
+        let gate = gu.narrow(D::Minus1, 0, i)?;
+        let up = gu.narrow(D::Minus1, i, i)?;
+        let mlp = blk.down_proj.forward(&(up * gate.silu()?)?, ctx)?;
+        x + mlp
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        prep: &Prepared,
+        ctx: &ForwardCtx,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let blk = &self.layers[layer];
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, d) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_kv_heads(),
+            self.cfg.head_dim(),
+        );
+        let qkv = blk.qkv_proj.forward(x, ctx)?;
+        let heads = |start: usize, n: usize| -> Result<Tensor> {
+            qkv.narrow(D::Minus1, start * d, n * d)?
+                .reshape((b, t, n, d))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = rope::apply(&heads(0, nh)?, &prep.cos, &prep.sin)?;
+        let k = rope::apply(&heads(nh, nkv)?, &prep.cos, &prep.sin)?;
+        let v = heads(nh + nkv, nkv)?;
+        let (k, v) = match cache {
+            Some(cache) => {
+                let entry = &mut cache.layers[layer];
+                let kv = match entry.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *entry = Some(kv.clone());
+                kv
+            }
+            None => (k, v),
+        };
+        let tk = k.dim(2)?;
+        let rep = nh / nkv;
+        let expand = |x: Tensor| -> Result<Tensor> {
+            if rep == 1 {
+                Ok(x)
+            } else {
+                x.unsqueeze(2)?
+                    .broadcast_as((b, nkv, rep, tk, d))?
+                    .reshape((b, nh, tk, d))
+            }
+        };
+        let (k, v) = (expand(k)?, expand(v)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(&prep.mask)?;
+        let probs = softmax_f32(&scores)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * d))?;
+        blk.o_proj.forward(&out, ctx)
+    }
+
+    /// Final RMSNorm.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// Logits `[.., V]` of normed hidden states `[.., H]`.
+    pub fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
+        BaseWeight::Dense(self.lm_head.clone()).forward(h)
+    }
+
+    /// Normed hidden states `[B, T, H]` of a batch (the trunk, before the vocabulary projection).
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        segments: Option<&Tensor>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let prep = self.prepare(positions, segments, 0)?;
+        let mut x = self.embed(ids)?;
+        for layer in 0..self.layers.len() {
+            x = self.block(layer, &x, &prep, ctx, None)?;
+        }
+        self.final_norm(&x)
+    }
+
+    /// Logits for every position, `[B, T, V]`, with positions `0..T`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let positions = default_positions(ids)?;
+        self.lm_head(&self.hidden(ids, &positions, None, &ForwardCtx::default())?)
+    }
+
+    /// Logits `[B, T, V]` of new tokens `ids` after the cached ones, extending the cache.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if cache.layers.len() != self.layers.len() {
+            *cache = KvCache {
+                layers: vec![None; self.layers.len()],
+                len: 0,
+            };
+        }
+        let pos: Vec<u32> = (0..b)
+            .flat_map(|_| (cache.len..cache.len + t).map(|p| p as u32))
+            .collect();
+        let positions = Tensor::from_vec(pos, (b, t), &self.device)?;
+        let prep = self.prepare(&positions, None, cache.len)?;
+        let ctx = ForwardCtx::default();
+        let mut x = self.embed(ids)?;
+        for layer in 0..self.layers.len() {
+            x = self.block(layer, &x, &prep, &ctx, Some(cache))?;
+        }
+        cache.len += t;
+        self.lm_head(&self.final_norm(&x)?)
+    }
+
+    /// Every adapter of the model, in layer and target order.
+    pub fn adapters(&self) -> Vec<&Adapter> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                l.linears()
+                    .into_iter()
+                    .filter_map(|(_, lin)| lin.adapter.as_ref())
+            })
+            .collect()
+    }
+}
+
+/// Positions `0..T` for each row of `ids: [B, T]`.
+pub fn default_positions(ids: &Tensor) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let pos: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
+    Tensor::from_vec(pos, (b, t), ids.device())
+}

@@ -1,0 +1,230 @@
+//! The loss and the LoRA gradients of one batch, in one place, with per-block gradient
+//! checkpointing behind a switch.
+//!
+//! The loss is the summed cross-entropy over target positions (`targets[t]` is the token position
+//! `t` must predict, or −100). Only those positions are projected to the vocabulary, in chunks of
+//! rows: the head's gradient `dh` is computed chunk by chunk on detached hidden states, so the full
+//! `[tokens, V]` logits and their gradient never coexist; then `sum(h · dh)` is backpropagated
+//! through the trunk, which seeds the trunk's output gradient with exactly `dh`.
+//!
+//! With checkpointing, the forward keeps only each block's (detached) input; the backward walks the
+//! blocks in reverse, recomputes block `l` on its saved input made a variable, backpropagates
+//! `sum(out · g)` (seeding the block output's gradient with `g`), keeps the LoRA gradients of that
+//! block and takes the input's gradient as the next `g`. Dropout masks are drawn from seeds, so the
+//! recomputed forward is the same forward.
+
+use crate::lora::ForwardCtx;
+use crate::model::Phi3;
+use candle_core::{D, DType, Result, Tensor, Var};
+
+/// Rows of the vocabulary projection per chunk.
+pub const HEAD_CHUNK_ROWS: usize = 256;
+/// Targets equal to this are ignored (the Hugging Face convention).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// One batch: `[B, T]` token ids, positions and optional packing segments, and the target of every
+/// position (`IGNORE_INDEX` where no loss is taken).
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub input_ids: Tensor,
+    pub positions: Tensor,
+    pub segments: Option<Tensor>,
+    /// Row-major `[B · T]`.
+    pub targets: Vec<i64>,
+}
+
+impl Batch {
+    /// A causal-LM batch from token rows: position `t` predicts token `t + 1` where `labels[t + 1]`
+    /// is not ignored (the shift transformers applies), positions `0..T`.
+    pub fn causal(
+        ids: &[Vec<u32>],
+        labels: &[Vec<i64>],
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let (b, t) = (ids.len(), ids.first().map_or(0, Vec::len));
+        let input_ids = Tensor::from_vec(ids.concat(), (b, t), device)?;
+        let positions = crate::model::phi3::default_positions(&input_ids)?;
+        let targets = labels
+            .iter()
+            .flat_map(|row| (0..t).map(move |i| if i + 1 < t { row[i + 1] } else { IGNORE_INDEX }))
+            .collect();
+        Ok(Self {
+            input_ids,
+            positions,
+            segments: None,
+            targets,
+        })
+    }
+
+    /// Flat indices of the positions that carry a target, and their target ids.
+    fn selected(&self) -> (Vec<u32>, Vec<u32>) {
+        self.targets
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t != IGNORE_INDEX)
+            .map(|(i, t)| (i as u32, *t as u32))
+            .unzip()
+    }
+}
+
+/// The summed loss, its token count, and the gradient of the summed loss for each adapter
+/// (aligned with [`Phi3::adapters`]): `(dA, dB)`.
+#[derive(Debug)]
+pub struct LossAndGrads {
+    pub loss_sum: f64,
+    pub n_tokens: usize,
+    pub grads: Vec<(Tensor, Tensor)>,
+}
+
+/// Summed cross-entropy of `h: [M, H]` (normed hidden states of the target positions) against
+/// `targets`, chunk by chunk; with `want_grad`, also `d loss_sum / d h`.
+fn head(
+    model: &Phi3,
+    h: &Tensor,
+    targets: &[u32],
+    want_grad: bool,
+) -> Result<(f64, Option<Tensor>)> {
+    let m = h.dim(0)?;
+    let mut loss = 0f64;
+    let mut dh = Vec::new();
+    for start in (0..m).step_by(HEAD_CHUNK_ROWS) {
+        let n = HEAD_CHUNK_ROWS.min(m - start);
+        let rows = h.narrow(0, start, n)?;
+        let hv = if want_grad {
+            Some(Var::from_tensor(&rows)?)
+        } else {
+            None
+        };
+        let x = hv.as_ref().map_or(&rows, |v| v.as_tensor());
+        let logits = model.lm_head(x)?.to_dtype(DType::F32)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let t = Tensor::from_slice(&targets[start..start + n], (n, 1), h.device())?;
+        let nll = logp.gather(&t, 1)?.sum_all()?.neg()?;
+        loss += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if let Some(hv) = hv {
+            let g = nll.backward()?;
+            dh.push(
+                g.get(hv.as_tensor())
+                    .expect("the head depends on its input")
+                    .clone(),
+            );
+        }
+    }
+    let dh = if want_grad {
+        Some(if dh.is_empty() {
+            h.zeros_like()?
+        } else {
+            Tensor::cat(&dh, 0)?
+        })
+    } else {
+        None
+    };
+    Ok((loss, dh))
+}
+
+/// Normed hidden states of the target positions: `final_norm(x)` rows `idx`.
+fn select(model: &Phi3, x: &Tensor, idx: &[u32]) -> Result<Tensor> {
+    let h = x.dim(D::Minus1)?;
+    let flat = x.reshape(((), h))?;
+    let idx = Tensor::from_slice(idx, idx.len(), x.device())?;
+    model.final_norm(&flat.index_select(&idx, 0)?)
+}
+
+/// The loss of a batch without gradients (evaluation): `(loss_sum, n_tokens)`.
+pub fn loss(model: &Phi3, batch: &Batch) -> Result<(f64, usize)> {
+    let (idx, targets) = batch.selected();
+    let prep = model.prepare(&batch.positions, batch.segments.as_ref(), 0)?;
+    let ctx = ForwardCtx::default();
+    let mut x = model.embed(&batch.input_ids)?;
+    for layer in 0..model.layers.len() {
+        x = model.block(layer, &x, &prep, &ctx, None)?.detach();
+    }
+    let (loss, _) = head(model, &select(model, &x, &idx)?, &targets, false)?;
+    Ok((loss, idx.len()))
+}
+
+/// The summed loss and the LoRA gradients of a batch; `checkpointing` recomputes each block in the
+/// backward instead of keeping its activations.
+pub fn loss_and_grads(
+    model: &Phi3,
+    batch: &Batch,
+    ctx: &ForwardCtx,
+    checkpointing: bool,
+) -> Result<LossAndGrads> {
+    let (idx, targets) = batch.selected();
+    let prep = model.prepare(&batch.positions, batch.segments.as_ref(), 0)?;
+    let adapters = model.adapters();
+    let mut grads: Vec<Option<(Tensor, Tensor)>> = vec![None; adapters.len()];
+    let mut keep = |store: &candle_core::backprop::GradStore| -> Result<()> {
+        for (slot, a) in grads.iter_mut().zip(&adapters) {
+            let (Some(ga), Some(gb)) = (store.get(a.a.as_tensor()), store.get(a.b.as_tensor()))
+            else {
+                continue;
+            };
+            *slot = Some(match slot.take() {
+                Some((pa, pb)) => ((pa + ga)?, (pb + gb)?),
+                None => (ga.clone(), gb.clone()),
+            });
+        }
+        Ok(())
+    };
+    let x0 = model.embed(&batch.input_ids)?.detach();
+    let loss_sum = if checkpointing {
+        let mut inputs = Vec::with_capacity(model.layers.len());
+        let mut x = x0;
+        for layer in 0..model.layers.len() {
+            let out = model.block(layer, &x, &prep, ctx, None)?.detach();
+            inputs.push(x);
+            x = out;
+        }
+        let xv = Var::from_tensor(&x)?;
+        let h = select(model, xv.as_tensor(), &idx)?;
+        let (loss, dh) = head(model, &h.detach(), &targets, true)?;
+        let store = (h * dh.expect("asked for the gradient"))?
+            .sum_all()?
+            .backward()?;
+        let mut g = store
+            .get(xv.as_tensor())
+            .expect("the head depends on the trunk")
+            .clone();
+        for layer in (0..model.layers.len()).rev() {
+            let xin = Var::from_tensor(&inputs[layer])?;
+            let out = model.block(layer, xin.as_tensor(), &prep, ctx, None)?;
+            let store = (out * &g)?.sum_all()?.backward()?;
+            keep(&store)?;
+            if layer > 0 {
+                g = store
+                    .get(xin.as_tensor())
+                    .expect("a block depends on its input")
+                    .clone();
+            }
+        }
+        loss
+    } else {
+        let mut x = x0;
+        for layer in 0..model.layers.len() {
+            x = model.block(layer, &x, &prep, ctx, None)?;
+        }
+        let h = select(model, &x, &idx)?;
+        let (loss, dh) = head(model, &h.detach(), &targets, true)?;
+        keep(
+            &(h * dh.expect("asked for the gradient"))?
+                .sum_all()?
+                .backward()?,
+        )?;
+        loss
+    };
+    let grads = grads
+        .into_iter()
+        .zip(&adapters)
+        .map(|(g, a)| match g {
+            Some(g) => Ok(g),
+            None => Ok((a.a.as_tensor().zeros_like()?, a.b.as_tensor().zeros_like()?)),
+        })
+        .collect::<Result<_>>()?;
+    Ok(LossAndGrads {
+        loss_sum,
+        n_tokens: idx.len(),
+        grads,
+    })
+}

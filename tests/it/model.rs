@@ -1,0 +1,184 @@
+//! The Phi-3 model against transformers (and PEFT, and bitsandbytes' NF4) logits, from
+//! tests/fixtures/gen_phi3_goldens.py; KV cache and packing against the plain forward.
+
+use crate::common::fixtures;
+use candle_core::{DType, Device, IndexOp, Tensor};
+use qlora::lora::{attach, peft};
+use qlora::model::Phi3;
+use qlora::model::load::{BaseFormat, LoadOptions, load};
+
+/// f32 logits of a 2-layer model computed by two implementations summing in different orders.
+const F32_LOGITS_ABS_TOL: f32 = 1e-4;
+
+pub fn load_f32(dir: &str, base: BaseFormat) -> Phi3 {
+    load(
+        &fixtures().join("phi3").join(dir),
+        &LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            base,
+        },
+    )
+    .unwrap()
+}
+
+fn golden(dir: &str, file: &str, ids_key: &str, logits_key: &str) -> (Tensor, Tensor) {
+    let t =
+        candle_core::safetensors::load(fixtures().join("phi3").join(dir).join(file), &Device::Cpu)
+            .unwrap();
+    (
+        t[ids_key].to_dtype(DType::U32).unwrap(),
+        t[logits_key].clone(),
+    )
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn check(model: &Phi3, ids: &Tensor, want: &Tensor, what: &str) {
+    let got = model.forward(ids).unwrap();
+    let d = max_abs_diff(&got, want);
+    assert!(
+        d <= F32_LOGITS_ABS_TOL,
+        "{what}: max |Δlogits| {d:e} > {F32_LOGITS_ABS_TOL:e}"
+    );
+}
+
+#[test]
+fn f32_logits_match_transformers_mha_gqa_longrope() {
+    for dir in ["mha", "gqa"] {
+        let (ids, want) = golden(dir, "logits.safetensors", "input_ids", "logits");
+        check(&load_f32(dir, BaseFormat::Dense), &ids, &want, dir);
+    }
+    let m = load_f32("longrope", BaseFormat::Dense);
+    let (ids, want) = golden("longrope", "logits.safetensors", "input_ids", "logits");
+    check(&m, &ids, &want, "longrope, 48 tokens (long factors)");
+    let (ids, want) = golden(
+        "longrope",
+        "logits.safetensors",
+        "input_ids_short",
+        "logits_short",
+    );
+    check(&m, &ids, &want, "longrope, 20 tokens (short factors)");
+}
+
+#[test]
+fn nf4_checkpoint_loads_straight_into_nf4_and_matches_the_dequantized_reference() {
+    // gqa-bnb: saved by transformers + bitsandbytes; the reference logits come from the f32 model
+    // whose linears are bitsandbytes' own dequantization of those codes.
+    let m = load_f32("gqa-bnb", BaseFormat::NF4);
+    assert!(m.layers.iter().all(|l| {
+        l.linears()
+            .iter()
+            .all(|(_, lin)| matches!(lin.base, qlora::model::linear::BaseWeight::Nf4(_)))
+    }));
+    let (ids, want) = golden("gqa-bnb", "logits.safetensors", "input_ids", "logits");
+    check(&m, &ids, &want, "gqa-bnb as NF4");
+    // The same checkpoint dequantized on load gives the same model.
+    check(
+        &load_f32("gqa-bnb", BaseFormat::Dense),
+        &ids,
+        &want,
+        "gqa-bnb dequantized",
+    );
+}
+
+#[test]
+fn peft_adapters_reproduce_peft_logits() {
+    for (adapter, logits) in [
+        ("adapter", "logits.safetensors"),
+        ("adapter-rslora", "logits_rslora.safetensors"),
+    ] {
+        let mut m = load_f32("gqa", BaseFormat::Dense);
+        let a = peft::load(&fixtures().join("phi3/peft").join(adapter), &Device::Cpu).unwrap();
+        attach::load_adapters(&mut m, &a).unwrap();
+        let (ids, want) = golden("peft", logits, "input_ids", "logits");
+        check(&m, &ids, &want, adapter);
+    }
+}
+
+#[test]
+fn a_fresh_adapter_leaves_the_output_unchanged_and_merging_is_exact() {
+    let base = load_f32("gqa", BaseFormat::NF4);
+    let (ids, _) = golden("gqa", "logits.safetensors", "input_ids", "logits");
+    let before = base.forward(&ids).unwrap();
+    let mut m = base.clone();
+    attach::init_adapters(&mut m, &qlora::lora::LoraConfig::default(), 1).unwrap();
+    assert_eq!(m.adapters().len(), 8);
+    assert_eq!(
+        max_abs_diff(&m.forward(&ids).unwrap(), &before),
+        0.0,
+        "B = 0 at step 0"
+    );
+
+    // Merge: W' = dequant(W) + scale · B·A, checked entrywise and through the model.
+    let mut m = load_f32("gqa", BaseFormat::NF4);
+    let a = peft::load(&fixtures().join("phi3/peft/adapter"), &Device::Cpu).unwrap();
+    attach::load_adapters(&mut m, &a).unwrap();
+    let lin = &m.layers[1].gate_up_proj;
+    let ad = lin.adapter.as_ref().unwrap();
+    let want = (lin.base.to_dense(DType::F32).unwrap()
+        + (ad.b.as_tensor().matmul(ad.a.as_tensor()).unwrap() * 2.0).unwrap())
+    .unwrap();
+    assert_eq!(max_abs_diff(&lin.merged().unwrap(), &want), 0.0);
+    let mut merged = m.clone();
+    for blk in &mut merged.layers {
+        for (_, lin) in blk.linears_mut() {
+            lin.base = qlora::model::linear::BaseWeight::Dense(lin.merged().unwrap());
+            lin.adapter = None;
+        }
+    }
+    let d = max_abs_diff(&merged.forward(&ids).unwrap(), &m.forward(&ids).unwrap());
+    assert!(d <= F32_LOGITS_ABS_TOL, "merged vs adapter: {d:e}");
+}
+
+#[test]
+fn kv_cache_generation_equals_the_full_forward() {
+    let m = load_f32("gqa", BaseFormat::NF4);
+    let (ids, _) = golden("gqa", "logits.safetensors", "input_ids", "logits");
+    let full = m.forward(&ids).unwrap();
+    let mut cache = qlora::model::phi3::KvCache::default();
+    let first = m
+        .forward_cached(&ids.i((.., 0..7)).unwrap(), &mut cache)
+        .unwrap();
+    let mut steps = vec![first];
+    for t in 7..12 {
+        steps.push(
+            m.forward_cached(&ids.i((.., t..t + 1)).unwrap(), &mut cache)
+                .unwrap(),
+        );
+    }
+    let d = max_abs_diff(&Tensor::cat(&steps, 1).unwrap(), &full);
+    assert!(d <= F32_LOGITS_ABS_TOL, "cached vs full: {d:e}");
+}
+
+#[test]
+fn packed_sequences_do_not_see_each_other() {
+    let m = load_f32("gqa", BaseFormat::Dense);
+    let (ids, _) = golden("gqa", "logits.safetensors", "input_ids", "logits");
+    let (a, b) = (ids.i((.., 0..5)).unwrap(), ids.i((.., 5..12)).unwrap());
+    let packed_ids = Tensor::cat(&[&a, &b], 1).unwrap();
+    let positions = Tensor::new(&[[0u32, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]], &Device::Cpu).unwrap();
+    let segments = Tensor::new(&[[1u32, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2]], &Device::Cpu).unwrap();
+    let ctx = qlora::lora::ForwardCtx::default();
+    let packed = m
+        .lm_head(
+            &m.hidden(&packed_ids, &positions, Some(&segments), &ctx)
+                .unwrap(),
+        )
+        .unwrap();
+    let separate = Tensor::cat(&[m.forward(&a).unwrap(), m.forward(&b).unwrap()], 1).unwrap();
+    let d = max_abs_diff(&packed, &separate);
+    assert!(d <= F32_LOGITS_ABS_TOL, "packed vs separate: {d:e}");
+}
