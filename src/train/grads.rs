@@ -96,7 +96,13 @@ fn head(
             None
         };
         let x = hv.as_ref().map_or(&rows, |v| v.as_tensor());
-        let logits = model.lm_head(x)?.to_dtype(DType::F32)?;
+        // Cross-entropy in f32 for half types (f64 models keep f64: gradient checks need it).
+        let ce_dtype = if model.dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let logits = model.lm_head(x)?.to_dtype(ce_dtype)?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let t = Tensor::from_slice(&targets[start..start + n], (n, 1), h.device())?;
         let nll = logp.gather(&t, 1)?.sum_all()?.neg()?;

@@ -182,3 +182,87 @@ fn packed_sequences_do_not_see_each_other() {
     let d = max_abs_diff(&packed, &separate);
     assert!(d <= F32_LOGITS_ABS_TOL, "packed vs separate: {d:e}");
 }
+
+#[test]
+fn saved_adapters_use_peft_names_and_reload_exactly() {
+    let mut m = load_f32("gqa", BaseFormat::NF4);
+    let a = peft::load(&fixtures().join("phi3/peft/adapter-rslora"), &Device::Cpu).unwrap();
+    attach::load_adapters(&mut m, &a).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    peft::save(
+        tmp.path(),
+        &a.config,
+        "tests/fixtures/phi3/gqa",
+        &attach::adapter_weights(&m),
+    )
+    .unwrap();
+    let st =
+        candle_core::safetensors::load(tmp.path().join(peft::WEIGHTS_FILE), &Device::Cpu).unwrap();
+    let mut keys: Vec<_> = st.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys.len(), 8);
+    assert_eq!(
+        keys[0],
+        "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"
+    );
+    assert!(keys.iter().all(|k| !k.contains(".default.")));
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join(peft::CONFIG_FILE)).unwrap())
+            .unwrap();
+    assert_eq!(
+        (
+            cfg["r"].as_u64(),
+            cfg["use_rslora"].as_bool(),
+            cfg["peft_type"].as_str()
+        ),
+        (Some(8), Some(true), Some("LORA"))
+    );
+    // Same tensors as PEFT wrote, bit for bit, and the same model when reloaded.
+    let theirs = candle_core::safetensors::load(
+        fixtures()
+            .join("phi3/peft/adapter-rslora")
+            .join(peft::WEIGHTS_FILE),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for k in &keys {
+        assert_eq!(max_abs_diff(&st[k], &theirs[k]), 0.0, "{k}");
+    }
+    let mut again = load_f32("gqa", BaseFormat::NF4);
+    attach::load_adapters(&mut again, &peft::load(tmp.path(), &Device::Cpu).unwrap()).unwrap();
+    let (ids, _) = golden("gqa", "logits.safetensors", "input_ids", "logits");
+    assert_eq!(
+        max_abs_diff(&again.forward(&ids).unwrap(), &m.forward(&ids).unwrap()),
+        0.0
+    );
+}
+
+#[test]
+fn adapter_errors_name_the_file_and_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixtures().join("phi3/peft/adapter");
+    std::fs::copy(
+        src.join(peft::WEIGHTS_FILE),
+        tmp.path().join(peft::WEIGHTS_FILE),
+    )
+    .unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join(peft::CONFIG_FILE)).unwrap()).unwrap();
+    cfg["use_dora"] = true.into();
+    std::fs::write(tmp.path().join(peft::CONFIG_FILE), cfg.to_string()).unwrap();
+    let e = format!("{:#}", peft::load(tmp.path(), &Device::Cpu).unwrap_err());
+    assert!(
+        e.contains("adapter_config.json") && e.contains("DoRA"),
+        "{e}"
+    );
+    // An adapter for a bigger model (layer 5 does not exist here) is refused, not half-applied.
+    cfg["use_dora"] = false.into();
+    std::fs::write(tmp.path().join(peft::CONFIG_FILE), cfg.to_string()).unwrap();
+    let mut a = peft::load(tmp.path(), &Device::Cpu).unwrap();
+    let extra = a.weights.values().next().unwrap().clone();
+    a.weights
+        .insert("model.layers.5.self_attn.qkv_proj".into(), extra);
+    let mut m = load_f32("gqa", BaseFormat::Dense);
+    let e = attach::load_adapters(&mut m, &a).unwrap_err().to_string();
+    assert!(e.contains("model.layers.5.self_attn.qkv_proj"), "{e}");
+}
