@@ -59,6 +59,13 @@ pub struct Phi3Config {
     pub tie_word_embeddings: bool,
     #[serde(default)]
     pub quantization_config: Option<serde_json::Value>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    /// One id or a list (generation stops at any of them).
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
 }
 
 fn default_rms_norm_eps() -> f64 {
@@ -194,6 +201,21 @@ impl Phi3Config {
         })
     }
 
+    /// The end-of-sequence ids (`eos_token_id` may be one id or a list).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
+            }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Whether config.json already declares a quantization.
     pub fn is_quantized(&self) -> bool {
         self.quantization_config.is_some()
@@ -223,6 +245,13 @@ mod tests {
         assert_eq!(c.linear_shape("qkv_proj"), Some([9216, 3072]));
         assert_eq!(c.linear_shape("gate_up_proj"), Some([16384, 3072]));
         assert_eq!(c.linear_shape("down_proj"), Some([3072, 8192]));
+        assert_eq!(c.eos_token_ids(), vec![32000]);
+        let mut v = mini();
+        v["eos_token_id"] = serde_json::json!([32000, 32001, 32007]);
+        assert_eq!(
+            Phi3Config::from_value(&v, "c").unwrap().eos_token_ids(),
+            vec![32000, 32001, 32007]
+        );
     }
 
     #[test]
