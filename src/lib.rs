@@ -3,6 +3,7 @@
 //!
 //! - [`checkpoint`]: Hugging Face checkpoint dirs (config.json, safetensors shards) read and write.
 //! - [`model`]: Phi-3 configuration and the tensor-name tables.
+//! - [`data`]: chat JSONL, the chat template, tokenization with trained-token masks, packing.
 //! - [`lora`]: LoRA adapters, their PEFT files.
 //! - [`quantize`]: `qlora quantize`, a dense checkpoint into a bitsandbytes-4bit one.
 //! - [`train`]: the loss and LoRA gradients (gradient checkpointing).
@@ -11,6 +12,7 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod data;
 pub mod fsx;
 pub mod lora;
 pub mod model;

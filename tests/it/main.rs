@@ -1,6 +1,7 @@
 //! qlora's integration tests, one binary (link time matters with candle).
 
 mod common;
+mod data;
 mod model;
 mod quantize;
 mod train;

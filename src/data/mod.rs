@@ -1,0 +1,17 @@
+//! Chat data: JSONL conversations, rendered with the model's own chat template, tokenized with the
+//! trained tokens marked (assistant content and its closing `<|end|>`), and batched (packed with
+//! per-conversation positions and a block-diagonal mask, or padded).
+//!
+//! - [`jsonl`]: reading `{"messages": [...]}` or `{"prompt", "completion"}` lines, with file:line errors.
+//! - [`template`]: the chat template (minijinja), with Phi-3's format as the fallback.
+//! - [`tokenize`]: text → ids + trained mask.
+//! - [`batch`]: packing / padding into [`crate::train::Batch`]es.
+
+pub mod batch;
+pub mod jsonl;
+pub mod template;
+pub mod tokenize;
+
+pub use jsonl::{Conversation, Message, Role, read_jsonl};
+pub use template::ChatTemplate;
+pub use tokenize::{Encoded, TokenizerBundle};

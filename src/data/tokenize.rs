@@ -1,0 +1,140 @@
+//! Text → token ids with the trained positions marked. A conversation is rendered once with the
+//! chat template; each assistant message's content is located in the rendering (the rendering of
+//! the messages before it, with the generation prompt, must be a prefix of the whole: true of
+//! Phi-3's template and of any template that renders turn by turn); the tokens covering that content
+//! and the `<|end|>` right after it are trained, nothing else (not the prompt, not the role headers,
+//! not padding, which never masks `<|end|>` or eos because masks come from spans, not ids).
+
+use super::jsonl::{Conversation, Role};
+use super::template::ChatTemplate;
+use anyhow::{Context, Result, bail};
+use std::path::Path;
+
+/// The end-of-turn token Phi-3 is trained to emit.
+pub const END_TOKEN: &str = "<|end|>";
+
+/// A tokenizer with the chat template and the special ids that matter.
+#[derive(Debug)]
+pub struct TokenizerBundle {
+    pub tokenizer: tokenizers::Tokenizer,
+    pub template: ChatTemplate,
+    /// `<|end|>`, when the vocabulary has it.
+    pub end_id: Option<u32>,
+    pub eos_id: Option<u32>,
+    pub pad_id: Option<u32>,
+}
+
+/// One tokenized conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    /// Whether the model is trained to produce `ids[t]`.
+    pub trained: Vec<bool>,
+    /// The rendered text.
+    pub text: String,
+    /// Source line.
+    pub line: usize,
+}
+
+impl TokenizerBundle {
+    /// Reads tokenizer.json and tokenizer_config.json (chat template, special tokens) from `dir`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("{}: cannot load the tokenizer", tok_path.display()))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: serde_json::Value = match std::fs::read(&cfg_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?,
+            Err(_) => serde_json::Value::Null,
+        };
+        // Special tokens are strings or {"content": ...} objects.
+        let special = |k: &str| -> Option<String> {
+            match cfg.get(k)? {
+                serde_json::Value::String(s) => Some(s.clone()),
+                v => v.get("content")?.as_str().map(str::to_string),
+            }
+        };
+        let bos = special("bos_token").unwrap_or_else(|| "<s>".into());
+        let eos = special("eos_token").unwrap_or_else(|| "<|endoftext|>".into());
+        let pad = special("pad_token");
+        let template = ChatTemplate::new(
+            cfg.get("chat_template").and_then(|v| v.as_str()),
+            &bos,
+            &eos,
+        )
+        .with_context(|| format!("{}: chat_template", cfg_path.display()))?;
+        Ok(Self {
+            end_id: tokenizer.token_to_id(END_TOKEN),
+            eos_id: tokenizer.token_to_id(&eos),
+            pad_id: pad.and_then(|p| tokenizer.token_to_id(&p)),
+            tokenizer,
+            template,
+        })
+    }
+
+    /// Token ids of `text` (special-token strings in it become their ids; nothing is added).
+    pub fn encode(&self, text: &str) -> Result<tokenizers::Encoding> {
+        self.tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))
+    }
+
+    /// Decodes ids to text (special tokens skipped).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| anyhow::anyhow!("decoding: {e}"))
+    }
+
+    /// Renders, tokenizes and marks the trained tokens of a conversation.
+    pub fn encode_conversation(&self, conv: &Conversation) -> Result<Encoded> {
+        let text = self.template.render(&conv.messages, false)?;
+        let mut spans = Vec::new();
+        for (i, m) in conv
+            .messages
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.role == Role::Assistant)
+        {
+            let prefix = self.template.render(&conv.messages[..i], true)?;
+            if !text.starts_with(&prefix) {
+                bail!(
+                    "line {}: the chat template does not render turn by turn (a conversation's prefix is not a prefix of its rendering), so assistant tokens cannot be located",
+                    conv.line
+                );
+            }
+            if !text[prefix.len()..].starts_with(&m.content) {
+                bail!(
+                    "line {}: assistant message {i} does not appear verbatim after its header in the rendered conversation",
+                    conv.line
+                );
+            }
+            spans.push((prefix.len(), prefix.len() + m.content.len()));
+        }
+        let enc = self.encode(&text)?;
+        let ids = enc.get_ids().to_vec();
+        let offsets = enc.get_offsets();
+        let special = self.tokenizer.get_added_tokens_decoder();
+        let mut trained = vec![false; ids.len()];
+        for (t, &(s, e)) in offsets.iter().enumerate() {
+            // A role header whose rstrip swallowed the content's leading whitespace overlaps the
+            // content without being part of it: special tokens are trained only as the closing <|end|>.
+            let is_special = special.get(&ids[t]).is_some_and(|a| a.special);
+            for &(cs, ce) in &spans {
+                let overlaps = s < ce && e > cs && !is_special;
+                let closes = Some(ids[t]) == self.end_id && s == ce;
+                if overlaps || closes {
+                    trained[t] = true;
+                }
+            }
+        }
+        Ok(Encoded {
+            ids,
+            trained,
+            text,
+            line: conv.line,
+        })
+    }
+}
