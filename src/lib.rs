@@ -8,13 +8,19 @@
 //! - [`quantize`]: `qlora quantize`, a dense checkpoint into a bitsandbytes-4bit one.
 //! - [`train`]: the loss and LoRA gradients (gradient checkpointing).
 //! - [`fsx`]: atomic writes (temp file or dir, then rename).
+//! - [`config`], [`hub`], [`builtin`], [`plot`]: `qlora train`'s settings, model resolution, the
+//!   built-in tiny model and the loss plot.
 //! - [`cli`]: the command line.
 
+pub mod builtin;
 pub mod checkpoint;
 pub mod cli;
+pub mod config;
 pub mod data;
 pub mod fsx;
+pub mod hub;
 pub mod lora;
 pub mod model;
+pub mod plot;
 pub mod quantize;
 pub mod train;

@@ -1,6 +1,7 @@
 //! The command line: clap definitions (their doc comments are the `--help`) and dispatch.
 
 mod quantize;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -16,6 +17,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    Train(Box<train::TrainArgs>),
     Quantize(quantize::QuantizeArgs),
 }
 
@@ -23,6 +25,7 @@ enum Command {
 pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Train(args) => train::run(*args),
         Command::Quantize(args) => quantize::run(args),
     }
 }

@@ -3,5 +3,6 @@
 
 pub mod grads;
 pub mod optim;
+pub mod trainer;
 
 pub use grads::{Batch, LossAndGrads, loss, loss_and_grads};

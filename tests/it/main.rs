@@ -5,3 +5,4 @@ mod data;
 mod model;
 mod quantize;
 mod train;
+mod trainer;

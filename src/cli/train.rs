@@ -1,0 +1,226 @@
+//! `qlora train`.
+
+use crate::config::TrainConfig;
+use crate::train::trainer::Trainer;
+use anyhow::{Context, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Fine-tune a Phi-3 with LoRA (QLoRA with --4bit) on chat data; writes a PEFT adapter, metrics,
+/// a loss plot and checkpoints to the output directory.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Quantize the frozen base to 4 bits (NF4 by default): QLoRA. Without it the base stays dense.
+    #[arg(long = "4bit")]
+    four_bit: bool,
+    /// Checkpoint dir, Hub id (from the local HF cache) or builtin:tiny-phi3 [training.model].
+    #[arg(long)]
+    model: Option<String>,
+    /// Training JSONL [data.train].
+    #[arg(long)]
+    data: Option<String>,
+    /// Evaluation JSONL [data.eval].
+    #[arg(long)]
+    eval_data: Option<String>,
+    /// TOML config (see configs/); flags and --set apply on top.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Output directory [training.output].
+    #[arg(long)]
+    output: Option<String>,
+    /// Any config key: --set training.lr_schedule=linear (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Continue the run in this output directory from its latest checkpoint, with its saved config.
+    #[arg(long, value_name = "OUTPUT")]
+    resume: Option<PathBuf>,
+    /// [training.epochs]
+    #[arg(long)]
+    epochs: Option<u64>,
+    /// [training.max_steps]
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// [training.learning_rate]
+    #[arg(long)]
+    lr: Option<f64>,
+    /// [training.micro_batch_size]
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// [training.grad_accum]
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// [training.max_seq_len]
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    /// [lora.r]
+    #[arg(long)]
+    rank: Option<usize>,
+    /// [lora.alpha]
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// [lora.dropout]
+    #[arg(long)]
+    dropout: Option<f32>,
+    /// Comma-separated LoRA targets or all-linear [lora.targets].
+    #[arg(long)]
+    targets: Option<String>,
+    /// [training.seed]
+    #[arg(long)]
+    seed: Option<u64>,
+    /// f32, bf16 or f16 [training.dtype].
+    #[arg(long)]
+    dtype: Option<String>,
+    /// [training.gradient_checkpointing = false]
+    #[arg(long)]
+    no_gradient_checkpointing: bool,
+    /// Skip and count bad data lines instead of stopping [data.skip_bad_lines].
+    #[arg(long)]
+    skip_bad_lines: bool,
+    /// Stop after this many steps, as if killed right after that step's checkpoint (for resume tests).
+    #[arg(long, hide = true)]
+    stop_after_steps: Option<u64>,
+}
+
+impl TrainArgs {
+    /// The resolved config: defaults, then --config, then flags, then --set.
+    pub fn resolve(&self) -> Result<TrainConfig> {
+        if let Some(dir) = &self.resume {
+            let path = dir.join("config.resolved.toml");
+            return TrainConfig::from_file(&path)
+                .with_context(|| format!("--resume {}", dir.display()));
+        }
+        let mut cfg = match &self.config {
+            Some(p) => TrainConfig::from_file(p)?,
+            None => TrainConfig::default(),
+        };
+        let toml_str = |s: &str| toml::Value::String(s.to_string()).to_string();
+        let mut sets: Vec<String> = Vec::new();
+        let mut put = |k: &str, v: String| sets.push(format!("{k}={v}"));
+        if self.four_bit {
+            put("training.four_bit", "true".into());
+        }
+        if let Some(v) = &self.model {
+            put("training.model", toml_str(v))
+        }
+        if let Some(v) = &self.data {
+            put("data.train", toml_str(v))
+        }
+        if let Some(v) = &self.eval_data {
+            put("data.eval", toml_str(v))
+        }
+        if let Some(v) = &self.output {
+            put("training.output", toml_str(v))
+        }
+        if let Some(v) = self.epochs {
+            put("training.epochs", v.to_string())
+        }
+        if let Some(v) = self.max_steps {
+            put("training.max_steps", v.to_string())
+        }
+        if let Some(v) = self.lr {
+            put("training.learning_rate", format!("{v:?}"))
+        }
+        if let Some(v) = self.batch_size {
+            put("training.micro_batch_size", v.to_string())
+        }
+        if let Some(v) = self.grad_accum {
+            put("training.grad_accum", v.to_string())
+        }
+        if let Some(v) = self.max_seq_len {
+            put("training.max_seq_len", v.to_string())
+        }
+        if let Some(v) = self.rank {
+            put("lora.r", v.to_string())
+        }
+        if let Some(v) = self.alpha {
+            put("lora.alpha", format!("{v:?}"))
+        }
+        if let Some(v) = self.dropout {
+            put("lora.dropout", format!("{v:?}"))
+        }
+        if let Some(v) = &self.targets {
+            let list: Vec<String> = v.split(',').map(|t| toml_str(t.trim())).collect();
+            put("lora.targets", format!("[{}]", list.join(", ")));
+        }
+        if let Some(v) = self.seed {
+            put("training.seed", v.to_string())
+        }
+        if let Some(v) = &self.dtype {
+            put("training.dtype", toml_str(v))
+        }
+        if self.no_gradient_checkpointing {
+            put("training.gradient_checkpointing", "false".into());
+        }
+        if self.skip_bad_lines {
+            put("data.skip_bad_lines", "true".into());
+        }
+        for s in sets.iter().chain(&self.sets) {
+            cfg.set(s)?;
+        }
+        if cfg.data.train.is_empty() {
+            anyhow::bail!(
+                "no training data: pass --data FILE.jsonl or set data.train in the config"
+            );
+        }
+        Ok(cfg)
+    }
+}
+
+pub fn run(args: TrainArgs) -> Result<ExitCode> {
+    let cfg = args.resolve()?;
+    let mut trainer = Trainer::new(cfg, args.resume.is_some())?;
+    let s = &trainer.stats;
+    eprintln!(
+        "model {} ({}), {} rows from {} conversations ({} tokens, {} trained; {} truncated to {}, {} dropped, {} bad lines skipped), {} steps{}",
+        trainer.model_dir.display(),
+        if trainer.cfg.training.four_bit {
+            "4-bit base"
+        } else {
+            "dense base"
+        },
+        trainer.rows.len(),
+        s.conversations,
+        s.tokens,
+        s.trained_tokens,
+        s.truncated,
+        trainer.cfg.training.max_seq_len,
+        s.dropped,
+        trainer.skipped_lines,
+        trainer.total_steps,
+        if trainer.state.step > 0 {
+            format!(", resuming at step {}", trainer.state.step)
+        } else {
+            String::new()
+        }
+    );
+    let summary = trainer.run(args.stop_after_steps)?;
+    let out = &trainer.output;
+    if summary.finished {
+        println!(
+            "done: {} steps, final train loss {:.4}{}, {:.0} tokens/s, peak memory {:.0} MiB (RSS), {} skipped non-finite steps",
+            trainer.state.step,
+            summary.last_loss,
+            summary
+                .eval_loss
+                .map(|l| format!(", eval loss {l:.4}"))
+                .unwrap_or_default(),
+            summary.tokens as f64 / summary.seconds.max(1e-9),
+            summary.peak_rss_mib,
+            trainer.state.nonfinite_skipped
+        );
+        println!(
+            "adapter: {}  plot: {}  metrics: {}",
+            out.join("adapter").display(),
+            out.join("loss.svg").display(),
+            out.join("metrics.jsonl").display()
+        );
+    } else {
+        println!(
+            "stopped after step {} (checkpoint in {})",
+            trainer.state.step,
+            out.join("checkpoints").display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,245 @@
+//! `qlora train`'s settings: a TOML file with `[training]`, `[lora]`, `[quant]` and `[data]`, every
+//! key known (unknown keys are errors), every CLI flag a `--set section.key=value` on top.
+
+use crate::lora::LoraConfig;
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Learning-rate schedule after the linear warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Training {
+    /// A checkpoint directory, a Hugging Face Hub id (read from the local HF cache), or
+    /// `builtin:tiny-phi3` (a tiny random Phi-3 with the real Phi-3 tokenizer, built from a seed).
+    pub model: String,
+    /// Output directory: adapter/, checkpoints/, metrics.jsonl, loss.svg, config.resolved.toml.
+    pub output: String,
+    /// Quantize the base to 4 bits (QLoRA); false trains plain LoRA on a dense base.
+    pub four_bit: bool,
+    pub learning_rate: f64,
+    pub lr_schedule: Schedule,
+    pub warmup_steps: u64,
+    /// Passes over the training data (ignored when max_steps > 0).
+    pub epochs: u64,
+    /// Optimizer steps; 0 means as many as `epochs` take.
+    pub max_steps: u64,
+    /// Rows per micro-batch.
+    pub micro_batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Tokens per row; longer conversations are truncated (and counted).
+    pub max_seq_len: usize,
+    /// Global gradient-norm clipping; 0 disables.
+    pub max_grad_norm: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+    /// Log every N steps.
+    pub log_every: u64,
+    /// Evaluate every N steps (0: only at the end).
+    pub eval_every: u64,
+    /// Checkpoint every N steps (0: only the final adapter).
+    pub save_every: u64,
+    /// Checkpoints kept.
+    pub keep_last: usize,
+    /// Compute dtype: f32 (CPU default), bf16 or f16.
+    pub dtype: String,
+    /// Recompute each block in the backward instead of keeping its activations.
+    pub gradient_checkpointing: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quant {
+    /// nf4 or fp4.
+    pub quant_type: String,
+    pub blocksize: usize,
+    pub double_quant: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Data {
+    /// Training JSONL.
+    pub train: String,
+    /// Evaluation JSONL ("" for none).
+    pub eval: String,
+    /// Pack several conversations per row (no attention across them).
+    pub pack: bool,
+    /// Skip (and count) bad lines instead of stopping.
+    pub skip_bad_lines: bool,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub training: Training,
+    pub lora: LoraConfig,
+    pub quant: Quant,
+    pub data: Data,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            training: Training {
+                model: "builtin:tiny-phi3".into(),
+                output: "runs/qlora".into(),
+                four_bit: false,
+                learning_rate: 2e-4,
+                lr_schedule: Schedule::Cosine,
+                warmup_steps: 0,
+                epochs: 1,
+                max_steps: 0,
+                micro_batch_size: 1,
+                grad_accum: 1,
+                max_seq_len: 2048,
+                max_grad_norm: 1.0,
+                weight_decay: 0.0,
+                seed: 42,
+                log_every: 1,
+                eval_every: 0,
+                save_every: 0,
+                keep_last: 2,
+                dtype: "f32".into(),
+                gradient_checkpointing: true,
+            },
+            lora: LoraConfig::default(),
+            quant: Quant {
+                quant_type: "nf4".into(),
+                blocksize: 64,
+                double_quant: true,
+            },
+            data: Data {
+                train: String::new(),
+                eval: String::new(),
+                pack: true,
+                skip_bad_lines: false,
+            },
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML file over the defaults (a file may set only some keys).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read the config", path.display()))?;
+        let file: toml::Table =
+            toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
+        let mut base = toml::Table::try_from(Self::default()).expect("defaults serialize");
+        merge(&mut base, file);
+        Self::from_table(base).with_context(|| format!("{}: invalid config", path.display()))
+    }
+
+    fn from_table(t: toml::Table) -> Result<Self> {
+        let cfg: Self = toml::Value::Table(t)
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}", e.message()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Applies `section.key=value` (the value parsed as TOML, else taken as a string).
+    pub fn set(&mut self, assignment: &str) -> Result<()> {
+        let (key, value) = assignment
+            .split_once('=')
+            .with_context(|| format!("--set `{assignment}`: expected section.key=value"))?;
+        let (section, field) = key.trim().split_once('.').with_context(|| {
+            format!("--set `{assignment}`: the key needs a section, e.g. training.{key}")
+        })?;
+        let value = value.trim();
+        let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        let mut t = toml::Table::try_from(&*self).expect("config serializes");
+        let sec = t.get_mut(section).and_then(|s| s.as_table_mut()).with_context(|| format!("--set `{assignment}`: no section [{section}] (sections: training, lora, quant, data)"))?;
+        if !sec.contains_key(field) {
+            bail!("--set `{assignment}`: [{section}] has no key `{field}`");
+        }
+        sec.insert(field.to_string(), parsed);
+        *self = Self::from_table(t).with_context(|| format!("--set `{assignment}`"))?;
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<()> {
+        let t = &self.training;
+        if t.micro_batch_size == 0 || t.grad_accum == 0 || t.max_seq_len < 2 {
+            bail!("training.micro_batch_size and grad_accum must be ≥ 1 and max_seq_len ≥ 2");
+        }
+        if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
+            bail!("training.learning_rate must be a positive number");
+        }
+        if t.epochs == 0 && t.max_steps == 0 {
+            bail!("set training.epochs or training.max_steps");
+        }
+        if !matches!(t.dtype.as_str(), "f32" | "bf16" | "f16") {
+            bail!("training.dtype `{}`: use f32, bf16 or f16", t.dtype);
+        }
+        self.lora.target_names()?;
+        self.quant.quant_type.parse::<qlora_quant::QuantType>()?;
+        qlora_quant::Blocksize::new(self.quant.blocksize)?;
+        Ok(())
+    }
+
+    /// The resolved config as TOML (saved beside the run).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+}
+
+/// Deep-merges `over` into `base`.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_parses_values_and_rejects_unknown_keys() {
+        let mut c = TrainConfig::default();
+        c.set("training.learning_rate=1e-3").unwrap();
+        c.set("lora.targets=[\"qkv_proj\"]").unwrap();
+        c.set("training.lr_schedule=linear").unwrap();
+        assert_eq!(
+            (c.training.learning_rate, c.training.lr_schedule),
+            (1e-3, Schedule::Linear)
+        );
+        assert_eq!(c.lora.targets, vec!["qkv_proj".to_string()]);
+        assert!(
+            c.set("training.learning_rat=1")
+                .unwrap_err()
+                .to_string()
+                .contains("no key `learning_rat`")
+        );
+        assert!(
+            c.set("train.x=1")
+                .unwrap_err()
+                .to_string()
+                .contains("no section [train]")
+        );
+        assert!(
+            format!("{:#}", c.set("training.dtype=f64").unwrap_err())
+                .contains("use f32, bf16 or f16")
+        );
+    }
+}

@@ -1,0 +1,565 @@
+//! The training loop, top to bottom: setup (config, model, adapters, data) → optimizer → steps
+//! (micro-batches accumulated, global-norm clipping, schedule, AdamW) → evaluation → checkpoints →
+//! the final adapter, metrics and loss plot.
+//!
+//! Determinism: the data order of epoch `e` is a permutation drawn from `seed` and `e`; the dropout
+//! seed of a micro-batch is drawn from `seed`, the step and the micro-batch index. So the whole RNG
+//! state is the data cursor, and a checkpoint (adapter + AdamW moments + step + cursor) resumes into
+//! exactly the loss curve an uninterrupted run produces.
+
+use super::grads::{Batch, loss, loss_and_grads};
+use super::optim::{AdamW, AdamWConfig};
+use crate::config::{Schedule, TrainConfig};
+use crate::data::batch::{Row, RowStats, build_rows, collate};
+use crate::data::{TokenizerBundle, read_jsonl};
+use crate::fsx::{AtomicDir, write_atomic};
+use crate::lora::{ForwardCtx, attach, peft};
+use crate::model::Phi3;
+use crate::model::load::{BaseFormat, LoadOptions, load};
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor, Var};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Consecutive non-finite steps after which training stops.
+pub const MAX_NONFINITE_STREAK: u64 = 5;
+
+/// Where the data cursor and counters stand after `step` optimizer steps.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub step: u64,
+    pub epoch: u64,
+    /// Micro-batches consumed in `epoch`.
+    pub cursor: usize,
+    pub nonfinite_skipped: u64,
+    pub nonfinite_streak: u64,
+    pub tokens_seen: u64,
+}
+
+/// One line of metrics.jsonl.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metric {
+    pub kind: String,
+    pub step: u64,
+    pub loss: f64,
+    #[serde(default)]
+    pub lr: f64,
+    #[serde(default)]
+    pub grad_norm: f64,
+    #[serde(default)]
+    pub tokens: u64,
+    #[serde(default)]
+    pub tokens_per_s: f64,
+    #[serde(default)]
+    pub peak_rss_mib: f64,
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn dtype_of(name: &str) -> DType {
+    match name {
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        _ => DType::F32,
+    }
+}
+
+/// Learning rate before optimizer step `step` (0-based) of `total`.
+pub fn learning_rate(cfg: &TrainConfig, step: u64, total: u64) -> f64 {
+    let t = &cfg.training;
+    if step < t.warmup_steps {
+        return t.learning_rate * (step + 1) as f64 / t.warmup_steps as f64;
+    }
+    let progress =
+        (step - t.warmup_steps) as f64 / (total.saturating_sub(t.warmup_steps)).max(1) as f64;
+    match t.lr_schedule {
+        Schedule::Constant => t.learning_rate,
+        Schedule::Linear => t.learning_rate * (1.0 - progress),
+        Schedule::Cosine => t.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+    }
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    (a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_mul(0xD1B5_4A32_D192_ED03)
+        .rotate_left(29)
+}
+
+/// A prepared run.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub output: PathBuf,
+    pub model_dir: PathBuf,
+    pub model_ref: String,
+    pub model: Phi3,
+    pub tok: TokenizerBundle,
+    pub rows: Vec<Row>,
+    pub eval_rows: Vec<Row>,
+    pub stats: RowStats,
+    pub skipped_lines: usize,
+    pub opt: AdamW,
+    pub state: TrainState,
+    pub total_steps: u64,
+    pad_id: u32,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("output", &self.output)
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+fn encode_rows(
+    tok: &TokenizerBundle,
+    path: &Path,
+    cfg: &TrainConfig,
+) -> Result<(Vec<Row>, RowStats, usize)> {
+    let report = read_jsonl(path, cfg.data.skip_bad_lines)?;
+    let encoded = report
+        .conversations
+        .iter()
+        .map(|c| {
+            tok.encode_conversation(c)
+                .with_context(|| format!("{}", path.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (rows, stats) = build_rows(&encoded, cfg.training.max_seq_len, cfg.data.pack);
+    if rows.is_empty() {
+        bail!(
+            "{}: no conversation has trainable tokens within max_seq_len {}",
+            path.display(),
+            cfg.training.max_seq_len
+        );
+    }
+    Ok((rows, stats, report.skipped.len()))
+}
+
+impl Trainer {
+    /// Sets up a run: a fresh one, or the continuation of the latest checkpoint in `output`.
+    pub fn new(cfg: TrainConfig, resume: bool) -> Result<Self> {
+        let output = PathBuf::from(&cfg.training.output);
+        let model_dir = crate::hub::resolve(&cfg.training.model)?;
+        let base = if cfg.training.four_bit {
+            BaseFormat::Quantized {
+                quant_type: cfg.quant.quant_type.parse()?,
+                blocksize: qlora_quant::Blocksize::new(cfg.quant.blocksize)?,
+                double_quant: cfg.quant.double_quant,
+            }
+        } else {
+            BaseFormat::Dense
+        };
+        let device = Device::Cpu;
+        let mut model = load(
+            &model_dir,
+            &LoadOptions {
+                dtype: dtype_of(&cfg.training.dtype),
+                device: device.clone(),
+                base,
+            },
+        )?;
+        let tok = TokenizerBundle::from_dir(&model_dir)?;
+        let (rows, stats, skipped_lines) = encode_rows(&tok, Path::new(&cfg.data.train), &cfg)?;
+        let eval_rows = if cfg.data.eval.is_empty() {
+            Vec::new()
+        } else {
+            encode_rows(&tok, Path::new(&cfg.data.eval), &cfg)?.0
+        };
+        let pad_id = tok.pad_id.or(tok.eos_id).unwrap_or(0);
+        let micro_per_epoch = rows.len().div_ceil(cfg.training.micro_batch_size) as u64;
+        let total_steps = if cfg.training.max_steps > 0 {
+            cfg.training.max_steps
+        } else {
+            (cfg.training.epochs * micro_per_epoch).div_ceil(cfg.training.grad_accum as u64)
+        };
+        attach::init_adapters(&mut model, &cfg.lora, cfg.training.seed)?;
+        let params: Vec<Var> = model
+            .adapters()
+            .iter()
+            .flat_map(|a| [a.a.clone(), a.b.clone()])
+            .collect();
+        let mut opt = AdamW::new(
+            params,
+            AdamWConfig {
+                weight_decay: cfg.training.weight_decay,
+                ..Default::default()
+            },
+        )?;
+        let mut state = TrainState::default();
+        if resume {
+            let ck = latest_checkpoint(&output)?
+                .with_context(|| format!("{}: no checkpoint to resume from", output.display()))?;
+            let adapter = peft::load(&ck.join("adapter"), &device)?;
+            attach::load_adapters(&mut model, &adapter)?;
+            let params: Vec<Var> = model
+                .adapters()
+                .iter()
+                .flat_map(|a| [a.a.clone(), a.b.clone()])
+                .collect();
+            opt = AdamW::new(params, opt.cfg)?;
+            let moments =
+                candle_core::safetensors::load(ck.join("optimizer.safetensors"), &device)?;
+            for (i, m) in opt.moments.iter_mut().enumerate() {
+                *m = (
+                    moments[&format!("m.{i}")].clone(),
+                    moments[&format!("v.{i}")].clone(),
+                );
+            }
+            state = serde_json::from_slice(&std::fs::read(ck.join("state.json"))?)?;
+            opt.step = state.step;
+            truncate_metrics(&output.join("metrics.jsonl"), state.step)?;
+        } else if output.join("checkpoints").exists() || output.join("adapter").exists() {
+            bail!(
+                "{} already holds a run; pass --resume {} to continue it, or choose another --output",
+                output.display(),
+                output.display()
+            );
+        }
+        std::fs::create_dir_all(&output)
+            .with_context(|| format!("creating {}", output.display()))?;
+        write_atomic(
+            &output.join("config.resolved.toml"),
+            cfg.to_toml().as_bytes(),
+        )?;
+        Ok(Self {
+            model_ref: cfg.training.model.clone(),
+            cfg,
+            output,
+            model_dir,
+            model,
+            tok,
+            rows,
+            eval_rows,
+            stats,
+            skipped_lines,
+            opt,
+            state,
+            total_steps,
+            pad_id,
+        })
+    }
+
+    /// The next micro-batch, advancing the cursor (and the epoch).
+    fn next_micro_batch(&mut self) -> Result<Batch> {
+        let mb = self.cfg.training.micro_batch_size;
+        let per_epoch = self.rows.len().div_ceil(mb);
+        if self.state.cursor >= per_epoch {
+            self.state.epoch += 1;
+            self.state.cursor = 0;
+        }
+        let mut order: Vec<usize> = (0..self.rows.len()).collect();
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix(
+            self.cfg.training.seed,
+            self.state.epoch,
+        )));
+        let start = self.state.cursor * mb;
+        let rows: Vec<&Row> = order[start..(start + mb).min(order.len())]
+            .iter()
+            .map(|&i| &self.rows[i])
+            .collect();
+        self.state.cursor += 1;
+        Ok(collate(&rows, self.pad_id, &self.model.device)?)
+    }
+
+    /// Mean loss over the eval rows' target tokens.
+    pub fn evaluate(&self) -> Result<Option<f64>> {
+        if self.eval_rows.is_empty() {
+            return Ok(None);
+        }
+        let (mut sum, mut n) = (0f64, 0usize);
+        for chunk in self.eval_rows.chunks(self.cfg.training.micro_batch_size) {
+            let rows: Vec<&Row> = chunk.iter().collect();
+            let (s, k) = loss(
+                &self.model,
+                &collate(&rows, self.pad_id, &self.model.device)?,
+            )?;
+            sum += s;
+            n += k;
+        }
+        Ok(Some(sum / n.max(1) as f64))
+    }
+
+    /// One optimizer step; `None` when it was skipped for non-finite values.
+    fn step(&mut self) -> Result<Option<Metric>> {
+        let t0 = Instant::now();
+        let step = self.state.step;
+        let mut sums: Option<Vec<Tensor>> = None;
+        let (mut loss_sum, mut n_tokens) = (0f64, 0usize);
+        for micro in 0..self.cfg.training.grad_accum {
+            let batch = self.next_micro_batch()?;
+            let ctx = ForwardCtx {
+                dropout_seed: Some(mix(mix(self.cfg.training.seed, step), micro as u64)),
+            };
+            let lg = loss_and_grads(
+                &self.model,
+                &batch,
+                &ctx,
+                self.cfg.training.gradient_checkpointing,
+            )?;
+            loss_sum += lg.loss_sum;
+            n_tokens += lg.n_tokens;
+            let flat: Vec<Tensor> = lg.grads.into_iter().flat_map(|(a, b)| [a, b]).collect();
+            sums = Some(match sums {
+                None => flat,
+                Some(prev) => prev
+                    .iter()
+                    .zip(&flat)
+                    .map(|(p, g)| p + g)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+        }
+        let n = n_tokens.max(1) as f64;
+        let grads: Vec<Tensor> = sums
+            .unwrap_or_default()
+            .iter()
+            .map(|g| g / n)
+            .collect::<candle_core::Result<_>>()?;
+        let loss = loss_sum / n;
+        let sq: f64 = grads
+            .iter()
+            .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>())
+            .sum::<candle_core::Result<f64>>()?;
+        let norm = sq.sqrt();
+        if !loss.is_finite() || !norm.is_finite() {
+            self.state.nonfinite_skipped += 1;
+            self.state.nonfinite_streak += 1;
+            self.state.step += 1;
+            if self.state.nonfinite_streak >= MAX_NONFINITE_STREAK {
+                bail!(
+                    "loss or gradients were NaN/inf for {MAX_NONFINITE_STREAK} steps in a row (step {step}); lower training.learning_rate or check the data"
+                );
+            }
+            return Ok(None);
+        }
+        self.state.nonfinite_streak = 0;
+        let clip = self.cfg.training.max_grad_norm;
+        let grads = if clip > 0.0 && norm > clip {
+            grads
+                .iter()
+                .map(|g| g * (clip / norm))
+                .collect::<candle_core::Result<_>>()?
+        } else {
+            grads
+        };
+        let lr = learning_rate(&self.cfg, step, self.total_steps);
+        self.opt.step(&grads, lr)?;
+        self.state.step += 1;
+        self.state.tokens_seen += n_tokens as u64;
+        Ok(Some(Metric {
+            kind: "train".into(),
+            step: self.state.step,
+            loss,
+            lr,
+            grad_norm: norm,
+            tokens: n_tokens as u64,
+            tokens_per_s: n_tokens as f64 / t0.elapsed().as_secs_f64(),
+            peak_rss_mib: peak_rss_mib(),
+        }))
+    }
+
+    /// Writes a checkpoint of the current state (atomically) and prunes old ones.
+    fn save_checkpoint(&self) -> Result<()> {
+        let dir = self
+            .output
+            .join("checkpoints")
+            .join(format!("step-{:06}", self.state.step));
+        if dir.exists() {
+            return Ok(());
+        }
+        let tmp = AtomicDir::create(&dir)?;
+        self.save_adapter(&tmp.path().join("adapter"))?;
+        let mut moments = std::collections::HashMap::new();
+        for (i, (m, v)) in self.opt.moments.iter().enumerate() {
+            moments.insert(format!("m.{i}"), m.clone());
+            moments.insert(format!("v.{i}"), v.clone());
+        }
+        candle_core::safetensors::save(&moments, tmp.path().join("optimizer.safetensors"))?;
+        std::fs::write(
+            tmp.path().join("state.json"),
+            serde_json::to_vec_pretty(&self.state)?,
+        )?;
+        tmp.commit()?;
+        let mut all = list_checkpoints(&self.output)?;
+        while all.len() > self.cfg.training.keep_last.max(1) {
+            std::fs::remove_dir_all(all.remove(0))?;
+        }
+        Ok(())
+    }
+
+    fn save_adapter(&self, dir: &Path) -> Result<()> {
+        let base =
+            std::fs::canonicalize(&self.model_dir).unwrap_or_else(|_| self.model_dir.clone());
+        let base_name =
+            if Path::new(&self.model_ref).is_dir() || self.model_ref.starts_with("builtin:") {
+                base.display().to_string()
+            } else {
+                self.model_ref.clone()
+            };
+        peft::save(
+            dir,
+            &self.cfg.lora,
+            &base_name,
+            &attach::adapter_weights(&self.model),
+        )
+    }
+
+    /// Runs to the end (or to `stop_after` steps, as if killed right after that step's checkpoint).
+    pub fn run(&mut self, stop_after: Option<u64>) -> Result<RunSummary> {
+        let metrics_path = self.output.join("metrics.jsonl");
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)?;
+        let bar = ProgressBar::new(self.total_steps).with_style(
+            ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} eta {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_position(self.state.step);
+        let t0 = Instant::now();
+        let tokens_at_start = self.state.tokens_seen;
+        let mut last_loss = f64::NAN;
+        while self.state.step < self.total_steps {
+            if let Some(m) = self.step()? {
+                last_loss = m.loss;
+                writeln!(metrics, "{}", serde_json::to_string(&m)?)?;
+                let line = format!(
+                    "loss {:.4} lr {:.2e} tok/s {:.0} peak {:.0} MiB",
+                    m.loss, m.lr, m.tokens_per_s, m.peak_rss_mib
+                );
+                bar.set_message(line.clone());
+                if bar.is_hidden()
+                    && (m.step % self.cfg.training.log_every.max(1) == 0 || m.step == 1)
+                {
+                    eprintln!("step {}/{} {line}", m.step, self.total_steps);
+                }
+            }
+            bar.set_position(self.state.step);
+            let every = self.cfg.training.eval_every;
+            if every > 0 && self.state.step % every == 0 && self.state.step < self.total_steps {
+                if let Some(l) = self.evaluate()? {
+                    writeln!(
+                        metrics,
+                        "{}",
+                        serde_json::to_string(&eval_metric(self.state.step, l))?
+                    )?;
+                }
+            }
+            let save = self.cfg.training.save_every;
+            if save > 0 && self.state.step % save == 0 {
+                metrics.flush()?;
+                self.save_checkpoint()?;
+            }
+            if stop_after.is_some_and(|s| self.state.step >= s) {
+                bar.finish_and_clear();
+                return Ok(RunSummary {
+                    finished: false,
+                    last_loss,
+                    eval_loss: None,
+                    peak_rss_mib: peak_rss_mib(),
+                    seconds: t0.elapsed().as_secs_f64(),
+                    tokens: self.state.tokens_seen - tokens_at_start,
+                });
+            }
+        }
+        bar.finish_and_clear();
+        let eval_loss = self.evaluate()?;
+        if let Some(l) = eval_loss {
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::to_string(&eval_metric(self.state.step, l))?
+            )?;
+        }
+        metrics.flush()?;
+        self.save_adapter(&self.output.join("adapter"))?;
+        crate::plot::loss_curve(&metrics_path, &self.output.join("loss.svg"))?;
+        Ok(RunSummary {
+            finished: true,
+            last_loss,
+            eval_loss,
+            peak_rss_mib: peak_rss_mib(),
+            seconds: t0.elapsed().as_secs_f64(),
+            tokens: self.state.tokens_seen - tokens_at_start,
+        })
+    }
+}
+
+fn eval_metric(step: u64, loss: f64) -> Metric {
+    Metric {
+        kind: "eval".into(),
+        step,
+        loss,
+        lr: 0.0,
+        grad_norm: 0.0,
+        tokens: 0,
+        tokens_per_s: 0.0,
+        peak_rss_mib: peak_rss_mib(),
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub finished: bool,
+    pub last_loss: f64,
+    pub eval_loss: Option<f64>,
+    pub peak_rss_mib: f64,
+    pub seconds: f64,
+    pub tokens: u64,
+}
+
+/// Checkpoint directories of a run, oldest first.
+pub fn list_checkpoints(output: &Path) -> Result<Vec<PathBuf>> {
+    let dir = output.join("checkpoints");
+    let mut all: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+        Ok(d) => d
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    all.sort();
+    Ok(all)
+}
+
+fn latest_checkpoint(output: &Path) -> Result<Option<PathBuf>> {
+    Ok(list_checkpoints(output)?.pop())
+}
+
+/// Drops metrics logged after `step` (they belong to the part of the run being redone).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| serde_json::from_str::<Metric>(l).is_ok_and(|m| m.step <= step))
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    write_atomic(path, out.as_bytes())
+}

@@ -1,0 +1,133 @@
+//! The trainer: resume reproduces the uninterrupted loss curve bit for bit, configs parse,
+//! non-finite steps stop the run with a message, the output is a PEFT adapter.
+
+use qlora::config::TrainConfig;
+use qlora::train::trainer::{Metric, Trainer};
+use std::path::Path;
+
+fn repo(p: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(p)
+        .display()
+        .to_string()
+}
+
+fn small(output: &Path) -> TrainConfig {
+    let mut c = TrainConfig::from_file(Path::new(&repo("configs/demo.toml"))).unwrap();
+    c.training.output = output.display().to_string();
+    c.training.max_steps = 9;
+    c.training.save_every = 3;
+    c.training.eval_every = 0;
+    c.training.grad_accum = 2;
+    c.training.four_bit = true;
+    c.data.train = repo("data/demo/train.jsonl");
+    c.data.eval = String::new();
+    c
+}
+
+fn train_losses(output: &Path) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(output.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Metric>(l).unwrap())
+        .filter(|m| m.kind == "train")
+        .map(|m| (m.step, m.loss.to_bits()))
+        .collect()
+}
+
+#[test]
+fn resume_reproduces_the_uninterrupted_loss_curve_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    Trainer::new(small(&a), false).unwrap().run(None).unwrap();
+    // Interrupted after step 5: the latest checkpoint is step 3, steps 4-5 are redone on resume.
+    let s = Trainer::new(small(&b), false)
+        .unwrap()
+        .run(Some(5))
+        .unwrap();
+    assert!(!s.finished);
+    let resumed_cfg = TrainConfig::from_file(&b.join("config.resolved.toml")).unwrap();
+    let mut t = Trainer::new(resumed_cfg, true).unwrap();
+    assert_eq!(t.state.step, 3);
+    assert!(t.run(None).unwrap().finished);
+    let (la, lb) = (train_losses(&a), train_losses(&b));
+    assert_eq!(la.len(), 9);
+    assert_eq!(la, lb, "loss curves differ");
+    // The final adapters are identical too, and in PEFT's format.
+    let load = |p: &Path| {
+        candle_core::safetensors::load(
+            p.join("adapter/adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (wa, wb) = (load(&a), load(&b));
+    assert_eq!(wa.len(), 16, "A and B of 4 targets in 2 layers");
+    for (k, v) in &wa {
+        assert!(
+            k.starts_with("base_model.model.model.layers.")
+                && k.ends_with(".weight")
+                && !k.contains(".default."),
+            "{k}"
+        );
+        assert_eq!(
+            v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            wb[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{k}"
+        );
+    }
+    assert!(a.join("loss.svg").exists() && a.join("config.resolved.toml").exists());
+    // Only keep_last checkpoints remain.
+    assert_eq!(
+        qlora::train::trainer::list_checkpoints(&a).unwrap().len(),
+        2
+    );
+    // A second fresh run into the same output is refused instead of mixing runs.
+    let e = Trainer::new(small(&a), false).unwrap_err().to_string();
+    assert!(
+        e.contains("already holds a run") && e.contains("--resume"),
+        "{e}"
+    );
+}
+
+#[test]
+fn every_config_parses() {
+    let mut n = 0;
+    for entry in std::fs::read_dir(repo("configs")).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&p).unwrap();
+            assert!(
+                text.starts_with('#'),
+                "{}: opens with how to run it",
+                p.display()
+            );
+            TrainConfig::from_file(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 2);
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "[training]\nlearning_rat = 1.0\n").unwrap();
+    let e = format!("{:#}", TrainConfig::from_file(&bad).unwrap_err());
+    assert!(e.contains("bad.toml") && e.contains("learning_rat"), "{e}");
+}
+
+#[test]
+fn repeated_non_finite_steps_stop_the_run_with_a_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = small(&tmp.path().join("nan"));
+    c.training.learning_rate = 1e38;
+    c.training.max_grad_norm = 0.0;
+    c.training.warmup_steps = 0;
+    c.training.lr_schedule = qlora::config::Schedule::Constant;
+    c.training.save_every = 0;
+    c.training.max_steps = 20;
+    let e = Trainer::new(c, false)
+        .unwrap()
+        .run(None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NaN/inf for 5 steps in a row"), "{e}");
+}
