@@ -1,5 +1,9 @@
 //! The command line: clap definitions (their doc comments are the `--help`) and dispatch.
 
+mod data;
+mod eval;
+mod generate;
+mod infer;
 mod quantize;
 mod train;
 
@@ -18,6 +22,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Train(Box<train::TrainArgs>),
+    Eval(eval::EvalArgs),
+    Generate(generate::GenerateArgs),
+    Data(data::DataArgs),
     Quantize(quantize::QuantizeArgs),
 }
 
@@ -26,6 +33,9 @@ pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Train(args) => train::run(*args),
+        Command::Eval(args) => eval::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Data(args) => data::run(args),
         Command::Quantize(args) => quantize::run(args),
     }
 }

@@ -1,5 +1,6 @@
 //! qlora's integration tests, one binary (link time matters with candle).
 
+mod cli;
 mod common;
 mod data;
 mod model;

@@ -1,0 +1,85 @@
+//! What `eval` and `generate` share: the model (4-bit or dense, with an optional PEFT adapter) and
+//! its tokenizer.
+
+use crate::data::TokenizerBundle;
+use crate::lora::{attach, peft};
+use crate::model::Phi3;
+use crate::model::load::{BaseFormat, LoadOptions, load};
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device};
+use clap::Args;
+use std::path::PathBuf;
+
+/// Model selection flags.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Checkpoint dir, Hub id (local HF cache) or builtin:tiny-phi3; defaults to the adapter's
+    /// base_model_name_or_path.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Quantize the base to NF4 on load (as QLoRA training saw it).
+    #[arg(long = "4bit")]
+    pub four_bit: bool,
+    /// Compute dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    pub dtype: String,
+}
+
+/// A loaded model and tokenizer.
+#[derive(Debug)]
+pub struct Loaded {
+    pub model: Phi3,
+    pub tok: TokenizerBundle,
+    pub dir: PathBuf,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<Loaded> {
+        let device = Device::Cpu;
+        let adapter = self
+            .adapter
+            .as_ref()
+            .map(|a| peft::load(a, &device))
+            .transpose()?;
+        let model_ref = match (&self.model, &adapter) {
+            (Some(m), _) => m.clone(),
+            (None, Some(a)) => a
+                .base_model_name_or_path
+                .clone()
+                .context("the adapter names no base_model_name_or_path; pass --model")?,
+            (None, None) => bail!("pass --model (or --adapter, whose base model is used)"),
+        };
+        let dir = crate::hub::resolve(&model_ref)?;
+        let dtype = match self.dtype.as_str() {
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            _ => DType::F32,
+        };
+        let base = if self.four_bit {
+            BaseFormat::NF4
+        } else {
+            BaseFormat::Dense
+        };
+        let mut model = load(
+            &dir,
+            &LoadOptions {
+                dtype,
+                device,
+                base,
+            },
+        )?;
+        if let Some(a) = &adapter {
+            attach::load_adapters(&mut model, a).with_context(|| {
+                format!(
+                    "applying {}",
+                    self.adapter.as_ref().expect("some").display()
+                )
+            })?;
+        }
+        let tok = TokenizerBundle::from_dir(&dir)?;
+        Ok(Loaded { model, tok, dir })
+    }
+}
