@@ -49,6 +49,11 @@ pub struct LoadOptions {
 
 /// Loads the model in `dir`.
 pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Phi3> {
+    if opts.device.is_cpu() && opts.dtype == DType::BF16 {
+        bail!(
+            "bf16 compute needs a GPU (candle's CPU matmul has no bf16); use dtype f32 (or f16) on the CPU"
+        );
+    }
     let ck = Checkpoint::open(dir)?;
     let origin = dir.join(CONFIG_FILE).display().to_string();
     let cfg = Phi3Config::from_value(&ck.config, &origin)?;
