@@ -13,14 +13,20 @@ use crate::format::{
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-/// An output element type of dequantization: the f32 product `code × absmax`, rounded to nearest even.
+/// An output element type of dequantization: the f32 product `code × absmax`, rounded to nearest
+/// even; `to_f32` widens exactly.
 pub trait DequantOut: Copy + Send + Sync + Default + 'static {
     fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
 }
 impl DequantOut for f32 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
         v
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
     }
 }
 impl DequantOut for bf16 {
@@ -28,11 +34,19 @@ impl DequantOut for bf16 {
     fn from_f32(v: f32) -> Self {
         bf16::from_f32(v)
     }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
 }
 impl DequantOut for f16 {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
         f16::from_f32(v)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
     }
 }
 

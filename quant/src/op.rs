@@ -16,7 +16,6 @@
 use crate::tensor::{CpuView, Nf4Tensor};
 use crate::{QuantError, Result};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
-use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// Rows of the weight dequantized per task for `x · Wᵀ`.
@@ -57,6 +56,16 @@ impl Nf4Matmul {
         } else {
             (out, inp)
         })
+    }
+
+    /// Half-precision input: widened to f32, computed in f32, rounded once at the end.
+    fn compute_half<T: crate::cpu::DequantOut>(
+        &self,
+        x: &[T],
+        m: usize,
+    ) -> candle_core::Result<Vec<T>> {
+        let x: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        Ok(self.compute(&x, m)?.into_iter().map(T::from_f32).collect())
     }
 
     fn compute(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
@@ -104,24 +113,8 @@ impl CustomOp1 for Nf4Matmul {
         let range = layout.start_offset()..layout.start_offset() + m * k;
         let y = match storage {
             CpuStorage::F32(v) => CpuStorage::F32(self.compute(&v[range], m)?),
-            CpuStorage::BF16(v) => {
-                let x: Vec<f32> = v[range].iter().map(|v| v.to_f32()).collect();
-                CpuStorage::BF16(
-                    self.compute(&x, m)?
-                        .into_iter()
-                        .map(bf16::from_f32)
-                        .collect(),
-                )
-            }
-            CpuStorage::F16(v) => {
-                let x: Vec<f32> = v[range].iter().map(|v| v.to_f32()).collect();
-                CpuStorage::F16(
-                    self.compute(&x, m)?
-                        .into_iter()
-                        .map(f16::from_f32)
-                        .collect(),
-                )
-            }
+            CpuStorage::BF16(v) => CpuStorage::BF16(self.compute_half(&v[range], m)?),
+            CpuStorage::F16(v) => CpuStorage::F16(self.compute_half(&v[range], m)?),
             other => {
                 let dtype = candle_core::backend::BackendStorage::dtype(other);
                 candle_core::bail!("{}: unsupported dtype {dtype:?}", self.name())

@@ -9,6 +9,22 @@ use serde::Deserialize;
 /// The `model_type` of the Phi-3 family (Phi-3, Phi-3.5-mini and Phi-4-mini all use it).
 pub const MODEL_TYPE: &str = "phi3";
 
+/// Token ids from a JSON value that is one id or a list of ids (`eos_token_id` in config.json and
+/// generation_config.json); anything else gives none.
+pub fn token_ids(value: Option<&serde_json::Value>) -> Vec<u32> {
+    match value {
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .map(|v| v as u32)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Rotary position embedding settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RopeConfig {
@@ -203,17 +219,7 @@ impl Phi3Config {
 
     /// The end-of-sequence ids (`eos_token_id` may be one id or a list).
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        match &self.eos_token_id {
-            Some(serde_json::Value::Number(n)) => {
-                n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
-            }
-            Some(serde_json::Value::Array(a)) => a
-                .iter()
-                .filter_map(|v| v.as_u64())
-                .map(|v| v as u32)
-                .collect(),
-            _ => Vec::new(),
-        }
+        token_ids(self.eos_token_id.as_ref())
     }
 
     /// Whether config.json already declares a quantization.
