@@ -159,3 +159,21 @@ pub fn to_f32(
         ),
     })
 }
+
+/// Tokenizer, generation config and any other non-weight files of `ck`, copied into `dest` as they
+/// are (config.json and the weights are the caller's to write).
+pub fn copy_other_files(ck: &Checkpoint, dest: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(&ck.dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let skip = name == CONFIG_FILE
+            || name == INDEX_FILE
+            || name.ends_with(".safetensors")
+            || name.starts_with('.');
+        if entry.file_type()?.is_file() && !skip {
+            std::fs::copy(entry.path(), dest.join(&name))
+                .with_context(|| format!("copying {name}"))?;
+        }
+    }
+    Ok(())
+}

@@ -11,12 +11,19 @@ pub struct AtomicDir {
     tmp: PathBuf,
     dest: PathBuf,
     committed: bool,
+    replace: bool,
 }
 
 impl AtomicDir {
     /// Starts building `dest`, which must not exist (or be an empty directory).
     pub fn create(dest: &Path) -> Result<Self> {
-        if dest.exists() {
+        Self::create_replacing(dest, false)
+    }
+
+    /// Like [`AtomicDir::create`]; with `replace`, an existing `dest` is replaced at the commit
+    /// (moved aside, the new one renamed in, the old one removed).
+    pub fn create_replacing(dest: &Path, replace: bool) -> Result<Self> {
+        if dest.exists() && !replace {
             let empty = dest.is_dir() && std::fs::read_dir(dest)?.next().is_none();
             if !empty {
                 bail!(
@@ -37,7 +44,7 @@ impl AtomicDir {
         let tmp = parent.join(format!(
             ".{}.tmp-{}",
             name.to_string_lossy(),
-            std::process::id()
+            unique_suffix()
         ));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)
@@ -48,6 +55,7 @@ impl AtomicDir {
             tmp,
             dest: dest.to_path_buf(),
             committed: false,
+            replace,
         })
     }
 
@@ -58,14 +66,29 @@ impl AtomicDir {
 
     /// Renames the finished directory into place.
     pub fn commit(mut self) -> Result<PathBuf> {
-        if self.dest.is_dir() {
-            std::fs::remove_dir(&self.dest)
-                .with_context(|| format!("replacing empty {}", self.dest.display()))?;
-        }
+        let old = if self.replace && self.dest.exists() {
+            let aside = tmp_sibling(&self.dest);
+            std::fs::rename(&self.dest, &aside)
+                .with_context(|| format!("moving the old {} aside", self.dest.display()))?;
+            Some(aside)
+        } else {
+            if self.dest.is_dir() {
+                std::fs::remove_dir(&self.dest)
+                    .with_context(|| format!("replacing empty {}", self.dest.display()))?;
+            }
+            None
+        };
         std::fs::rename(&self.tmp, &self.dest).with_context(|| {
             format!("renaming {} to {}", self.tmp.display(), self.dest.display())
         })?;
         self.committed = true;
+        if let Some(old) = old {
+            if old.is_dir() {
+                std::fs::remove_dir_all(&old)?;
+            } else {
+                std::fs::remove_file(&old)?;
+            }
+        }
         Ok(self.dest.clone())
     }
 }
@@ -86,11 +109,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
-/// `dir/.name.tmp-<pid>` for `dir/name`.
+/// `dir/.name.tmp-<pid>-<n>` for `dir/name`.
 pub fn tmp_sibling(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    path.with_file_name(format!(".{name}.tmp-{}", unique_suffix()))
+}
+
+/// `<pid>-<n>`: unique per process and call, so concurrent writers never share a temporary.
+fn unique_suffix() -> String {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{n}", std::process::id())
 }

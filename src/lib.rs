@@ -7,6 +7,7 @@
 //! - [`lora`]: LoRA adapters, their PEFT files.
 //! - [`quantize`]: `qlora quantize`, a dense checkpoint into a bitsandbytes-4bit one.
 //! - [`train`]: the loss and LoRA gradients (gradient checkpointing).
+//! - [`export`]: the adapter merged into its base (safetensors).
 //! - [`fsx`]: atomic writes (temp file or dir, then rename).
 //! - [`config`], [`hub`], [`builtin`], [`plot`]: `qlora train`'s settings, model resolution, the
 //!   built-in tiny model and the loss plot.
@@ -17,6 +18,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod export;
 pub mod fsx;
 pub mod hub;
 pub mod lora;

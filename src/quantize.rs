@@ -206,24 +206,7 @@ pub fn quantize_checkpoint(
         &out.path().join(CONFIG_FILE),
         &serde_json::to_vec_pretty(&config)?,
     )?;
-    copy_other_files(&ck, out.path())?;
+    checkpoint::copy_other_files(&ck, out.path())?;
     out.commit()?;
     Ok(report)
-}
-
-/// Tokenizer, generation config and any other non-weight files, copied as they are.
-fn copy_other_files(ck: &Checkpoint, dest: &std::path::Path) -> Result<()> {
-    for entry in std::fs::read_dir(&ck.dir)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let skip = name == CONFIG_FILE
-            || name == INDEX_FILE
-            || name.ends_with(".safetensors")
-            || name.starts_with('.');
-        if entry.file_type()?.is_file() && !skip {
-            std::fs::copy(entry.path(), dest.join(&name))
-                .with_context(|| format!("copying {name}"))?;
-        }
-    }
-    Ok(())
 }

@@ -2,6 +2,7 @@
 
 mod data;
 mod eval;
+mod export;
 mod generate;
 mod infer;
 mod quantize;
@@ -25,6 +26,7 @@ enum Command {
     Eval(eval::EvalArgs),
     Generate(generate::GenerateArgs),
     Data(data::DataArgs),
+    Export(export::ExportArgs),
     Quantize(quantize::QuantizeArgs),
 }
 
@@ -36,6 +38,7 @@ pub fn run() -> Result<ExitCode> {
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Data(args) => data::run(args),
+        Command::Export(args) => export::run(args),
         Command::Quantize(args) => quantize::run(args),
     }
 }

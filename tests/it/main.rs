@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod data;
+mod export;
 mod model;
 mod quantize;
 mod train;

@@ -1,0 +1,94 @@
+//! `qlora export`.
+
+use crate::export::{MergeBase, safetensors};
+use crate::lora::peft;
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Merge a LoRA adapter into its base and write the result (a Hugging Face checkpoint directory).
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Base checkpoint (dir, Hub id in the HF cache, builtin:tiny-phi3); defaults to the adapter's
+    /// base_model_name_or_path.
+    #[arg(long)]
+    model: Option<String>,
+    /// PEFT adapter directory; without it the base is converted alone.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Output format.
+    #[arg(long, default_value = "safetensors", value_parser = ["safetensors"])]
+    format: String,
+    /// Output dtype.
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
+    dtype: String,
+    /// Merge into the original weights (default) or into dequant(NF4(W)), what a --4bit adapter saw.
+    #[arg(long, default_value = "original", value_parser = ["original", "nf4"])]
+    merge_base: String,
+    /// Replace an existing --out.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(args: ExportArgs) -> Result<ExitCode> {
+    let adapter = args
+        .adapter
+        .as_ref()
+        .map(|a| peft::load(a, &Device::Cpu))
+        .transpose()?;
+    let model_ref = match (&args.model, &adapter) {
+        (Some(m), _) => m.clone(),
+        (None, Some(a)) => a
+            .base_model_name_or_path
+            .clone()
+            .context("the adapter names no base_model_name_or_path; pass --model")?,
+        (None, None) => bail!("pass --model (and --adapter to merge one)"),
+    };
+    let dir = crate::hub::resolve(&model_ref)?;
+    let dtype = match args.dtype.as_str() {
+        "f16" => DType::F16,
+        "f32" => DType::F32,
+        _ => DType::BF16,
+    };
+    let base = match args.merge_base.as_str() {
+        "nf4" => MergeBase::Nf4 {
+            quant_type: qlora_quant::QuantType::Nf4,
+            blocksize: qlora_quant::Blocksize::DEFAULT,
+            double_quant: true,
+        },
+        _ => MergeBase::Original,
+    };
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{spinner} exporting [{bar:30}] {pos}/{len}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    safetensors::export(
+        &dir,
+        adapter.as_ref(),
+        &args.out,
+        dtype,
+        base,
+        args.force,
+        &bar,
+    )?;
+    bar.finish_and_clear();
+    println!(
+        "wrote {} ({}, {} merged into the {} base)",
+        args.out.display(),
+        args.dtype,
+        if adapter.is_some() {
+            "adapter"
+        } else {
+            "no adapter"
+        },
+        args.merge_base
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,107 @@
+//! Exports: the adapter merged into its base. [`safetensors`] writes a Hugging Face checkpoint
+//! directory that transformers loads.
+//!
+//! The merge base: an adapter trained with `--4bit` learned against `dequant(NF4(W))`. By default
+//! the merge goes into the original weights (`W + scale·B·A`, what PEFT's `merge_and_unload` on the
+//! original model gives); `MergeBase::Nf4` merges into the dequantized NF4 weights instead, which is
+//! exactly the model the adapter saw during training.
+
+pub mod safetensors;
+
+use crate::checkpoint;
+use crate::lora::peft::PeftAdapter;
+use crate::model::{Phi3Config, names};
+use anyhow::{Context, Result, bail, ensure};
+use candle_core::{Device, Tensor};
+use qlora_quant::{Blocksize, QuantType, Quantized};
+
+/// Which base weights the adapter is merged into.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MergeBase {
+    /// The checkpoint's own weights (dequantized first when the checkpoint is 4-bit).
+    Original,
+    /// `dequant(quant(W))` with these settings: the base a QLoRA adapter was trained on.
+    Nf4 {
+        quant_type: QuantType,
+        blocksize: Blocksize,
+        double_quant: bool,
+    },
+}
+
+/// Checks that `adapter` fits the model described by `cfg` (targets and shapes) and returns, per
+/// module path, `scale · B · A` as f32 `[out, in]`.
+pub fn adapter_deltas(
+    adapter: &PeftAdapter,
+    cfg: &Phi3Config,
+) -> Result<std::collections::BTreeMap<String, Tensor>> {
+    let mut out = std::collections::BTreeMap::new();
+    let scale = adapter.config.scale();
+    for (module, (a, b)) in &adapter.weights {
+        let (layer, target) = names::block_linear(&format!("{module}.weight"))
+            .with_context(|| format!("adapter module `{module}` is not a Phi-3 block linear"))?;
+        ensure!(
+            layer < cfg.num_hidden_layers,
+            "adapter module `{module}`: the base has {} layers",
+            cfg.num_hidden_layers
+        );
+        let [o, i] = cfg.linear_shape(target).expect("known target");
+        ensure!(
+            a.dims() == [adapter.config.r, i] && b.dims() == [o, adapter.config.r],
+            "adapter module `{module}`: A {:?} and B {:?} do not fit the base's [{o}, {i}] (an adapter for another model?)",
+            a.dims(),
+            b.dims()
+        );
+        out.insert(module.clone(), (b.matmul(a)? * scale)?);
+    }
+    Ok(out)
+}
+
+/// The merged f32 values of block linear `name` (`[out, in]` from the checkpoint `view`), with
+/// the adapter's delta for it if any.
+pub fn merged_linear(
+    name: &str,
+    view: &::safetensors::tensor::TensorView<'_>,
+    file: &str,
+    bnb: Option<Quantized>,
+    base: MergeBase,
+    delta: Option<&Tensor>,
+) -> Result<Vec<f32>> {
+    let (w, shape, src) = match bnb {
+        Some(q) => {
+            let shape = q.shape.clone();
+            (q.dequantize::<f32>()?, shape, q.dtype)
+        }
+        None => (
+            checkpoint::to_f32(view, name, file)?,
+            view.shape().to_vec(),
+            checkpoint::float_dtype(view.dtype()).context("checked by to_f32")?,
+        ),
+    };
+    let w = match base {
+        MergeBase::Original => w,
+        MergeBase::Nf4 {
+            quant_type,
+            blocksize,
+            double_quant,
+        } => Quantized::quantize(&w, &shape, src, quant_type, blocksize, double_quant)?
+            .dequantize::<f32>()?,
+    };
+    match delta {
+        None => Ok(w),
+        Some(d) => {
+            let w = Tensor::from_vec(w, (shape[0], shape[1]), &Device::Cpu)?;
+            Ok((w + d)?.flatten_all()?.to_vec1()?)
+        }
+    }
+}
+
+/// Refuses an existing output unless `force`.
+pub fn check_output(out: &std::path::Path, force: bool) -> Result<()> {
+    if out.exists() && !force {
+        bail!(
+            "{} exists; pass --force to replace it, or choose another --out",
+            out.display()
+        );
+    }
+    Ok(())
+}
