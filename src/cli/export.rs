@@ -19,15 +19,18 @@ pub struct ExportArgs {
     /// PEFT adapter directory; without it the base is converted alone.
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// Output directory.
+    /// Output directory (safetensors) or file (gguf).
     #[arg(long)]
     out: PathBuf,
     /// Output format.
-    #[arg(long, default_value = "safetensors", value_parser = ["safetensors"])]
+    #[arg(long, default_value = "safetensors", value_parser = ["safetensors", "gguf"])]
     format: String,
-    /// Output dtype.
+    /// Output dtype (safetensors).
     #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
     dtype: String,
+    /// GGUF tensor type (norms stay f32).
+    #[arg(long = "type", default_value = "f16")]
+    ty: String,
     /// Merge into the original weights (default) or into dequant(NF4(W)), what a --4bit adapter saw.
     #[arg(long, default_value = "original", value_parser = ["original", "nf4"])]
     merge_base: String,
@@ -64,6 +67,22 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
         },
         _ => MergeBase::Original,
     };
+    if args.format == "gguf" {
+        let ty = crate::export::gguf::GgmlType::parse(&args.ty)?;
+        crate::export::gguf_model::export(&dir, adapter.as_ref(), &args.out, ty, base, args.force)?;
+        println!(
+            "wrote {} (GGUF phi3, {}, {} merged into the {} base)",
+            args.out.display(),
+            args.ty,
+            if adapter.is_some() {
+                "adapter"
+            } else {
+                "no adapter"
+            },
+            args.merge_base
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("{spinner} exporting [{bar:30}] {pos}/{len}")
             .expect("valid template")

@@ -1,12 +1,16 @@
 //! Exports: the adapter merged into its base. [`safetensors`] writes a Hugging Face checkpoint
-//! directory that transformers loads.
+//! directory that transformers loads; [`gguf_model`] a llama.cpp `phi3` GGUF ([`gguf`]: the writer,
+//! [`vocab`]: the tokenizer as llama.cpp's converter writes it).
 //!
 //! The merge base: an adapter trained with `--4bit` learned against `dequant(NF4(W))`. By default
 //! the merge goes into the original weights (`W + scale·B·A`, what PEFT's `merge_and_unload` on the
 //! original model gives); `MergeBase::Nf4` merges into the dequantized NF4 weights instead, which is
 //! exactly the model the adapter saw during training.
 
+pub mod gguf;
+pub mod gguf_model;
 pub mod safetensors;
+pub mod vocab;
 
 use crate::checkpoint;
 use crate::lora::peft::PeftAdapter;

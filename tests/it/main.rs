@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod data;
 mod export;
+mod gguf;
 mod model;
 mod quantize;
 mod train;

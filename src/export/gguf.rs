@@ -1,0 +1,250 @@
+//! GGUF v3, written as a small state machine (llama.cpp's gguf-py `GGUFWriter` is the model):
+//! metadata and tensor infos are declared first (duplicates rejected, shapes reversed to ggml's
+//! `ne` order, data offsets aligned to 32), then the header is written and each tensor's bytes are
+//! produced and written in declaration order, one at a time, so memory holds one tensor.
+
+use anyhow::{Context, Result, bail, ensure};
+use std::io::{Seek, Write};
+
+/// Data alignment (`general.alignment` default).
+pub const ALIGNMENT: u64 = 32;
+const MAGIC: u32 = 0x4655_4747; // "GGUF"
+const VERSION: u32 = 3;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    Str(String),
+    ArrStr(Vec<String>),
+    ArrF32(Vec<f32>),
+    ArrI32(Vec<i32>),
+}
+
+/// ggml tensor types we write: `(name, ggml id, elements per block, bytes per block)`, one table.
+pub const TYPES: [(&str, u32, usize, usize); 5] = [
+    ("f32", 0, 1, 4),
+    ("f16", 1, 1, 2),
+    ("q4_0", 2, 32, 18),
+    ("q8_0", 8, 32, 34),
+    ("bf16", 30, 1, 2),
+];
+
+/// A ggml tensor type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GgmlType(usize);
+
+impl GgmlType {
+    pub fn parse(name: &str) -> Result<Self> {
+        match TYPES.iter().position(|t| t.0 == name) {
+            Some(i) => Ok(Self(i)),
+            None => bail!(
+                "GGUF type `{name}` is not supported; use one of {:?}",
+                TYPES.map(|t| t.0)
+            ),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        TYPES[self.0].0
+    }
+    pub fn id(self) -> u32 {
+        TYPES[self.0].1
+    }
+    pub fn block_elems(self) -> usize {
+        TYPES[self.0].2
+    }
+    /// Bytes of `n` elements.
+    pub fn n_bytes(self, n: usize) -> usize {
+        n / TYPES[self.0].2 * TYPES[self.0].3
+    }
+}
+
+/// A tensor to write: its name, torch-order shape, type, and how to produce its bytes.
+pub struct TensorSpec<'a> {
+    pub name: String,
+    /// Row-major (PyTorch) order; written reversed.
+    pub shape: Vec<usize>,
+    pub ty: GgmlType,
+    pub produce: Box<dyn FnOnce() -> Result<Vec<u8>> + 'a>,
+}
+
+/// Collects metadata and tensors, then writes the file.
+#[derive(Default)]
+pub struct GgufWriter<'a> {
+    kv: Vec<(String, Value)>,
+    tensors: Vec<TensorSpec<'a>>,
+}
+
+impl std::fmt::Debug for TensorSpec<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TensorSpec")
+            .field("name", &self.name)
+            .field("shape", &self.shape)
+            .field("ty", &self.ty.name())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for GgufWriter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufWriter")
+            .field("kv", &self.kv.len())
+            .field("tensors", &self.tensors)
+            .finish()
+    }
+}
+
+fn put_str(w: &mut impl Write, s: &str) -> std::io::Result<()> {
+    w.write_all(&(s.len() as u64).to_le_bytes())?;
+    w.write_all(s.as_bytes())
+}
+
+fn put_value(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
+    let ty = |t: u32, w: &mut dyn Write| w.write_all(&t.to_le_bytes());
+    match v {
+        Value::U32(x) => {
+            ty(4, w)?;
+            w.write_all(&x.to_le_bytes())
+        }
+        Value::I32(x) => {
+            ty(5, w)?;
+            w.write_all(&x.to_le_bytes())
+        }
+        Value::F32(x) => {
+            ty(6, w)?;
+            w.write_all(&x.to_le_bytes())
+        }
+        Value::Bool(x) => {
+            ty(7, w)?;
+            w.write_all(&[*x as u8])
+        }
+        Value::Str(s) => {
+            ty(8, w)?;
+            put_str(w, s)
+        }
+        Value::ArrStr(a) => {
+            ty(9, w)?;
+            ty(8, w)?;
+            w.write_all(&(a.len() as u64).to_le_bytes())?;
+            a.iter().try_for_each(|s| put_str(w, s))
+        }
+        Value::ArrF32(a) => {
+            ty(9, w)?;
+            ty(6, w)?;
+            w.write_all(&(a.len() as u64).to_le_bytes())?;
+            a.iter().try_for_each(|x| w.write_all(&x.to_le_bytes()))
+        }
+        Value::ArrI32(a) => {
+            ty(9, w)?;
+            ty(5, w)?;
+            w.write_all(&(a.len() as u64).to_le_bytes())?;
+            a.iter().try_for_each(|x| w.write_all(&x.to_le_bytes()))
+        }
+    }
+}
+
+fn pad(w: &mut (impl Write + Seek)) -> std::io::Result<()> {
+    let pos = w.stream_position()?;
+    let n = (ALIGNMENT - pos % ALIGNMENT) % ALIGNMENT;
+    w.write_all(&vec![0u8; n as usize])
+}
+
+impl<'a> GgufWriter<'a> {
+    pub fn kv(&mut self, key: &str, value: Value) -> Result<()> {
+        ensure!(
+            !self.kv.iter().any(|(k, _)| k == key),
+            "GGUF key `{key}` written twice"
+        );
+        self.kv.push((key.to_string(), value));
+        Ok(())
+    }
+
+    pub fn tensor(&mut self, spec: TensorSpec<'a>) -> Result<()> {
+        ensure!(
+            !self.tensors.iter().any(|t| t.name == spec.name),
+            "GGUF tensor `{}` written twice",
+            spec.name
+        );
+        let n: usize = spec.shape.iter().product();
+        let inner = *spec.shape.last().unwrap_or(&1);
+        ensure!(
+            inner % spec.ty.block_elems() == 0,
+            "`{}`: rows of {inner} are not a multiple of {}'s block of {}",
+            spec.name,
+            spec.ty.name(),
+            spec.ty.block_elems()
+        );
+        ensure!(n > 0, "`{}` is empty", spec.name);
+        self.tensors.push(spec);
+        Ok(())
+    }
+
+    /// Writes everything to `w`; each tensor's bytes are produced just before they are written.
+    pub fn write(self, w: &mut (impl Write + Seek)) -> Result<()> {
+        w.write_all(&MAGIC.to_le_bytes())?;
+        w.write_all(&VERSION.to_le_bytes())?;
+        w.write_all(&(self.tensors.len() as u64).to_le_bytes())?;
+        w.write_all(&(self.kv.len() as u64).to_le_bytes())?;
+        for (k, v) in &self.kv {
+            put_str(w, k)?;
+            put_value(w, v)?;
+        }
+        let mut offset = 0u64;
+        let mut sizes = Vec::with_capacity(self.tensors.len());
+        for t in &self.tensors {
+            put_str(w, &t.name)?;
+            w.write_all(&(t.shape.len() as u32).to_le_bytes())?;
+            for d in t.shape.iter().rev() {
+                w.write_all(&(*d as u64).to_le_bytes())?;
+            }
+            w.write_all(&t.ty.id().to_le_bytes())?;
+            w.write_all(&offset.to_le_bytes())?;
+            let size = t.ty.n_bytes(t.shape.iter().product()) as u64;
+            sizes.push(size);
+            offset += size.div_ceil(ALIGNMENT) * ALIGNMENT;
+        }
+        pad(w)?;
+        for (t, size) in self.tensors.into_iter().zip(sizes) {
+            let name = t.name.clone();
+            let bytes = (t.produce)().with_context(|| format!("producing `{name}`"))?;
+            ensure!(
+                bytes.len() as u64 == size,
+                "`{name}`: {} bytes produced, {size} declared",
+                bytes.len()
+            );
+            w.write_all(&bytes)?;
+            pad(w)?;
+        }
+        Ok(())
+    }
+}
+
+/// `values` (row-major, `shape`) encoded as `ty`: f32/f16/bf16 directly, block types through
+/// candle's quantizers (the ggml block layouts).
+pub fn encode(values: &[f32], shape: &[usize], ty: GgmlType) -> Result<Vec<u8>> {
+    Ok(match ty.name() {
+        "f32" => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        "f16" => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        "bf16" => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        name => {
+            let dtype = match name {
+                "q8_0" => candle_core::quantized::GgmlDType::Q8_0,
+                "q4_0" => candle_core::quantized::GgmlDType::Q4_0,
+                other => bail!("no quantizer for {other}"),
+            };
+            let t = candle_core::Tensor::from_slice(values, shape, &candle_core::Device::Cpu)?;
+            candle_core::quantized::QTensor::quantize(&t, dtype)?
+                .data()?
+                .into_owned()
+        }
+    })
+}

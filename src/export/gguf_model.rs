@@ -1,0 +1,217 @@
+//! The merged model as a llama.cpp `phi3` GGUF (v3): llama.cpp's metadata keys, its tensor names
+//! (fused `attn_qkv` and `ffn_up` = gate|up), shapes in ggml order, the tokenizer as its converter
+//! writes it, each tensor merged and encoded just before it is written.
+
+use super::gguf::{GgmlType, GgufWriter, TensorSpec, Value, encode};
+use super::vocab::phi3_vocab;
+use super::{MergeBase, adapter_deltas, check_output, merged_linear};
+use crate::checkpoint::{self, CONFIG_FILE, Checkpoint};
+use crate::lora::peft::PeftAdapter;
+use crate::model::config::RopeScaling;
+use crate::model::{Phi3Config, names};
+use anyhow::{Context, Result, bail};
+use qlora_quant::bnb::{self, QuantizationConfig};
+use std::path::Path;
+
+/// llama.cpp's `general.file_type` for a whole-file type.
+fn file_type(ty: GgmlType) -> u32 {
+    match ty.name() {
+        "f32" => 0,
+        "f16" => 1,
+        "q4_0" => 2,
+        "q8_0" => 7,
+        "bf16" => 32,
+        _ => 0,
+    }
+}
+
+/// Writes the merged model to `out` (a file, written under a temporary name and renamed).
+pub fn export(
+    model_dir: &Path,
+    adapter: Option<&PeftAdapter>,
+    out: &Path,
+    ty: GgmlType,
+    base: MergeBase,
+    force: bool,
+) -> Result<()> {
+    check_output(out, force)?;
+    let ck = Checkpoint::open(model_dir)?;
+    let cfg = Phi3Config::from_value(
+        &ck.config,
+        &model_dir.join(CONFIG_FILE).display().to_string(),
+    )?;
+    let rope = cfg.rope()?;
+    if let RopeScaling::LongRope { .. } = rope.scaling {
+        bail!(
+            "{}: GGUF export of longrope (128k) Phi-3 models is not supported yet; export --format safetensors instead",
+            model_dir.display()
+        );
+    }
+    let is_bnb = cfg.quantization_config.as_ref().is_some_and(|q| {
+        serde_json::from_value::<QuantizationConfig>(q.clone()).is_ok_and(|q| q.is_bnb_4bit())
+    });
+    let deltas = adapter
+        .map(|a| adapter_deltas(a, &cfg))
+        .transpose()?
+        .unwrap_or_default();
+    let headers = ck.tensors()?;
+    let lookup = |name: &str| headers.iter().find_map(|st| st.tensor(name).ok());
+    let file_of = |name: &str| {
+        ck.shards
+            .iter()
+            .zip(&headers)
+            .find(|(_, st)| st.tensor(name).is_ok())
+            .map(|(s, _)| s.file.clone())
+            .unwrap_or_default()
+    };
+
+    let mut w = GgufWriter::default();
+    let name = model_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "phi3".into());
+    w.kv("general.architecture", Value::Str("phi3".into()))?;
+    w.kv("general.type", Value::Str("model".into()))?;
+    w.kv("general.name", Value::Str(name))?;
+    let u = |v: usize| Value::U32(v as u32);
+    w.kv("phi3.context_length", u(cfg.max_position_embeddings))?;
+    w.kv(
+        "phi3.rope.scaling.original_context_length",
+        u(cfg
+            .original_max_position_embeddings
+            .unwrap_or(cfg.max_position_embeddings)),
+    )?;
+    w.kv("phi3.embedding_length", u(cfg.hidden_size))?;
+    w.kv("phi3.feed_forward_length", u(cfg.intermediate_size))?;
+    w.kv("phi3.block_count", u(cfg.num_hidden_layers))?;
+    w.kv("phi3.attention.head_count", u(cfg.num_attention_heads))?;
+    w.kv("phi3.attention.head_count_kv", u(cfg.num_kv_heads()))?;
+    w.kv(
+        "phi3.attention.layer_norm_rms_epsilon",
+        Value::F32(cfg.rms_norm_eps as f32),
+    )?;
+    w.kv("phi3.rope.dimension_count", u(cfg.head_dim()))?;
+    w.kv("phi3.rope.freq_base", Value::F32(rope.theta as f32))?;
+    if let Some(sw) = cfg.sliding_window {
+        w.kv("phi3.attention.sliding_window", u(sw))?;
+    }
+    w.kv("general.file_type", Value::U32(file_type(ty)))?;
+
+    let vocab = phi3_vocab(model_dir, cfg.vocab_size)?;
+    let tok_cfg: serde_json::Value = std::fs::read(model_dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let special = |k: &str| -> Option<String> {
+        match tok_cfg.get(k)? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            v => v.get("content")?.as_str().map(str::to_string),
+        }
+    };
+    let id_of = |tok: &str| vocab.tokens.iter().position(|t| t == tok).map(|i| i as u32);
+    w.kv("tokenizer.ggml.model", Value::Str("llama".into()))?;
+    w.kv("tokenizer.ggml.pre", Value::Str("default".into()))?;
+    w.kv("tokenizer.ggml.tokens", Value::ArrStr(vocab.tokens.clone()))?;
+    w.kv("tokenizer.ggml.scores", Value::ArrF32(vocab.scores.clone()))?;
+    w.kv(
+        "tokenizer.ggml.token_type",
+        Value::ArrI32(vocab.types.clone()),
+    )?;
+    for (key, cfg_key) in [
+        ("bos_token_id", "bos_token"),
+        ("eos_token_id", "eos_token"),
+        ("unknown_token_id", "unk_token"),
+        ("padding_token_id", "pad_token"),
+    ] {
+        if let Some(id) = special(cfg_key).and_then(|t| id_of(&t)) {
+            w.kv(&format!("tokenizer.ggml.{key}"), Value::U32(id))?;
+        }
+    }
+    for key in ["add_bos_token", "add_eos_token"] {
+        if let Some(b) = tok_cfg.get(key).and_then(|b| b.as_bool()) {
+            w.kv(&format!("tokenizer.ggml.{key}"), Value::Bool(b))?;
+        }
+    }
+    if let Some(t) = tok_cfg.get("chat_template").and_then(|t| t.as_str()) {
+        w.kv("tokenizer.chat_template", Value::Str(t.to_string()))?;
+    }
+    w.kv("general.quantization_version", Value::U32(2))?;
+
+    // Tensors in llama.cpp's order: embeddings, blocks, final norm, head.
+    let mut hf_names: Vec<String> = names::GGUF_TOP_NAMES[..1]
+        .iter()
+        .map(|(h, _)| h.to_string())
+        .collect();
+    for l in 0..cfg.num_hidden_layers {
+        hf_names.extend(
+            names::GGUF_BLOCK_NAMES
+                .iter()
+                .map(|(h, _)| format!("{}{l}.{h}", names::LAYER_PREFIX)),
+        );
+    }
+    hf_names.push("model.norm.weight".into());
+    hf_names.push(
+        if lookup("lm_head.weight").is_some() {
+            "lm_head.weight"
+        } else {
+            "model.embed_tokens.weight"
+        }
+        .into(),
+    );
+    for (i, hf) in hf_names.iter().enumerate() {
+        let gguf = if i == hf_names.len() - 1 {
+            "output.weight".to_string()
+        } else {
+            names::gguf_name(hf).context("named in the table")?
+        };
+        let file = file_of(hf);
+        let is_linear = names::block_linear(hf).is_some();
+        let q = if is_bnb && is_linear {
+            Some(bnb::from_tensors(hf, lookup).with_context(|| format!("{file}: `{hf}`"))?)
+        } else {
+            None
+        };
+        let view = lookup(hf);
+        let shape = match (&q, &view) {
+            (Some(q), _) => q.shape.clone(),
+            (None, Some(v)) => v.shape().to_vec(),
+            (None, None) => bail!("{}: no tensor `{hf}`", model_dir.display()),
+        };
+        let tensor_ty = if shape.len() == 1 {
+            GgmlType::parse("f32")?
+        } else {
+            ty
+        };
+        let delta = deltas.get(hf.trim_end_matches(".weight")).cloned();
+        let (hf, shape2) = (hf.clone(), shape.clone());
+        let view = view.expect("every tensor has a view (bnb weights too)");
+        w.tensor(TensorSpec {
+            name: gguf,
+            shape,
+            ty: tensor_ty,
+            produce: Box::new(move || {
+                let values = if is_linear {
+                    merged_linear(&hf, &view, &file, q, base, delta.as_ref())?
+                } else {
+                    checkpoint::to_f32(&view, &hf, &file)?
+                };
+                encode(&values, &shape2, tensor_ty)
+            }),
+        })?;
+    }
+    let tmp = crate::fsx::tmp_sibling(out);
+    let result = (|| {
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
+        );
+        w.write(&mut f)?;
+        std::io::Write::flush(&mut f)?;
+        Ok::<(), anyhow::Error>(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, out)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+}
