@@ -23,7 +23,7 @@ pub struct ExportArgs {
     #[arg(long)]
     out: PathBuf,
     /// Output format.
-    #[arg(long, default_value = "safetensors", value_parser = ["safetensors", "gguf"])]
+    #[arg(long, default_value = "safetensors", value_parser = ["safetensors", "gguf", "gguf-lora"])]
     format: String,
     /// Output dtype (safetensors).
     #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
@@ -67,6 +67,20 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
         },
         _ => MergeBase::Original,
     };
+    if args.format == "gguf-lora" {
+        let a = adapter
+            .as_ref()
+            .context("--format gguf-lora needs --adapter")?;
+        let ty = crate::export::gguf::GgmlType::parse(&args.ty)?;
+        crate::export::gguf_lora::export(&dir, a, &args.out, ty, args.force)?;
+        println!(
+            "wrote {} (llama.cpp LoRA GGUF, {}, alpha = scale · r = {})",
+            args.out.display(),
+            args.ty,
+            a.config.scale() * a.config.r as f64
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     if args.format == "gguf" {
         let ty = crate::export::gguf::GgmlType::parse(&args.ty)?;
         crate::export::gguf_model::export(&dir, adapter.as_ref(), &args.out, ty, base, args.force)?;

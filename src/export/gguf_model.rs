@@ -199,6 +199,11 @@ pub fn export(
             }),
         })?;
     }
+    write_file(w, out)
+}
+
+/// Writes `w` to `out` through a temporary sibling and a rename (nothing half-written remains).
+pub fn write_file(w: GgufWriter<'_>, out: &Path) -> Result<()> {
     let tmp = crate::fsx::tmp_sibling(out);
     let result = (|| {
         let mut f = std::io::BufWriter::new(

@@ -8,6 +8,7 @@
 //! exactly the model the adapter saw during training.
 
 pub mod gguf;
+pub mod gguf_lora;
 pub mod gguf_model;
 pub mod safetensors;
 pub mod vocab;

@@ -46,12 +46,17 @@ fn check(ty: &str) {
         false,
     )
     .unwrap();
-    let golden: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(fixtures().join(format!("gguf/tiny-phi3-{ty}.json"))).unwrap(),
-    )
-    .unwrap();
+    compare(&out, &format!("tiny-phi3-{ty}.json"));
+}
 
-    let file = gguf_rs::mmap::MmapGGUF::open(&out).unwrap();
+/// Our file read back by gguf-rs against a golden description of llama.cpp's output.
+fn compare(out: &std::path::Path, golden_file: &str) {
+    let ty = golden_file;
+    let golden: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("gguf").join(golden_file)).unwrap())
+            .unwrap();
+
+    let file = gguf_rs::mmap::MmapGGUF::open(out).unwrap();
     let m = file.model();
     assert_eq!(m.alignment(), 32);
     let ours = m.metadata();
@@ -150,6 +155,55 @@ fn f16_gguf_equals_llama_cpp_converter_output() {
 #[test]
 fn q8_0_gguf_equals_llama_cpp_converter_output() {
     check("q8_0");
+}
+
+#[test]
+fn lora_gguf_equals_llama_cpp_convert_lora_to_gguf_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("lora.gguf");
+    let adapter = qlora::lora::peft::load(
+        &fixtures().join("phi3/peft/adapter"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    qlora::export::gguf_lora::export(
+        &fixtures().join("phi3/gqa"),
+        &adapter,
+        &out,
+        GgmlType::parse("f32").unwrap(),
+        false,
+    )
+    .unwrap();
+    compare(&out, "lora-f32.json");
+}
+
+#[test]
+fn rslora_alpha_is_folded_so_llama_cpp_scales_like_peft() {
+    // llama.cpp scales by alpha / r; rsLoRA's scale is alpha / sqrt(r), so we write scale · r.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("lora.gguf");
+    let adapter = qlora::lora::peft::load(
+        &fixtures().join("phi3/peft/adapter-rslora"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    qlora::export::gguf_lora::export(
+        &fixtures().join("phi3/gqa"),
+        &adapter,
+        &out,
+        GgmlType::parse("f32").unwrap(),
+        false,
+    )
+    .unwrap();
+    let file = gguf_rs::mmap::MmapGGUF::open(&out).unwrap();
+    let alpha = file.model().metadata()["adapter.lora.alpha"]
+        .as_f64()
+        .unwrap() as f32;
+    assert_eq!(
+        alpha,
+        (4.0 / 8f64.sqrt() * 8.0) as f32,
+        "r = 8, alpha = 4, rsLoRA scale 4/√8"
+    );
 }
 
 #[test]

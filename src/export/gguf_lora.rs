@@ -1,0 +1,62 @@
+//! The adapter alone as a llama.cpp LoRA GGUF (`general.type = "adapter"`, `adapter.type = "lora"`):
+//! tensors `<gguf base name>.lora_a` (A `[r, in]`, ggml `ne = [in, r]`) and `.lora_b` (B `[out, r]`,
+//! `ne = [r, out]`), no norms, embeddings or rope tensors. llama.cpp scales by
+//! `adapter.lora.alpha / r` with r read from lora_b, so alpha is written as `scale · r`: rsLoRA's
+//! α/√r survives (llama.cpp's own converter copies α verbatim and loses it).
+
+use super::gguf::{GgmlType, GgufWriter, TensorSpec, Value, encode};
+use super::{adapter_deltas, check_output};
+use crate::checkpoint::CONFIG_FILE;
+use crate::lora::peft::PeftAdapter;
+use crate::model::{Phi3Config, names};
+use anyhow::{Context, Result};
+use std::path::Path;
+
+/// Writes `adapter` (for the base in `model_dir`) to `out`.
+pub fn export(
+    model_dir: &Path,
+    adapter: &PeftAdapter,
+    out: &Path,
+    ty: GgmlType,
+    force: bool,
+) -> Result<()> {
+    check_output(out, force)?;
+    let cfg_path = model_dir.join(CONFIG_FILE);
+    let value: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&cfg_path)
+            .with_context(|| format!("{}: cannot read", cfg_path.display()))?,
+    )?;
+    let cfg = Phi3Config::from_value(&value, &cfg_path.display().to_string())?;
+    adapter_deltas(adapter, &cfg)?; // checks targets and shapes against the base
+    let mut w = GgufWriter::default();
+    w.kv("general.architecture", Value::Str("phi3".into()))?;
+    w.kv("general.type", Value::Str("adapter".into()))?;
+    w.kv("adapter.type", Value::Str("lora".into()))?;
+    let r = adapter.config.r as f64;
+    w.kv(
+        "adapter.lora.alpha",
+        Value::F32((adapter.config.scale() * r) as f32),
+    )?;
+    w.kv("general.quantization_version", Value::U32(2))?;
+    for (module, (a, b)) in &adapter.weights {
+        let gguf = names::gguf_name(&format!("{module}.weight"))
+            .with_context(|| format!("`{module}` has no GGUF name"))?;
+        for (suffix, t) in [("lora_a", a), ("lora_b", b)] {
+            let shape = t.dims().to_vec();
+            let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            let tensor_ty = if ty.block_elems() > 1 && shape[1] % ty.block_elems() != 0 {
+                GgmlType::parse("f32")?
+            } else {
+                ty
+            };
+            let shape2 = shape.clone();
+            w.tensor(TensorSpec {
+                name: format!("{gguf}.{suffix}"),
+                shape,
+                ty: tensor_ty,
+                produce: Box::new(move || encode(&values, &shape2, tensor_ty)),
+            })?;
+        }
+    }
+    super::gguf_model::write_file(w, out)
+}
