@@ -5,6 +5,7 @@ mod eval;
 mod export;
 mod generate;
 mod infer;
+mod inspect;
 mod quantize;
 mod train;
 
@@ -27,6 +28,7 @@ enum Command {
     Generate(generate::GenerateArgs),
     Data(data::DataArgs),
     Export(export::ExportArgs),
+    Inspect(inspect::InspectArgs),
     Quantize(quantize::QuantizeArgs),
 }
 
@@ -39,6 +41,7 @@ pub fn run() -> Result<ExitCode> {
         Command::Generate(args) => generate::run(args),
         Command::Data(args) => data::run(args),
         Command::Export(args) => export::run(args),
+        Command::Inspect(args) => inspect::run(args),
         Command::Quantize(args) => quantize::run(args),
     }
 }

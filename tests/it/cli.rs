@@ -143,3 +143,44 @@ fn train_flag_errors_are_clear() {
     assert_eq!(code, 2);
     assert!(stderr.contains("no training data"), "{stderr}");
 }
+
+#[test]
+fn inspect_prints_metadata_and_tensor_tables() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lora = tmp.path().join("lora.gguf");
+    let l = lora.display().to_string();
+    let (code, _, stderr) = qlora(&[
+        "export",
+        "--model",
+        "tests/fixtures/phi3/gqa",
+        "--adapter",
+        "tests/fixtures/phi3/peft/adapter",
+        "--out",
+        &l,
+        "--format",
+        "gguf-lora",
+        "--type",
+        "f32",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stdout, _) = qlora(&["inspect", &l]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("GGUF v3")
+            && stdout.contains("adapter.type = \"lora\"")
+            && stdout.contains("blk.1.attn_qkv.weight.lora_b"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = qlora(&[
+        "inspect",
+        "tests/fixtures/phi3/peft/adapter/adapter_model.safetensors",
+    ]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("safetensors, 16 tensors") && stdout.contains("lora_A.weight"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = qlora(&["inspect", "README.md"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("neither GGUF nor safetensors"), "{stderr}");
+}
