@@ -22,7 +22,11 @@ fn short(v: &serde_json::Value, full: bool) -> String {
             format!("[{}, … {} items]", head.join(", "), a.len())
         }
         serde_json::Value::String(s) if !full && s.len() > 80 => {
-            format!("{:?}… ({} chars)", &s[..s.floor_char_boundary(77)], s.len())
+            format!(
+                "{:?}… ({} chars)",
+                s.chars().take(77).collect::<String>(),
+                s.len()
+            )
         }
         other => other.to_string(),
     }
