@@ -18,7 +18,7 @@ pub enum Schedule {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Training {
-    /// A checkpoint directory, a Hugging Face Hub id (read from the local HF cache), or
+    /// A checkpoint directory, a Hugging Face Hub id (the local HF cache, else downloaded), or
     /// `builtin:tiny-phi3` (a tiny random Phi-3 with the real Phi-3 tokenizer, built from a seed).
     pub model: String,
     /// Output directory: adapter/, checkpoints/, metrics.jsonl, loss.svg, config.resolved.toml.

@@ -26,7 +26,7 @@ struct InspectArgs {
     /// Chat JSONL.
     #[arg(long)]
     data: PathBuf,
-    /// The model whose tokenizer and chat template apply (dir, Hub id in the HF cache, builtin:tiny-phi3).
+    /// The model whose tokenizer and chat template apply (dir, Hub id, builtin:tiny-phi3).
     #[arg(long)]
     model: String,
     /// Which conversation to show (0-based).

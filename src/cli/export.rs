@@ -9,10 +9,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Merge a LoRA adapter into its base and write the result (a Hugging Face checkpoint directory).
+/// Merge a LoRA adapter into its base and write a Hugging Face checkpoint or a llama.cpp GGUF, or
+/// write the adapter alone as a llama.cpp LoRA GGUF.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// Base checkpoint (dir, Hub id in the HF cache, builtin:tiny-phi3); defaults to the adapter's
+    /// Base checkpoint (dir, Hub id, builtin:tiny-phi3); defaults to the adapter's
     /// base_model_name_or_path.
     #[arg(long)]
     model: Option<String>,

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 /// Model selection flags.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// Checkpoint dir, Hub id (local HF cache) or builtin:tiny-phi3; defaults to the adapter's
+    /// Checkpoint dir, Hub id (HF cache, else downloaded) or builtin:tiny-phi3; defaults to the adapter's
     /// base_model_name_or_path.
     #[arg(long)]
     pub model: Option<String>,

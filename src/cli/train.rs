@@ -14,7 +14,7 @@ pub struct TrainArgs {
     /// Quantize the frozen base to 4 bits (NF4 by default): QLoRA. Without it the base stays dense.
     #[arg(long = "4bit")]
     four_bit: bool,
-    /// Checkpoint dir, Hub id (from the local HF cache) or builtin:tiny-phi3 [training.model].
+    /// Checkpoint dir, Hub id (HF cache, else downloaded) or builtin:tiny-phi3 [training.model].
     #[arg(long)]
     model: Option<String>,
     /// Training JSONL [data.train].
