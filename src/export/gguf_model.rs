@@ -41,12 +41,6 @@ pub fn export(
         &model_dir.join(CONFIG_FILE).display().to_string(),
     )?;
     let rope = cfg.rope()?;
-    if let RopeScaling::LongRope { .. } = rope.scaling {
-        bail!(
-            "{}: GGUF export of longrope (128k) Phi-3 models is not supported yet; export --format safetensors instead",
-            model_dir.display()
-        );
-    }
     let is_bnb = cfg.quantization_config.as_ref().is_some_and(|q| {
         serde_json::from_value::<QuantizationConfig>(q.clone()).is_ok_and(|q| q.is_bnb_4bit())
     });
@@ -96,6 +90,34 @@ pub fn export(
         w.kv("phi3.attention.sliding_window", u(sw))?;
     }
     w.kv("general.file_type", Value::U32(file_type(ty)))?;
+    // Longrope (128k models): the attention factor, and both factor sets as f32 tensors that
+    // llama.cpp picks between by context length.
+    if let RopeScaling::LongRope {
+        short_factor,
+        long_factor,
+        attention_factor,
+        ..
+    } = &rope.scaling
+    {
+        w.kv(
+            "phi3.rope.scaling.attn_factor",
+            Value::F32(*attention_factor as f32),
+        )?;
+        let f32_ty = GgmlType::parse("f32")?;
+        for (name, factors) in [
+            ("rope_factors_long.weight", long_factor),
+            ("rope_factors_short.weight", short_factor),
+        ] {
+            let values: Vec<f32> = factors.iter().map(|f| *f as f32).collect();
+            let n = values.len();
+            w.tensor(TensorSpec {
+                name: name.into(),
+                shape: vec![n],
+                ty: f32_ty,
+                produce: Box::new(move || encode(&values, &[n], f32_ty)),
+            })?;
+        }
+    }
 
     let vocab = phi3_vocab(model_dir, cfg.vocab_size)?;
     let tok_cfg: serde_json::Value = std::fs::read(model_dir.join("tokenizer_config.json"))

@@ -230,3 +230,36 @@ fn unsupported_types_and_existing_files_are_refused() {
     assert!(e.to_string().contains("--force"));
     assert_eq!(std::fs::read(&out).unwrap(), b"keep");
 }
+
+#[test]
+fn longrope_models_carry_their_factors_and_attention_factor() {
+    // The built-in model with 128k-style longrope settings (as gen_gguf_goldens.py's LONGROPE).
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("longrope");
+    std::fs::create_dir(&dir).unwrap();
+    let model = qlora::hub::resolve(qlora::builtin::TINY_PHI3).unwrap();
+    for e in std::fs::read_dir(&model).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    cfg["max_position_embeddings"] = 131072.into();
+    cfg["original_max_position_embeddings"] = 4096.into();
+    let short: Vec<f64> = (0..16).map(|i| 1.0 + 0.05 * i as f64).collect();
+    let long: Vec<f64> = (0..16).map(|i| 1.0 + 0.5 * i as f64).collect();
+    cfg["rope_scaling"] =
+        serde_json::json!({"type": "longrope", "short_factor": short, "long_factor": long});
+    std::fs::write(dir.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let out = tmp.path().join("lr.gguf");
+    qlora::export::gguf_model::export(
+        &dir,
+        None,
+        &out,
+        GgmlType::parse("f32").unwrap(),
+        MergeBase::Original,
+        false,
+    )
+    .unwrap();
+    compare(&out, "tiny-phi3-longrope-f32.json");
+}
