@@ -6,9 +6,12 @@ usage: check_peft_adapter.py QLORA_BIN ADAPTER_DIR PROMPT [N_TOKENS]
 Loads the adapter's base_model_name_or_path with transformers (f32, eager attention), applies the
 adapter with PeftModel.from_pretrained (failing on any missing or unexpected key), greedily decodes
 N_TOKENS (default 16) from the prompt ids that `qlora generate --json` reports, and compares them
-with qlora's tokens (dense f32 base, so both sides run the same weights). Exit 1 on any difference. Deps: ../shared/tools/reference-venv.sh (torch, transformers, peft).
+with qlora's tokens (dense f32 base, so both sides run the same weights). Then `qlora export
+--format safetensors --dtype f32` of the same adapter, loaded by transformers, against PEFT's
+logits for those prompt ids: max |Δ| ≤ 1e-4. Exit 1 on any difference. Deps: ../shared/tools/reference-venv.sh (torch, transformers, peft).
 """
 import json
+import os
 import subprocess
 import sys
 
@@ -36,6 +39,16 @@ def main(qlora, adapter, prompt, n=16):
     theirs = [t for t in theirs if t not in (32000, 32001, 32007)][: len(ours["token_ids"])]
     print(f"qlora : {ours['token_ids']}\nPEFT  : {theirs}")
     ok = theirs == ours["token_ids"]
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        merged_dir = os.path.join(tmp, "merged")
+        subprocess.run([qlora, "export", "--adapter", adapter, "--out", merged_dir, "--format", "safetensors",
+                        "--dtype", "f32"], check=True, capture_output=True)
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, attn_implementation="eager")
+        with torch.no_grad():
+            d = (merged(ids).logits - model(ids).logits).abs().max().item()
+    print(f"transformers(qlora's merged export) vs PEFT(base + adapter): max |Δlogits| = {d:.2e}")
+    ok &= d <= 1e-4
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 
