@@ -2,7 +2,7 @@
 
 use crate::export::{MergeBase, safetensors};
 use crate::lora::peft;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -46,15 +46,7 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
         .as_ref()
         .map(|a| peft::load(a, &Device::Cpu))
         .transpose()?;
-    let model_ref = match (&args.model, &adapter) {
-        (Some(m), _) => m.clone(),
-        (None, Some(a)) => a
-            .base_model_name_or_path
-            .clone()
-            .context("the adapter names no base_model_name_or_path; pass --model")?,
-        (None, None) => bail!("pass --model (and --adapter to merge one)"),
-    };
-    let dir = crate::hub::resolve(&model_ref)?;
+    let dir = super::infer::resolve_model(args.model.as_deref(), adapter.as_ref())?;
     let dtype = match args.dtype.as_str() {
         "f16" => DType::F16,
         "f32" => DType::F32,

@@ -10,6 +10,19 @@ use candle_core::{DType, Device};
 use clap::Args;
 use std::path::PathBuf;
 
+/// The model directory: `--model` when given, else the adapter's `base_model_name_or_path`.
+pub fn resolve_model(model: Option<&str>, adapter: Option<&peft::PeftAdapter>) -> Result<PathBuf> {
+    let model_ref = match (model, adapter) {
+        (Some(m), _) => m.to_string(),
+        (None, Some(a)) => a
+            .base_model_name_or_path
+            .clone()
+            .context("the adapter names no base_model_name_or_path; pass --model")?,
+        (None, None) => bail!("pass --model (or --adapter, whose base model is used)"),
+    };
+    crate::hub::resolve(&model_ref)
+}
+
 /// Model selection flags.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
@@ -44,15 +57,7 @@ impl ModelArgs {
             .as_ref()
             .map(|a| peft::load(a, &device))
             .transpose()?;
-        let model_ref = match (&self.model, &adapter) {
-            (Some(m), _) => m.clone(),
-            (None, Some(a)) => a
-                .base_model_name_or_path
-                .clone()
-                .context("the adapter names no base_model_name_or_path; pass --model")?,
-            (None, None) => bail!("pass --model (or --adapter, whose base model is used)"),
-        };
-        let dir = crate::hub::resolve(&model_ref)?;
+        let dir = resolve_model(self.model.as_deref(), adapter.as_ref())?;
         let dtype = match self.dtype.as_str() {
             "bf16" => DType::BF16,
             "f16" => DType::F16,

@@ -4,13 +4,13 @@
 
 use super::gguf::{GgmlType, GgufWriter, TensorSpec, Value, encode};
 use super::vocab::phi3_vocab;
-use super::{MergeBase, adapter_deltas, check_output, merged_linear};
-use crate::checkpoint::{self, CONFIG_FILE, Checkpoint};
+use super::{MergeBase, Source, check_output, merged_linear};
+use crate::checkpoint;
 use crate::lora::peft::PeftAdapter;
 use crate::model::config::RopeScaling;
-use crate::model::{Phi3Config, names};
+use crate::model::names;
 use anyhow::{Context, Result, bail};
-use qlora_quant::bnb::{self, QuantizationConfig};
+use qlora_quant::bnb;
 use std::path::Path;
 
 /// llama.cpp's `general.file_type` for a whole-file type.
@@ -35,19 +35,13 @@ pub fn export(
     force: bool,
 ) -> Result<()> {
     check_output(out, force)?;
-    let ck = Checkpoint::open(model_dir)?;
-    let cfg = Phi3Config::from_value(
-        &ck.config,
-        &model_dir.join(CONFIG_FILE).display().to_string(),
-    )?;
+    let Source {
+        ck,
+        cfg,
+        is_bnb,
+        deltas,
+    } = Source::open(model_dir, adapter)?;
     let rope = cfg.rope()?;
-    let is_bnb = cfg.quantization_config.as_ref().is_some_and(|q| {
-        serde_json::from_value::<QuantizationConfig>(q.clone()).is_ok_and(|q| q.is_bnb_4bit())
-    });
-    let deltas = adapter
-        .map(|a| adapter_deltas(a, &cfg))
-        .transpose()?
-        .unwrap_or_default();
     let headers = ck.tensors()?;
     let lookup = |name: &str| headers.iter().find_map(|st| st.tensor(name).ok());
     let file_of = |name: &str| {

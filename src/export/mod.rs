@@ -33,6 +33,42 @@ pub enum MergeBase {
     },
 }
 
+/// What every export starts from: the base checkpoint, its config, whether it is bitsandbytes-4bit,
+/// and the adapter's `scale · B · A` per module (checked against the base).
+#[derive(Debug)]
+pub struct Source {
+    pub ck: crate::checkpoint::Checkpoint,
+    pub cfg: Phi3Config,
+    pub is_bnb: bool,
+    pub deltas: std::collections::BTreeMap<String, Tensor>,
+}
+
+impl Source {
+    /// Opens `model_dir` and checks `adapter` against it.
+    pub fn open(model_dir: &std::path::Path, adapter: Option<&PeftAdapter>) -> Result<Self> {
+        let ck = crate::checkpoint::Checkpoint::open(model_dir)?;
+        let origin = model_dir
+            .join(crate::checkpoint::CONFIG_FILE)
+            .display()
+            .to_string();
+        let cfg = Phi3Config::from_value(&ck.config, &origin)?;
+        let is_bnb = cfg.quantization_config.as_ref().is_some_and(|q| {
+            serde_json::from_value::<qlora_quant::bnb::QuantizationConfig>(q.clone())
+                .is_ok_and(|q| q.is_bnb_4bit())
+        });
+        let deltas = adapter
+            .map(|a| adapter_deltas(a, &cfg))
+            .transpose()?
+            .unwrap_or_default();
+        Ok(Self {
+            ck,
+            cfg,
+            is_bnb,
+            deltas,
+        })
+    }
+}
+
 /// Checks that `adapter` fits the model described by `cfg` (targets and shapes) and returns, per
 /// module path, `scale · B · A` as f32 `[out, in]`.
 pub fn adapter_deltas(

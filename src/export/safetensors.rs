@@ -3,16 +3,16 @@
 //! other files copied. Tensors are produced lazily while the file is written, so memory holds one
 //! tensor at a time, not the model.
 
-use super::{MergeBase, adapter_deltas, check_output, merged_linear};
-use crate::checkpoint::{self, CONFIG_FILE, Checkpoint, INDEX_FILE, ShardIndex};
+use super::{MergeBase, Source, check_output, merged_linear};
+use crate::checkpoint::{self, CONFIG_FILE, INDEX_FILE, ShardIndex};
 use crate::fsx::{AtomicDir, write_atomic};
 use crate::lora::peft::PeftAdapter;
-use crate::model::{Phi3Config, names};
+use crate::model::names;
 use ::safetensors::tensor::TensorView;
 use anyhow::{Context, Result};
 use candle_core::DType;
 use indicatif::ProgressBar;
-use qlora_quant::bnb::{self, QuantizationConfig};
+use qlora_quant::bnb;
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -73,18 +73,9 @@ pub fn export(
     progress: &ProgressBar,
 ) -> Result<()> {
     check_output(out, force)?;
-    let ck = Checkpoint::open(model_dir)?;
-    let cfg = Phi3Config::from_value(
-        &ck.config,
-        &model_dir.join(CONFIG_FILE).display().to_string(),
-    )?;
-    let is_bnb = cfg.quantization_config.as_ref().is_some_and(|q| {
-        serde_json::from_value::<QuantizationConfig>(q.clone()).is_ok_and(|q| q.is_bnb_4bit())
-    });
-    let deltas = adapter
-        .map(|a| adapter_deltas(a, &cfg))
-        .transpose()?
-        .unwrap_or_default();
+    let Source {
+        ck, is_bnb, deltas, ..
+    } = Source::open(model_dir, adapter)?;
     let st_dtype: ::safetensors::Dtype = match dtype {
         DType::BF16 => ::safetensors::Dtype::BF16,
         DType::F16 => ::safetensors::Dtype::F16,
