@@ -80,6 +80,18 @@ fn abs_max(block: &[f32]) -> f32 {
     })
 }
 
+/// [`bucket_ref`] by a 4-step branch-free binary search over the sorted midpoints: the number of
+/// midpoints strictly below `s` (ties low), in 4 comparisons instead of 15.
+#[inline(always)]
+fn bucket_fast(midpoints: &[f32; 15], s: f32) -> usize {
+    let mut idx = 0usize;
+    for step in [8usize, 4, 2, 1] {
+        // Midpoint `idx + step - 1` exists for every reachable idx (idx + step ≤ 15).
+        idx += step * (midpoints[idx + step - 1] < s) as usize;
+    }
+    idx
+}
+
 fn check_finite(absmax: f32, block: usize) -> Result<(), QuantError> {
     if absmax.is_finite() {
         Ok(())
@@ -178,7 +190,7 @@ pub fn quantize(x: &[f32], qt: QuantType, bs: Blocksize) -> Result<Quantized4, Q
             let recip = 1.0 / scale_by;
             let code_of = |v: f32| -> u8 {
                 let s = if partial { v / scale_by } else { v * recip }.clamp(-1.0, 1.0);
-                let bucket: u8 = b.midpoints.iter().map(|&m| (m < s) as u8).sum();
+                let bucket = bucket_fast(&b.midpoints, s);
                 b.order[bucket as usize]
             };
             let mut pairs = chunk.chunks_exact(2);
@@ -303,6 +315,23 @@ mod tests {
                 "a value on midpoint {i} takes the lower code"
             );
             assert_eq!(bucket_ref(&b.midpoints, m.next_up()), i + 1);
+        }
+    }
+
+    #[test]
+    fn binary_search_bucket_equals_the_scan() {
+        for qt in [QuantType::Nf4, QuantType::Fp4] {
+            let m = &qt.buckets().midpoints;
+            let mut probes = vec![-1.0f32, 1.0, 0.0, -0.0];
+            for &x in m {
+                probes.extend([x, x.next_up(), x.next_down()]);
+            }
+            for i in 0..2001 {
+                probes.push(i as f32 / 1000.0 - 1.0);
+            }
+            for s in probes {
+                assert_eq!(bucket_fast(m, s), bucket_ref(m, s), "{qt} at {s}");
+            }
         }
     }
 
