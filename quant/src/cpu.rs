@@ -191,7 +191,7 @@ pub fn quantize(x: &[f32], qt: QuantType, bs: Blocksize) -> Result<Quantized4, Q
             let code_of = |v: f32| -> u8 {
                 let s = if partial { v / scale_by } else { v * recip }.clamp(-1.0, 1.0);
                 let bucket = bucket_fast(&b.midpoints, s);
-                b.order[bucket as usize]
+                b.order[bucket]
             };
             let mut pairs = chunk.chunks_exact(2);
             for (o, p) in out.iter_mut().zip(&mut pairs) {
