@@ -22,6 +22,8 @@ pub struct TokenizerBundle {
     pub end_id: Option<u32>,
     pub eos_id: Option<u32>,
     pub pad_id: Option<u32>,
+    /// Ids of the added tokens marked special (role headers, `<|end|>`, eos…), computed once.
+    special_ids: std::collections::HashSet<u32>,
 }
 
 /// One tokenized conversation.
@@ -69,6 +71,12 @@ impl TokenizerBundle {
             end_id: tokenizer.token_to_id(END_TOKEN),
             eos_id: tokenizer.token_to_id(&eos),
             pad_id: pad.and_then(|p| tokenizer.token_to_id(&p)),
+            special_ids: tokenizer
+                .get_added_tokens_decoder()
+                .into_iter()
+                .filter(|(_, t)| t.special)
+                .map(|(id, _)| id)
+                .collect(),
             tokenizer,
             template,
         })
@@ -116,12 +124,11 @@ impl TokenizerBundle {
         let enc = self.encode(&text)?;
         let ids = enc.get_ids().to_vec();
         let offsets = enc.get_offsets();
-        let special = self.tokenizer.get_added_tokens_decoder();
         let mut trained = vec![false; ids.len()];
         for (t, &(s, e)) in offsets.iter().enumerate() {
             // A role header whose rstrip swallowed the content's leading whitespace overlaps the
             // content without being part of it: special tokens are trained only as the closing <|end|>.
-            let is_special = special.get(&ids[t]).is_some_and(|a| a.special);
+            let is_special = self.special_ids.contains(&ids[t]);
             for &(cs, ce) in &spans {
                 let overlaps = s < ce && e > cs && !is_special;
                 let closes = Some(ids[t]) == self.end_id && s == ce;

@@ -116,6 +116,16 @@ pub struct Trainer {
     pub state: TrainState,
     pub total_steps: u64,
     pad_id: u32,
+    /// `(epoch, permutation)`: the data order, drawn once per epoch.
+    order: (u64, Vec<usize>),
+}
+
+/// The data order of `epoch`: a permutation drawn from the seed and the epoch alone, so a resumed
+/// run draws the same one.
+fn epoch_order(n_rows: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n_rows).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix(seed, epoch)));
+    order
 }
 
 impl std::fmt::Debug for Trainer {
@@ -253,6 +263,7 @@ impl Trainer {
             state,
             total_steps,
             pad_id,
+            order: (0, Vec::new()),
         })
     }
 
@@ -264,11 +275,13 @@ impl Trainer {
             self.state.epoch += 1;
             self.state.cursor = 0;
         }
-        let mut order: Vec<usize> = (0..self.rows.len()).collect();
-        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix(
-            self.cfg.training.seed,
-            self.state.epoch,
-        )));
+        if self.order.0 != self.state.epoch || self.order.1.is_empty() {
+            self.order = (
+                self.state.epoch,
+                epoch_order(self.rows.len(), self.cfg.training.seed, self.state.epoch),
+            );
+        }
+        let order = &self.order.1;
         let start = self.state.cursor * mb;
         let rows: Vec<&Row> = order[start..(start + mb).min(order.len())]
             .iter()

@@ -2,7 +2,7 @@
 //! scale·B·A, the NF4 merge base, a 4-bit checkpoint converted alone, and bad input.
 
 use crate::common::fixtures;
-use crate::model::load_f32;
+use crate::model::{load_f32, load_path_f32, max_abs_diff as max_abs};
 use candle_core::{DType, Device, Tensor};
 use indicatif::ProgressBar;
 use qlora::export::{MergeBase, safetensors::export};
@@ -10,26 +10,7 @@ use qlora::lora::{attach, peft};
 use qlora::model::load::BaseFormat;
 
 fn golden(dir: &str, file: &str) -> (Tensor, Tensor) {
-    let t =
-        candle_core::safetensors::load(fixtures().join("phi3").join(dir).join(file), &Device::Cpu)
-            .unwrap();
-    (
-        t["input_ids"].to_dtype(DType::U32).unwrap(),
-        t["logits"].clone(),
-    )
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    crate::model::golden(dir, file, "input_ids", "logits")
 }
 
 fn adapter() -> peft::PeftAdapter {
@@ -51,15 +32,7 @@ fn merged_checkpoint_reproduces_peft_logits_and_is_base_plus_scaled_ba() {
         &ProgressBar::hidden(),
     )
     .unwrap();
-    let merged = qlora::model::load::load(
-        &out,
-        &qlora::model::load::LoadOptions {
-            dtype: DType::F32,
-            device: Device::Cpu,
-            base: BaseFormat::Dense,
-        },
-    )
-    .unwrap();
+    let merged = load_path_f32(&out, BaseFormat::Dense);
     let (ids, want) = golden("peft", "logits.safetensors");
     let d = max_abs(&merged.forward(&ids).unwrap(), &want);
     assert!(d <= 1e-4, "merged vs PEFT logits: {d:e}");
@@ -99,15 +72,7 @@ fn nf4_merge_base_is_the_model_the_adapter_saw() {
         &ProgressBar::hidden(),
     )
     .unwrap();
-    let merged = qlora::model::load::load(
-        &out,
-        &qlora::model::load::LoadOptions {
-            dtype: DType::F32,
-            device: Device::Cpu,
-            base: BaseFormat::Dense,
-        },
-    )
-    .unwrap();
+    let merged = load_path_f32(&out, BaseFormat::Dense);
     let mut trained = load_f32("gqa", BaseFormat::NF4);
     attach::load_adapters(&mut trained, &adapter()).unwrap();
     let (ids, _) = golden("peft", "logits.safetensors");
@@ -132,15 +97,7 @@ fn a_4bit_checkpoint_converts_to_a_dense_one() {
         &ProgressBar::hidden(),
     )
     .unwrap();
-    let m = qlora::model::load::load(
-        &out,
-        &qlora::model::load::LoadOptions {
-            dtype: DType::F32,
-            device: Device::Cpu,
-            base: BaseFormat::Dense,
-        },
-    )
-    .unwrap();
+    let m = load_path_f32(&out, BaseFormat::Dense);
     let (ids, want) = golden("gqa-bnb", "logits.safetensors");
     assert!(max_abs(&m.forward(&ids).unwrap(), &want) <= 1e-4);
     let cfg: serde_json::Value =

@@ -11,8 +11,13 @@ use qlora::model::load::{BaseFormat, LoadOptions, load};
 const F32_LOGITS_ABS_TOL: f32 = 1e-4;
 
 pub fn load_f32(dir: &str, base: BaseFormat) -> Phi3 {
+    load_path_f32(&fixtures().join("phi3").join(dir), base)
+}
+
+/// Any checkpoint directory, f32 on the CPU.
+pub fn load_path_f32(path: &std::path::Path, base: BaseFormat) -> Phi3 {
     load(
-        &fixtures().join("phi3").join(dir),
+        path,
         &LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
@@ -22,7 +27,7 @@ pub fn load_f32(dir: &str, base: BaseFormat) -> Phi3 {
     .unwrap()
 }
 
-fn golden(dir: &str, file: &str, ids_key: &str, logits_key: &str) -> (Tensor, Tensor) {
+pub fn golden(dir: &str, file: &str, ids_key: &str, logits_key: &str) -> (Tensor, Tensor) {
     let t =
         candle_core::safetensors::load(fixtures().join("phi3").join(dir).join(file), &Device::Cpu)
             .unwrap();
@@ -32,7 +37,7 @@ fn golden(dir: &str, file: &str, ids_key: &str, logits_key: &str) -> (Tensor, Te
     )
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     (a - b)
         .unwrap()
