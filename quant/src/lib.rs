@@ -1,5 +1,6 @@
-//! `qlora-quant`: bitsandbytes-compatible 4-bit block quantization (NF4 and FP4), and nothing about
-//! models.
+//! `qlora-quant`: bitsandbytes-compatible 4-bit block quantization (NF4 and FP4), its candle ops
+//! and CUDA kernels, and the fused differentiable ops a QLoRA step needs on the GPU; nothing about
+//! model architectures or checkpoints beyond the bitsandbytes layout.
 //!
 //! - [`format`]: code tables, rounding midpoints, nibble order, block sizes, the 8-bit dynamic map.
 //! - [`cpu`]: scalar `_ref` references and the fast multithreaded paths, tested bit-identical.
@@ -8,10 +9,17 @@
 //! - [`bnb`]: the serialized bitsandbytes-4bit layout in safetensors checkpoints, read and write.
 //! - [`tensor`], [`op`]: the candle side: [`Nf4Tensor`] on a device, the dequantize op and the NF4
 //!   linear op whose backward re-dequantizes (no dense weight kept, no weight gradient).
+//! - [`fused`]: differentiable RMSNorm, RoPE, SwiGLU, softmax and cross-entropy for training on
+//!   the GPU (the candle composition on the CPU, fused kernels with a backward on CUDA).
+//! - `cuda` (feature `cuda`): the dequantization kernels (quant/kernels/*.cu, PTX built by build.rs)
+//!   and the GPU paths of the ops.
 
 pub mod bnb;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod format;
+pub mod fused;
 pub mod nested;
 pub mod op;
 pub mod quantized;

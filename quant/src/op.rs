@@ -10,8 +10,12 @@
 //!
 //! CPU: the weight is dequantized one tile at a time (64 rows of `W` for `x · Wᵀ`, 64 columns for
 //! `x · W`) into a per-task f32 buffer and multiplied with `gemm`, tiles in parallel on rayon; peak
-//! extra memory is one tile per thread, never the dense matrix. CUDA arrives with the CUDA issue
-//! through `cuda_fwd` of these same structs.
+//! extra memory is one tile per thread, never the dense matrix.
+//!
+//! CUDA (`cuda` feature, [`crate::cuda`]): the weight is dequantized by our kernel into a temporary
+//! of `x`'s dtype (f32, bf16 or f16), multiplied with one cuBLAS gemm, and freed; the backward runs
+//! the same path in the other orientation. Half-precision `x` therefore meets a weight rounded to
+//! its own dtype (cuBLAS accumulates in f32), where the CPU path multiplies in f32 throughout.
 
 use crate::tensor::{CpuView, Nf4Tensor};
 use crate::{QuantError, Result};
@@ -120,6 +124,28 @@ impl CustomOp1 for Nf4Matmul {
                 candle_core::bail!("{}: unsupported dtype {dtype:?}", self.name())
             }
         };
+        Ok((y, Shape::from_dims(&out_dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (k, n) = self.dims()?;
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&k) || !layout.is_contiguous() {
+            candle_core::bail!(
+                "{}: x {:?} must be contiguous and end with {k}",
+                self.name(),
+                dims
+            );
+        }
+        let m = layout.shape().elem_count() / k;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("x has a last dim") = n;
+        let y = crate::cuda::nf4_matmul(&self.w, self.transposed, storage, layout, (m, k, n))?;
         Ok((y, Shape::from_dims(&out_dims)))
     }
 
@@ -302,9 +328,23 @@ impl CustomOp1 for Dequantize {
             .map_err(to_candle)?;
         Ok((storage, self.w.shape().clone()))
     }
+
+    /// Applied to the packed codes themselves, so `storage` is the u8 code buffer.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let packed = storage
+            .as_cuda_slice::<u8>()?
+            .slice(layout.start_offset()..);
+        let out = crate::cuda::dequantize_packed(&self.w, &packed, self.dtype, &storage.device)?;
+        Ok((out, self.w.shape().clone()))
+    }
 }
 
-fn to_candle(e: QuantError) -> candle_core::Error {
+pub(crate) fn to_candle(e: QuantError) -> candle_core::Error {
     match e {
         QuantError::Candle(e) => e,
         other => candle_core::Error::Msg(other.to_string()),

@@ -3,11 +3,11 @@
 //! The name says NF4 because that is what QLoRA uses; FP4 rides in the same type.
 
 use crate::cpu::{self, DequantOut};
-use crate::format::{Blocksize, QuantType};
+use crate::format::{Blocksize, NESTED_BLOCK_ELEMS, QuantType, n_blocks, packed_len};
 use crate::nested::NestedAbsmax;
 use crate::quantized::{Absmax, Quantized};
 use crate::{QuantError, Result};
-use candle_core::{CpuStorage, DType, Device, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Shape, Storage, Tensor};
 use std::borrow::Cow;
 
 /// Absmax on the device.
@@ -57,6 +57,60 @@ impl Nf4Tensor {
             blocksize: q.blocksize,
             shape: Shape::from_dims(&q.shape),
             dtype: q.dtype,
+        })
+    }
+
+    /// Assembles a weight from tensors already on one device (e.g. read from a checkpoint): u8
+    /// `packed` `[packed_len(n)]`, and the absmax state for `n = shape.elem_count()` elements at
+    /// `blocksize`. Errors when a dtype, length or device does not fit.
+    pub fn from_parts(
+        packed: Tensor,
+        absmax: AbsmaxTensor,
+        quant_type: QuantType,
+        blocksize: Blocksize,
+        shape: impl Into<Shape>,
+        dtype: DType,
+    ) -> Result<Self> {
+        let shape = shape.into();
+        crate::quantized::check_source_dtype(dtype)?;
+        let n_elems = shape.elem_count();
+        let n_blocks = n_blocks(n_elems, blocksize.elems());
+        let mut parts = vec![("packed", &packed, DType::U8, packed_len(n_elems))];
+        match &absmax {
+            AbsmaxTensor::Plain(a) => parts.push(("absmax", a, DType::F32, n_blocks)),
+            AbsmaxTensor::Nested {
+                codes,
+                nested_absmax,
+                ..
+            } => {
+                parts.push(("absmax codes", codes, DType::U8, n_blocks));
+                let n_scales = n_blocks.div_ceil(NESTED_BLOCK_ELEMS);
+                parts.push(("nested absmax", nested_absmax, DType::F32, n_scales));
+            }
+        }
+        for (what, t, want_dtype, want_len) in parts {
+            if t.dtype() != want_dtype || t.dims() != [want_len] {
+                return Err(part_error(format!(
+                    "{what} is {:?} {:?}; {n_elems} elements at blocksize {} need {want_dtype:?} \
+                     [{want_len}]",
+                    t.dtype(),
+                    t.dims(),
+                    blocksize.elems()
+                )));
+            }
+            if !t.device().same_device(packed.device()) {
+                return Err(part_error(format!(
+                    "{what} lives on another device than the packed codes"
+                )));
+            }
+        }
+        Ok(Self {
+            packed,
+            absmax,
+            quant_type,
+            blocksize,
+            shape,
+            dtype,
         })
     }
 
@@ -158,12 +212,12 @@ impl Nf4Tensor {
     /// Runs `f` with the CPU views of this weight: packed bytes and a per-block absmax decoder.
     /// Errors on a non-CPU device.
     pub(crate) fn with_cpu<R>(&self, f: impl FnOnce(CpuView<'_>) -> R) -> Result<R> {
-        let (packed_guard, _) = self.packed.storage_and_layout();
-        let packed = cpu_u8(&packed_guard)?;
+        let (packed_guard, packed_layout) = self.packed.storage_and_layout();
+        let packed = cpu_u8(&packed_guard, packed_layout)?;
         match &self.absmax {
             AbsmaxTensor::Plain(a) => {
-                let (guard, _) = a.storage_and_layout();
-                let absmax = cpu_f32(&guard)?;
+                let (guard, layout) = a.storage_and_layout();
+                let absmax = cpu_f32(&guard, layout)?;
                 Ok(f(CpuView {
                     w: self,
                     packed,
@@ -176,9 +230,9 @@ impl Nf4Tensor {
                 offset,
             } => {
                 // Decoding is 1/blocksize of the work of dequantizing; done once per call.
-                let (cg, _) = codes.storage_and_layout();
-                let (ng, _) = nested_absmax.storage_and_layout();
-                let absmax = crate::nested::decode(cpu_u8(&cg)?, cpu_f32(&ng)?, *offset);
+                let (cg, cl) = codes.storage_and_layout();
+                let (ng, nl) = nested_absmax.storage_and_layout();
+                let absmax = crate::nested::decode(cpu_u8(&cg, cl)?, cpu_f32(&ng, nl)?, *offset);
                 Ok(f(CpuView {
                     w: self,
                     packed,
@@ -222,18 +276,35 @@ impl CpuView<'_> {
     }
 }
 
-fn cpu_u8(s: &Storage) -> Result<&[u8]> {
+fn part_error(msg: String) -> QuantError {
+    QuantError::Candle(candle_core::Error::Msg(format!(
+        "Nf4Tensor::from_parts: {msg}"
+    )))
+}
+
+/// The elements a contiguous layout covers (parts may be views into larger buffers).
+fn covered<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    l.contiguous_offsets()
+        .and_then(|(start, end)| v.get(start..end))
+        .ok_or_else(|| {
+            QuantError::Candle(candle_core::Error::Msg(format!(
+                "Nf4Tensor: the {what} are not a contiguous view"
+            )))
+        })
+}
+
+fn cpu_u8<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [u8]> {
     match s {
-        Storage::Cpu(CpuStorage::U8(v)) => Ok(v),
+        Storage::Cpu(CpuStorage::U8(v)) => covered(v, l, "u8 codes"),
         _ => Err(QuantError::Candle(candle_core::Error::Msg(
             "Nf4Tensor: expected u8 codes on the CPU".into(),
         ))),
     }
 }
 
-fn cpu_f32(s: &Storage) -> Result<&[f32]> {
+fn cpu_f32<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
     match s {
-        Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
+        Storage::Cpu(CpuStorage::F32(v)) => covered(v, l, "f32 absmax values"),
         _ => Err(QuantError::Candle(candle_core::Error::Msg(
             "Nf4Tensor: expected f32 absmax on the CPU".into(),
         ))),

@@ -1,6 +1,9 @@
 //! qlora-quant's integration tests, one binary: goldens from real bitsandbytes, property tests,
-//! the statistical error band, and the candle ops against dense references.
+//! the statistical error band, the candle ops against dense references, and the per-device cases
+//! (CPU always, CUDA when built with `--features cuda` and a GPU is present).
 
+mod devices;
+mod fused;
 mod goldens;
 mod ops;
 mod props;

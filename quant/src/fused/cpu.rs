@@ -1,0 +1,284 @@
+//! CPU implementations of the fused ops: the loops of `quant/kernels/fused.cu` in Rust (serial,
+//! f32 arithmetic, rounding to the element type where the kernels round). They exist so the ops'
+//! forward and backward formulas are tested against candle's autograd on any machine; the
+//! dispatching functions of [`super`] use the candle composition on the CPU instead.
+
+use crate::cpu::DequantOut;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor, WithDType, bail};
+use half::{bf16, f16};
+
+/// The contiguous data of an op input.
+fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
+        None => bail!("fused op: input is not contiguous"),
+    }
+}
+
+/// Runs `f` on the host data of a tensor an op carries.
+fn with_host<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    let (guard, layout) = t.storage_and_layout();
+    match &*guard {
+        Storage::Cpu(s) => Ok(f(data::<T>(s, layout)?)),
+        _ => bail!("fused op: a tensor it carries is not on the CPU"),
+    }
+}
+
+/// `$body` with `T` the element type of `$dtype` (f32, bf16 or f16).
+macro_rules! by_dtype {
+    ($dtype:expr, $what:literal, $T:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::BF16 => {
+                type $T = bf16;
+                $body
+            }
+            DType::F16 => {
+                type $T = f16;
+                $body
+            }
+            other => bail!("{}: unsupported dtype {other:?}", $what),
+        }
+    };
+}
+
+fn round<T: DequantOut>(v: f32) -> f32 {
+    T::from_f32(v).to_f32()
+}
+
+fn last_dim(l: &Layout) -> usize {
+    l.shape().dims().last().copied().unwrap_or(1).max(1)
+}
+
+fn sum_sq<T: DequantOut>(row: &[T]) -> f32 {
+    row.iter().map(|v| v.to_f32() * v.to_f32()).sum()
+}
+
+pub(super) fn rms_norm_fwd(s: &CpuStorage, l: &Layout, w: &Tensor, eps: f32) -> Result<CpuStorage> {
+    let h = last_dim(l);
+    by_dtype!(s.dtype(), "rms_norm", T => {
+        let x = data::<T>(s, l)?;
+        with_host::<T, _>(w, |w| {
+            let mut y = Vec::with_capacity(x.len());
+            for row in x.chunks_exact(h) {
+                let den = (sum_sq(row) / h as f32 + eps).sqrt();
+                y.extend(row.iter().zip(w).map(|(v, w)| {
+                    T::from_f32(round::<T>(v.to_f32() / den) * w.to_f32())
+                }));
+            }
+            T::to_cpu_storage_owned(y)
+        })
+    })
+}
+
+pub(super) fn rms_norm_bwd(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    w: &Tensor,
+    eps: f32,
+) -> Result<CpuStorage> {
+    let h = last_dim(l1);
+    by_dtype!(s1.dtype(), "rms_norm backward", T => {
+        let (x, dy) = (data::<T>(s1, l1)?, data::<T>(s2, l2)?);
+        with_host::<T, _>(w, |w| {
+            let mut dx = Vec::with_capacity(x.len());
+            for (row, drow) in x.chunks_exact(h).zip(dy.chunks_exact(h)) {
+                let den = (sum_sq(row) / h as f32 + eps).sqrt();
+                let g = |i: usize| round::<T>(drow[i].to_f32() * w[i].to_f32());
+                let gn: f32 = (0..h).map(|i| g(i) * (row[i].to_f32() / den)).sum();
+                let mean_gn = gn / h as f32;
+                dx.extend((0..h).map(|i| {
+                    let n = row[i].to_f32() / den;
+                    T::from_f32((g(i) - n * mean_gn) / den)
+                }));
+            }
+            T::to_cpu_storage_owned(dx)
+        })
+    })
+}
+
+/// `(heads, T, D, R, batch stride of the tables)`.
+pub(super) type RopeGeometry = (usize, usize, usize, usize, usize);
+
+pub(super) fn rope(
+    s: &CpuStorage,
+    l: &Layout,
+    cos: &Tensor,
+    sin: &Tensor,
+    (heads, t_len, d, r, table_stride): RopeGeometry,
+    backward: bool,
+) -> Result<CpuStorage> {
+    let half = r / 2;
+    by_dtype!(s.dtype(), "rope", T => {
+        let x = data::<T>(s, l)?;
+        with_host::<T, _>(cos, |cos| {
+            with_host::<T, _>(sin, |sin| {
+                let mut y = Vec::with_capacity(x.len());
+                for (row, xr) in x.chunks_exact(d).enumerate() {
+                    let (t, b) = (row % t_len, row / t_len / heads);
+                    let tab = b * table_stride + t * r;
+                    let (c, s) = (&cos[tab..tab + r], &sin[tab..tab + r]);
+                    y.extend((0..d).map(|j| {
+                        if j >= r {
+                            return xr[j];
+                        }
+                        let a = round::<T>(xr[j].to_f32() * c[j].to_f32());
+                        let rot = if !backward {
+                            let v = if j < half { -xr[j + half].to_f32() } else { xr[j - half].to_f32() };
+                            round::<T>(v * s[j].to_f32())
+                        } else {
+                            let k = if j < half { j + half } else { j - half };
+                            let p = round::<T>(xr[k].to_f32() * s[k].to_f32());
+                            if j < half { p } else { -p }
+                        };
+                        T::from_f32(a + rot)
+                    }));
+                }
+                T::to_cpu_storage_owned(y)
+            })
+        })?
+    })
+}
+
+fn silu_parts(gate: f32) -> (f32, f32) {
+    let s = 1.0 / (1.0 + (-gate).exp());
+    (s, gate * s)
+}
+
+pub(super) fn swiglu_fwd(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+    let inter = last_dim(l) / 2;
+    by_dtype!(s.dtype(), "swiglu", T => {
+        let gu = data::<T>(s, l)?;
+        let mut y = Vec::with_capacity(gu.len() / 2);
+        for row in gu.chunks_exact(2 * inter) {
+            let (gate, up) = row.split_at(inter);
+            y.extend(gate.iter().zip(up).map(|(g, u)| {
+                let g = g.to_f32();
+                T::from_f32(u.to_f32() * round::<T>(g / (1.0 + (-g).exp())))
+            }));
+        }
+        Ok(T::to_cpu_storage_owned(y))
+    })
+}
+
+pub(super) fn swiglu_bwd(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<CpuStorage> {
+    let inter = last_dim(l1) / 2;
+    by_dtype!(s1.dtype(), "swiglu backward", T => {
+        let (gu, dy) = (data::<T>(s1, l1)?, data::<T>(s2, l2)?);
+        let mut dgu = vec![T::default(); gu.len()];
+        for ((row, drow), out) in gu
+            .chunks_exact(2 * inter)
+            .zip(dy.chunks_exact(inter))
+            .zip(dgu.chunks_exact_mut(2 * inter))
+        {
+            let (gate, up) = row.split_at(inter);
+            let (d_gate, d_up) = out.split_at_mut(inter);
+            for i in 0..inter {
+                let (g, u, grad) = (gate[i].to_f32(), up[i].to_f32(), drow[i].to_f32());
+                let (s, silu) = silu_parts(g);
+                let silu = round::<T>(silu);
+                let dsilu = round::<T>(grad * u);
+                d_up[i] = T::from_f32(grad * silu);
+                d_gate[i] = T::from_f32(dsilu * (s * (1.0 + g * (1.0 - s))));
+            }
+        }
+        Ok(T::to_cpu_storage_owned(dgu))
+    })
+}
+
+/// `(max, Σ exp(x − max))` of a row, in f32.
+fn max_sum<T: DequantOut>(row: &[T]) -> (f32, f32) {
+    let m = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(v.to_f32()));
+    (m, row.iter().map(|v| (v.to_f32() - m).exp()).sum())
+}
+
+pub(super) fn softmax_fwd(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+    let len = last_dim(l);
+    by_dtype!(s.dtype(), "softmax", T => {
+        let x = data::<T>(s, l)?;
+        let mut y = Vec::with_capacity(x.len());
+        for row in x.chunks_exact(len) {
+            let (m, sum) = max_sum(row);
+            y.extend(row.iter().map(|v| T::from_f32((v.to_f32() - m).exp() / sum)));
+        }
+        Ok(T::to_cpu_storage_owned(y))
+    })
+}
+
+pub(super) fn softmax_bwd(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<CpuStorage> {
+    let len = last_dim(l1);
+    by_dtype!(s1.dtype(), "softmax backward", T => {
+        let (x, dy) = (data::<T>(s1, l1)?, data::<T>(s2, l2)?);
+        let mut dx = Vec::with_capacity(x.len());
+        for (row, drow) in x.chunks_exact(len).zip(dy.chunks_exact(len)) {
+            let (m, sum) = max_sum(row);
+            let p = |i: usize| (row[i].to_f32() - m).exp() / sum;
+            let dot: f32 = (0..len).map(|i| drow[i].to_f32() * p(i)).sum();
+            dx.extend((0..len).map(|i| T::from_f32(p(i) * (drow[i].to_f32() - dot))));
+        }
+        Ok(T::to_cpu_storage_owned(dx))
+    })
+}
+
+pub(super) fn xent_fwd(s: &CpuStorage, l: &Layout, targets: &Tensor) -> Result<CpuStorage> {
+    let vocab = last_dim(l);
+    by_dtype!(s.dtype(), "cross_entropy", T => {
+        let x = data::<T>(s, l)?;
+        with_host::<u32, _>(targets, |targets| {
+            let loss: Vec<f32> = x
+                .chunks_exact(vocab)
+                .zip(targets)
+                .map(|(row, &t)| {
+                    let (m, sum) = max_sum(row);
+                    match row.get(t as usize) {
+                        Some(xt) => sum.ln() + m - xt.to_f32(),
+                        None => f32::NAN,
+                    }
+                })
+                .collect();
+            CpuStorage::F32(loss)
+        })
+    })
+}
+
+pub(super) fn xent_bwd(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+    targets: &Tensor,
+) -> Result<CpuStorage> {
+    let vocab = last_dim(l1);
+    let g = data::<f32>(s2, l2)?;
+    by_dtype!(s1.dtype(), "cross_entropy backward", T => {
+        let x = data::<T>(s1, l1)?;
+        with_host::<u32, _>(targets, |targets| {
+            let mut dx = Vec::with_capacity(x.len());
+            for ((row, &t), &gr) in x.chunks_exact(vocab).zip(targets).zip(g) {
+                let (m, sum) = max_sum(row);
+                dx.extend(row.iter().enumerate().map(|(i, v)| {
+                    let p = (v.to_f32() - m).exp() / sum;
+                    let onehot = if i == t as usize { 1.0 } else { 0.0 };
+                    T::from_f32(gr * (p - onehot))
+                }));
+            }
+            T::to_cpu_storage_owned(dx)
+        })
+    })
+}

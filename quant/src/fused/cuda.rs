@@ -1,0 +1,299 @@
+//! Launches of the fused kernels of `quant/kernels/fused.cu` on candle's stream: one block of
+//! [`ROW_THREADS`] per row for the row ops (RMSNorm, softmax, cross-entropy), one thread per
+//! element for the elementwise ones (RoPE, SwiGLU).
+
+use super::cpu::RopeGeometry;
+use crate::cuda::view;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
+use candle_core::{DType, Layout, Result, Tensor, bail};
+use half::{bf16, f16};
+
+/// PTX of quant/kernels/fused.cu.
+pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+const MODULE: &str = "qlora_quant_fused";
+/// Threads per row of the row kernels (a multiple of 32; block reductions assume ≤ 1024).
+const ROW_THREADS: u32 = 256;
+/// Threads per block of the elementwise kernels.
+const ELEM_THREADS: usize = 256;
+
+/// The contiguous data of an op input.
+fn input<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(s.as_cuda_slice::<T>()?.slice(start..end)),
+        None => bail!("fused op: input is not contiguous"),
+    }
+}
+
+/// The kernel `{name}_{suffix}` (candle caches the loaded module per device).
+macro_rules! func {
+    ($dev:expr, $name:expr, $suffix:expr) => {
+        $dev.get_or_load_custom_func(&format!("{}_{}", $name, $suffix), MODULE, FUSED_PTX)
+    };
+}
+
+/// One block per row.
+fn rows_cfg(rows: usize) -> Result<LaunchConfig> {
+    if rows == 0 || rows > i32::MAX as usize {
+        bail!("fused op: {rows} rows cannot be launched");
+    }
+    Ok(LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// One thread per element.
+fn elems_cfg(n: usize) -> Result<LaunchConfig> {
+    let blocks = n.div_ceil(ELEM_THREADS);
+    if n == 0 || blocks > i32::MAX as usize {
+        bail!("fused op: {n} elements cannot be launched");
+    }
+    Ok(LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (ELEM_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// A new device buffer of `n` elements, every one written by the kernel that follows.
+fn output<T: DeviceRepr>(
+    dev: &CudaDevice,
+    n: usize,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>> {
+    if n == 0 {
+        bail!("fused op: empty output");
+    }
+    // SAFETY: the kernel launched next writes every element (one thread or row per element).
+    unsafe { dev.alloc::<T>(n) }
+}
+
+fn u32_of(v: usize, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("fused op: {what} {v} > u32")))
+}
+
+/// `$body` with `T` the element type of `$dtype` and `$sfx` its kernel suffix.
+macro_rules! by_dtype {
+    ($dtype:expr, $what:literal, $T:ident, $sfx:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $T = f32;
+                let $sfx = "f32";
+                $body
+            }
+            DType::BF16 => {
+                type $T = bf16;
+                let $sfx = "bf16";
+                $body
+            }
+            DType::F16 => {
+                type $T = f16;
+                let $sfx = "f16";
+                $body
+            }
+            other => bail!("{}: unsupported dtype {other:?}", $what),
+        }
+    };
+}
+
+// SAFETY (every launch below): the arguments match the kernel's signature in fused.cu (pointers,
+// then u32/u64/f32 scalars bound to locals that outlive the launch); inputs hold the elements the
+// kernel reads (rows × row length from the same layouts), outputs were allocated for every element
+// the kernel writes.
+
+pub(super) fn rms_norm_fwd(
+    s: &CudaStorage,
+    l: &Layout,
+    w: &Tensor,
+    eps: f32,
+) -> Result<CudaStorage> {
+    let dev = &s.device;
+    let n = l.shape().elem_count();
+    let h = l.dims().last().copied().unwrap_or(1);
+    let (wg, wl) = w.storage_and_layout();
+    by_dtype!(s.dtype(), "rms_norm", T, sfx => {
+        let x = input::<T>(s, l)?;
+        let w = view::<T>(&wg, wl, dev, "the rms_norm weight")?;
+        let mut y = output::<T>(dev, n)?;
+        let h32 = u32_of(h, "row length")?;
+        let f = func!(dev, "rmsnorm_fwd", sfx)?;
+        let mut b = f.builder();
+        b.arg(&x).arg(&w).arg(&mut y).arg(&h32).arg(&eps);
+        unsafe { b.launch(rows_cfg(n / h)?) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    })
+}
+
+pub(super) fn rms_norm_bwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    w: &Tensor,
+    eps: f32,
+) -> Result<CudaStorage> {
+    let dev = &s1.device;
+    let n = l1.shape().elem_count();
+    let h = l1.dims().last().copied().unwrap_or(1);
+    let (wg, wl) = w.storage_and_layout();
+    by_dtype!(s1.dtype(), "rms_norm backward", T, sfx => {
+        let (x, dy) = (input::<T>(s1, l1)?, input::<T>(s2, l2)?);
+        let w = view::<T>(&wg, wl, dev, "the rms_norm weight")?;
+        let mut dx = output::<T>(dev, n)?;
+        let h32 = u32_of(h, "row length")?;
+        let f = func!(dev, "rmsnorm_bwd", sfx)?;
+        let mut b = f.builder();
+        b.arg(&x).arg(&w).arg(&dy).arg(&mut dx).arg(&h32).arg(&eps);
+        unsafe { b.launch(rows_cfg(n / h)?) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+    })
+}
+
+pub(super) fn rope(
+    s: &CudaStorage,
+    l: &Layout,
+    cos: &Tensor,
+    sin: &Tensor,
+    (heads, t_len, d, r, table_stride): RopeGeometry,
+    backward: bool,
+) -> Result<CudaStorage> {
+    let dev = &s.device;
+    let n = l.shape().elem_count();
+    let (cg, cl) = cos.storage_and_layout();
+    let (sg, sl) = sin.storage_and_layout();
+    let name = if backward { "rope_bwd" } else { "rope_fwd" };
+    by_dtype!(s.dtype(), "rope", T, sfx => {
+        let x = input::<T>(s, l)?;
+        let c = view::<T>(&cg, cl, dev, "the rope cos table")?;
+        let sn = view::<T>(&sg, sl, dev, "the rope sin table")?;
+        let mut y = output::<T>(dev, n)?;
+        let n64 = n as u64;
+        let (heads, t_len) = (u32_of(heads, "heads")?, u32_of(t_len, "tokens")?);
+        let (d, r, cbs) = (u32_of(d, "head dim")?, u32_of(r, "rotary dim")?, u32_of(table_stride, "table stride")?);
+        let f = func!(dev, name, sfx)?;
+        let mut b = f.builder();
+        b.arg(&x).arg(&c).arg(&sn).arg(&mut y);
+        b.arg(&n64).arg(&heads).arg(&t_len).arg(&d).arg(&r).arg(&cbs);
+        unsafe { b.launch(elems_cfg(n)?) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    })
+}
+
+pub(super) fn swiglu_fwd(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    let dev = &s.device;
+    let n = l.shape().elem_count() / 2;
+    let inter = l.dims().last().copied().unwrap_or(0) / 2;
+    by_dtype!(s.dtype(), "swiglu", T, sfx => {
+        let gu = input::<T>(s, l)?;
+        let mut y = output::<T>(dev, n)?;
+        let (n64, inter) = (n as u64, u32_of(inter, "intermediate size")?);
+        let f = func!(dev, "swiglu_fwd", sfx)?;
+        let mut b = f.builder();
+        b.arg(&gu).arg(&mut y).arg(&n64).arg(&inter);
+        unsafe { b.launch(elems_cfg(n)?) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    })
+}
+
+pub(super) fn swiglu_bwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<CudaStorage> {
+    let dev = &s1.device;
+    let n = l1.shape().elem_count() / 2;
+    let inter = l1.dims().last().copied().unwrap_or(0) / 2;
+    by_dtype!(s1.dtype(), "swiglu backward", T, sfx => {
+        let (gu, dy) = (input::<T>(s1, l1)?, input::<T>(s2, l2)?);
+        let mut dgu = output::<T>(dev, 2 * n)?;
+        let (n64, inter) = (n as u64, u32_of(inter, "intermediate size")?);
+        let f = func!(dev, "swiglu_bwd", sfx)?;
+        let mut b = f.builder();
+        b.arg(&gu).arg(&dy).arg(&mut dgu).arg(&n64).arg(&inter);
+        unsafe { b.launch(elems_cfg(n)?) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(dgu, dev.clone()))
+    })
+}
+
+pub(super) fn softmax_fwd(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+    let dev = &s.device;
+    let n = l.shape().elem_count();
+    let len = l.dims().last().copied().unwrap_or(1);
+    by_dtype!(s.dtype(), "softmax", T, sfx => {
+        let x = input::<T>(s, l)?;
+        let mut y = output::<T>(dev, n)?;
+        let len32 = u32_of(len, "row length")?;
+        let f = func!(dev, "softmax_fwd", sfx)?;
+        let mut b = f.builder();
+        b.arg(&x).arg(&mut y).arg(&len32);
+        unsafe { b.launch(rows_cfg(n / len)?) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    })
+}
+
+pub(super) fn softmax_bwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<CudaStorage> {
+    let dev = &s1.device;
+    let n = l1.shape().elem_count();
+    let len = l1.dims().last().copied().unwrap_or(1);
+    by_dtype!(s1.dtype(), "softmax backward", T, sfx => {
+        let (x, dy) = (input::<T>(s1, l1)?, input::<T>(s2, l2)?);
+        let mut dx = output::<T>(dev, n)?;
+        let len32 = u32_of(len, "row length")?;
+        let f = func!(dev, "softmax_bwd", sfx)?;
+        let mut b = f.builder();
+        b.arg(&x).arg(&dy).arg(&mut dx).arg(&len32);
+        unsafe { b.launch(rows_cfg(n / len)?) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+    })
+}
+
+pub(super) fn xent_fwd(s: &CudaStorage, l: &Layout, targets: &Tensor) -> Result<CudaStorage> {
+    let dev = &s.device;
+    let (rows, vocab) = l.shape().dims2()?;
+    let (tg, tl) = targets.storage_and_layout();
+    by_dtype!(s.dtype(), "cross_entropy", T, sfx => {
+        let x = input::<T>(s, l)?;
+        let t = view::<u32>(&tg, tl, dev, "the targets")?;
+        let mut loss = output::<f32>(dev, rows)?;
+        let v32 = u32_of(vocab, "vocabulary")?;
+        let f = func!(dev, "xent_fwd", sfx)?;
+        let mut b = f.builder();
+        b.arg(&x).arg(&t).arg(&mut loss).arg(&v32);
+        unsafe { b.launch(rows_cfg(rows)?) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(loss, dev.clone()))
+    })
+}
+
+pub(super) fn xent_bwd(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    targets: &Tensor,
+) -> Result<CudaStorage> {
+    let dev = &s1.device;
+    let (rows, vocab) = l1.shape().dims2()?;
+    let (tg, tl) = targets.storage_and_layout();
+    let g = input::<f32>(s2, l2)?;
+    by_dtype!(s1.dtype(), "cross_entropy backward", T, sfx => {
+        let x = input::<T>(s1, l1)?;
+        let t = view::<u32>(&tg, tl, dev, "the targets")?;
+        let mut dx = output::<T>(dev, rows * vocab)?;
+        let v32 = u32_of(vocab, "vocabulary")?;
+        let f = func!(dev, "xent_bwd", sfx)?;
+        let mut b = f.builder();
+        b.arg(&x).arg(&t).arg(&g).arg(&mut dx).arg(&v32);
+        unsafe { b.launch(rows_cfg(rows)?) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+    })
+}

@@ -1,0 +1,572 @@
+//! Fused, differentiable versions of the ops a Phi-3 QLoRA step runs besides its linears, for the
+//! GPU. candle-nn 0.11's fast `rms_norm`, `rope`, `softmax_last_dim` and `sdpa` have no backward
+//! (training through them silently drops gradient terms), so the model composes them from
+//! primitive ops, which on a GPU costs one kernel and one saved intermediate per primitive.
+//!
+//! Each op here is a function with two paths: on the CPU (and any non-CUDA device) the plain candle
+//! composition (`*_ref`, exactly what the model computes today, differentiated by candle); on CUDA a
+//! `CustomOp` whose forward and backward are kernels of `quant/kernels/fused.cu`. The ops also have
+//! CPU implementations (`fused/cpu.rs`, the kernels' loops in Rust), reachable through the
+//! `*_fused` functions on any device, so their backward formulas are tested against candle's
+//! autograd of the composition everywhere. Tensors an op carries (norm weight, rotary tables,
+//! targets) are constants of the graph: they receive no gradient, and a trainable one is refused.
+//!
+//! All arithmetic is f32; a half-precision value is rounded where the composition rounds it.
+//! Shapes and derivations (`n` rows, `·` elementwise):
+//!
+//! - [`rms_norm`]: `x [.., H]`, `w [H]`: `den = √(mean(x²) + eps)`, `y = T(T(x / den) · w)`.
+//!   `dx = (g − n · mean(g · n)) / den` with `n = x / den`, `g = T(dy · w)` (since
+//!   `∂den/∂x_j = x_j / (H · den)`).
+//! - [`rope`]: rotate-half on `x [B, heads, T, D]` with `cos, sin [B or 1, 1, T, R]`, `R ≤ D` even:
+//!   `y = x · cos + rot(x) · sin` on the first `R` dims, `rot(x) = [−x₂, x₁]`; the rest passes.
+//!   The rotation's transpose gives `dx₁ = dy₁ · cos₁ + dy₂ · sin₂`, `dx₂ = dy₂ · cos₂ − dy₁ · sin₁`.
+//! - [`swiglu`]: `gu [.., 2I]` = gate | up (Phi-3's fused `gate_up_proj`): `y = up · silu(gate)`;
+//!   `d_up = dy · silu(gate)`, `d_gate = dy · up · s · (1 + gate · (1 − s))`, `s = σ(gate)`.
+//! - [`softmax_last_dim`]: `y = exp(x − max) / Σ`, computed in f32 for half types;
+//!   `dx = y · (dy − Σ dy · y)` (y recomputed in f32 from x).
+//! - [`cross_entropy`]: per-row loss of `logits [N, V]` against u32 `targets [N]`:
+//!   `log Σ exp(x − max) + max − x_t`; `dx = g · (softmax(x) − onehot(t))`.
+
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor, bail,
+};
+
+/// Whether the dispatching functions take the fused path on `x`'s device (CUDA only).
+pub fn fused_on(x: &Tensor) -> bool {
+    x.device().is_cuda()
+}
+
+fn check_float(what: &str, x: &Tensor) -> Result<()> {
+    if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        bail!(
+            "{what}: unsupported dtype {:?}; use f32, bf16 or f16",
+            x.dtype()
+        );
+    }
+    Ok(())
+}
+
+/// A carried tensor: same dtype as `x`, on its device, and not trainable.
+fn check_constant(what: &str, x: &Tensor, c: &Tensor, dtype: DType) -> Result<()> {
+    if c.is_variable() {
+        bail!(
+            "{what}: the tensor is trainable, but fused ops treat it as a constant; use the _ref composition"
+        );
+    }
+    if c.dtype() != dtype || !c.device().same_device(x.device()) {
+        bail!(
+            "{what}: {:?} on {:?}, want {dtype:?} on x's device",
+            c.dtype(),
+            c.device()
+        );
+    }
+    Ok(())
+}
+
+/// The dtype reductions run in: f32 for half types, else the dtype itself.
+fn reduce_dtype(dtype: DType) -> DType {
+    if matches!(dtype, DType::BF16 | DType::F16) {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+// ----- RMSNorm ------------------------------------------------------------------------------------
+
+/// `w · x / √(mean(x²) + eps)` over the last dim; the weight is frozen.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused_on(x) {
+        rms_norm_fused(x, weight, eps)
+    } else {
+        rms_norm_ref(x, weight, eps)
+    }
+}
+
+/// The composition: normalised in f32 (for half types), cast back, times the weight.
+pub fn rms_norm_ref(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(reduce_dtype(dtype))?;
+    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// [`rms_norm`] through the fused op on any device.
+pub fn rms_norm_fused(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    check_float("rms_norm", x)?;
+    check_constant("rms_norm weight", x, weight, x.dtype())?;
+    let h = x.dim(D::Minus1)?;
+    if h == 0 || weight.dims() != [h] {
+        bail!("rms_norm: weight {:?} for rows of {h}", weight.dims());
+    }
+    x.contiguous()?.apply_op1(RmsNorm {
+        weight: weight.contiguous()?,
+        eps: eps as f32,
+    })
+}
+
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "qlora-rms-norm"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((
+            cpu::rms_norm_fwd(s, l, &self.weight, self.eps)?,
+            l.shape().clone(),
+        ))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((
+            cuda::rms_norm_fwd(s, l, &self.weight, self.eps)?,
+            l.shape().clone(),
+        ))
+    }
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(
+            &dy.contiguous()?,
+            &RmsNormBwd(self.clone()),
+        )?))
+    }
+}
+
+/// `(x, dy) → dx` of [`RmsNorm`].
+#[derive(Debug, Clone)]
+struct RmsNormBwd(RmsNorm);
+
+impl CustomOp2 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "qlora-rms-norm-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dx = cpu::rms_norm_bwd(s1, l1, s2, l2, &self.0.weight, self.0.eps)?;
+        Ok((dx, l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dx = cuda::rms_norm_bwd(s1, l1, s2, l2, &self.0.weight, self.0.eps)?;
+        Ok((dx, l1.shape().clone()))
+    }
+}
+
+// ----- Rotary embedding ---------------------------------------------------------------------------
+
+/// Rotate-half RoPE of `x [B, heads, T, D]` with tables `cos, sin [B or 1, 1, T, R]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fused_on(x) {
+        rope_fused(x, cos, sin)
+    } else {
+        rope_ref(x, cos, sin)
+    }
+}
+
+/// The composition: `x · cos + rotate_half(x) · sin` on the first `R` dims, the rest passed.
+pub fn rope_ref(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let r = cos.dim(D::Minus1)?;
+    let rotate = |x: &Tensor| -> Result<Tensor> {
+        let x1 = x.narrow(D::Minus1, 0, r / 2)?;
+        let x2 = x.narrow(D::Minus1, r / 2, r - r / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    };
+    if r == d {
+        return rotate(x);
+    }
+    let rotated = rotate(&x.narrow(D::Minus1, 0, r)?)?;
+    Tensor::cat(&[&rotated, &x.narrow(D::Minus1, r, d - r)?], D::Minus1)
+}
+
+/// [`rope`] through the fused op on any device.
+pub fn rope_fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    check_float("rope", x)?;
+    check_constant("rope cos", x, cos, x.dtype())?;
+    check_constant("rope sin", x, sin, x.dtype())?;
+    let (b, _, t, d) = x.dims4()?;
+    let (cb, one, ct, r) = cos.dims4()?;
+    let tables_fit = sin.dims() == cos.dims() && one == 1 && ct == t && r <= d && r % 2 == 0;
+    if d == 0 || !tables_fit || !(cb == 1 || cb == b) {
+        bail!(
+            "rope: x {:?} needs cos/sin [{b} or 1, 1, {t}, R ≤ {d}, R even], got {:?} / {:?}",
+            x.dims(),
+            cos.dims(),
+            sin.dims()
+        );
+    }
+    x.contiguous()?.apply_op1(Rope {
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+        backward: false,
+    })
+}
+
+/// The rotation (`backward = false`) or its transpose, applied to the last dim.
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    backward: bool,
+}
+
+impl Rope {
+    /// `(heads, T, D, R, batch stride of the tables)`.
+    fn geometry(&self, l: &Layout) -> Result<(usize, usize, usize, usize, usize)> {
+        let (_, heads, t, d) = l.shape().dims4()?;
+        let (cb, _, _, r) = self.cos.dims4()?;
+        Ok((heads, t, d, r, if cb == 1 { 0 } else { t * r }))
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        if self.backward {
+            "qlora-rope-bwd"
+        } else {
+            "qlora-rope"
+        }
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.geometry(l)?;
+        let y = cpu::rope(s, l, &self.cos, &self.sin, g, self.backward)?;
+        Ok((y, l.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = self.geometry(l)?;
+        let y = cuda::rope(s, l, &self.cos, &self.sin, g, self.backward)?;
+        Ok((y, l.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let transpose = Self {
+            backward: !self.backward,
+            ..self.clone()
+        };
+        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&transpose)?))
+    }
+}
+
+// ----- SwiGLU -------------------------------------------------------------------------------------
+
+/// `up · silu(gate)` of a fused `gu = gate | up` (`[.., 2I]` → `[.., I]`).
+pub fn swiglu(gu: &Tensor) -> Result<Tensor> {
+    if fused_on(gu) {
+        swiglu_fused(gu)
+    } else {
+        swiglu_ref(gu)
+    }
+}
+
+/// The composition.
+pub fn swiglu_ref(gu: &Tensor) -> Result<Tensor> {
+    let i = gu.dim(D::Minus1)? / 2;
+    let gate = gu.narrow(D::Minus1, 0, i)?;
+    let up = gu.narrow(D::Minus1, i, i)?;
+    up * gate.silu()?
+}
+
+/// [`swiglu`] through the fused op on any device.
+pub fn swiglu_fused(gu: &Tensor) -> Result<Tensor> {
+    check_float("swiglu", gu)?;
+    let last = gu.dim(D::Minus1)?;
+    if last == 0 || last % 2 == 1 {
+        bail!("swiglu: the last dim of {:?} is not gate | up", gu.dims());
+    }
+    gu.contiguous()?.apply_op1(SwiGlu)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SwiGlu;
+
+fn half_last(l: &Layout) -> Shape {
+    let mut dims = l.shape().dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last /= 2;
+    }
+    Shape::from_dims(&dims)
+}
+
+impl CustomOp1 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "qlora-swiglu"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((cpu::swiglu_fwd(s, l)?, half_last(l)))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::swiglu_fwd(s, l)?, half_last(l)))
+    }
+    fn bwd(&self, gu: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(gu.apply_op2_no_bwd(&dy.contiguous()?, &SwiGluBwd)?))
+    }
+}
+
+/// `(gu, dy) → dgu` of [`SwiGlu`].
+#[derive(Debug, Clone, Copy)]
+struct SwiGluBwd;
+
+impl CustomOp2 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "qlora-swiglu-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((cpu::swiglu_bwd(s1, l1, s2, l2)?, l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::swiglu_bwd(s1, l1, s2, l2)?, l1.shape().clone()))
+    }
+}
+
+// ----- Softmax ------------------------------------------------------------------------------------
+
+/// Softmax over the last dim, computed in f32 for half types.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if fused_on(x) {
+        softmax_last_dim_fused(x)
+    } else {
+        softmax_last_dim_ref(x)
+    }
+}
+
+/// The composition (max-subtracted, candle-nn's `softmax`), in f32 for half types.
+pub fn softmax_last_dim_ref(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(reduce_dtype(dtype))?;
+    let max = x32.max_keepdim(D::Minus1)?;
+    let num = x32.broadcast_sub(&max)?.exp()?;
+    let den = num.sum_keepdim(D::Minus1)?;
+    num.broadcast_div(&den)?.to_dtype(dtype)
+}
+
+/// [`softmax_last_dim`] through the fused op on any device.
+pub fn softmax_last_dim_fused(x: &Tensor) -> Result<Tensor> {
+    check_float("softmax", x)?;
+    if x.dim(D::Minus1)? == 0 {
+        bail!("softmax: empty rows in {:?}", x.dims());
+    }
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "qlora-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((cpu::softmax_fwd(s, l)?, l.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::softmax_fwd(s, l)?, l.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxBwd)?))
+    }
+}
+
+/// `(x, dy) → dx` of [`Softmax`].
+#[derive(Debug, Clone, Copy)]
+struct SoftmaxBwd;
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "qlora-softmax-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((cpu::softmax_bwd(s1, l1, s2, l2)?, l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::softmax_bwd(s1, l1, s2, l2)?, l1.shape().clone()))
+    }
+}
+
+// ----- Cross-entropy ------------------------------------------------------------------------------
+
+/// Per-row cross-entropy (f32 `[N]`) of `logits [N, V]` against u32 `targets [N]`.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if fused_on(logits) {
+        cross_entropy_fused(logits, targets)
+    } else {
+        cross_entropy_ref(logits, targets)
+    }
+}
+
+/// The composition: `−log_softmax(f32 logits)` gathered at the targets (f64 logits stay f64).
+pub fn cross_entropy_ref(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let dtype = if logits.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let logp = log_softmax_ref(&logits.to_dtype(dtype)?)?;
+    logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+}
+
+/// candle-nn's `log_softmax` over the last dim, from the same primitive ops (this crate does not
+/// depend on candle-nn).
+fn log_softmax_ref(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let diff = x.broadcast_sub(&max)?;
+    let sum_exp = diff.exp()?.sum_keepdim(D::Minus1)?;
+    diff.broadcast_sub(&sum_exp.log()?)
+}
+
+/// [`cross_entropy`] through the fused op on any device. Targets must be below `V`.
+pub fn cross_entropy_fused(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    check_float("cross_entropy", logits)?;
+    let (n, v) = logits.dims2()?;
+    if v == 0 {
+        bail!("cross_entropy: empty vocabulary");
+    }
+    if targets.dtype() != DType::U32 || targets.dims() != [n] {
+        bail!(
+            "cross_entropy: targets must be u32 [{n}], got {:?} {:?}",
+            targets.dtype(),
+            targets.dims()
+        );
+    }
+    if !targets.device().same_device(logits.device()) {
+        bail!("cross_entropy: targets live on another device than the logits");
+    }
+    if n > 0 {
+        let max = targets.max(0)?.to_scalar::<u32>()? as usize;
+        if max >= v {
+            bail!("cross_entropy: target {max} is outside the vocabulary of {v}");
+        }
+    }
+    logits.contiguous()?.apply_op1(CrossEntropy {
+        targets: targets.contiguous()?,
+    })
+}
+
+#[derive(Debug, Clone)]
+struct CrossEntropy {
+    targets: Tensor,
+}
+
+fn rows_shape(l: &Layout) -> Result<Shape> {
+    Ok(Shape::from(l.shape().dims2()?.0))
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "qlora-cross-entropy"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((cpu::xent_fwd(s, l, &self.targets)?, rows_shape(l)?))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::xent_fwd(s, l, &self.targets)?, rows_shape(l)?))
+    }
+    fn bwd(&self, logits: &Tensor, _loss: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let g = g.to_dtype(DType::F32)?.contiguous()?;
+        Ok(Some(
+            logits.apply_op2_no_bwd(&g, &CrossEntropyBwd(self.clone()))?,
+        ))
+    }
+}
+
+/// `(logits, g) → dlogits` of [`CrossEntropy`], `g` the f32 gradient of each row's loss.
+#[derive(Debug, Clone)]
+struct CrossEntropyBwd(CrossEntropy);
+
+impl CustomOp2 for CrossEntropyBwd {
+    fn name(&self) -> &'static str {
+        "qlora-cross-entropy-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((
+            cpu::xent_bwd(s1, l1, s2, l2, &self.0.targets)?,
+            l1.shape().clone(),
+        ))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dx = cuda::xent_bwd(s1, l1, s2, l2, &self.0.targets)?;
+        Ok((dx, l1.shape().clone()))
+    }
+}

@@ -1,0 +1,256 @@
+//! The fused ops (`qlora_quant::fused`) against their candle compositions, forward and backward,
+//! on every device (see [`crate::devices::devices`]) and in f32, bf16 and f16. On the CPU this
+//! checks the ops' own CPU loops (the kernels' formulas, derivatives included) against candle's
+//! autograd; on CUDA it checks the kernels.
+
+use crate::devices::devices;
+use candle_core::{DType, Device, Tensor, Var};
+use qlora_quant::fused;
+
+/// f32: the op and the composition differ in summation order and in `exp` (CUDA's `expf` is
+/// within 2 ulp); relative to max |reference|.
+const F32_TOL: f32 = 2e-5;
+/// bf16: both round to bf16 at the same points, but intermediate values computed in f32 by the
+/// op are rounded to bf16 by some of the composition's primitives (silu, products): a few
+/// half-ulps, 2^-6.
+const BF16_TOL: f32 = 1.0 / 64.0;
+/// f16: the same steps with 3 more mantissa bits, 2^-9.
+const F16_TOL: f32 = 1.0 / 512.0;
+
+fn tol(dtype: DType) -> f32 {
+    match dtype {
+        DType::BF16 => BF16_TOL,
+        DType::F16 => F16_TOL,
+        _ => F32_TOL,
+    }
+}
+
+/// Deterministic values in [lo, hi).
+fn uniform(shape: &[usize], seed: u64, lo: f32, hi: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            let h = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03);
+            lo + (hi - lo) * ((h >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn host_f32(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Asserts max |a − b| ≤ tol · max |b| (infinities must match exactly), printing where it fails.
+fn assert_close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shape");
+    let (a, b) = (host_f32(a), host_f32(b));
+    let scale = b
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0f32, |m, v| m.max(v.abs()))
+        .max(1e-12);
+    let mut worst = (0f32, 0usize);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let d = if x == y { 0.0 } else { (x - y).abs() };
+        if d.is_nan() || d > worst.0 {
+            worst = (if d.is_nan() { f32::INFINITY } else { d }, i);
+        }
+    }
+    assert!(
+        worst.0 <= tol * scale,
+        "{what}: max |Δ| {:e} (relative {:e} > {tol:e}) at {}: {} vs {}",
+        worst.0,
+        worst.0 / scale,
+        worst.1,
+        a[worst.1],
+        b[worst.1]
+    );
+}
+
+/// Runs `op` (fused, on `dev`) and `reference` (the composition, on the CPU) on the same inputs,
+/// compares outputs and the gradient of `Σ y ⊙ r` with respect to the first input.
+fn check<F, R>(dev: &Device, dtype: DType, inputs: &[Tensor], what: &str, op: F, reference: R)
+where
+    F: Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    R: Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+{
+    let what = format!("{what} {dev:?} {dtype:?}");
+    let cast = |t: &Tensor, d: &Device| {
+        if t.dtype() == DType::U32 {
+            t.to_device(d).unwrap()
+        } else {
+            t.to_dtype(dtype).unwrap().to_device(d).unwrap()
+        }
+    };
+    let x_dev = Var::from_tensor(&cast(&inputs[0], dev)).unwrap();
+    let x_ref = Var::from_tensor(&cast(&inputs[0], &Device::Cpu)).unwrap();
+    let mut args_dev = vec![x_dev.as_tensor().clone()];
+    let mut args_ref = vec![x_ref.as_tensor().clone()];
+    for t in &inputs[1..] {
+        args_dev.push(cast(t, dev));
+        args_ref.push(cast(t, &Device::Cpu));
+    }
+    let y = op(&args_dev).unwrap();
+    let y_ref = reference(&args_ref).unwrap();
+    assert_close(&y, &y_ref, tol(dtype), &format!("{what} forward"));
+
+    let r = uniform(y.dims(), 99, -1.0, 1.0)
+        .to_dtype(y.dtype())
+        .unwrap();
+    let g = (y * r.to_device(dev).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g_ref = (y_ref * r).unwrap().sum_all().unwrap().backward().unwrap();
+    let dx = g.get(x_dev.as_tensor()).expect("the input gets a gradient");
+    let dx_ref = g_ref
+        .get(x_ref.as_tensor())
+        .expect("the reference input gets a gradient");
+    assert_eq!(dx.dtype(), dtype, "{what}: gradient dtype");
+    assert_close(dx, dx_ref, tol(dtype), &format!("{what} backward"));
+}
+
+const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+#[test]
+fn rms_norm_fused_matches_the_composition() {
+    let x = uniform(&[2, 3, 96], 1, -2.0, 2.0);
+    let w = uniform(&[96], 2, 0.5, 1.5);
+    for dev in devices() {
+        for dtype in DTYPES {
+            check(
+                &dev,
+                dtype,
+                &[x.clone(), w.clone()],
+                "rms_norm",
+                |a| fused::rms_norm_fused(&a[0], &a[1], 1e-5),
+                |a| fused::rms_norm_ref(&a[0], &a[1], 1e-5),
+            );
+        }
+    }
+}
+
+#[test]
+fn rope_fused_matches_the_composition() {
+    let x = uniform(&[2, 3, 5, 16], 3, -1.0, 1.0);
+    // Full rotation with per-batch tables, and a partial one (8 of 16 dims) with shared tables.
+    let tables = [
+        (
+            uniform(&[2, 1, 5, 16], 4, -1.0, 1.0),
+            uniform(&[2, 1, 5, 16], 5, -1.0, 1.0),
+        ),
+        (
+            uniform(&[1, 1, 5, 8], 6, -1.0, 1.0),
+            uniform(&[1, 1, 5, 8], 7, -1.0, 1.0),
+        ),
+    ];
+    for dev in devices() {
+        for dtype in DTYPES {
+            for (cos, sin) in &tables {
+                let inputs = [x.clone(), cos.clone(), sin.clone()];
+                check(
+                    &dev,
+                    dtype,
+                    &inputs,
+                    "rope",
+                    |a| fused::rope_fused(&a[0], &a[1], &a[2]),
+                    |a| fused::rope_ref(&a[0], &a[1], &a[2]),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn swiglu_fused_matches_the_composition() {
+    let gu = uniform(&[3, 7, 80], 8, -4.0, 4.0);
+    for dev in devices() {
+        for dtype in DTYPES {
+            check(
+                &dev,
+                dtype,
+                std::slice::from_ref(&gu),
+                "swiglu",
+                |a| fused::swiglu_fused(&a[0]),
+                |a| fused::swiglu_ref(&a[0]),
+            );
+        }
+    }
+}
+
+#[test]
+fn softmax_fused_matches_the_composition_with_masked_entries() {
+    let mut v = host_f32(&uniform(&[2, 4, 33], 9, -6.0, 6.0));
+    // An additive causal-style mask: −∞ on some entries of every row (never a whole row).
+    for (i, x) in v.iter_mut().enumerate() {
+        if i % 33 > 20 && (i / 33) % 2 == 0 {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+    let x = Tensor::from_vec(v, (2, 4, 33), &Device::Cpu).unwrap();
+    for dev in devices() {
+        for dtype in DTYPES {
+            check(
+                &dev,
+                dtype,
+                std::slice::from_ref(&x),
+                "softmax",
+                |a| fused::softmax_last_dim_fused(&a[0]),
+                |a| fused::softmax_last_dim_ref(&a[0]),
+            );
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_fused_matches_the_composition() {
+    let logits = uniform(&[5, 50], 10, -5.0, 5.0);
+    let targets = Tensor::new(&[0u32, 49, 7, 7, 23], &Device::Cpu).unwrap();
+    for dev in devices() {
+        for dtype in DTYPES {
+            check(
+                &dev,
+                dtype,
+                &[logits.clone(), targets.clone()],
+                "cross_entropy",
+                |a| fused::cross_entropy_fused(&a[0], &a[1]),
+                |a| fused::cross_entropy_ref(&a[0], &a[1]),
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_ops_refuse_bad_input_with_errors() {
+    for dev in devices() {
+        let x = uniform(&[2, 8], 1, -1.0, 1.0).to_device(&dev).unwrap();
+        let trainable = Var::ones(8, DType::F32, &dev).unwrap();
+        let err = fused::rms_norm_fused(&x, trainable.as_tensor(), 1e-5).unwrap_err();
+        assert!(err.to_string().contains("trainable"), "{err}");
+        let wrong = Tensor::ones(7, DType::F32, &dev).unwrap();
+        assert!(fused::rms_norm_fused(&x, &wrong, 1e-5).is_err());
+        let odd = uniform(&[2, 7], 1, -1.0, 1.0).to_device(&dev).unwrap();
+        assert!(fused::swiglu_fused(&odd).is_err());
+        let targets = Tensor::new(&[1u32, 8], &dev).unwrap();
+        let err = fused::cross_entropy_fused(&x, &targets).unwrap_err();
+        assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+        let x4 = uniform(&[1, 2, 3, 8], 1, -1.0, 1.0)
+            .to_device(&dev)
+            .unwrap();
+        let bad_table = Tensor::ones((1, 1, 4, 8), DType::F32, &dev).unwrap();
+        assert!(fused::rope_fused(&x4, &bad_table, &bad_table).is_err());
+        let u8s = Tensor::zeros((2, 4), DType::U8, &dev).unwrap();
+        assert!(fused::softmax_last_dim_fused(&u8s).is_err());
+    }
+}
