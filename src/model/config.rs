@@ -30,6 +30,10 @@ pub fn token_ids(value: Option<&serde_json::Value>) -> Vec<u32> {
 pub struct RopeConfig {
     pub theta: f64,
     pub head_dim: usize,
+    /// The leading dims of each head that are rotated, `int(head_dim · partial_rotary_factor)`
+    /// (transformers' definition; Phi-4-mini rotates 96 of 128); the rest pass through unchanged.
+    /// Frequencies are `θ^(−2i / rotary_dim)`.
+    pub rotary_dim: usize,
     pub scaling: RopeScaling,
 }
 
@@ -66,6 +70,9 @@ pub struct Phi3Config {
     pub rope_scaling: Option<serde_json::Value>,
     #[serde(default)]
     pub rope_parameters: Option<serde_json::Value>,
+    /// Fraction of each head that is rotated (Phi-4-mini: 0.75); also read from `rope_parameters`.
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
     pub max_position_embeddings: usize,
     #[serde(default)]
     pub original_max_position_embeddings: Option<usize>,
@@ -123,6 +130,7 @@ impl Phi3Config {
             self.num_hidden_layers > 0 && self.vocab_size > 0 && self.intermediate_size > 0,
             "num_hidden_layers, vocab_size and intermediate_size must be positive"
         );
+        self.rope()?;
         Ok(())
     }
 
@@ -160,12 +168,22 @@ impl Phi3Config {
             .rope_theta
             .or_else(|| get_f64("rope_theta"))
             .unwrap_or(10000.0);
-        let partial = get_f64("partial_rotary_factor").unwrap_or(1.0);
-        if partial != 1.0 {
-            bail!(
-                "partial_rotary_factor {partial} is not supported (Phi-3 and Phi-3.5 rotate the whole head)"
-            );
-        }
+        let partial = self
+            .partial_rotary_factor
+            .or_else(|| get_f64("partial_rotary_factor"))
+            .unwrap_or(1.0);
+        ensure!(
+            partial > 0.0 && partial <= 1.0,
+            "partial_rotary_factor {partial} is not in (0, 1]"
+        );
+        // transformers: dim = int(head_dim * partial_rotary_factor).
+        let rotary_dim = (self.head_dim() as f64 * partial) as usize;
+        ensure!(
+            rotary_dim >= 2 && rotary_dim % 2 == 0,
+            "partial_rotary_factor {partial} of head_dim {} rotates {rotary_dim} dims; rotate-half \
+             RoPE needs an even, nonzero number",
+            self.head_dim()
+        );
         let kind = params
             .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
             .and_then(|v| v.as_str())
@@ -180,10 +198,10 @@ impl Phi3Config {
                         .with_context(|| format!("longrope needs `{k}`"))?;
                     let f: Vec<f64> = list.iter().filter_map(|v| v.as_f64()).collect();
                     ensure!(
-                        f.len() == self.head_dim() / 2 && f.len() == list.len(),
-                        "`{k}` has {} numbers, want head_dim / 2 = {}",
+                        f.len() == rotary_dim / 2 && f.len() == list.len(),
+                        "`{k}` has {} numbers, want rotary dims / 2 = {}",
                         list.len(),
-                        self.head_dim() / 2
+                        rotary_dim / 2
                     );
                     Ok(f)
                 };
@@ -213,6 +231,7 @@ impl Phi3Config {
         Ok(RopeConfig {
             theta,
             head_dim: self.head_dim(),
+            rotary_dim,
             scaling,
         })
     }
@@ -282,5 +301,52 @@ mod tests {
         v["num_key_value_heads"] = 5.into();
         let err = format!("{:#}", Phi3Config::from_value(&v, "c").unwrap_err());
         assert!(err.contains("num_key_value_heads 5"), "{err}");
+    }
+
+    #[test]
+    fn phi4_mini_rotates_three_quarters_of_each_head() {
+        // microsoft/Phi-4-mini-instruct's config.json, the rope keys (factors shortened to ones).
+        let mut v = mini();
+        for (k, x) in [
+            ("vocab_size", serde_json::json!(200064)),
+            ("num_attention_heads", 24.into()),
+            ("num_key_value_heads", 8.into()),
+            ("partial_rotary_factor", 0.75.into()),
+            ("max_position_embeddings", 131072.into()),
+            ("tie_word_embeddings", true.into()),
+            (
+                "rope_scaling",
+                serde_json::json!({"type": "longrope", "short_factor": vec![1.0; 48],
+                                   "long_factor": vec![1.0; 48]}),
+            ),
+        ] {
+            v[k] = x;
+        }
+        let c = Phi3Config::from_value(&v, "config.json").unwrap();
+        let rope = c.rope().unwrap();
+        assert_eq!((rope.head_dim, rope.rotary_dim), (128, 96));
+        // transformers 5 keeps it in rope_parameters.
+        let mut v5 = mini();
+        v5["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 10000.0,
+                                                   "partial_rotary_factor": 0.5});
+        let rope = Phi3Config::from_value(&v5, "c").unwrap().rope().unwrap();
+        assert_eq!(rope.rotary_dim, 48);
+        // Factors sized for the whole head, an odd rotary dim, a factor out of range: refused.
+        v["rope_scaling"]["short_factor"] = serde_json::json!(vec![1.0; 64]);
+        let e = format!(
+            "{:#}",
+            Phi3Config::from_value(&v, "x/config.json").unwrap_err()
+        );
+        assert!(
+            e.contains("x/config.json") && e.contains("short_factor"),
+            "{e}"
+        );
+        let mut v = mini();
+        v["partial_rotary_factor"] = 0.15625.into();
+        let e = format!("{:#}", Phi3Config::from_value(&v, "c").unwrap_err());
+        assert!(e.contains("rotates 15 dims"), "{e}");
+        v["partial_rotary_factor"] = 1.5.into();
+        let e = format!("{:#}", Phi3Config::from_value(&v, "c").unwrap_err());
+        assert!(e.contains("partial_rotary_factor 1.5"), "{e}");
     }
 }

@@ -47,7 +47,7 @@ impl Block {
 /// What a batch needs beyond its embeddings: rotary tables and the additive attention mask.
 #[derive(Debug, Clone)]
 pub struct Prepared {
-    /// `[B, 1, T, d]`.
+    /// `[B, 1, T, r]`, `r` the rotated dims of a head (`d`, or fewer with a partial rotary factor).
     pub cos: Tensor,
     pub sin: Tensor,
     /// `[B, 1, T, T_keys]`, 0 where attention is allowed, −∞ elsewhere.

@@ -1,6 +1,8 @@
 //! Rotary position embedding, rotate-half (NEOX) style as Phi-3 uses it, built from differentiable
 //! candle ops (candle's fused `rope` has no backward). Tables are gathered by position id, so packed
-//! sequences whose positions restart per conversation work as well as plain ones.
+//! sequences whose positions restart per conversation work as well as plain ones. With a partial
+//! rotary factor (Phi-4-mini) only the first `rotary_dim` dims of each head are rotated, the rest
+//! pass through, as transformers' `apply_rotary_pos_emb` does.
 
 use super::config::{RopeConfig, RopeScaling};
 use candle_core::{D, DType, Device, Result, Tensor};
@@ -9,7 +11,7 @@ use candle_core::{D, DType, Device, Result, Tensor};
 /// Longrope picks the long factors when the sequence is longer than the original context
 /// (`max_pos + 1 > original_max`), as transformers' dynamic longrope update does.
 pub fn inv_freq(cfg: &RopeConfig, max_pos: usize) -> (Vec<f64>, f64) {
-    let d = cfg.head_dim;
+    let d = cfg.rotary_dim;
     let base: Vec<f64> = (0..d / 2)
         .map(|i| 1.0 / cfg.theta.powf((2 * i) as f64 / d as f64))
         .collect();
@@ -34,14 +36,14 @@ pub fn inv_freq(cfg: &RopeConfig, max_pos: usize) -> (Vec<f64>, f64) {
     }
 }
 
-/// cos and sin for `positions` (u32 `[B, T]`): each `[B, 1, T, head_dim]` in `dtype`, the half
+/// cos and sin for `positions` (u32 `[B, T]`): each `[B, 1, T, rotary_dim]` in `dtype`, the half
 /// table repeated (`cat(freqs, freqs)`), scaled by the attention factor.
 pub fn cos_sin(cfg: &RopeConfig, positions: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
     let pos: Vec<Vec<u32>> = positions.to_vec2()?;
     let max_pos = pos.iter().flatten().copied().max().unwrap_or(0) as usize;
     let (freqs, scale) = inv_freq(cfg, max_pos);
     let (b, t) = positions.dims2()?;
-    let d = cfg.head_dim;
+    let d = cfg.rotary_dim;
     let mut cos = Vec::with_capacity(b * t * d);
     let mut sin = Vec::with_capacity(b * t * d);
     for &p in pos.iter().flatten() {
@@ -65,8 +67,20 @@ pub fn cos_sin(cfg: &RopeConfig, positions: &Tensor, dtype: DType) -> Result<(Te
     ))
 }
 
-/// `x · cos + rotate_half(x) · sin` for `x: [B, H, T, D]`, `cos, sin: [B, 1, T, D]`.
+/// `x · cos + rotate_half(x) · sin` on the first `R` dims of `x: [B, H, T, D]`, the other `D − R`
+/// passed through, for `cos, sin: [B, 1, T, R]`.
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let r = cos.dim(D::Minus1)?;
+    if r == d {
+        return rotate(x, cos, sin);
+    }
+    let rotated = rotate(&x.narrow(D::Minus1, 0, r)?, cos, sin)?;
+    Tensor::cat(&[&rotated, &x.narrow(D::Minus1, r, d - r)?], D::Minus1)
+}
+
+/// `x · cos + rotate_half(x) · sin`, all of `x`'s last dim.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;

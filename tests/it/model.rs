@@ -79,6 +79,46 @@ fn f32_logits_match_transformers_mha_gqa_longrope() {
 }
 
 #[test]
+fn partial_rotary_and_tied_head_match_transformers() {
+    // Phi-4-mini's traits: RoPE (longrope) on the first 12 of each head's 16 dims, the lm_head tied
+    // to the embeddings (the checkpoint has no lm_head.weight).
+    let m = load_f32("partial", BaseFormat::Dense);
+    assert_eq!((m.rope.head_dim, m.rope.rotary_dim), (16, 12));
+    for (ids_key, logits_key, what) in [
+        ("input_ids", "logits", "partial, 48 tokens (long factors)"),
+        (
+            "input_ids_short",
+            "logits_short",
+            "partial, 20 tokens (short factors)",
+        ),
+    ] {
+        let (ids, want) = golden("partial", "logits.safetensors", ids_key, logits_key);
+        check(&m, &ids, &want, what);
+    }
+    // The KV cache keeps the passed-through dims as they are.
+    let (ids, _) = golden(
+        "partial",
+        "logits.safetensors",
+        "input_ids_short",
+        "logits_short",
+    );
+    let full = m.forward(&ids).unwrap();
+    let mut cache = qlora::model::phi3::KvCache::default();
+    let mut steps = vec![
+        m.forward_cached(&ids.i((.., 0..13)).unwrap(), &mut cache)
+            .unwrap(),
+    ];
+    for t in 13..20 {
+        steps.push(
+            m.forward_cached(&ids.i((.., t..t + 1)).unwrap(), &mut cache)
+                .unwrap(),
+        );
+    }
+    let d = max_abs_diff(&Tensor::cat(&steps, 1).unwrap(), &full);
+    assert!(d <= F32_LOGITS_ABS_TOL, "partial, cached vs full: {d:e}");
+}
+
+#[test]
 fn nf4_checkpoint_loads_straight_into_nf4_and_matches_the_dequantized_reference() {
     // gqa-bnb: saved by transformers + bitsandbytes; the reference logits come from the f32 model
     // whose linears are bitsandbytes' own dequantization of those codes.
