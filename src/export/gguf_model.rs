@@ -3,7 +3,7 @@
 //! writes it, each tensor merged and encoded just before it is written.
 
 use super::gguf::{GgmlType, GgufWriter, TensorSpec, Value, encode};
-use super::vocab::phi3_vocab;
+use super::vocab::write_tokenizer;
 use super::{MergeBase, Source, check_output, merged_linear};
 use crate::checkpoint;
 use crate::lora::peft::PeftAdapter;
@@ -78,11 +78,15 @@ pub fn export(
         "phi3.attention.layer_norm_rms_epsilon",
         Value::F32(cfg.rms_norm_eps as f32),
     )?;
-    w.kv("phi3.rope.dimension_count", u(cfg.head_dim()))?;
+    // The rotated dims of a head (Phi-4-mini: 96 of 128), as the converter's
+    // int(partial_rotary_factor * n_embd) // n_head.
+    w.kv("phi3.rope.dimension_count", u(rope.rotary_dim))?;
     w.kv("phi3.rope.freq_base", Value::F32(rope.theta as f32))?;
-    if let Some(sw) = cfg.sliding_window {
-        w.kv("phi3.attention.sliding_window", u(sw))?;
-    }
+    // The converter writes 0 for no window (how llama.cpp tells Phi-4 from Phi-3).
+    w.kv(
+        "phi3.attention.sliding_window",
+        u(cfg.sliding_window.unwrap_or(0)),
+    )?;
     w.kv("general.file_type", Value::U32(file_type(ty)))?;
     // Longrope (128k models): the attention factor, and both factor sets as f32 tensors that
     // llama.cpp picks between by context length.
@@ -113,44 +117,7 @@ pub fn export(
         }
     }
 
-    let vocab = phi3_vocab(model_dir, cfg.vocab_size)?;
-    let tok_cfg: serde_json::Value = std::fs::read(model_dir.join("tokenizer_config.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(serde_json::Value::Null);
-    let special = |k: &str| -> Option<String> {
-        match tok_cfg.get(k)? {
-            serde_json::Value::String(s) => Some(s.clone()),
-            v => v.get("content")?.as_str().map(str::to_string),
-        }
-    };
-    let id_of = |tok: &str| vocab.tokens.iter().position(|t| t == tok).map(|i| i as u32);
-    w.kv("tokenizer.ggml.model", Value::Str("llama".into()))?;
-    w.kv("tokenizer.ggml.pre", Value::Str("default".into()))?;
-    w.kv("tokenizer.ggml.tokens", Value::ArrStr(vocab.tokens.clone()))?;
-    w.kv("tokenizer.ggml.scores", Value::ArrF32(vocab.scores.clone()))?;
-    w.kv(
-        "tokenizer.ggml.token_type",
-        Value::ArrI32(vocab.types.clone()),
-    )?;
-    for (key, cfg_key) in [
-        ("bos_token_id", "bos_token"),
-        ("eos_token_id", "eos_token"),
-        ("unknown_token_id", "unk_token"),
-        ("padding_token_id", "pad_token"),
-    ] {
-        if let Some(id) = special(cfg_key).and_then(|t| id_of(&t)) {
-            w.kv(&format!("tokenizer.ggml.{key}"), Value::U32(id))?;
-        }
-    }
-    for key in ["add_bos_token", "add_eos_token"] {
-        if let Some(b) = tok_cfg.get(key).and_then(|b| b.as_bool()) {
-            w.kv(&format!("tokenizer.ggml.{key}"), Value::Bool(b))?;
-        }
-    }
-    if let Some(t) = tok_cfg.get("chat_template").and_then(|t| t.as_str()) {
-        w.kv("tokenizer.chat_template", Value::Str(t.to_string()))?;
-    }
+    write_tokenizer(&mut w, model_dir, &cfg)?;
     w.kv("general.quantization_version", Value::U32(2))?;
 
     // Tensors in llama.cpp's order: embeddings, blocks, final norm, head.
@@ -166,20 +133,19 @@ pub fn export(
         );
     }
     hf_names.push("model.norm.weight".into());
-    hf_names.push(
-        if lookup("lm_head.weight").is_some() {
-            "lm_head.weight"
-        } else {
-            "model.embed_tokens.weight"
-        }
-        .into(),
-    );
-    for (i, hf) in hf_names.iter().enumerate() {
-        let gguf = if i == hf_names.len() - 1 {
-            "output.weight".to_string()
-        } else {
-            names::gguf_name(hf).context("named in the table")?
-        };
+    // A tied head (Phi-4-mini) has no lm_head.weight; like the converter we then write no
+    // `output.weight`, and llama.cpp uses token_embd.
+    let has_output = lookup("lm_head.weight").is_some();
+    if has_output {
+        hf_names.push("lm_head.weight".into());
+    } else if !cfg.tie_word_embeddings {
+        bail!(
+            "{}: no `lm_head.weight` and tie_word_embeddings is false",
+            model_dir.display()
+        );
+    }
+    for hf in &hf_names {
+        let gguf = names::gguf_name(hf).context("named in the table")?;
         let file = file_of(hf);
         let is_linear = names::block_linear(hf).is_some();
         let q = if is_bnb && is_linear {

@@ -1,8 +1,22 @@
-//! The tokenizer as llama.cpp's `phi3` converter writes it (`tokenizer.ggml.model = "llama"`): the
-//! SentencePiece pieces, scores and types of tokenizer.model, padded to the model's vocab_size with
-//! `[PADi]` (score −10000, UNUSED), then the added tokens of tokenizer_config.json /
-//! tokenizer.json (score −1000, CONTROL when special, else USER_DEFINED).
+//! The tokenizer as llama.cpp's `phi3` converter writes it ([`write_tokenizer`]), of two kinds:
+//! - SentencePiece (`tokenizer.ggml.model = "llama"`, Phi-3 and Phi-3.5): the pieces, scores and
+//!   types of tokenizer.model, padded to the model's vocab_size with `[PADi]` (score −10000,
+//!   UNUSED), then the added tokens of added_tokens.json (USER_DEFINED), tokenizer_config.json and
+//!   tokenizer.json (score −1000, CONTROL when special, else USER_DEFINED).
+//! - BPE (`"gpt2"`, Phi-4-mini: tokenizer_config.json's `tokenizer_class` is `GPT2Tokenizer`): see
+//!   [`bpe`].
+//!
+//! Both then get gguf-py's special tokens, flags, merges (BPE) and chat template ([`special`]).
 
+mod bpe;
+mod post_processor;
+mod special;
+
+pub use bpe::{BpeVocab, PRE_TOKENIZERS, read_bpe};
+pub use special::SpecialVocab;
+
+use super::gguf::{GgufWriter, Value};
+use crate::model::config::Phi3Config;
 use anyhow::{Context, Result, bail};
 use std::path::Path;
 
@@ -98,8 +112,10 @@ pub fn read_sentencepiece(path: &Path) -> Result<Vocab> {
 
 /// The vocabulary llama.cpp's converter would write for the model in `dir`.
 pub fn phi3_vocab(dir: &Path, vocab_size: usize) -> Result<Vocab> {
-    let sp = read_sentencepiece(&dir.join("tokenizer.model"))
-        .context("GGUF export of a SentencePiece (llama) vocabulary needs tokenizer.model")?;
+    let sp = read_sentencepiece(&dir.join("tokenizer.model")).context(
+        "GGUF export of a SentencePiece (llama) vocabulary needs tokenizer.model (BPE \
+         vocabularies are recognized by tokenizer_config.json's tokenizer_class GPT2Tokenizer)",
+    )?;
     let mut v = Vocab {
         tokens: (0..vocab_size).map(|i| format!("[PAD{i}]")).collect(),
         scores: vec![-10000.0; vocab_size],
@@ -124,8 +140,22 @@ pub fn phi3_vocab(dir: &Path, vocab_size: usize) -> Result<Vocab> {
             v.types[id] = if special { CONTROL } else { USER_DEFINED };
         }
     };
-    if let Ok(bytes) = std::fs::read(dir.join("tokenizer_config.json")) {
-        let cfg: serde_json::Value = serde_json::from_slice(&bytes)?;
+    let path = dir.join("added_tokens.json");
+    if let Some(map) = read_json(&path)? {
+        let map = map
+            .as_object()
+            .with_context(|| format!("{}: not a JSON object", path.display()))?;
+        for (content, id) in map {
+            let id = id.as_u64().with_context(|| {
+                format!(
+                    "{}: the id of `{content}` is not a token id",
+                    path.display()
+                )
+            })?;
+            added(id as usize, content, false);
+        }
+    }
+    if let Some(cfg) = read_json(&dir.join("tokenizer_config.json"))? {
         if let Some(dec) = cfg.get("added_tokens_decoder").and_then(|d| d.as_object()) {
             for (id, data) in dec {
                 if let (Ok(id), Some(content)) = (
@@ -143,8 +173,7 @@ pub fn phi3_vocab(dir: &Path, vocab_size: usize) -> Result<Vocab> {
             }
         }
     }
-    if let Ok(bytes) = std::fs::read(dir.join("tokenizer.json")) {
-        let tj: serde_json::Value = serde_json::from_slice(&bytes)?;
+    if let Some(tj) = read_json(&dir.join("tokenizer.json"))? {
         for data in tj
             .get("added_tokens")
             .and_then(|a| a.as_array())
@@ -166,4 +195,47 @@ pub fn phi3_vocab(dir: &Path, vocab_size: usize) -> Result<Vocab> {
         }
     }
     Ok(v)
+}
+
+/// A JSON file, or `None` when there is no such file; unreadable or invalid JSON is an error that
+/// names the file.
+pub(crate) fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .with_context(|| format!("{}: not valid JSON", path.display()))
+}
+
+/// tokenizer_config.json's `tokenizer_class` values of BPE ("gpt2") vocabularies: llama.cpp's
+/// converter checks for `GPT2Tokenizer` (Phi-4-mini); its fast twin names the same tokenizer.
+const BPE_TOKENIZER_CLASSES: [&str; 2] = ["GPT2Tokenizer", "GPT2TokenizerFast"];
+
+/// Writes the tokenizer keys llama.cpp's `phi3` converter writes for the checkpoint in `dir`: a
+/// BPE vocabulary when tokenizer_config.json's `tokenizer_class` says GPT-2, else SentencePiece.
+pub fn write_tokenizer(w: &mut GgufWriter<'_>, dir: &Path, cfg: &Phi3Config) -> Result<()> {
+    let tc = read_json(&dir.join("tokenizer_config.json"))?;
+    let class = tc
+        .as_ref()
+        .and_then(|t| t.get("tokenizer_class"))
+        .and_then(|c| c.as_str());
+    if class.is_some_and(|c| BPE_TOKENIZER_CLASSES.contains(&c)) {
+        let v = read_bpe(dir, cfg.vocab_size)?;
+        w.kv("tokenizer.ggml.model", Value::Str("gpt2".into()))?;
+        w.kv("tokenizer.ggml.pre", Value::Str(v.pre.into()))?;
+        w.kv("tokenizer.ggml.tokens", Value::ArrStr(v.tokens))?;
+        w.kv("tokenizer.ggml.token_type", Value::ArrI32(v.types))?;
+        SpecialVocab::load(dir, true, None)?.write(w)
+    } else {
+        let v = phi3_vocab(dir, cfg.vocab_size)?;
+        let n_vocab = v.tokens.len();
+        w.kv("tokenizer.ggml.model", Value::Str("llama".into()))?;
+        w.kv("tokenizer.ggml.pre", Value::Str("default".into()))?;
+        w.kv("tokenizer.ggml.tokens", Value::ArrStr(v.tokens))?;
+        w.kv("tokenizer.ggml.scores", Value::ArrF32(v.scores))?;
+        w.kv("tokenizer.ggml.token_type", Value::ArrI32(v.types))?;
+        SpecialVocab::load(dir, false, Some(n_vocab))?.write(w)
+    }
 }

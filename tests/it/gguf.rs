@@ -50,7 +50,7 @@ fn check(ty: &str) {
 }
 
 /// Our file read back by gguf-rs against a golden description of llama.cpp's output.
-fn compare(out: &std::path::Path, golden_file: &str) {
+pub(crate) fn compare(out: &std::path::Path, golden_file: &str) {
     let ty = golden_file;
     let golden: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixtures().join("gguf").join(golden_file)).unwrap())

@@ -5,6 +5,7 @@ mod common;
 mod data;
 mod export;
 mod gguf;
+mod gguf_phi4;
 mod model;
 mod quantize;
 mod train;
