@@ -29,7 +29,8 @@ pub struct ExportArgs {
     /// Output dtype (safetensors).
     #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
     dtype: String,
-    /// GGUF tensor type (norms stay f32).
+    /// GGUF type: gguf f32|f16|bf16|q8_0|q4_0 or a llama-quantize mix q4_k_m|q5_k_m|q6_k;
+    /// gguf-lora f32|f16|bf16|q8_0. Norms stay f32.
     #[arg(long = "type", default_value = "f16")]
     ty: String,
     /// Merge into the original weights (default) or into dequant(NF4(W)), what a --4bit adapter saw.
@@ -64,7 +65,7 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
         let a = adapter
             .as_ref()
             .context("--format gguf-lora needs --adapter")?;
-        let ty = crate::export::gguf::GgmlType::parse(&args.ty)?;
+        let ty = crate::export::ftype::parse_lora_type(&args.ty)?;
         crate::export::gguf_lora::export(&dir, a, &args.out, ty, args.force)?;
         println!(
             "wrote {} (llama.cpp LoRA GGUF, {}, alpha = scale · r = {})",
@@ -75,7 +76,7 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if args.format == "gguf" {
-        let ty = crate::export::gguf::GgmlType::parse(&args.ty)?;
+        let ty = crate::export::ftype::FileType::parse(&args.ty)?;
         crate::export::gguf_model::export(&dir, adapter.as_ref(), &args.out, ty, base, args.force)?;
         println!(
             "wrote {} (GGUF phi3, {}, {} merged into the {} base)",

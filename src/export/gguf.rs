@@ -25,11 +25,16 @@ pub enum Value {
 }
 
 /// ggml tensor types we write: `(name, ggml id, elements per block, bytes per block)`, one table.
-pub const TYPES: [(&str, u32, usize, usize); 5] = [
+pub const TYPES: [(&str, u32, usize, usize); 10] = [
     ("f32", 0, 1, 4),
     ("f16", 1, 1, 2),
     ("q4_0", 2, 32, 18),
+    ("q5_0", 6, 32, 22),
+    ("q5_1", 7, 32, 24),
     ("q8_0", 8, 32, 34),
+    ("q4_k", 12, 256, super::kquants::Q4_K_BYTES),
+    ("q5_k", 13, 256, super::kquants::Q5_K_BYTES),
+    ("q6_k", 14, 256, super::kquants::Q6_K_BYTES),
     ("bf16", 30, 1, 2),
 ];
 
@@ -222,8 +227,9 @@ impl<'a> GgufWriter<'a> {
     }
 }
 
-/// `values` (row-major, `shape`) encoded as `ty`: f32/f16/bf16 directly, block types through
-/// candle's quantizers (the ggml block layouts).
+/// `values` (row-major, `shape`) encoded as `ty`: f32/f16/bf16 directly, k-quants with
+/// [`super::kquants`] (llama-quantize's algorithm), the 32-element block types through candle's
+/// quantizers (the same as ggml's reference ones).
 pub fn encode(values: &[f32], shape: &[usize], ty: GgmlType) -> Result<Vec<u8>> {
     Ok(match ty.name() {
         "f32" => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -235,10 +241,15 @@ pub fn encode(values: &[f32], shape: &[usize], ty: GgmlType) -> Result<Vec<u8>> 
             .iter()
             .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
             .collect(),
+        "q4_k" => super::kquants::encode(values, super::kquants::KQuant::Q4K),
+        "q5_k" => super::kquants::encode(values, super::kquants::KQuant::Q5K),
+        "q6_k" => super::kquants::encode(values, super::kquants::KQuant::Q6K),
         name => {
             let dtype = match name {
                 "q8_0" => candle_core::quantized::GgmlDType::Q8_0,
                 "q4_0" => candle_core::quantized::GgmlDType::Q4_0,
+                "q5_0" => candle_core::quantized::GgmlDType::Q5_0,
+                "q5_1" => candle_core::quantized::GgmlDType::Q5_1,
                 other => bail!("no quantizer for {other}"),
             };
             let t = candle_core::Tensor::from_slice(values, shape, &candle_core::Device::Cpu)?;

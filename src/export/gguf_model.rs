@@ -2,6 +2,7 @@
 //! (fused `attn_qkv` and `ffn_up` = gate|up), shapes in ggml order, the tokenizer as its converter
 //! writes it, each tensor merged and encoded just before it is written.
 
+use super::ftype::{FileType, TypePicker};
 use super::gguf::{GgmlType, GgufWriter, TensorSpec, Value, encode};
 use super::vocab::write_tokenizer;
 use super::{MergeBase, Source, check_output, merged_linear};
@@ -13,27 +14,16 @@ use anyhow::{Context, Result, bail};
 use qlora_quant::bnb;
 use std::path::Path;
 
-/// llama.cpp's `general.file_type` for a whole-file type.
-fn file_type(ty: GgmlType) -> u32 {
-    match ty.name() {
-        "f32" => 0,
-        "f16" => 1,
-        "q4_0" => 2,
-        "q8_0" => 7,
-        "bf16" => 32,
-        _ => 0,
-    }
-}
-
 /// Writes the merged model to `out` (a file, written under a temporary name and renamed).
 pub fn export(
     model_dir: &Path,
     adapter: Option<&PeftAdapter>,
     out: &Path,
-    ty: GgmlType,
+    ty: impl Into<FileType>,
     base: MergeBase,
     force: bool,
 ) -> Result<()> {
+    let ty: FileType = ty.into();
     check_output(out, force)?;
     let Source {
         ck,
@@ -87,7 +77,7 @@ pub fn export(
         "phi3.attention.sliding_window",
         u(cfg.sliding_window.unwrap_or(0)),
     )?;
-    w.kv("general.file_type", Value::U32(file_type(ty)))?;
+    w.kv("general.file_type", Value::U32(ty.id()))?;
     // Longrope (128k models): the attention factor, and both factor sets as f32 tensors that
     // llama.cpp picks between by context length.
     if let RopeScaling::LongRope {
@@ -144,6 +134,7 @@ pub fn export(
             model_dir.display()
         );
     }
+    let mut picker = TypePicker::new(ty, cfg.num_hidden_layers, has_output);
     for hf in &hf_names {
         let gguf = names::gguf_name(hf).context("named in the table")?;
         let file = file_of(hf);
@@ -159,11 +150,7 @@ pub fn export(
             (None, Some(v)) => v.shape().to_vec(),
             (None, None) => bail!("{}: no tensor `{hf}`", model_dir.display()),
         };
-        let tensor_ty = if shape.len() == 1 {
-            GgmlType::parse("f32")?
-        } else {
-            ty
-        };
+        let tensor_ty = picker.pick(&gguf, &shape);
         let delta = deltas.get(hf.trim_end_matches(".weight")).cloned();
         let (hf, shape2) = (hf.clone(), shape.clone());
         let view = view.expect("every tensor has a view (bnb weights too)");

@@ -7,9 +7,11 @@
 //! original model gives); `MergeBase::Nf4` merges into the dequantized NF4 weights instead, which is
 //! exactly the model the adapter saw during training.
 
+pub mod ftype;
 pub mod gguf;
 pub mod gguf_lora;
 pub mod gguf_model;
+pub mod kquants;
 pub mod safetensors;
 pub mod vocab;
 

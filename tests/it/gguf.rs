@@ -14,7 +14,18 @@ const NAMING_KEYS: [&str; 4] = [
     "general.version",
     "general.size_label",
 ];
-const GGML_TYPE_NAMES: [(u32, &str); 4] = [(0, "F32"), (1, "F16"), (8, "Q8_0"), (30, "BF16")];
+const GGML_TYPE_NAMES: [(u32, &str); 10] = [
+    (0, "F32"),
+    (1, "F16"),
+    (2, "Q4_0"),
+    (6, "Q5_0"),
+    (7, "Q5_1"),
+    (8, "Q8_0"),
+    (12, "Q4_K"),
+    (13, "Q5_K"),
+    (14, "Q6_K"),
+    (30, "BF16"),
+];
 
 fn hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)

@@ -6,6 +6,7 @@ mod data;
 mod export;
 mod gguf;
 mod gguf_phi4;
+mod kquant;
 mod model;
 mod quantize;
 mod train;
