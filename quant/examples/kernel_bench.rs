@@ -1,15 +1,19 @@
-//! Bandwidth of the CUDA dequantization kernel against a device-to-device copy, measured in the
-//! same process on the same GPU.
+//! The CUDA kernels measured on the GPU at hand, in one process:
+//!
+//! 1. the dequantization kernel's bandwidth against a device-to-device copy. The weight (default
+//!    32768 × 8192, 268 M values: 128 MiB of NF4 codes, 512 MiB as bf16) is dequantized `ITERS`
+//!    times between two synchronisations, `REPEATS` times; the median per call is reported. Bytes
+//!    moved by a dequantization = packed codes + absmax state read + output written; by a copy =
+//!    2 × its size (read + write), the copy being of the bf16 output's size, into a buffer
+//!    allocated once (cuMemcpyDtoD);
+//! 2. forward + backward of each fused op against the candle composition it replaces, at
+//!    Phi-3-mini's shapes for one 2048-token sequence in bf16 (`qlora_quant::fused`).
 //!
 //! ```sh
-//! cargo run --release -p qlora-quant --features cuda --example dequant_bw -- [ROWS COLS]
+//! cargo run --release -p qlora-quant --features cuda --example kernel_bench -- [ROWS COLS]
 //! ```
 //!
-//! The weight (default 32768 × 8192, 268 M values: 128 MiB of NF4 codes, 512 MiB as bf16) is
-//! dequantized `ITERS` times between two synchronisations, `REPEATS` times; the median per call is
-//! reported. Bytes moved by a dequantization = packed codes + absmax state read + output written;
-//! by a copy = 2 × its size (read + write), the copy being of the bf16 output's size, into a
-//! buffer allocated once (cuMemcpyDtoD). One JSON line per measurement, then a table.
+//! One JSON line per measurement, then tables.
 
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use candle_core::{DType, Device, Storage, Tensor};
@@ -47,7 +51,7 @@ fn main() -> anyhow::Result<()> {
     let (rows, cols) = match args.as_slice() {
         [] => (32768, 8192),
         [r, c] => (*r, *c),
-        _ => anyhow::bail!("usage: dequant_bw [ROWS COLS]"),
+        _ => anyhow::bail!("usage: kernel_bench [ROWS COLS]"),
     };
     let dev = Device::new_cuda(0)?;
     let n = rows * cols;
@@ -114,6 +118,160 @@ fn main() -> anyhow::Result<()> {
             "{what:<34} {:>10.1} {gbs:>10.0} {:>8.1}%",
             secs * 1e6,
             100.0 * gbs / copy_gbs
+        );
+    }
+    drop(guard);
+    fused_vs_composition(&dev)
+}
+
+/// Median milliseconds of forward + backward (`Σ y ⊙ r`, gradients of every float input) of `f`.
+fn fwd_bwd_ms(
+    dev: &Device,
+    inputs: &[Tensor],
+    f: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+) -> anyhow::Result<f64> {
+    use candle_core::Var;
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<candle_core::Result<_>>()?;
+    let args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&args)?;
+    let r = y.ones_like()?;
+    let step = || -> candle_core::Result<()> {
+        let y = f(&args)?;
+        (y * &r)?.sum_all()?.backward().map(drop)
+    };
+    let mut ms = Vec::new();
+    step()?;
+    for _ in 0..7 {
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        step()?;
+        dev.synchronize()?;
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok(ms[ms.len() / 2])
+}
+
+/// A forward to time.
+type OpFn = Box<dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>>;
+
+/// The fused ops against their compositions at Phi-3-mini's shapes (bf16, 2048 tokens).
+fn fused_vs_composition(dev: &Device) -> anyhow::Result<()> {
+    use qlora_quant::fused;
+    let (t, h, heads, d, inter, vocab) = (2048, 3072, 32, 96, 8192, 32064);
+    let bf = |shape: &[usize], lo: f64, hi: f64| -> candle_core::Result<Tensor> {
+        Tensor::rand(lo as f32, hi as f32, shape, dev)?.to_dtype(DType::BF16)
+    };
+    let mask: Vec<f32> = (0..t * t)
+        .map(|k| {
+            if k % t <= k / t {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (1, 1, t, t), dev)?.to_dtype(DType::BF16)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let angles = Tensor::rand(0f32, std::f32::consts::TAU, (1, 1, t, d), dev)?;
+    let (cos, sin) = (
+        angles.cos()?.to_dtype(DType::BF16)?,
+        angles.sin()?.to_dtype(DType::BF16)?,
+    );
+    let targets = Tensor::rand(0f32, vocab as f32 - 1.0, 256, dev)?.to_dtype(DType::U32)?;
+    let x = bf(&[1, t, h], -2.0, 2.0)?;
+    let w = bf(&[h], 0.5, 1.5)?;
+    let qkv = [
+        bf(&[1, heads, t, d], -1.0, 1.0)?,
+        bf(&[1, heads, t, d], -1.0, 1.0)?,
+        bf(&[1, heads, t, d], -1.0, 1.0)?,
+    ];
+    let cases: Vec<(&str, Vec<Tensor>, OpFn, OpFn)> = vec![
+        (
+            "rms_norm [2048, 3072]",
+            vec![x.clone()],
+            Box::new({
+                let w = w.clone();
+                move |a| fused::rms_norm_ref(&a[0], &w, 1e-5)
+            }),
+            Box::new({
+                let w = w.clone();
+                move |a| fused::rms_norm_fused(&a[0], &w, 1e-5)
+            }),
+        ),
+        (
+            "rope q [32, 2048, 96]",
+            vec![qkv[0].clone()],
+            Box::new({
+                let (c, s) = (cos.clone(), sin.clone());
+                move |a| fused::rope_ref(&a[0], &c, &s)
+            }),
+            Box::new({
+                let (c, s) = (cos.clone(), sin.clone());
+                move |a| fused::rope_fused(&a[0], &c, &s)
+            }),
+        ),
+        (
+            "swiglu [2048, 2×8192]",
+            vec![bf(&[1, t, 2 * inter], -4.0, 4.0)?],
+            Box::new(|a| fused::swiglu_ref(&a[0])),
+            Box::new(|a| fused::swiglu_fused(&a[0])),
+        ),
+        (
+            "attention probs [32, 2048, 2048]",
+            vec![bf(&[1, heads, t, t], -8.0, 8.0)?],
+            Box::new({
+                let m = mask.clone();
+                move |a| fused::attention_softmax_ref(&a[0], Some(&m), scale)
+            }),
+            Box::new({
+                let m = mask.clone();
+                move |a| fused::attention_softmax_fused(&a[0], Some(&m), scale)
+            }),
+        ),
+        (
+            "attention (q·kᵀ, softmax, ·v)",
+            qkv.to_vec(),
+            Box::new({
+                let m = mask.clone();
+                move |a| fused::attention_ref(&a[0], &a[1], &a[2], Some(&m), scale)
+            }),
+            Box::new({
+                let m = mask.clone();
+                move |a| fused::attention_fused(&a[0], &a[1], &a[2], Some(&m), scale)
+            }),
+        ),
+        (
+            "cross-entropy [256, 32064]",
+            vec![bf(&[256, vocab], -5.0, 5.0)?],
+            Box::new({
+                let tg = targets.clone();
+                move |a| fused::cross_entropy_ref(&a[0], &tg)
+            }),
+            Box::new({
+                let tg = targets.clone();
+                move |a| fused::cross_entropy_fused(&a[0], &tg)
+            }),
+        ),
+    ];
+    println!(
+        "\n{:<34} {:>16} {:>10} {:>8}",
+        "fwd + bwd, bf16", "composition ms", "fused ms", "speedup"
+    );
+    for (what, inputs, reference, fused_op) in &cases {
+        let composition = fwd_bwd_ms(dev, inputs, reference.as_ref())?;
+        let fused_ms = fwd_bwd_ms(dev, inputs, fused_op.as_ref())?;
+        println!(
+            "{}",
+            serde_json::json!({"bench": "fused", "what": what, "composition_ms": composition,
+                "fused_ms": fused_ms})
+        );
+        println!(
+            "{what:<34} {composition:>16.2} {fused_ms:>10.2} {:>7.1}x",
+            composition / fused_ms
         );
     }
     Ok(())

@@ -192,41 +192,67 @@ __device__ void swiglu_bwd(const T* __restrict__ gu, const T* __restrict__ dy,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Softmax over rows of `len` in f32:  y = T(exp(x - max) / sum).  Backward from x (recomputed in
-// f32, not the rounded y):  dx = T(y (dy - sum(dy y))).
+// Softmax over rows of `len` in f32, of the attention scores `x * scale + mask` (a plain softmax
+// when scale = 1 and there is no mask):  v = T(T(x scale) + mask),  y = T(exp(v - max) / sum).
+// The mask [Bm, 1, T, len] (Bm = B or 1; rows of x are (b, head, t)) is added as the composition
+// adds it, after rounding the scaled scores. Backward from x (v recomputed in f32, not the rounded
+// y), the mask being a constant:  dx = T(T(y (dy - sum(dy y))) scale).
 
+struct SoftmaxRows {
+    uint32_t len, t_len, heads, mask_batch_stride, has_mask;
+    float scale;
+};
+
+// The softmax input of element i of row `row` (products and sums never contracted into an FMA).
 template <typename T>
-__device__ void softmax_fwd(const T* __restrict__ x, T* __restrict__ y, uint32_t len) {
-    __shared__ float scratch[32];
-    uint64_t row = (uint64_t)blockIdx.x * len;
+__device__ __forceinline__ float softmax_in(const T* __restrict__ x, const T* __restrict__ mask,
+                                            const SoftmaxRows& g, uint64_t row, uint32_t i) {
+    float v = round_t<T>(__fmul_rn(to_f32(x[row * g.len + i]), g.scale));
+    if (g.has_mask) {
+        uint64_t b = row / g.t_len / g.heads, t = row % g.t_len;
+        v = round_t<T>(__fadd_rn(v, to_f32(mask[b * g.mask_batch_stride + t * g.len + i])));
+    }
+    return v;
+}
+
+// (max, sum of exp(v - max)) of row `row`, on every thread of the block.
+template <typename T>
+__device__ float2 softmax_stats(const T* __restrict__ x, const T* __restrict__ mask,
+                                const SoftmaxRows& g, uint64_t row, float* scratch) {
     float m = NEG_INF;
-    for (uint32_t i = threadIdx.x; i < len; i += blockDim.x) m = fmaxf(m, to_f32(x[row + i]));
+    for (uint32_t i = threadIdx.x; i < g.len; i += blockDim.x)
+        m = fmaxf(m, softmax_in(x, mask, g, row, i));
     m = block_max(m, scratch);
     float s = 0.f;
-    for (uint32_t i = threadIdx.x; i < len; i += blockDim.x) s += expf(to_f32(x[row + i]) - m);
-    s = block_sum(s, scratch);
-    for (uint32_t i = threadIdx.x; i < len; i += blockDim.x)
-        y[row + i] = from_f32<T>(expf(to_f32(x[row + i]) - m) / s);
+    for (uint32_t i = threadIdx.x; i < g.len; i += blockDim.x)
+        s += expf(softmax_in(x, mask, g, row, i) - m);
+    return make_float2(m, block_sum(s, scratch));
 }
 
 template <typename T>
-__device__ void softmax_bwd(const T* __restrict__ x, const T* __restrict__ dy,
-                            T* __restrict__ dx, uint32_t len) {
+__device__ void softmax_fwd(const T* __restrict__ x, const T* __restrict__ mask,
+                            T* __restrict__ y, SoftmaxRows g) {
     __shared__ float scratch[32];
-    uint64_t row = (uint64_t)blockIdx.x * len;
-    float m = NEG_INF;
-    for (uint32_t i = threadIdx.x; i < len; i += blockDim.x) m = fmaxf(m, to_f32(x[row + i]));
-    m = block_max(m, scratch);
-    float s = 0.f;
-    for (uint32_t i = threadIdx.x; i < len; i += blockDim.x) s += expf(to_f32(x[row + i]) - m);
-    s = block_sum(s, scratch);
+    uint64_t row = blockIdx.x;
+    float2 ms = softmax_stats(x, mask, g, row, scratch);
+    for (uint32_t i = threadIdx.x; i < g.len; i += blockDim.x)
+        y[row * g.len + i] = from_f32<T>(expf(softmax_in(x, mask, g, row, i) - ms.x) / ms.y);
+}
+
+template <typename T>
+__device__ void softmax_bwd(const T* __restrict__ x, const T* __restrict__ mask,
+                            const T* __restrict__ dy, T* __restrict__ dx, SoftmaxRows g) {
+    __shared__ float scratch[32];
+    uint64_t row = blockIdx.x;
+    float2 ms = softmax_stats(x, mask, g, row, scratch);
     float dot = 0.f;
-    for (uint32_t i = threadIdx.x; i < len; i += blockDim.x)
-        dot += to_f32(dy[row + i]) * (expf(to_f32(x[row + i]) - m) / s);
+    for (uint32_t i = threadIdx.x; i < g.len; i += blockDim.x)
+        dot += to_f32(dy[row * g.len + i]) * (expf(softmax_in(x, mask, g, row, i) - ms.x) / ms.y);
     dot = block_sum(dot, scratch);
-    for (uint32_t i = threadIdx.x; i < len; i += blockDim.x) {
-        float p = expf(to_f32(x[row + i]) - m) / s;
-        dx[row + i] = from_f32<T>(p * (to_f32(dy[row + i]) - dot));
+    for (uint32_t i = threadIdx.x; i < g.len; i += blockDim.x) {
+        float p = expf(softmax_in(x, mask, g, row, i) - ms.x) / ms.y;
+        float d = round_t<T>(p * (to_f32(dy[row * g.len + i]) - dot));
+        dx[row * g.len + i] = from_f32<T>(__fmul_rn(d, g.scale));
     }
 }
 
@@ -302,12 +328,13 @@ __device__ void xent_bwd(const T* __restrict__ x, const uint32_t* __restrict__ t
                                                    uint64_t n, uint32_t inter) {               \
         swiglu_bwd<T>(gu, dy, dgu, n, inter);                                                  \
     }                                                                                          \
-    extern "C" __global__ void softmax_fwd_##SUFFIX(const T* x, T* y, uint32_t len) {          \
-        softmax_fwd<T>(x, y, len);                                                             \
+    extern "C" __global__ void softmax_fwd_##SUFFIX(const T* x, const T* mask, T* y,           \
+                                                    SoftmaxRows g) {                           \
+        softmax_fwd<T>(x, mask, y, g);                                                         \
     }                                                                                          \
-    extern "C" __global__ void softmax_bwd_##SUFFIX(const T* x, const T* dy, T* dx,            \
-                                                    uint32_t len) {                            \
-        softmax_bwd<T>(x, dy, dx, len);                                                        \
+    extern "C" __global__ void softmax_bwd_##SUFFIX(const T* x, const T* mask, const T* dy,    \
+                                                    T* dx, SoftmaxRows g) {                    \
+        softmax_bwd<T>(x, mask, dy, dx, g);                                                    \
     }                                                                                          \
     extern "C" __global__ void xent_fwd_##SUFFIX(const T* x, const uint32_t* t, float* loss,   \
                                                  uint32_t vocab) {                             \

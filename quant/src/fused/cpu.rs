@@ -203,16 +203,73 @@ fn max_sum<T: DequantOut>(row: &[T]) -> (f32, f32) {
     (m, row.iter().map(|v| (v.to_f32() - m).exp()).sum())
 }
 
-pub(super) fn softmax_fwd(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
-    let len = last_dim(l);
+/// Rows of a (scaled, masked) softmax: `x [.., len]` whose rows are `(b, head, t)` when masked.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct SoftmaxRows {
+    pub len: usize,
+    pub t_len: usize,
+    pub heads: usize,
+    /// Elements between the mask's batches (0: one mask for every batch).
+    pub mask_batch_stride: usize,
+    pub scale: f32,
+}
+
+/// The softmax inputs of row `row`: `T(T(x · scale) + mask)` in f32.
+fn softmax_inputs<T: DequantOut>(
+    x: &[T],
+    mask: Option<&[T]>,
+    g: SoftmaxRows,
+    row: usize,
+) -> Vec<f32> {
+    let xr = &x[row * g.len..(row + 1) * g.len];
+    let scaled = xr.iter().map(|v| round::<T>(v.to_f32() * g.scale));
+    match mask {
+        Some(mask) => {
+            let (b, t) = (row / g.t_len / g.heads, row % g.t_len);
+            let start = b * g.mask_batch_stride + t * g.len;
+            let mr = &mask[start..start + g.len];
+            scaled
+                .zip(mr)
+                .map(|(v, m)| round::<T>(v + m.to_f32()))
+                .collect()
+        }
+        None => scaled.collect(),
+    }
+}
+
+/// `(max, Σ exp(v − max))` of a row of softmax inputs.
+fn max_sum_f32(v: &[f32]) -> (f32, f32) {
+    let m = v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    (m, v.iter().map(|x| (x - m).exp()).sum())
+}
+
+fn with_mask<T: WithDType, R>(
+    mask: Option<&Tensor>,
+    f: impl FnOnce(Option<&[T]>) -> R,
+) -> Result<R> {
+    match mask {
+        Some(m) => with_host::<T, _>(m, |m| f(Some(m))),
+        None => Ok(f(None)),
+    }
+}
+
+pub(super) fn softmax_fwd(
+    s: &CpuStorage,
+    l: &Layout,
+    mask: Option<&Tensor>,
+    g: SoftmaxRows,
+) -> Result<CpuStorage> {
     by_dtype!(s.dtype(), "softmax", T => {
         let x = data::<T>(s, l)?;
-        let mut y = Vec::with_capacity(x.len());
-        for row in x.chunks_exact(len) {
-            let (m, sum) = max_sum(row);
-            y.extend(row.iter().map(|v| T::from_f32((v.to_f32() - m).exp() / sum)));
-        }
-        Ok(T::to_cpu_storage_owned(y))
+        with_mask::<T, _>(mask, |mask| {
+            let mut y = Vec::with_capacity(x.len());
+            for row in 0..x.len() / g.len {
+                let v = softmax_inputs(x, mask, g, row);
+                let (m, sum) = max_sum_f32(&v);
+                y.extend(v.iter().map(|v| T::from_f32((v - m).exp() / sum)));
+            }
+            T::to_cpu_storage_owned(y)
+        })
     })
 }
 
@@ -221,18 +278,24 @@ pub(super) fn softmax_bwd(
     l1: &Layout,
     s2: &CpuStorage,
     l2: &Layout,
+    mask: Option<&Tensor>,
+    g: SoftmaxRows,
 ) -> Result<CpuStorage> {
-    let len = last_dim(l1);
     by_dtype!(s1.dtype(), "softmax backward", T => {
         let (x, dy) = (data::<T>(s1, l1)?, data::<T>(s2, l2)?);
-        let mut dx = Vec::with_capacity(x.len());
-        for (row, drow) in x.chunks_exact(len).zip(dy.chunks_exact(len)) {
-            let (m, sum) = max_sum(row);
-            let p = |i: usize| (row[i].to_f32() - m).exp() / sum;
-            let dot: f32 = (0..len).map(|i| drow[i].to_f32() * p(i)).sum();
-            dx.extend((0..len).map(|i| T::from_f32(p(i) * (drow[i].to_f32() - dot))));
-        }
-        Ok(T::to_cpu_storage_owned(dx))
+        with_mask::<T, _>(mask, |mask| {
+            let mut dx = Vec::with_capacity(x.len());
+            for (row, drow) in dy.chunks_exact(g.len).enumerate() {
+                let v = softmax_inputs(x, mask, g, row);
+                let (m, sum) = max_sum_f32(&v);
+                let p: Vec<f32> = v.iter().map(|v| (v - m).exp() / sum).collect();
+                let dot: f32 = p.iter().zip(drow).map(|(p, d)| d.to_f32() * p).sum();
+                dx.extend(p.iter().zip(drow).map(|(p, d)| {
+                    T::from_f32(round::<T>(p * (d.to_f32() - dot)) * g.scale)
+                }));
+            }
+            T::to_cpu_storage_owned(dx)
+        })
     })
 }
 

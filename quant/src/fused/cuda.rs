@@ -2,7 +2,7 @@
 //! [`ROW_THREADS`] per row for the row ops (RMSNorm, softmax, cross-entropy), one thread per
 //! element for the elementwise ones (RoPE, SwiGLU).
 
-use super::cpu::RopeGeometry;
+use super::cpu::{RopeGeometry, SoftmaxRows};
 use crate::cuda::view;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -21,7 +21,7 @@ const ROW_THREADS: u32 = 256;
 const ELEM_THREADS: usize = 256;
 
 /// The contiguous data of an op input.
-fn input<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+pub(super) fn input<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(s.as_cuda_slice::<T>()?.slice(start..end)),
         None => bail!("fused op: input is not contiguous"),
@@ -61,7 +61,7 @@ fn elems_cfg(n: usize) -> Result<LaunchConfig> {
 }
 
 /// A new device buffer of `n` elements, every one written by the kernel that follows.
-fn output<T: DeviceRepr>(
+pub(super) fn output<T: DeviceRepr>(
     dev: &CudaDevice,
     n: usize,
 ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>> {
@@ -220,18 +220,56 @@ pub(super) fn swiglu_bwd(
     })
 }
 
-pub(super) fn softmax_fwd(s: &CudaStorage, l: &Layout) -> Result<CudaStorage> {
+/// `SoftmaxRows` of fused.cu, passed by value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct SoftmaxRowsArg {
+    len: u32,
+    t_len: u32,
+    heads: u32,
+    mask_batch_stride: u32,
+    has_mask: u32,
+    scale: f32,
+}
+const _: () = assert!(std::mem::size_of::<SoftmaxRowsArg>() == 24);
+// SAFETY: a plain #[repr(C)] struct of 4-byte scalars, laid out as the C struct it mirrors.
+unsafe impl DeviceRepr for SoftmaxRowsArg {}
+
+impl SoftmaxRowsArg {
+    fn new(g: SoftmaxRows, has_mask: bool) -> Result<Self> {
+        Ok(Self {
+            len: u32_of(g.len, "row length")?,
+            t_len: u32_of(g.t_len, "tokens")?,
+            heads: u32_of(g.heads, "heads")?,
+            mask_batch_stride: u32_of(g.mask_batch_stride, "mask stride")?,
+            has_mask: u32::from(has_mask),
+            scale: g.scale,
+        })
+    }
+}
+
+pub(super) fn softmax_fwd(
+    s: &CudaStorage,
+    l: &Layout,
+    mask: Option<&Tensor>,
+    g: SoftmaxRows,
+) -> Result<CudaStorage> {
     let dev = &s.device;
     let n = l.shape().elem_count();
-    let len = l.dims().last().copied().unwrap_or(1);
+    let guard = mask.map(|m| m.storage_and_layout());
     by_dtype!(s.dtype(), "softmax", T, sfx => {
         let x = input::<T>(s, l)?;
+        // Without a mask the kernel never reads it: pass x.
+        let m = match &guard {
+            Some((mg, ml)) => view::<T>(mg, ml, dev, "the attention mask")?,
+            None => input::<T>(s, l)?,
+        };
         let mut y = output::<T>(dev, n)?;
-        let len32 = u32_of(len, "row length")?;
+        let arg = SoftmaxRowsArg::new(g, guard.is_some())?;
         let f = func!(dev, "softmax_fwd", sfx)?;
         let mut b = f.builder();
-        b.arg(&x).arg(&mut y).arg(&len32);
-        unsafe { b.launch(rows_cfg(n / len)?) }.w()?;
+        b.arg(&x).arg(&m).arg(&mut y).arg(&arg);
+        unsafe { b.launch(rows_cfg(n / g.len)?) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     })
 }
@@ -241,18 +279,24 @@ pub(super) fn softmax_bwd(
     l1: &Layout,
     s2: &CudaStorage,
     l2: &Layout,
+    mask: Option<&Tensor>,
+    g: SoftmaxRows,
 ) -> Result<CudaStorage> {
     let dev = &s1.device;
     let n = l1.shape().elem_count();
-    let len = l1.dims().last().copied().unwrap_or(1);
+    let guard = mask.map(|m| m.storage_and_layout());
     by_dtype!(s1.dtype(), "softmax backward", T, sfx => {
         let (x, dy) = (input::<T>(s1, l1)?, input::<T>(s2, l2)?);
+        let m = match &guard {
+            Some((mg, ml)) => view::<T>(mg, ml, dev, "the attention mask")?,
+            None => input::<T>(s1, l1)?,
+        };
         let mut dx = output::<T>(dev, n)?;
-        let len32 = u32_of(len, "row length")?;
+        let arg = SoftmaxRowsArg::new(g, guard.is_some())?;
         let f = func!(dev, "softmax_bwd", sfx)?;
         let mut b = f.builder();
-        b.arg(&x).arg(&dy).arg(&mut dx).arg(&len32);
-        unsafe { b.launch(rows_cfg(n / len)?) }.w()?;
+        b.arg(&x).arg(&m).arg(&dy).arg(&mut dx).arg(&arg);
+        unsafe { b.launch(rows_cfg(n / g.len)?) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
     })
 }

@@ -6,7 +6,7 @@
 //! Each op here is a function with two paths: on the CPU (and any non-CUDA device) the plain candle
 //! composition (`*_ref`, exactly what the model computes today, differentiated by candle); on CUDA a
 //! `CustomOp` whose forward and backward are kernels of `quant/kernels/fused.cu`. The ops also have
-//! CPU implementations (`fused/cpu.rs`, the kernels' loops in Rust), reachable through the
+//! CPU implementations (`fused/cpu.rs`, the kernels' loops in Rust; the ops are in `fused/ops.rs`), reachable through the
 //! `*_fused` functions on any device, so their backward formulas are tested against candle's
 //! autograd of the composition everywhere. Tensors an op carries (norm weight, rotary tables,
 //! targets) are constants of the graph: they receive no gradient, and a trainable one is refused.
@@ -23,17 +23,22 @@
 //! - [`swiglu`]: `gu [.., 2I]` = gate | up (Phi-3's fused `gate_up_proj`): `y = up · silu(gate)`;
 //!   `d_up = dy · silu(gate)`, `d_gate = dy · up · s · (1 + gate · (1 − s))`, `s = σ(gate)`.
 //! - [`softmax_last_dim`]: `y = exp(x − max) / Σ`, computed in f32 for half types;
-//!   `dx = y · (dy − Σ dy · y)` (y recomputed in f32 from x).
+//!   `dx = y · (dy − Σ dy · y)` (y recomputed in f32 from x). [`attention_softmax`] is the same on
+//!   `x · scale + mask` (`[B, heads, T, Tk]` scores, a constant `[B or 1, 1, T, Tk]` mask), with
+//!   `dx = scale · y · (dy − Σ dy · y)`.
+//! - [`attention`]: `softmax(q·kᵀ · scale + mask) · v` in O(T) memory, grouped-query heads included;
+//!   derivation in its module.
 //! - [`cross_entropy`]: per-row loss of `logits [N, V]` against u32 `targets [N]`:
 //!   `log Σ exp(x − max) + max − x_t`; `dx = g · (softmax(x) − onehot(t))`.
 
+mod attention;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod ops;
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor, bail,
-};
+pub use attention::{MAX_HEAD_DIM, attention, attention_fused, attention_ref};
+use candle_core::{D, DType, Result, Tensor, bail};
 
 /// Whether the dispatching functions take the fused path on `x`'s device (CUDA only).
 pub fn fused_on(x: &Tensor) -> bool {
@@ -104,76 +109,10 @@ pub fn rms_norm_fused(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if h == 0 || weight.dims() != [h] {
         bail!("rms_norm: weight {:?} for rows of {h}", weight.dims());
     }
-    x.contiguous()?.apply_op1(RmsNorm {
+    x.contiguous()?.apply_op1(ops::RmsNorm {
         weight: weight.contiguous()?,
         eps: eps as f32,
     })
-}
-
-#[derive(Debug, Clone)]
-struct RmsNorm {
-    weight: Tensor,
-    eps: f32,
-}
-
-impl CustomOp1 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "qlora-rms-norm"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((
-            cpu::rms_norm_fwd(s, l, &self.weight, self.eps)?,
-            l.shape().clone(),
-        ))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((
-            cuda::rms_norm_fwd(s, l, &self.weight, self.eps)?,
-            l.shape().clone(),
-        ))
-    }
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(
-            &dy.contiguous()?,
-            &RmsNormBwd(self.clone()),
-        )?))
-    }
-}
-
-/// `(x, dy) → dx` of [`RmsNorm`].
-#[derive(Debug, Clone)]
-struct RmsNormBwd(RmsNorm);
-
-impl CustomOp2 for RmsNormBwd {
-    fn name(&self) -> &'static str {
-        "qlora-rms-norm-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dx = cpu::rms_norm_bwd(s1, l1, s2, l2, &self.0.weight, self.0.eps)?;
-        Ok((dx, l1.shape().clone()))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dx = cuda::rms_norm_bwd(s1, l1, s2, l2, &self.0.weight, self.0.eps)?;
-        Ok((dx, l1.shape().clone()))
-    }
 }
 
 // ----- Rotary embedding ---------------------------------------------------------------------------
@@ -220,60 +159,11 @@ pub fn rope_fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             sin.dims()
         );
     }
-    x.contiguous()?.apply_op1(Rope {
+    x.contiguous()?.apply_op1(ops::Rope {
         cos: cos.contiguous()?,
         sin: sin.contiguous()?,
         backward: false,
     })
-}
-
-/// The rotation (`backward = false`) or its transpose, applied to the last dim.
-#[derive(Debug, Clone)]
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-    backward: bool,
-}
-
-impl Rope {
-    /// `(heads, T, D, R, batch stride of the tables)`.
-    fn geometry(&self, l: &Layout) -> Result<(usize, usize, usize, usize, usize)> {
-        let (_, heads, t, d) = l.shape().dims4()?;
-        let (cb, _, _, r) = self.cos.dims4()?;
-        Ok((heads, t, d, r, if cb == 1 { 0 } else { t * r }))
-    }
-}
-
-impl CustomOp1 for Rope {
-    fn name(&self) -> &'static str {
-        if self.backward {
-            "qlora-rope-bwd"
-        } else {
-            "qlora-rope"
-        }
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.geometry(l)?;
-        let y = cpu::rope(s, l, &self.cos, &self.sin, g, self.backward)?;
-        Ok((y, l.shape().clone()))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let g = self.geometry(l)?;
-        let y = cuda::rope(s, l, &self.cos, &self.sin, g, self.backward)?;
-        Ok((y, l.shape().clone()))
-    }
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let transpose = Self {
-            backward: !self.backward,
-            ..self.clone()
-        };
-        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&transpose)?))
-    }
 }
 
 // ----- SwiGLU -------------------------------------------------------------------------------------
@@ -302,67 +192,7 @@ pub fn swiglu_fused(gu: &Tensor) -> Result<Tensor> {
     if last == 0 || last % 2 == 1 {
         bail!("swiglu: the last dim of {:?} is not gate | up", gu.dims());
     }
-    gu.contiguous()?.apply_op1(SwiGlu)
-}
-
-#[derive(Debug, Clone, Copy)]
-struct SwiGlu;
-
-fn half_last(l: &Layout) -> Shape {
-    let mut dims = l.shape().dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last /= 2;
-    }
-    Shape::from_dims(&dims)
-}
-
-impl CustomOp1 for SwiGlu {
-    fn name(&self) -> &'static str {
-        "qlora-swiglu"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((cpu::swiglu_fwd(s, l)?, half_last(l)))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::swiglu_fwd(s, l)?, half_last(l)))
-    }
-    fn bwd(&self, gu: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(gu.apply_op2_no_bwd(&dy.contiguous()?, &SwiGluBwd)?))
-    }
-}
-
-/// `(gu, dy) → dgu` of [`SwiGlu`].
-#[derive(Debug, Clone, Copy)]
-struct SwiGluBwd;
-
-impl CustomOp2 for SwiGluBwd {
-    fn name(&self) -> &'static str {
-        "qlora-swiglu-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok((cpu::swiglu_bwd(s1, l1, s2, l2)?, l1.shape().clone()))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::swiglu_bwd(s1, l1, s2, l2)?, l1.shape().clone()))
-    }
+    gu.contiguous()?.apply_op1(ops::SwiGlu)
 }
 
 // ----- Softmax ------------------------------------------------------------------------------------
@@ -392,59 +222,65 @@ pub fn softmax_last_dim_fused(x: &Tensor) -> Result<Tensor> {
     if x.dim(D::Minus1)? == 0 {
         bail!("softmax: empty rows in {:?}", x.dims());
     }
-    x.contiguous()?.apply_op1(Softmax)
+    x.contiguous()?.apply_op1(ops::Softmax {
+        mask: None,
+        scale: 1.0,
+    })
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Softmax;
-
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "qlora-softmax"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((cpu::softmax_fwd(s, l)?, l.shape().clone()))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::softmax_fwd(s, l)?, l.shape().clone()))
-    }
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxBwd)?))
+/// Attention probabilities `softmax(scores · scale + mask)` of `scores [B, heads, T, Tk]` with an
+/// additive `mask [B or 1, 1, T, Tk]` (0 or −∞), in f32 for half types: the model's
+/// `softmax((q·kᵀ) · scale + mask)` without materialising the scaled and masked scores.
+pub fn attention_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    if fused_on(scores) {
+        attention_softmax_fused(scores, mask, scale)
+    } else {
+        attention_softmax_ref(scores, mask, scale)
     }
 }
 
-/// `(x, dy) → dx` of [`Softmax`].
-#[derive(Debug, Clone, Copy)]
-struct SoftmaxBwd;
+/// The composition: scaled (candle's affine, the scale rounded to the dtype), masked, softmax.
+pub fn attention_softmax_ref(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let scaled = (scores * scale)?;
+    let masked = match mask {
+        Some(m) => scaled.broadcast_add(m)?,
+        None => scaled,
+    };
+    softmax_last_dim_ref(&masked)
+}
 
-impl CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "qlora-softmax-bwd"
+/// [`attention_softmax`] through the fused op on any device.
+pub fn attention_softmax_fused(
+    scores: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    check_float("attention_softmax", scores)?;
+    let (b, _, t, tk) = scores.dims4()?;
+    if tk == 0 {
+        bail!("attention_softmax: no keys in {:?}", scores.dims());
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok((cpu::softmax_bwd(s1, l1, s2, l2)?, l1.shape().clone()))
+    if let Some(m) = mask {
+        check_constant("attention_softmax mask", scores, m, scores.dtype())?;
+        let (mb, one, mt, mk) = m.dims4()?;
+        if one != 1 || mt != t || mk != tk || !(mb == 1 || mb == b) {
+            bail!(
+                "attention_softmax: mask {:?} for scores {:?}; want [{b} or 1, 1, {t}, {tk}]",
+                m.dims(),
+                scores.dims()
+            );
+        }
     }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::softmax_bwd(s1, l1, s2, l2)?, l1.shape().clone()))
-    }
+    // candle's affine rounds the multiplier to the tensor's dtype.
+    let scale = match scores.dtype() {
+        DType::BF16 => half::bf16::from_f64(scale).to_f32(),
+        DType::F16 => half::f16::from_f64(scale).to_f32(),
+        _ => scale as f32,
+    };
+    scores.contiguous()?.apply_op1(ops::Softmax {
+        mask: mask.map(Tensor::contiguous).transpose()?,
+        scale,
+    })
 }
 
 // ----- Cross-entropy ------------------------------------------------------------------------------
@@ -501,72 +337,7 @@ pub fn cross_entropy_fused(logits: &Tensor, targets: &Tensor) -> Result<Tensor> 
             bail!("cross_entropy: target {max} is outside the vocabulary of {v}");
         }
     }
-    logits.contiguous()?.apply_op1(CrossEntropy {
+    logits.contiguous()?.apply_op1(ops::CrossEntropy {
         targets: targets.contiguous()?,
     })
-}
-
-#[derive(Debug, Clone)]
-struct CrossEntropy {
-    targets: Tensor,
-}
-
-fn rows_shape(l: &Layout) -> Result<Shape> {
-    Ok(Shape::from(l.shape().dims2()?.0))
-}
-
-impl CustomOp1 for CrossEntropy {
-    fn name(&self) -> &'static str {
-        "qlora-cross-entropy"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((cpu::xent_fwd(s, l, &self.targets)?, rows_shape(l)?))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::xent_fwd(s, l, &self.targets)?, rows_shape(l)?))
-    }
-    fn bwd(&self, logits: &Tensor, _loss: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let g = g.to_dtype(DType::F32)?.contiguous()?;
-        Ok(Some(
-            logits.apply_op2_no_bwd(&g, &CrossEntropyBwd(self.clone()))?,
-        ))
-    }
-}
-
-/// `(logits, g) → dlogits` of [`CrossEntropy`], `g` the f32 gradient of each row's loss.
-#[derive(Debug, Clone)]
-struct CrossEntropyBwd(CrossEntropy);
-
-impl CustomOp2 for CrossEntropyBwd {
-    fn name(&self) -> &'static str {
-        "qlora-cross-entropy-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok((
-            cpu::xent_bwd(s1, l1, s2, l2, &self.0.targets)?,
-            l1.shape().clone(),
-        ))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dx = cuda::xent_bwd(s1, l1, s2, l2, &self.0.targets)?;
-        Ok((dx, l1.shape().clone()))
-    }
 }

@@ -213,6 +213,134 @@ fn softmax_fused_matches_the_composition_with_masked_entries() {
     }
 }
 
+/// An additive causal mask `[b, 1, t, tk]`: 0 where key `j ≤ i + (tk − t)`, −∞ after.
+fn causal_mask(b: usize, t: usize, tk: usize) -> Tensor {
+    let v: Vec<f32> = (0..b * t * tk)
+        .map(|k| {
+            let (i, j) = ((k / tk) % t, k % tk);
+            if j <= i + (tk - t) {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    Tensor::from_vec(v, (b, 1, t, tk), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn attention_softmax_fused_matches_the_composition() {
+    let scores = uniform(&[2, 3, 5, 7], 12, -8.0, 8.0);
+    let scale = 1.0 / 96f64.sqrt();
+    for dev in devices() {
+        for dtype in DTYPES {
+            for mask in [causal_mask(1, 5, 7), causal_mask(2, 5, 7)] {
+                let inputs = [scores.clone(), mask];
+                check(
+                    &dev,
+                    dtype,
+                    &inputs,
+                    "attention_softmax",
+                    |a| fused::attention_softmax_fused(&a[0], Some(&a[1]), scale),
+                    |a| fused::attention_softmax_ref(&a[0], Some(&a[1]), scale),
+                );
+            }
+            check(
+                &dev,
+                dtype,
+                std::slice::from_ref(&scores),
+                "attention_softmax (no mask)",
+                |a| fused::attention_softmax_fused(&a[0], None, 0.5),
+                |a| fused::attention_softmax_ref(&a[0], None, 0.5),
+            );
+        }
+    }
+}
+
+/// Fused attention on `dev` in `dtype` against the composition in f32 on the host (of the same
+/// dtype-rounded inputs): output and the gradients of q, k and v.
+fn check_attention(dev: &Device, dtype: DType, kv_heads: usize, mask: Option<&Tensor>) {
+    let (b, h, t, tk, d) = (2, 4, 5, 7, 16);
+    let scale = 1.0 / (d as f64).sqrt();
+    let what = format!(
+        "attention {dev:?} {dtype:?} kv_heads={kv_heads} mask={:?}",
+        mask.map(|m| m.dims().to_vec())
+    );
+    let inputs = [
+        uniform(&[b, h, t, d], 21, -2.0, 2.0),
+        uniform(&[b, kv_heads, tk, d], 22, -2.0, 2.0),
+        uniform(&[b, kv_heads, tk, d], 23, -1.0, 1.0),
+    ];
+    let rounded: Vec<Tensor> = inputs
+        .iter()
+        .map(|x| x.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap())
+        .collect();
+    let vars_dev: Vec<Var> = rounded
+        .iter()
+        .map(|x| Var::from_tensor(&x.to_dtype(dtype).unwrap().to_device(dev).unwrap()).unwrap())
+        .collect();
+    let vars_ref: Vec<Var> = rounded
+        .iter()
+        .map(|x| Var::from_tensor(x).unwrap())
+        .collect();
+    let mask_dev = mask.map(|m| m.to_dtype(dtype).unwrap().to_device(dev).unwrap());
+    let y = fused::attention_fused(
+        vars_dev[0].as_tensor(),
+        vars_dev[1].as_tensor(),
+        vars_dev[2].as_tensor(),
+        mask_dev.as_ref(),
+        scale,
+    )
+    .unwrap();
+    let y_ref = fused::attention_ref(
+        vars_ref[0].as_tensor(),
+        vars_ref[1].as_tensor(),
+        vars_ref[2].as_tensor(),
+        mask,
+        scale,
+    )
+    .unwrap();
+    assert_eq!(y.dtype(), dtype);
+    assert_close(&y, &y_ref, tol(dtype), &format!("{what} forward"));
+    let r = uniform(y.dims(), 99, -1.0, 1.0);
+    let rd = r.to_dtype(dtype).unwrap();
+    let g = (y * rd.to_device(dev).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let r32 = rd.to_dtype(DType::F32).unwrap();
+    let g_ref = (y_ref * r32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
+        let got = g
+            .get(vars_dev[i].as_tensor())
+            .expect("every input gets a gradient");
+        let want = g_ref.get(vars_ref[i].as_tensor()).unwrap();
+        assert_close(got, want, tol(dtype), &format!("{what} {name}"));
+    }
+}
+
+#[test]
+fn attention_fused_matches_the_composition() {
+    // 7 keys for 5 queries (a cached prefix), grouped-query heads, per-batch and shared masks.
+    let masks = [None, Some(causal_mask(1, 5, 7)), Some(causal_mask(2, 5, 7))];
+    for dev in devices() {
+        for dtype in DTYPES {
+            for kv_heads in [4, 2] {
+                for mask in &masks {
+                    check_attention(&dev, dtype, kv_heads, mask.as_ref());
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn cross_entropy_fused_matches_the_composition() {
     let logits = uniform(&[5, 50], 10, -5.0, 5.0);
@@ -252,5 +380,14 @@ fn fused_ops_refuse_bad_input_with_errors() {
         assert!(fused::rope_fused(&x4, &bad_table, &bad_table).is_err());
         let u8s = Tensor::zeros((2, 4), DType::U8, &dev).unwrap();
         assert!(fused::softmax_last_dim_fused(&u8s).is_err());
+        let wrong_mask = Tensor::zeros((1, 1, 3, 7), DType::F32, &dev).unwrap();
+        assert!(fused::attention_softmax_fused(&x4, Some(&wrong_mask), 1.0).is_err());
+        let kv3 = uniform(&[1, 3, 3, 8], 1, -1.0, 1.0)
+            .to_device(&dev)
+            .unwrap();
+        assert!(
+            fused::attention_fused(&x4, &kv3, &kv3, None, 1.0).is_err(),
+            "3 kv heads for 2"
+        );
     }
 }

@@ -1,0 +1,208 @@
+//! Launches of quant/kernels/attention.cu: one warp per row (query rows for the forward, the
+//! statistics and dq; key rows for dk | dv), [`WARPS_PER_BLOCK`] warps per block.
+
+use super::{AttentionBwd, Geom, Part};
+use crate::cuda::view;
+use crate::fused::cuda::{input, output};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
+use candle_core::{DType, Layout, Result, Tensor, bail};
+use half::{bf16, f16};
+
+/// PTX of quant/kernels/attention.cu.
+pub const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+const MODULE: &str = "qlora_quant_attention";
+const WARPS_PER_BLOCK: usize = 4;
+
+/// `AttnGeom` of attention.cu, passed by value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct GeomArg {
+    b: u32,
+    h: u32,
+    hk: u32,
+    t: u32,
+    tk: u32,
+    d: u32,
+    mask_batch_stride: u32,
+    has_mask: u32,
+    scale: f32,
+}
+const _: () = assert!(std::mem::size_of::<GeomArg>() == 36);
+// SAFETY: a plain #[repr(C)] struct of 4-byte scalars, laid out as the C struct it mirrors.
+unsafe impl DeviceRepr for GeomArg {}
+
+impl GeomArg {
+    fn new(g: Geom, has_mask: bool) -> Result<Self> {
+        let u = |v: usize| {
+            u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("attention: {v} > u32")))
+        };
+        Ok(Self {
+            b: u(g.b)?,
+            h: u(g.h)?,
+            hk: u(g.hk)?,
+            t: u(g.t)?,
+            tk: u(g.tk)?,
+            d: u(g.d)?,
+            mask_batch_stride: u(g.mask_batch_stride)?,
+            has_mask: u32::from(has_mask),
+            scale: g.scale,
+        })
+    }
+}
+
+fn warps_cfg(rows: usize) -> Result<LaunchConfig> {
+    let blocks = rows.div_ceil(WARPS_PER_BLOCK);
+    if rows == 0 || blocks > i32::MAX as usize {
+        bail!("attention: {rows} rows cannot be launched");
+    }
+    Ok(LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (32 * WARPS_PER_BLOCK as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// The element type's kernel suffix.
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => bail!("attention: unsupported dtype {other:?}"),
+    })
+}
+
+type Input<'a> = (&'a CudaStorage, &'a Layout);
+
+pub(super) fn forward(
+    q: Input<'_>,
+    k: Input<'_>,
+    v: Input<'_>,
+    mask: Option<&Tensor>,
+    g: Geom,
+) -> Result<CudaStorage> {
+    match q.0.dtype() {
+        DType::F32 => forward_typed::<f32>(q, k, v, mask, g),
+        DType::BF16 => forward_typed::<bf16>(q, k, v, mask, g),
+        DType::F16 => forward_typed::<f16>(q, k, v, mask, g),
+        other => bail!("attention: unsupported dtype {other:?}"),
+    }
+}
+
+// SAFETY (every launch below): the arguments match the kernel's signature in attention.cu
+// (pointers, then the AttnGeom struct bound to a local); q/o/do hold B·H·T·D elements, k/v
+// B·Hk·Tk·D, the mask the [Bm, 1, T, Tk] its geometry describes, stats 2·B·H·T f32, and outputs
+// are allocated for every element their kernel writes (one warp per row).
+
+fn forward_typed<T: CudaDType + DeviceRepr>(
+    (qs, ql): Input<'_>,
+    (ks, kl): Input<'_>,
+    (vs, vl): Input<'_>,
+    mask: Option<&Tensor>,
+    g: Geom,
+) -> Result<CudaStorage> {
+    let dev = &qs.device;
+    let (q, k, v) = (
+        input::<T>(qs, ql)?,
+        input::<T>(ks, kl)?,
+        input::<T>(vs, vl)?,
+    );
+    let guard = mask.map(|m| m.storage_and_layout());
+    // Without a mask the kernel never reads it: pass q.
+    let m = match &guard {
+        Some((mg, ml)) => view::<T>(mg, ml, dev, "the attention mask")?,
+        None => input::<T>(qs, ql)?,
+    };
+    let arg = GeomArg::new(g, guard.is_some())?;
+    let rows = g.b * g.h * g.t;
+    let mut o = output::<T>(dev, rows * g.d)?;
+    let name = format!("attn_fwd_{}", suffix(qs.dtype())?);
+    let f = dev.get_or_load_custom_func(&name, MODULE, ATTENTION_PTX)?;
+    let mut b = f.builder();
+    b.arg(&q).arg(&k).arg(&v).arg(&m).arg(&mut o).arg(&arg);
+    unsafe { b.launch(warps_cfg(rows)?) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(o, dev.clone()))
+}
+
+/// One part of the backward, applied to `do` (`s`, `l`).
+pub(super) fn backward(s: &CudaStorage, l: &Layout, op: &AttentionBwd) -> Result<CudaStorage> {
+    match s.dtype() {
+        DType::F32 => backward_typed::<f32>(s, l, op),
+        DType::BF16 => backward_typed::<bf16>(s, l, op),
+        DType::F16 => backward_typed::<f16>(s, l, op),
+        other => bail!("attention backward: unsupported dtype {other:?}"),
+    }
+}
+
+fn backward_typed<T: CudaDType + DeviceRepr>(
+    s: &CudaStorage,
+    l: &Layout,
+    op: &AttentionBwd,
+) -> Result<CudaStorage> {
+    let dev = &s.device;
+    let g = op.geom;
+    let sfx = suffix(s.dtype())?;
+    let dout = input::<T>(s, l)?;
+    let guard = op.mask.as_ref().map(|m| m.storage_and_layout());
+    let m = match &guard {
+        Some((mg, ml)) => view::<T>(mg, ml, dev, "the attention mask")?,
+        None => input::<T>(s, l)?,
+    };
+    let arg = GeomArg::new(g, guard.is_some())?;
+    let (q_rows, k_rows) = (g.b * g.h * g.t, g.b * g.hk * g.tk);
+    match &op.part {
+        Part::Stats { q, k, o } => {
+            let (qg, ql) = q.storage_and_layout();
+            let (kg, kl) = k.storage_and_layout();
+            let (og, ol) = o.storage_and_layout();
+            let q = view::<T>(&qg, ql, dev, "q")?;
+            let k = view::<T>(&kg, kl, dev, "k")?;
+            let o = view::<T>(&og, ol, dev, "the attention output")?;
+            let mut stats = output::<f32>(dev, 2 * q_rows)?;
+            let f =
+                dev.get_or_load_custom_func(&format!("attn_stats_{sfx}"), MODULE, ATTENTION_PTX)?;
+            let mut b = f.builder();
+            b.arg(&q)
+                .arg(&k)
+                .arg(&m)
+                .arg(&o)
+                .arg(&dout)
+                .arg(&mut stats)
+                .arg(&arg);
+            unsafe { b.launch(warps_cfg(q_rows)?) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(stats, dev.clone()))
+        }
+        Part::Dq { q, k, v, stats } | Part::Dkv { q, k, v, stats } => {
+            let dkv = matches!(op.part, Part::Dkv { .. });
+            let (qg, ql) = q.storage_and_layout();
+            let (kg, kl) = k.storage_and_layout();
+            let (vg, vl) = v.storage_and_layout();
+            let (sg, sl) = stats.storage_and_layout();
+            let q = view::<T>(&qg, ql, dev, "q")?;
+            let k = view::<T>(&kg, kl, dev, "k")?;
+            let v = view::<T>(&vg, vl, dev, "v")?;
+            let st = view::<f32>(&sg, sl, dev, "the attention statistics")?;
+            let (kind, rows, n) = if dkv {
+                ("dkv", k_rows, k_rows * 2 * g.d)
+            } else {
+                ("dq", q_rows, q_rows * g.d)
+            };
+            let mut out = output::<T>(dev, n)?;
+            let name = format!("attn_{kind}_{sfx}");
+            let f = dev.get_or_load_custom_func(&name, MODULE, ATTENTION_PTX)?;
+            let mut b = f.builder();
+            b.arg(&q)
+                .arg(&k)
+                .arg(&v)
+                .arg(&m)
+                .arg(&dout)
+                .arg(&st)
+                .arg(&mut out)
+                .arg(&arg);
+            unsafe { b.launch(warps_cfg(rows)?) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+    }
+}

@@ -1,0 +1,535 @@
+//! Fused attention for training: `o = softmax(q·kᵀ · scale + mask) · v`, differentiable in q, k
+//! and v, in O(T) memory (no `[T, Tk]` scores or probabilities are stored; the backward recomputes
+//! them from per-row statistics). Grouped-query attention is handled inside (query head `h` reads
+//! key/value head `h / (H / Hk)`), so k and v need no expansion.
+//!
+//! Shapes: `q [B, H, T, D]`, `k, v [B, Hk, Tk, D]`, `mask [B or 1, 1, T, Tk]` additive (0 or −∞,
+//! a constant), `o [B, H, T, D]`, `D ≤ 256`. Derivation (rows i of q, j of k), with
+//! `s_ij = scale · q_i·k_j + mask_ij`, `p_ij = softmax_j(s_ij)`, `o_i = Σ_j p_ij v_j`:
+//!
+//! ```text
+//! dv_j = Σ_i p_ij do_i        dp_ij = do_i·v_j        ds_ij = p_ij (dp_ij − Δ_i),  Δ_i = do_i·o_i
+//! dq_i = scale Σ_j ds_ij k_j  dk_j = scale Σ_i ds_ij q_i
+//! ```
+//! (`Δ_i = Σ_j p_ij dp_ij` because `o_i = Σ_j p_ij v_j`.) The backward runs three ops on `do`: the
+//! row statistics `(L_i = log Σ_j exp s_ij, Δ_i)`, then `dq` (a pass over keys per query row) and
+//! `dk | dv` (a pass over queries per key row). All arithmetic is f32.
+//!
+//! On the CPU [`attention`] is the composition the model runs today ([`attention_ref`]); the ops'
+//! CPU loops (the kernels' arithmetic) are reachable through [`attention_fused`] on any device.
+
+#[cfg(feature = "cuda")]
+mod cuda;
+
+use super::{check_constant, check_float, fused_on, softmax_last_dim_ref};
+use crate::cpu::DequantOut;
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
+    bail,
+};
+use half::{bf16, f16};
+
+/// `$body` with `T` the element type of `$dtype` (f32, bf16 or f16).
+macro_rules! by_dtype {
+    ($dtype:expr, $T:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::BF16 => {
+                type $T = bf16;
+                $body
+            }
+            DType::F16 => {
+                type $T = f16;
+                $body
+            }
+            other => bail!("attention: unsupported dtype {other:?}"),
+        }
+    };
+}
+
+/// Largest head dimension the kernels take (8 values per lane of a warp).
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// `softmax(q·kᵀ · scale + mask) · v`; see the module docs for shapes.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    if fused_on(q) {
+        attention_fused(q, k, v, mask, scale)
+    } else {
+        attention_ref(q, k, v, mask, scale)
+    }
+}
+
+/// The composition: k and v repeated over the query heads of their group, scores, scale (candle's
+/// affine), mask, softmax in f32 for half types, times v.
+pub fn attention_ref(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, _, d) = q.dims4()?;
+    let (_, hk, tk, _) = k.dims4()?;
+    let rep = h / hk.max(1);
+    let expand = |x: &Tensor| -> Result<Tensor> {
+        if rep == 1 {
+            Ok(x.clone())
+        } else {
+            x.unsqueeze(2)?
+                .broadcast_as((b, hk, rep, tk, d))?
+                .reshape((b, h, tk, d))
+        }
+    };
+    let (k, v) = (expand(k)?, expand(v)?);
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    softmax_last_dim_ref(&scores)?.matmul(&v)
+}
+
+/// [`attention`] through the fused ops on any device.
+pub fn attention_fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    check_float("attention", q)?;
+    let (b, h, t, d) = q.dims4()?;
+    let (kb, hk, tk, kd) = k.dims4()?;
+    let fits = kb == b && kd == d && v.dims() == k.dims() && hk > 0 && h % hk == 0;
+    if !fits || d == 0 || d > MAX_HEAD_DIM || tk == 0 {
+        bail!(
+            "attention: q {:?}, k {:?}, v {:?}: want q [B, H, T, D], k and v [B, Hk, Tk, D] with \
+             Hk dividing H, 0 < D ≤ {MAX_HEAD_DIM}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        bail!("attention: q, k and v must share a dtype");
+    }
+    let mut mask_batch_stride = 0;
+    if let Some(m) = mask {
+        check_constant("attention mask", q, m, q.dtype())?;
+        let (mb, one, mt, mk) = m.dims4()?;
+        if one != 1 || mt != t || mk != tk || !(mb == 1 || mb == b) {
+            bail!(
+                "attention: mask {:?}; want [{b} or 1, 1, {t}, {tk}]",
+                m.dims()
+            );
+        }
+        mask_batch_stride = if mb == 1 { 0 } else { t * tk };
+    }
+    let geom = Geom {
+        b,
+        h,
+        hk,
+        t,
+        tk,
+        d,
+        mask_batch_stride,
+        scale: scale as f32,
+    };
+    let op = Attention {
+        mask: mask.map(Tensor::contiguous).transpose()?,
+        geom,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// Sizes of one attention call (`AttnGeom` in attention.cu, less `has_mask`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Geom {
+    pub b: usize,
+    pub h: usize,
+    pub hk: usize,
+    pub t: usize,
+    pub tk: usize,
+    pub d: usize,
+    pub mask_batch_stride: usize,
+    pub scale: f32,
+}
+
+impl Geom {
+    fn rep(&self) -> usize {
+        self.h / self.hk
+    }
+    fn mask_at<T: DequantOut>(&self, mask: Option<&[T]>, b: usize, i: usize, j: usize) -> f32 {
+        mask.map_or(0.0, |m| {
+            m[b * self.mask_batch_stride + i * self.tk + j].to_f32()
+        })
+    }
+    /// Rows of `[B, Hk, Tk]` → `(b, kh, j)`; of `[B, H, T]` → `(b, h, i)`.
+    fn split(&self, row: usize, heads: usize, len: usize) -> (usize, usize, usize) {
+        (row / len / heads, (row / len) % heads, row % len)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    mask: Option<Tensor>,
+    geom: Geom,
+}
+
+/// The parts of the backward, each applied to `do` and carrying what it reads.
+#[derive(Debug, Clone)]
+enum Part {
+    /// f32 `[B·H·T, 2]`: `(L_i, Δ_i)`.
+    Stats { q: Tensor, k: Tensor, o: Tensor },
+    /// `dq [B, H, T, D]`.
+    Dq {
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        stats: Tensor,
+    },
+    /// `dk | dv [B, Hk, Tk, 2D]`.
+    Dkv {
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        stats: Tensor,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct AttentionBwd {
+    part: Part,
+    mask: Option<Tensor>,
+    geom: Geom,
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "qlora-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.geom;
+        let o = by_dtype!(s1.dtype(), T => {
+            let (q, k, v) = (data::<T>(s1, l1)?, data::<T>(s2, l2)?, data::<T>(s3, l3)?);
+            with_mask::<T, _>(self.mask.as_ref(), |mask| T::to_cpu_storage_owned(cpu_fwd(q, k, v, mask, g)))?
+        });
+        Ok((o, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let o = cuda::forward((s1, l1), (s2, l2), (s3, l3), self.mask.as_ref(), self.geom)?;
+        Ok((o, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dout = dout.contiguous()?;
+        let part = |part: Part| AttentionBwd {
+            part,
+            mask: self.mask.clone(),
+            geom: self.geom,
+        };
+        let (q, k, v) = (q.clone(), k.clone(), v.clone());
+        let stats = dout.apply_op1_no_bwd(&part(Part::Stats {
+            q: q.clone(),
+            k: k.clone(),
+            o: o.contiguous()?,
+        }))?;
+        let dq = dout.apply_op1_no_bwd(&part(Part::Dq {
+            q: q.clone(),
+            k: k.clone(),
+            v: v.clone(),
+            stats: stats.clone(),
+        }))?;
+        let dkv = dout.apply_op1_no_bwd(&part(Part::Dkv { q, k, v, stats }))?;
+        let d = self.geom.d;
+        let dk = dkv.narrow(D::Minus1, 0, d)?.contiguous()?;
+        let dv = dkv.narrow(D::Minus1, d, d)?.contiguous()?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+impl AttentionBwd {
+    fn out_shape(&self) -> Shape {
+        let g = self.geom;
+        match self.part {
+            Part::Stats { .. } => Shape::from((g.b * g.h * g.t, 2)),
+            Part::Dq { .. } => Shape::from((g.b, g.h, g.t, g.d)),
+            Part::Dkv { .. } => Shape::from((g.b, g.hk, g.tk, 2 * g.d)),
+        }
+    }
+}
+
+impl CustomOp1 for AttentionBwd {
+    fn name(&self) -> &'static str {
+        match self.part {
+            Part::Stats { .. } => "qlora-attention-stats",
+            Part::Dq { .. } => "qlora-attention-dq",
+            Part::Dkv { .. } => "qlora-attention-dkv",
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.geom;
+        let out = by_dtype!(s.dtype(), T => {
+            let dout = data::<T>(s, l)?;
+            with_mask::<T, _>(self.mask.as_ref(), |mask| -> Result<CpuStorage> {
+                Ok(match &self.part {
+                    Part::Stats { q, k, o } => with_host3::<T, T, T, _>(q, k, o, |q, k, o| {
+                        CpuStorage::F32(cpu_stats(q, k, o, dout, mask, g))
+                    })?,
+                    Part::Dq { q, k, v, stats } => with_host3::<T, T, T, _>(q, k, v, |q, k, v| {
+                        with_host::<f32, _>(stats, |st| {
+                            T::to_cpu_storage_owned(cpu_dq(q, k, v, dout, st, mask, g))
+                        })
+                    })??,
+                    Part::Dkv { q, k, v, stats } => with_host3::<T, T, T, _>(q, k, v, |q, k, v| {
+                        with_host::<f32, _>(stats, |st| {
+                            T::to_cpu_storage_owned(cpu_dkv(q, k, v, dout, st, mask, g))
+                        })
+                    })??,
+                })
+            })??
+        });
+        Ok((out, self.out_shape()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = cuda::backward(s, l, self)?;
+        Ok((out, self.out_shape()))
+    }
+}
+
+// ----- CPU loops (the kernels' arithmetic) ---------------------------------------------------------
+
+fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
+        None => bail!("attention: input is not contiguous"),
+    }
+}
+
+fn with_host<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    let (guard, layout) = t.storage_and_layout();
+    match &*guard {
+        Storage::Cpu(s) => Ok(f(data::<T>(s, layout)?)),
+        _ => bail!("attention: a tensor it carries is not on the CPU"),
+    }
+}
+
+fn with_host3<A: WithDType, B: WithDType, C: WithDType, R>(
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    f: impl FnOnce(&[A], &[B], &[C]) -> R,
+) -> Result<R> {
+    with_host::<A, _>(a, |a| {
+        with_host::<B, _>(b, |b| with_host::<C, _>(c, |c| f(a, b, c)))
+    })??
+}
+
+fn with_mask<T: WithDType, R>(
+    mask: Option<&Tensor>,
+    f: impl FnOnce(Option<&[T]>) -> R,
+) -> Result<R> {
+    match mask {
+        Some(m) => with_host::<T, _>(m, |m| f(Some(m))),
+        None => Ok(f(None)),
+    }
+}
+
+fn dot<T: DequantOut>(a: &[f32], b: &[T]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
+}
+
+fn row_f32<T: DequantOut>(x: &[T], row: usize, d: usize) -> Vec<f32> {
+    x[row * d..(row + 1) * d]
+        .iter()
+        .map(|v| v.to_f32())
+        .collect()
+}
+
+/// `(m, l)` of query row `(b, h, i)` (online softmax over the unmasked keys).
+fn stats_of<T: DequantOut>(
+    qv: &[f32],
+    k: &[T],
+    mask: Option<&[T]>,
+    g: Geom,
+    b: usize,
+    h: usize,
+    i: usize,
+) -> (f32, f32) {
+    let kh = h / g.rep();
+    let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+    for j in 0..g.tk {
+        let mk = g.mask_at(mask, b, i, j);
+        if mk == f32::NEG_INFINITY {
+            continue;
+        }
+        let kj = &k[((b * g.hk + kh) * g.tk + j) * g.d..][..g.d];
+        let s = dot(qv, kj) * g.scale + mk;
+        let m_new = m.max(s);
+        l = l * (m - m_new).exp() + (s - m_new).exp();
+        m = m_new;
+    }
+    (m, l)
+}
+
+fn cpu_fwd<T: DequantOut>(q: &[T], k: &[T], v: &[T], mask: Option<&[T]>, g: Geom) -> Vec<T> {
+    let mut o = Vec::with_capacity(q.len());
+    for row in 0..g.b * g.h * g.t {
+        let (b, h, i) = g.split(row, g.h, g.t);
+        let kh = h / g.rep();
+        let qv = row_f32(q, row, g.d);
+        let (mut m, mut l, mut acc) = (f32::NEG_INFINITY, 0f32, vec![0f32; g.d]);
+        for j in 0..g.tk {
+            let mk = g.mask_at(mask, b, i, j);
+            if mk == f32::NEG_INFINITY {
+                continue;
+            }
+            let kv_row = ((b * g.hk + kh) * g.tk + j) * g.d;
+            let s = dot(&qv, &k[kv_row..kv_row + g.d]) * g.scale + mk;
+            let m_new = m.max(s);
+            let (corr, p) = ((m - m_new).exp(), (s - m_new).exp());
+            l = l * corr + p;
+            for (a, x) in acc.iter_mut().zip(&v[kv_row..kv_row + g.d]) {
+                *a = *a * corr + p * x.to_f32();
+            }
+            m = m_new;
+        }
+        o.extend(acc.iter().map(|a| T::from_f32(a / l)));
+    }
+    o
+}
+
+/// `[L_0, Δ_0, L_1, Δ_1, …]` per query row.
+fn cpu_stats<T: DequantOut>(
+    q: &[T],
+    k: &[T],
+    o: &[T],
+    dout: &[T],
+    mask: Option<&[T]>,
+    g: Geom,
+) -> Vec<f32> {
+    let mut st = Vec::with_capacity(2 * g.b * g.h * g.t);
+    for row in 0..g.b * g.h * g.t {
+        let (b, h, i) = g.split(row, g.h, g.t);
+        let (m, l) = stats_of(&row_f32(q, row, g.d), k, mask, g, b, h, i);
+        st.push(m + l.ln());
+        st.push(dot(
+            &row_f32(o, row, g.d),
+            &dout[row * g.d..(row + 1) * g.d],
+        ));
+    }
+    st
+}
+
+fn cpu_dq<T: DequantOut>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dout: &[T],
+    st: &[f32],
+    mask: Option<&[T]>,
+    g: Geom,
+) -> Vec<T> {
+    let mut dq = Vec::with_capacity(q.len());
+    for row in 0..g.b * g.h * g.t {
+        let (b, h, i) = g.split(row, g.h, g.t);
+        let kh = h / g.rep();
+        let (qv, dov) = (row_f32(q, row, g.d), row_f32(dout, row, g.d));
+        let mut acc = vec![0f32; g.d];
+        for j in 0..g.tk {
+            let mk = g.mask_at(mask, b, i, j);
+            if mk == f32::NEG_INFINITY {
+                continue;
+            }
+            let kv_row = ((b * g.hk + kh) * g.tk + j) * g.d;
+            let kj = &k[kv_row..kv_row + g.d];
+            let p = (dot(&qv, kj) * g.scale + mk - st[2 * row]).exp();
+            let ds = p * (dot(&dov, &v[kv_row..kv_row + g.d]) - st[2 * row + 1]);
+            for (a, x) in acc.iter_mut().zip(kj) {
+                *a += ds * x.to_f32();
+            }
+        }
+        dq.extend(acc.iter().map(|a| T::from_f32(a * g.scale)));
+    }
+    dq
+}
+
+fn cpu_dkv<T: DequantOut>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dout: &[T],
+    st: &[f32],
+    mask: Option<&[T]>,
+    g: Geom,
+) -> Vec<T> {
+    let mut dkv = Vec::with_capacity(2 * k.len());
+    for row in 0..g.b * g.hk * g.tk {
+        let (b, kh, j) = g.split(row, g.hk, g.tk);
+        let (kv, vv) = (row_f32(k, row, g.d), row_f32(v, row, g.d));
+        let (mut dk, mut dv) = (vec![0f32; g.d], vec![0f32; g.d]);
+        for h in kh * g.rep()..(kh + 1) * g.rep() {
+            for i in 0..g.t {
+                let mk = g.mask_at(mask, b, i, j);
+                if mk == f32::NEG_INFINITY {
+                    continue;
+                }
+                let qrow = (b * g.h + h) * g.t + i;
+                let (qi, doi) = (&q[qrow * g.d..][..g.d], &dout[qrow * g.d..][..g.d]);
+                let p = (dot(&kv, qi) * g.scale + mk - st[2 * qrow]).exp();
+                let ds = p * (dot(&vv, doi) - st[2 * qrow + 1]);
+                for c in 0..g.d {
+                    dv[c] += p * doi[c].to_f32();
+                    dk[c] += ds * qi[c].to_f32();
+                }
+            }
+        }
+        dkv.extend(dk.iter().map(|x| T::from_f32(x * g.scale)));
+        dkv.extend(dv.iter().map(|x| T::from_f32(*x)));
+    }
+    dkv
+}
