@@ -11,9 +11,9 @@
 //
 // Versions:
 //   v1 (this file): one block per row, warp-shuffle + shared-memory block reductions; elementwise
-//      ops one thread per output element. Rows are re-read from global memory (L1/L2-resident for
-//      the row lengths used here: hidden 3072, keys <= 4096, vocab 32064) instead of staged in
-//      shared memory.
+//      ops one thread per output element (dropout: grid-stride, one 64-bit hash per element).
+//      Rows are re-read from global memory (L1/L2-resident for the row lengths used here: hidden
+//      3072, keys <= 4096, vocab 32064) instead of staged in shared memory.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -298,6 +298,29 @@ __device__ void xent_bwd(const T* __restrict__ x, const uint32_t* __restrict__ t
 }
 
 // ---------------------------------------------------------------------------------------------
+// Inverted dropout with a counter-based mask (the contract is in quant/src/fused/mod.rs; the CPU
+// loop in quant/src/fused/cpu.rs computes the same bits): element i is kept iff
+//   (splitmix64(seed ^ i * 0x9E3779B97F4A7C15) >> 40) < threshold,
+// and is then T(x * scale) (scale = 1 / keep in f32), else +0. Grid-stride, one hash per element.
+
+__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+template <typename T>
+__device__ void dropout(const T* __restrict__ x, T* __restrict__ y, uint64_t n, uint64_t seed,
+                        uint32_t threshold, float scale) {
+    uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        uint32_t u = (uint32_t)(splitmix64(seed ^ (i * 0x9E3779B97F4A7C15ull)) >> 40);
+        y[i] = u < threshold ? from_f32<T>(__fmul_rn(to_f32(x[i]), scale)) : from_f32<T>(0.f);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 
 #define FOR_EACH_TYPE(M) M(f32, float) M(bf16, __nv_bfloat16) M(f16, __half)
 
@@ -343,6 +366,10 @@ __device__ void xent_bwd(const T* __restrict__ x, const uint32_t* __restrict__ t
     extern "C" __global__ void xent_bwd_##SUFFIX(const T* x, const uint32_t* t, const float* g, \
                                                  T* dx, uint32_t vocab) {                      \
         xent_bwd<T>(x, t, g, dx, vocab);                                                       \
+    }                                                                                          \
+    extern "C" __global__ void dropout_##SUFFIX(const T* x, T* y, uint64_t n, uint64_t seed,   \
+                                                uint32_t threshold, float scale) {             \
+        dropout<T>(x, y, n, seed, threshold, scale);                                           \
     }
 
 FOR_EACH_TYPE(KERNELS)

@@ -9,8 +9,9 @@
 //! - [`bnb`]: the serialized bitsandbytes-4bit layout in safetensors checkpoints, read and write.
 //! - [`tensor`], [`op`]: the candle side: [`Nf4Tensor`] on a device, the dequantize op and the NF4
 //!   linear op whose backward re-dequantizes (no dense weight kept, no weight gradient).
-//! - [`fused`]: differentiable RMSNorm, RoPE, SwiGLU, softmax and cross-entropy for training on
-//!   the GPU (the candle composition on the CPU, fused kernels with a backward on CUDA).
+//! - [`fused`]: differentiable RMSNorm, RoPE, SwiGLU, softmax, attention and cross-entropy for
+//!   training on the GPU (the candle composition on the CPU, fused kernels with a backward on
+//!   CUDA), and dropout with a counter-based mask that is the same on every device.
 //! - `cuda` (feature `cuda`): the dequantization kernels (quant/kernels/*.cu, PTX built by build.rs)
 //!   and the GPU paths of the ops.
 

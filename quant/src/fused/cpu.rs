@@ -1,12 +1,16 @@
 //! CPU implementations of the fused ops: the loops of `quant/kernels/fused.cu` in Rust (serial,
 //! f32 arithmetic, rounding to the element type where the kernels round). They exist so the ops'
 //! forward and backward formulas are tested against candle's autograd on any machine; the
-//! dispatching functions of [`super`] use the candle composition on the CPU instead.
+//! dispatching functions of [`super`] use the candle composition on the CPU instead. Dropout is the
+//! exception: its loop here is its CPU path (multithreaded), the mask being a contract that has no
+//! composition.
 
+use super::ops::Dropout;
 use crate::cpu::DequantOut;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor, WithDType, bail};
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 /// The contiguous data of an op input.
 fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
@@ -343,5 +347,51 @@ pub(super) fn xent_bwd(
             }
             T::to_cpu_storage_owned(dx)
         })
+    })
+}
+
+/// The splitmix64 finalizer (wrapping u64 arithmetic), as the dropout contract of [`super`] and
+/// `fused.cu` define it.
+pub(super) fn splitmix64(z: u64) -> u64 {
+    let z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Whether element `i` survives [`Dropout`] (the mask of [`super`]).
+pub(super) fn dropout_keeps(op: Dropout, i: u64) -> bool {
+    let h = splitmix64(op.seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    ((h >> 40) as u32) < op.threshold
+}
+
+/// Elements per rayon task of the dropout loop.
+const DROPOUT_CHUNK: usize = 1 << 16;
+
+fn dropout_slice<T: WithDType>(x: &[T], op: Dropout, kept: impl Fn(T) -> T + Sync) -> Vec<T> {
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(DROPOUT_CHUNK)
+        .zip(x.par_chunks(DROPOUT_CHUNK))
+        .enumerate()
+        .for_each(|(chunk, (ys, xs))| {
+            let first = (chunk * DROPOUT_CHUNK) as u64;
+            for (j, (y, &x)) in ys.iter_mut().zip(xs).enumerate() {
+                if dropout_keeps(op, first + j as u64) {
+                    *y = kept(x);
+                }
+            }
+        });
+    y
+}
+
+pub(super) fn dropout(s: &CpuStorage, l: &Layout, op: Dropout) -> Result<CpuStorage> {
+    if s.dtype() == DType::F64 {
+        let scale = f64::from(op.scale);
+        let y = dropout_slice(data::<f64>(s, l)?, op, |v| v * scale);
+        return Ok(CpuStorage::F64(y));
+    }
+    by_dtype!(s.dtype(), "dropout", T => {
+        let y = dropout_slice(data::<T>(s, l)?, op, |v| T::from_f32(v.to_f32() * op.scale));
+        Ok(T::to_cpu_storage_owned(y))
     })
 }

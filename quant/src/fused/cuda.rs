@@ -1,8 +1,9 @@
 //! Launches of the fused kernels of `quant/kernels/fused.cu` on candle's stream: one block of
 //! [`ROW_THREADS`] per row for the row ops (RMSNorm, softmax, cross-entropy), one thread per
-//! element for the elementwise ones (RoPE, SwiGLU).
+//! element for the elementwise ones (RoPE, SwiGLU), a grid-stride loop for dropout.
 
 use super::cpu::{RopeGeometry, SoftmaxRows};
+use super::ops::Dropout;
 use crate::cuda::view;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -19,6 +20,9 @@ const MODULE: &str = "qlora_quant_fused";
 const ROW_THREADS: u32 = 256;
 /// Threads per block of the elementwise kernels.
 const ELEM_THREADS: usize = 256;
+/// Most blocks of a grid-stride kernel (dropout): ~8 full waves of 256-thread blocks on a 132-SM
+/// H100/H200 (8 resident per SM); each thread's loop covers the rest.
+const MAX_STRIDE_BLOCKS: usize = 8192;
 
 /// The contiguous data of an op input.
 pub(super) fn input<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
@@ -339,5 +343,34 @@ pub(super) fn xent_bwd(
         b.arg(&x).arg(&t).arg(&g).arg(&mut dx).arg(&v32);
         unsafe { b.launch(rows_cfg(rows)?) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+    })
+}
+
+/// Blocks of [`ELEM_THREADS`] for a grid-stride loop over `n` elements, at most
+/// [`MAX_STRIDE_BLOCKS`].
+fn grid_stride_cfg(n: usize) -> Result<LaunchConfig> {
+    if n == 0 {
+        bail!("fused op: 0 elements cannot be launched");
+    }
+    let blocks = n.div_ceil(ELEM_THREADS).min(MAX_STRIDE_BLOCKS);
+    Ok(LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (ELEM_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+pub(super) fn dropout(s: &CudaStorage, l: &Layout, op: Dropout) -> Result<CudaStorage> {
+    let dev = &s.device;
+    let n = l.shape().elem_count();
+    by_dtype!(s.dtype(), "dropout", T, sfx => {
+        let x = input::<T>(s, l)?;
+        let mut y = output::<T>(dev, n)?;
+        let n64 = n as u64;
+        let f = func!(dev, "dropout", sfx)?;
+        let mut b = f.builder();
+        b.arg(&x).arg(&mut y).arg(&n64).arg(&op.seed).arg(&op.threshold).arg(&op.scale);
+        unsafe { b.launch(grid_stride_cfg(n)?) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     })
 }

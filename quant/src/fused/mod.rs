@@ -30,6 +30,25 @@
 //!   derivation in its module.
 //! - [`cross_entropy`]: per-row loss of `logits [N, V]` against u32 `targets [N]`:
 //!   `log Σ exp(x − max) + max − x_t`; `dx = g · (softmax(x) − onehot(t))`.
+//! - [`dropout`]: inverted dropout with a counter-based mask, the same on every device (below);
+//!   linear in `x`, so `dx = dropout(dy)` with the same `p` and seed.
+//!
+//! ## The dropout mask (a contract: the model relies on it, every device computes it bit-exactly)
+//!
+//! Element `i` (its row-major index in `x`, as u64) of `dropout(x, p, seed)` is kept iff
+//! `u < threshold`, where
+//!
+//! ```text
+//! h = splitmix64(seed ^ i.wrapping_mul(0x9E3779B97F4A7C15))
+//! u = (h >> 40) as u32                                   (the top 24 bits)
+//! keep = 1 − p (f32),  threshold = (keep · 2^24).round() as u32
+//! splitmix64(z): z += 0x9E3779B97F4A7C15; z = (z ^ (z >> 30)) · 0xBF58476D1CE4E5B9;
+//!                z = (z ^ (z >> 27)) · 0x94D049BB133111EB; z ^ (z >> 31)     (wrapping u64)
+//! ```
+//!
+//! A kept element is `x · (1.0f32 / keep)`, multiplied in f32 (f64 for f64 `x`) and rounded to
+//! `x`'s dtype once; a dropped one is `+0`. The mask depends on `(seed, i, p)` alone, so the caller
+//! picks a fresh seed per application (per step, layer and adapter) and the backward replays it.
 
 mod attention;
 mod cpu;
@@ -281,6 +300,43 @@ pub fn attention_softmax_fused(
         mask: mask.map(Tensor::contiguous).transpose()?,
         scale,
     })
+}
+
+// ----- Dropout ------------------------------------------------------------------------------------
+
+/// Inverted dropout of `x` (f32, bf16, f16; f64 on the CPU) with the counter-based mask of the
+/// module docs: differentiable, identical on every device. `p == 0` returns `x` itself; `p` must
+/// lie in `[0, 1)`.
+pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    let op = ops::Dropout::new(p, seed)?;
+    let dtypes: &[DType] = if x.device().is_cpu() {
+        &[DType::F32, DType::BF16, DType::F16, DType::F64]
+    } else {
+        &[DType::F32, DType::BF16, DType::F16]
+    };
+    if !dtypes.contains(&x.dtype()) {
+        bail!(
+            "dropout: unsupported dtype {:?} on {:?}; use one of {dtypes:?}",
+            x.dtype(),
+            x.device()
+        );
+    }
+    if p == 0.0 || x.elem_count() == 0 {
+        return Ok(x.clone());
+    }
+    x.contiguous()?.apply_op1(op)
+}
+
+/// The keep mask of [`dropout`] for a tensor of `shape`: u8, 1 where an element is kept, computed
+/// on `device` by the op itself (for tests and inspection).
+pub fn dropout_mask(
+    shape: impl Into<candle_core::Shape>,
+    p: f32,
+    seed: u64,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let ones = Tensor::ones(shape, DType::F32, device)?;
+    dropout(&ones, p, seed)?.ne(0f32)
 }
 
 // ----- Cross-entropy ------------------------------------------------------------------------------

@@ -339,3 +339,50 @@ impl CustomOp2 for CrossEntropyBwd {
         Ok((dx, l1.shape().clone()))
     }
 }
+
+// ----- Dropout ------------------------------------------------------------------------------------
+/// Inverted dropout with the counter-based mask of [`super`]; its own backward (it is linear and
+/// the mask depends on `(seed, index, p)` alone).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Dropout {
+    pub(super) seed: u64,
+    /// Element `i` is kept iff the top 24 bits of its hash are below this.
+    pub(super) threshold: u32,
+    /// `1 / keep` in f32, the factor of the kept elements.
+    pub(super) scale: f32,
+}
+
+impl Dropout {
+    /// The op for drop probability `p ∈ [0, 1)`.
+    pub(super) fn new(p: f32, seed: u64) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            candle_core::bail!("dropout: p = {p} is outside [0, 1); use 0 for no dropout");
+        }
+        let keep = 1.0f32 - p;
+        Ok(Self {
+            seed,
+            threshold: (keep * (1u32 << 24) as f32).round() as u32,
+            scale: 1.0f32 / keep,
+        })
+    }
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "qlora-dropout"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((cpu::dropout(s, l, *self)?, l.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::dropout(s, l, *self)?, l.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(self)?))
+    }
+}

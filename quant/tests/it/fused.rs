@@ -26,7 +26,7 @@ fn tol(dtype: DType) -> f32 {
 }
 
 /// Deterministic values in [lo, hi).
-fn uniform(shape: &[usize], seed: u64, lo: f32, hi: f32) -> Tensor {
+pub(crate) fn uniform(shape: &[usize], seed: u64, lo: f32, hi: f32) -> Tensor {
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n)
         .map(|i| {

@@ -3,6 +3,7 @@
 //! (CPU always, CUDA when built with `--features cuda` and a GPU is present).
 
 mod devices;
+mod dropout;
 mod fused;
 mod goldens;
 mod ops;
