@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use qlora::lora::{ForwardCtx, LoraConfig, LoraLinear, attach};
 use qlora::model::Phi3Config;
 use qlora::model::linear::BaseWeight;
-use qlora::model::phi3::{Block, Phi3};
+use qlora::model::phi3::{Block, OpPath, Phi3};
 use qlora::train::{Batch, loss_and_grads};
 use qlora_quant::{Blocksize, Nf4Tensor, QuantType};
 
@@ -92,6 +92,7 @@ fn main() -> anyhow::Result<()> {
         cfg,
         dtype: DType::F32,
         device: Device::Cpu,
+        ops: OpPath::Composed,
     };
     attach::init_adapters(
         &mut model,

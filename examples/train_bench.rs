@@ -27,7 +27,7 @@ use clap::Parser;
 use qlora::lora::{ForwardCtx, LoraConfig, LoraLinear, attach};
 use qlora::model::Phi3Config;
 use qlora::model::linear::BaseWeight;
-use qlora::model::phi3::{Block, Phi3};
+use qlora::model::phi3::{Block, OpPath, Phi3};
 use qlora::train::optim::{AdamW, AdamWConfig};
 use qlora::train::{Batch, loss_and_grads};
 use qlora_quant::{Blocksize, Nf4Tensor, QuantType, Quantized};
@@ -143,6 +143,7 @@ fn build_model(a: &Args, dtype: DType, dev: &Device) -> Result<Phi3> {
         cfg,
         dtype,
         device: dev.clone(),
+        ops: OpPath::for_device(dev),
     };
     attach::init_adapters(
         &mut model,

@@ -5,7 +5,7 @@
 use super::config::Phi3Config;
 use super::linear::BaseWeight;
 use super::names;
-use super::phi3::{Block, Phi3};
+use super::phi3::{Block, OpPath, Phi3};
 use crate::checkpoint::{self, CONFIG_FILE, Checkpoint};
 use crate::lora::LoraLinear;
 use anyhow::{Context, Result, bail, ensure};
@@ -197,5 +197,6 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Phi3> {
         cfg,
         dtype: opts.dtype,
         device: opts.device.clone(),
+        ops: OpPath::for_device(&opts.device),
     })
 }

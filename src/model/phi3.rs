@@ -1,6 +1,8 @@
 //! Phi-3 (transformers' `Phi3ForCausalLM`), one implementation for every base: each block linear is
-//! a [`LoraLinear`] over a dense or NF4 [`BaseWeight`]. Every op on the training path is a
-//! differentiable candle composition (RMSNorm, rotate-half RoPE, softmax, SwiGLU); fused
+//! a [`LoraLinear`] over a dense or NF4 [`BaseWeight`]. RMSNorm, rotate-half RoPE, attention and
+//! SwiGLU are `qlora_quant::fused`'s differentiable ops: on the CPU the plain candle compositions
+//! (transformers' arithmetic, differentiated by candle), on CUDA fused kernels with their own
+//! backward (attention in O(T) memory, grouped-query heads read without expanding k and v). Fused
 //! `qkv_proj` (rows Q | K | V) and `gate_up_proj` (rows gate | up, `up · silu(gate)`) stay fused so
 //! adapter names are PEFT's.
 //!
@@ -11,6 +13,7 @@ use super::linear::BaseWeight;
 use super::rope;
 use crate::lora::{Adapter, ForwardCtx, LoraLinear};
 use candle_core::{D, DType, Device, Result, Tensor};
+use qlora_quant::fused;
 
 /// One decoder block.
 #[derive(Debug, Clone)]
@@ -75,31 +78,78 @@ pub struct Phi3 {
     pub lm_head: Tensor,
     pub dtype: DType,
     pub device: Device,
+    /// Composed or fused ops ([`OpPath::for_device`] unless a test picks).
+    pub ops: OpPath,
 }
 
-/// The dtype reductions run in: f32 for half types, else the dtype itself (f64 stays f64).
-fn reduce_dtype(dtype: DType) -> DType {
-    if matches!(dtype, DType::BF16 | DType::F16) {
-        DType::F32
-    } else {
-        dtype
+/// Which implementation the ops between the linears take (RMSNorm, RoPE, attention, SwiGLU and
+/// the head's cross-entropy). Both are differentiable and compute the same function; they differ
+/// in arithmetic order within f32 rounding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpPath {
+    /// candle compositions of primitive ops, transformers' arithmetic (any dtype, f64 included).
+    Composed,
+    /// `qlora_quant::fused`'s custom ops: CUDA kernels with their own backward, or the same
+    /// loops on the CPU (f32, bf16, f16), where tests compare them with [`OpPath::Composed`].
+    Fused,
+}
+
+impl OpPath {
+    /// Fused on CUDA, composed elsewhere.
+    pub fn for_device(device: &Device) -> Self {
+        if device.is_cuda() {
+            Self::Fused
+        } else {
+            Self::Composed
+        }
     }
-}
 
-/// `weight · x / √(mean(x²) + eps)`, computed in f32 (for half types) and cast back before the
-/// weight, as transformers does.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x32 = x.to_dtype(reduce_dtype(dtype))?;
-    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x32.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed.to_dtype(dtype)?.broadcast_mul(weight)
-}
+    /// `weight · x / √(mean(x²) + eps)`, in f32 for half types, cast back before the weight.
+    pub fn rms_norm(self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+        match self {
+            Self::Composed => fused::rms_norm_ref(x, weight, eps),
+            Self::Fused => fused::rms_norm_fused(x, weight, eps),
+        }
+    }
 
-/// Softmax over the last dim, in f32 for half types (max-subtracted; composite, so differentiable).
-fn softmax_f32(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    candle_nn::ops::softmax(&x.to_dtype(reduce_dtype(dtype))?, D::Minus1)?.to_dtype(dtype)
+    /// Rotate-half RoPE of `x [B, heads, T, d]` with tables `[B, 1, T, r]`.
+    pub fn rope(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Composed => fused::rope_ref(x, cos, sin),
+            Self::Fused => fused::rope_fused(x, cos, sin),
+        }
+    }
+
+    /// `softmax(q·kᵀ · scale + mask) · v`, grouped-query heads included (k, v unexpanded).
+    pub fn attention(
+        self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Composed => fused::attention_ref(q, k, v, Some(mask), scale),
+            Self::Fused => fused::attention_fused(q, k, v, Some(mask), scale),
+        }
+    }
+
+    /// `up · silu(gate)` of `gu = gate | up`.
+    pub fn swiglu(self, gu: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Composed => fused::swiglu_ref(gu),
+            Self::Fused => fused::swiglu_fused(gu),
+        }
+    }
+
+    /// Per-row cross-entropy of `logits [N, V]` against u32 `targets [N]` (f32; f64 stays f64).
+    pub fn cross_entropy(self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Composed => fused::cross_entropy_ref(logits, targets),
+            Self::Fused => fused::cross_entropy_fused(logits, targets),
+        }
+    }
 }
 
 impl Phi3 {
@@ -160,15 +210,12 @@ impl Phi3 {
     ) -> Result<Tensor> {
         let blk = &self.layers[layer];
         let eps = self.cfg.rms_norm_eps;
-        let h = rms_norm(x, &blk.input_layernorm, eps)?;
+        let h = self.ops.rms_norm(x, &blk.input_layernorm, eps)?;
         let attn = self.attention(layer, &h, prep, ctx, cache)?;
         let x = (x + attn)?;
-        let h = rms_norm(&x, &blk.post_attention_layernorm, eps)?;
+        let h = self.ops.rms_norm(&x, &blk.post_attention_layernorm, eps)?;
         let gu = blk.gate_up_proj.forward(&h, ctx)?;
-        let i = self.cfg.intermediate_size;
-        let gate = gu.narrow(D::Minus1, 0, i)?;
-        let up = gu.narrow(D::Minus1, i, i)?;
-        let mlp = blk.down_proj.forward(&(up * gate.silu()?)?, ctx)?;
+        let mlp = blk.down_proj.forward(&self.ops.swiglu(&gu)?, ctx)?;
         x + mlp
     }
 
@@ -194,8 +241,8 @@ impl Phi3 {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = rope::apply(&heads(0, nh)?, &prep.cos, &prep.sin)?;
-        let k = rope::apply(&heads(nh, nkv)?, &prep.cos, &prep.sin)?;
+        let q = self.ops.rope(&heads(0, nh)?, &prep.cos, &prep.sin)?;
+        let k = self.ops.rope(&heads(nh, nkv)?, &prep.cos, &prep.sin)?;
         let v = heads(nh + nkv, nkv)?;
         let (k, v) = match cache {
             Some(cache) => {
@@ -209,27 +256,19 @@ impl Phi3 {
             }
             None => (k, v),
         };
-        let tk = k.dim(2)?;
-        let rep = nh / nkv;
-        let expand = |x: Tensor| -> Result<Tensor> {
-            if rep == 1 {
-                Ok(x)
-            } else {
-                x.unsqueeze(2)?
-                    .broadcast_as((b, nkv, rep, tk, d))?
-                    .reshape((b, nh, tk, d))
-            }
-        };
-        let (k, v) = (expand(k)?, expand(v)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(&prep.mask)?;
-        let probs = softmax_f32(&scores)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * d))?;
+        // Grouped-query heads: query head h reads key/value head h / (nh / nkv).
+        let scale = 1.0 / (d as f64).sqrt();
+        let out = self
+            .ops
+            .attention(&q, &k, &v, &prep.mask, scale)?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * d))?;
         blk.o_proj.forward(&out, ctx)
     }
 
     /// Final RMSNorm.
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(x, &self.norm, self.cfg.rms_norm_eps)
+        self.ops.rms_norm(x, &self.norm, self.cfg.rms_norm_eps)
     }
 
     /// Logits `[.., V]` of normed hidden states `[.., H]`.

@@ -1,11 +1,12 @@
-//! Rotary position embedding, rotate-half (NEOX) style as Phi-3 uses it, built from differentiable
-//! candle ops (candle's fused `rope` has no backward). Tables are gathered by position id, so packed
-//! sequences whose positions restart per conversation work as well as plain ones. With a partial
-//! rotary factor (Phi-4-mini) only the first `rotary_dim` dims of each head are rotated, the rest
-//! pass through, as transformers' `apply_rotary_pos_emb` does.
+//! Rotary position embedding tables, rotate-half (NEOX) style as Phi-3 uses it (the rotation itself
+//! is `qlora_quant::fused::rope`, differentiable; candle's fused `rope` has no backward). Tables
+//! are gathered by position id, so packed sequences whose positions restart per conversation work
+//! as well as plain ones. With a partial rotary factor (Phi-4-mini) only the first `rotary_dim`
+//! dims of each head are rotated, the rest pass through, as transformers' `apply_rotary_pos_emb`
+//! does.
 
 use super::config::{RopeConfig, RopeScaling};
-use candle_core::{D, DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// The inverse frequencies and cos/sin scale for a sequence whose largest position is `max_pos`.
 /// Longrope picks the long factors when the sequence is longer than the original context
@@ -65,25 +66,4 @@ pub fn cos_sin(cfg: &RopeConfig, positions: &Tensor, dtype: DType) -> Result<(Te
             .to_device(dev)?
             .to_dtype(dtype)?,
     ))
-}
-
-/// `x · cos + rotate_half(x) · sin` on the first `R` dims of `x: [B, H, T, D]`, the other `D − R`
-/// passed through, for `cos, sin: [B, 1, T, R]`.
-pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let r = cos.dim(D::Minus1)?;
-    if r == d {
-        return rotate(x, cos, sin);
-    }
-    let rotated = rotate(&x.narrow(D::Minus1, 0, r)?, cos, sin)?;
-    Tensor::cat(&[&rotated, &x.narrow(D::Minus1, r, d - r)?], D::Minus1)
-}
-
-/// `x · cos + rotate_half(x) · sin`, all of `x`'s last dim.
-fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }

@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod data;
 mod export;
+mod fused_model;
 mod gguf;
 mod gguf_phi4;
 mod kquant;

@@ -8,7 +8,7 @@ use qlora::model::Phi3;
 use qlora::model::load::{BaseFormat, LoadOptions, load};
 
 /// f32 logits of a 2-layer model computed by two implementations summing in different orders.
-const F32_LOGITS_ABS_TOL: f32 = 1e-4;
+pub const F32_LOGITS_ABS_TOL: f32 = 1e-4;
 
 pub fn load_f32(dir: &str, base: BaseFormat) -> Phi3 {
     load_path_f32(&fixtures().join("phi3").join(dir), base)
@@ -51,7 +51,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-fn check(model: &Phi3, ids: &Tensor, want: &Tensor, what: &str) {
+pub fn check(model: &Phi3, ids: &Tensor, want: &Tensor, what: &str) {
     let got = model.forward(ids).unwrap();
     let d = max_abs_diff(&got, want);
     assert!(

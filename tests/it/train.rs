@@ -8,7 +8,7 @@ use qlora::model::load::{BaseFormat, LoadOptions, load};
 use qlora::train::optim::{AdamW, AdamWConfig};
 use qlora::train::{Batch, loss, loss_and_grads};
 
-fn golden_ids() -> Vec<u32> {
+pub fn golden_ids() -> Vec<u32> {
     let t = candle_core::safetensors::load(
         crate::common::fixtures().join("phi3/gqa/logits.safetensors"),
         &Device::Cpu,
@@ -24,7 +24,7 @@ fn golden_ids() -> Vec<u32> {
 }
 
 /// Labels: the prompt (first 3 tokens) ignored, the rest trained.
-fn batch(ids: &[u32]) -> Batch {
+pub fn batch(ids: &[u32]) -> Batch {
     let labels: Vec<i64> = ids
         .iter()
         .enumerate()
@@ -33,7 +33,7 @@ fn batch(ids: &[u32]) -> Batch {
     Batch::causal(&[ids.to_vec()], &[labels], &Device::Cpu).unwrap()
 }
 
-fn lora(r: usize, dropout: f32) -> LoraConfig {
+pub fn lora(r: usize, dropout: f32) -> LoraConfig {
     LoraConfig {
         r,
         alpha: 2.0 * r as f64,
@@ -44,7 +44,7 @@ fn lora(r: usize, dropout: f32) -> LoraConfig {
 }
 
 /// Nonzero B everywhere, so that every A has a gradient too.
-fn randomize_b(model: &qlora::model::Phi3, seed: u64) {
+pub fn randomize_b(model: &qlora::model::Phi3, seed: u64) {
     for (i, a) in model.adapters().iter().enumerate() {
         let b = a.b.as_tensor();
         let n = b.elem_count();
