@@ -1,5 +1,6 @@
 //! Compiles quant/kernels/*.cu to PTX in OUT_DIR, only when the `cuda` feature is on; the default
-//! build never needs nvcc. The PTX targets `compute_80`, so the driver JIT-compiles it for any
+//! build never needs nvcc. Headers (*.cuh, e.g. common.cuh) are found through `-I kernels`, and a
+//! change to any .cu or .cuh rebuilds every PTX file. The PTX targets `compute_80`, so the driver JIT-compiles it for any
 //! Ampere-or-newer GPU (A100, consumer RTX 30xx+, H100/H200). Flags keep IEEE semantics (no
 //! `--use_fast_math`: no flush-to-zero, no approximate division), which the bit-identity of the
 //! dequantization kernels with the CPU reference relies on.

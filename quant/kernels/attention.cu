@@ -22,31 +22,10 @@
 //      head: Tk·D·2 bytes). CUDA cores only: no tensor cores, no shared-memory tiling; correctness
 //      and O(T) memory first. Four warps per block.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 #define MAX_D 256
 #define PER_LANE (MAX_D / 32)
-#define NEG_INF __int_as_float(0xff800000)
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-    return __float2bfloat16_rn(v);
-}
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) {
-    return __float2half_rn(v);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
 
 struct AttnGeom {
     uint32_t b, h, hk, t, tk, d;
@@ -268,6 +247,4 @@ __device__ void attn_dkv(const T* __restrict__ q, const T* __restrict__ k,
         attn_dkv<T>(q, k, v, mask, dout, stats, dkv, g);                                        \
     }
 
-KERNELS(f32, float)
-KERNELS(bf16, __nv_bfloat16)
-KERNELS(f16, __half)
+FOR_EACH_TYPE(KERNELS)

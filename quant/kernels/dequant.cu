@@ -22,22 +22,11 @@
 //      stores (8 x float4 for f32, 4 x uint4 for 16-bit types). The last partial run, or any run
 //      when a pointer is not 16-byte aligned, takes the scalar path (byte loads, element stores).
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 #define RUN_ELEMS 32
 #define NESTED_BLOCK_SHIFT 8  // 256 absmax values per nested scale
 #define MAP_LEN 256
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-    return __float2bfloat16_rn(v);
-}
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) {
-    return __float2half_rn(v);
-}
 
 __device__ __forceinline__ uint32_t bits16(__nv_bfloat16 v) {
     return (uint32_t)__bfloat16_as_ushort(v);

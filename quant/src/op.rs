@@ -62,6 +62,24 @@ impl Nf4Matmul {
         })
     }
 
+    /// `((m, k, n), y's shape)` for `x` of `layout` (`[.., k]`, m rows): `x` must be contiguous
+    /// and end with `k`.
+    fn plan(&self, layout: &Layout) -> candle_core::Result<((usize, usize, usize), Shape)> {
+        let (k, n) = self.dims()?;
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&k) || !layout.is_contiguous() {
+            candle_core::bail!(
+                "{}: x {:?} must be contiguous and end with {k}",
+                self.name(),
+                dims
+            );
+        }
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("x has a last dim") = n;
+        let m = layout.shape().elem_count() / k;
+        Ok(((m, k, n), Shape::from_dims(&out_dims)))
+    }
+
     /// Half-precision input: widened to f32, computed in f32, rounded once at the end.
     fn compute_half<T: crate::cpu::DequantOut>(
         &self,
@@ -102,18 +120,7 @@ impl CustomOp1 for Nf4Matmul {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (k, n) = self.dims()?;
-        let dims = layout.shape().dims();
-        if dims.last() != Some(&k) || !layout.is_contiguous() {
-            candle_core::bail!(
-                "{}: x {:?} must be contiguous and end with {k}",
-                self.name(),
-                dims
-            );
-        }
-        let m = layout.shape().elem_count() / k;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("x has a last dim") = n;
+        let ((m, k, _), shape) = self.plan(layout)?;
         let range = layout.start_offset()..layout.start_offset() + m * k;
         let y = match storage {
             CpuStorage::F32(v) => CpuStorage::F32(self.compute(&v[range], m)?),
@@ -124,7 +131,7 @@ impl CustomOp1 for Nf4Matmul {
                 candle_core::bail!("{}: unsupported dtype {dtype:?}", self.name())
             }
         };
-        Ok((y, Shape::from_dims(&out_dims)))
+        Ok((y, shape))
     }
 
     #[cfg(feature = "cuda")]
@@ -133,20 +140,9 @@ impl CustomOp1 for Nf4Matmul {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (k, n) = self.dims()?;
-        let dims = layout.shape().dims();
-        if dims.last() != Some(&k) || !layout.is_contiguous() {
-            candle_core::bail!(
-                "{}: x {:?} must be contiguous and end with {k}",
-                self.name(),
-                dims
-            );
-        }
-        let m = layout.shape().elem_count() / k;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("x has a last dim") = n;
-        let y = crate::cuda::nf4_matmul(&self.w, self.transposed, storage, layout, (m, k, n))?;
-        Ok((y, Shape::from_dims(&out_dims)))
+        let (mkn, shape) = self.plan(layout)?;
+        let y = crate::cuda::nf4_matmul(&self.w, self.transposed, storage, layout, mkn)?;
+        Ok((y, shape))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {

@@ -9,11 +9,10 @@ use super::ops::Dropout;
 use crate::cpu::DequantOut;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor, WithDType, bail};
-use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// The contiguous data of an op input.
-fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+pub(super) fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
         None => bail!("fused op: input is not contiguous"),
@@ -21,33 +20,12 @@ fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
 }
 
 /// Runs `f` on the host data of a tensor an op carries.
-fn with_host<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+pub(super) fn with_host<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
     let (guard, layout) = t.storage_and_layout();
     match &*guard {
         Storage::Cpu(s) => Ok(f(data::<T>(s, layout)?)),
         _ => bail!("fused op: a tensor it carries is not on the CPU"),
     }
-}
-
-/// `$body` with `T` the element type of `$dtype` (f32, bf16 or f16).
-macro_rules! by_dtype {
-    ($dtype:expr, $what:literal, $T:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            DType::BF16 => {
-                type $T = bf16;
-                $body
-            }
-            DType::F16 => {
-                type $T = f16;
-                $body
-            }
-            other => bail!("{}: unsupported dtype {other:?}", $what),
-        }
-    };
 }
 
 fn round<T: DequantOut>(v: f32) -> f32 {
@@ -247,7 +225,8 @@ fn max_sum_f32(v: &[f32]) -> (f32, f32) {
     (m, v.iter().map(|x| (x - m).exp()).sum())
 }
 
-fn with_mask<T: WithDType, R>(
+/// Runs `f` on the host data of an optional mask.
+pub(super) fn with_mask<T: WithDType, R>(
     mask: Option<&Tensor>,
     f: impl FnOnce(Option<&[T]>) -> R,
 ) -> Result<R> {

@@ -10,8 +10,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
-use candle_core::{DType, Layout, Result, Tensor, bail};
-use half::{bf16, f16};
+use candle_core::{Layout, Result, Tensor, bail};
 
 /// PTX of quant/kernels/fused.cu.
 pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
@@ -76,32 +75,9 @@ pub(super) fn output<T: DeviceRepr>(
     unsafe { dev.alloc::<T>(n) }
 }
 
-fn u32_of(v: usize, what: &str) -> Result<u32> {
+/// `v` as a kernel's u32 argument, or an error naming `what`.
+pub(super) fn u32_of(v: usize, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("fused op: {what} {v} > u32")))
-}
-
-/// `$body` with `T` the element type of `$dtype` and `$sfx` its kernel suffix.
-macro_rules! by_dtype {
-    ($dtype:expr, $what:literal, $T:ident, $sfx:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $T = f32;
-                let $sfx = "f32";
-                $body
-            }
-            DType::BF16 => {
-                type $T = bf16;
-                let $sfx = "bf16";
-                $body
-            }
-            DType::F16 => {
-                type $T = f16;
-                let $sfx = "f16";
-                $body
-            }
-            other => bail!("{}: unsupported dtype {other:?}", $what),
-        }
-    };
 }
 
 // SAFETY (every launch below): the arguments match the kernel's signature in fused.cu (pointers,

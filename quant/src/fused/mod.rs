@@ -50,6 +50,8 @@
 //! `x`'s dtype once; a dropped one is `+0`. The mask depends on `(seed, i, p)` alone, so the caller
 //! picks a fresh seed per application (per step, layer and adapter) and the backward replays it.
 
+#[macro_use]
+mod macros;
 mod attention;
 mod cpu;
 #[cfg(feature = "cuda")]

@@ -1,11 +1,17 @@
-//! The fused ops as candle custom ops: forward on each device (`cpu.rs` loops, `cuda.rs` kernels),
-//! backward as a second op (`*Bwd`, or the transposed rotation for RoPE). The tensors an op carries
-//! are constants of the graph. Formulas: see [`super`].
+//! The fused ops as candle custom ops: forward on each device (`cpu.rs` loops, `cuda.rs` kernels,
+//! wired by `custom_op1!` / `custom_op2!` of `macros.rs`), backward as a second op (`*Bwd`, or the transposed
+//! rotation for RoPE, or dropout itself). The tensors an op carries are constants of the graph.
+//! Formulas: see [`super`].
 
 use super::cpu;
 #[cfg(feature = "cuda")]
 use super::cuda;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+/// `dx` of a forward op: `op` applied to `(x, dy)`.
+fn grad_by(x: &Tensor, dy: &Tensor, op: impl CustomOp2) -> Result<Option<Tensor>> {
+    Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &op)?))
+}
 
 // ----- RMSNorm ------------------------------------------------------------------------------------
 #[derive(Debug, Clone)]
@@ -14,65 +20,21 @@ pub(super) struct RmsNorm {
     pub(super) eps: f32,
 }
 
-impl CustomOp1 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "qlora-rms-norm"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((
-            cpu::rms_norm_fwd(s, l, &self.weight, self.eps)?,
-            l.shape().clone(),
-        ))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((
-            cuda::rms_norm_fwd(s, l, &self.weight, self.eps)?,
-            l.shape().clone(),
-        ))
-    }
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(
-            &dy.contiguous()?,
-            &RmsNormBwd(self.clone()),
-        )?))
-    }
-}
+custom_op1!(RmsNorm, |self, l| {
+    name: "qlora-rms-norm",
+    fwd: rms_norm_fwd(&self.weight, self.eps),
+    shape: l.shape().clone(),
+    bwd(x, _y, dy): grad_by(x, dy, RmsNormBwd(self.clone())),
+});
 
 /// `(x, dy) → dx` of [`RmsNorm`].
 #[derive(Debug, Clone)]
 pub(super) struct RmsNormBwd(RmsNorm);
 
-impl CustomOp2 for RmsNormBwd {
-    fn name(&self) -> &'static str {
-        "qlora-rms-norm-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dx = cpu::rms_norm_bwd(s1, l1, s2, l2, &self.0.weight, self.0.eps)?;
-        Ok((dx, l1.shape().clone()))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dx = cuda::rms_norm_bwd(s1, l1, s2, l2, &self.0.weight, self.0.eps)?;
-        Ok((dx, l1.shape().clone()))
-    }
-}
+custom_op2!(RmsNormBwd, |self, l1| {
+    name: "qlora-rms-norm-bwd",
+    fwd: rms_norm_bwd(&self.0.weight, self.0.eps),
+});
 
 // ----- Rotary embedding ---------------------------------------------------------------------------
 /// The rotation (`backward = false`) or its transpose, applied to the last dim.
@@ -85,44 +47,25 @@ pub(super) struct Rope {
 
 impl Rope {
     /// `(heads, T, D, R, batch stride of the tables)`.
-    fn geometry(&self, l: &Layout) -> Result<(usize, usize, usize, usize, usize)> {
+    fn geometry(&self, l: &Layout) -> Result<cpu::RopeGeometry> {
         let (_, heads, t, d) = l.shape().dims4()?;
         let (cb, _, _, r) = self.cos.dims4()?;
         Ok((heads, t, d, r, if cb == 1 { 0 } else { t * r }))
     }
 }
 
-impl CustomOp1 for Rope {
-    fn name(&self) -> &'static str {
-        if self.backward {
-            "qlora-rope-bwd"
-        } else {
-            "qlora-rope"
-        }
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.geometry(l)?;
-        let y = cpu::rope(s, l, &self.cos, &self.sin, g, self.backward)?;
-        Ok((y, l.shape().clone()))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let g = self.geometry(l)?;
-        let y = cuda::rope(s, l, &self.cos, &self.sin, g, self.backward)?;
-        Ok((y, l.shape().clone()))
-    }
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+custom_op1!(Rope, |self, l| {
+    name: if self.backward { "qlora-rope-bwd" } else { "qlora-rope" },
+    fwd: rope(&self.cos, &self.sin, self.geometry(l)?, self.backward),
+    shape: l.shape().clone(),
+    bwd(_x, _y, dy): {
         let transpose = Self {
             backward: !self.backward,
             ..self.clone()
         };
         Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&transpose)?))
-    }
-}
+    },
+});
 
 // ----- SwiGLU -------------------------------------------------------------------------------------
 #[derive(Debug, Clone, Copy)]
@@ -136,54 +79,21 @@ fn half_last(l: &Layout) -> Shape {
     Shape::from_dims(&dims)
 }
 
-impl CustomOp1 for SwiGlu {
-    fn name(&self) -> &'static str {
-        "qlora-swiglu"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((cpu::swiglu_fwd(s, l)?, half_last(l)))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::swiglu_fwd(s, l)?, half_last(l)))
-    }
-    fn bwd(&self, gu: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(gu.apply_op2_no_bwd(&dy.contiguous()?, &SwiGluBwd)?))
-    }
-}
+custom_op1!(SwiGlu, |self, l| {
+    name: "qlora-swiglu",
+    fwd: swiglu_fwd(),
+    shape: half_last(l),
+    bwd(gu, _y, dy): grad_by(gu, dy, SwiGluBwd),
+});
 
 /// `(gu, dy) → dgu` of [`SwiGlu`].
 #[derive(Debug, Clone, Copy)]
 pub(super) struct SwiGluBwd;
 
-impl CustomOp2 for SwiGluBwd {
-    fn name(&self) -> &'static str {
-        "qlora-swiglu-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok((cpu::swiglu_bwd(s1, l1, s2, l2)?, l1.shape().clone()))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::swiglu_bwd(s1, l1, s2, l2)?, l1.shape().clone()))
-    }
-}
+custom_op2!(SwiGluBwd, |self, l1| {
+    name: "qlora-swiglu-bwd",
+    fwd: swiglu_bwd(),
+});
 
 // ----- Softmax ------------------------------------------------------------------------------------
 /// Softmax over the last dim of `x · scale + mask` (see [`super::attention_softmax`]).
@@ -216,63 +126,21 @@ impl Softmax {
     }
 }
 
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "qlora-softmax"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = cpu::softmax_fwd(s, l, self.mask.as_ref(), self.rows(l)?)?;
-        Ok((y, l.shape().clone()))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let y = cuda::softmax_fwd(s, l, self.mask.as_ref(), self.rows(l)?)?;
-        Ok((y, l.shape().clone()))
-    }
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(
-            &dy.contiguous()?,
-            &SoftmaxBwd(self.clone()),
-        )?))
-    }
-}
+custom_op1!(Softmax, |self, l| {
+    name: "qlora-softmax",
+    fwd: softmax_fwd(self.mask.as_ref(), self.rows(l)?),
+    shape: l.shape().clone(),
+    bwd(x, _y, dy): grad_by(x, dy, SoftmaxBwd(self.clone())),
+});
 
 /// `(x, dy) → dx` of [`Softmax`].
 #[derive(Debug, Clone)]
 pub(super) struct SoftmaxBwd(Softmax);
 
-impl CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "qlora-softmax-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let rows = self.0.rows(l1)?;
-        let dx = cpu::softmax_bwd(s1, l1, s2, l2, self.0.mask.as_ref(), rows)?;
-        Ok((dx, l1.shape().clone()))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let rows = self.0.rows(l1)?;
-        let dx = cuda::softmax_bwd(s1, l1, s2, l2, self.0.mask.as_ref(), rows)?;
-        Ok((dx, l1.shape().clone()))
-    }
-}
+custom_op2!(SoftmaxBwd, |self, l1| {
+    name: "qlora-softmax-bwd",
+    fwd: softmax_bwd(self.0.mask.as_ref(), self.0.rows(l1)?),
+});
 
 // ----- Cross-entropy ------------------------------------------------------------------------------
 #[derive(Debug, Clone)]
@@ -280,65 +148,21 @@ pub(super) struct CrossEntropy {
     pub(super) targets: Tensor,
 }
 
-fn rows_shape(l: &Layout) -> Result<Shape> {
-    Ok(Shape::from(l.shape().dims2()?.0))
-}
-
-impl CustomOp1 for CrossEntropy {
-    fn name(&self) -> &'static str {
-        "qlora-cross-entropy"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((cpu::xent_fwd(s, l, &self.targets)?, rows_shape(l)?))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::xent_fwd(s, l, &self.targets)?, rows_shape(l)?))
-    }
-    fn bwd(&self, logits: &Tensor, _loss: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let g = g.to_dtype(DType::F32)?.contiguous()?;
-        Ok(Some(
-            logits.apply_op2_no_bwd(&g, &CrossEntropyBwd(self.clone()))?,
-        ))
-    }
-}
+custom_op1!(CrossEntropy, |self, l| {
+    name: "qlora-cross-entropy",
+    fwd: xent_fwd(&self.targets),
+    shape: Shape::from(l.shape().dims2()?.0),
+    bwd(logits, _loss, g): grad_by(logits, &g.to_dtype(DType::F32)?, CrossEntropyBwd(self.clone())),
+});
 
 /// `(logits, g) → dlogits` of [`CrossEntropy`], `g` the f32 gradient of each row's loss.
 #[derive(Debug, Clone)]
 pub(super) struct CrossEntropyBwd(CrossEntropy);
 
-impl CustomOp2 for CrossEntropyBwd {
-    fn name(&self) -> &'static str {
-        "qlora-cross-entropy-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok((
-            cpu::xent_bwd(s1, l1, s2, l2, &self.0.targets)?,
-            l1.shape().clone(),
-        ))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dx = cuda::xent_bwd(s1, l1, s2, l2, &self.0.targets)?;
-        Ok((dx, l1.shape().clone()))
-    }
-}
+custom_op2!(CrossEntropyBwd, |self, l1| {
+    name: "qlora-cross-entropy-bwd",
+    fwd: xent_bwd(&self.0.targets),
+});
 
 // ----- Dropout ------------------------------------------------------------------------------------
 /// Inverted dropout with the counter-based mask of [`super`]; its own backward (it is linear and
@@ -367,22 +191,9 @@ impl Dropout {
     }
 }
 
-impl CustomOp1 for Dropout {
-    fn name(&self) -> &'static str {
-        "qlora-dropout"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((cpu::dropout(s, l, *self)?, l.shape().clone()))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::dropout(s, l, *self)?, l.shape().clone()))
-    }
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(self)?))
-    }
-}
+custom_op1!(Dropout, |self, l| {
+    name: "qlora-dropout",
+    fwd: dropout(*self),
+    shape: l.shape().clone(),
+    bwd(_x, _y, dy): Ok(Some(dy.contiguous()?.apply_op1_no_bwd(self)?)),
+});

@@ -1,26 +1,54 @@
 //! The attention kernels' arithmetic as CPU loops (f32, serial): the reference the per-device
 //! tests compare with the composition on any machine, and the ops' CPU path.
 
-use super::Geom;
+use super::{AttentionBwd, Geom, Part};
 use crate::cpu::DequantOut;
-use candle_core::{CpuStorage, Layout, Result, Storage, Tensor, WithDType, bail};
+use crate::fused::cpu::{data, with_host, with_mask};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result, Tensor, WithDType};
 
-pub(super) fn data<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
-        None => bail!("attention: input is not contiguous"),
-    }
+type Input<'a> = (&'a CpuStorage, &'a Layout);
+
+/// The forward of [`super::Attention`]: `o [B, H, T, D]`.
+pub(super) fn forward(
+    (qs, ql): Input<'_>,
+    (ks, kl): Input<'_>,
+    (vs, vl): Input<'_>,
+    mask: Option<&Tensor>,
+    g: Geom,
+) -> Result<CpuStorage> {
+    by_dtype!(qs.dtype(), "attention", T => {
+        let (q, k, v) = (data::<T>(qs, ql)?, data::<T>(ks, kl)?, data::<T>(vs, vl)?);
+        with_mask::<T, _>(mask, |mask| T::to_cpu_storage_owned(cpu_fwd(q, k, v, mask, g)))
+    })
 }
 
-pub(super) fn with_host<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
-    let (guard, layout) = t.storage_and_layout();
-    match &*guard {
-        Storage::Cpu(s) => Ok(f(data::<T>(s, layout)?)),
-        _ => bail!("attention: a tensor it carries is not on the CPU"),
-    }
+/// One part of the backward, applied to `do` (`s`, `l`).
+pub(super) fn backward(s: &CpuStorage, l: &Layout, op: &AttentionBwd) -> Result<CpuStorage> {
+    let g = op.geom;
+    by_dtype!(s.dtype(), "attention backward", T => {
+        let dout = data::<T>(s, l)?;
+        with_mask::<T, _>(op.mask.as_ref(), |mask| -> Result<CpuStorage> {
+            Ok(match &op.part {
+                Part::Stats { q, k, o } => with_host3::<T, T, T, _>(q, k, o, |q, k, o| {
+                    CpuStorage::F32(cpu_stats(q, k, o, dout, mask, g))
+                })?,
+                Part::Dq { q, k, v, stats } => with_host3::<T, T, T, _>(q, k, v, |q, k, v| {
+                    with_host::<f32, _>(stats, |st| {
+                        T::to_cpu_storage_owned(cpu_dq(q, k, v, dout, st, mask, g))
+                    })
+                })??,
+                Part::Dkv { q, k, v, stats } => with_host3::<T, T, T, _>(q, k, v, |q, k, v| {
+                    with_host::<f32, _>(stats, |st| {
+                        T::to_cpu_storage_owned(cpu_dkv(q, k, v, dout, st, mask, g))
+                    })
+                })??,
+            })
+        })?
+    })
 }
 
-pub(super) fn with_host3<A: WithDType, B: WithDType, C: WithDType, R>(
+fn with_host3<A: WithDType, B: WithDType, C: WithDType, R>(
     a: &Tensor,
     b: &Tensor,
     c: &Tensor,
@@ -31,21 +59,11 @@ pub(super) fn with_host3<A: WithDType, B: WithDType, C: WithDType, R>(
     })??
 }
 
-pub(super) fn with_mask<T: WithDType, R>(
-    mask: Option<&Tensor>,
-    f: impl FnOnce(Option<&[T]>) -> R,
-) -> Result<R> {
-    match mask {
-        Some(m) => with_host::<T, _>(m, |m| f(Some(m))),
-        None => Ok(f(None)),
-    }
-}
-
-pub(super) fn dot<T: DequantOut>(a: &[f32], b: &[T]) -> f32 {
+fn dot<T: DequantOut>(a: &[f32], b: &[T]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
 }
 
-pub(super) fn row_f32<T: DequantOut>(x: &[T], row: usize, d: usize) -> Vec<f32> {
+fn row_f32<T: DequantOut>(x: &[T], row: usize, d: usize) -> Vec<f32> {
     x[row * d..(row + 1) * d]
         .iter()
         .map(|v| v.to_f32())
@@ -53,7 +71,7 @@ pub(super) fn row_f32<T: DequantOut>(x: &[T], row: usize, d: usize) -> Vec<f32> 
 }
 
 /// `(m, l)` of query row `(b, h, i)` (online softmax over the unmasked keys).
-pub(super) fn stats_of<T: DequantOut>(
+fn stats_of<T: DequantOut>(
     qv: &[f32],
     k: &[T],
     mask: Option<&[T]>,
@@ -78,13 +96,7 @@ pub(super) fn stats_of<T: DequantOut>(
     (m, l)
 }
 
-pub(super) fn cpu_fwd<T: DequantOut>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    mask: Option<&[T]>,
-    g: Geom,
-) -> Vec<T> {
+fn cpu_fwd<T: DequantOut>(q: &[T], k: &[T], v: &[T], mask: Option<&[T]>, g: Geom) -> Vec<T> {
     let mut o = Vec::with_capacity(q.len());
     for row in 0..g.b * g.h * g.t {
         let (b, h, i) = g.split(row, g.h, g.t);
@@ -112,7 +124,7 @@ pub(super) fn cpu_fwd<T: DequantOut>(
 }
 
 /// `[L_0, Δ_0, L_1, Δ_1, …]` per query row.
-pub(super) fn cpu_stats<T: DequantOut>(
+fn cpu_stats<T: DequantOut>(
     q: &[T],
     k: &[T],
     o: &[T],
@@ -133,7 +145,7 @@ pub(super) fn cpu_stats<T: DequantOut>(
     st
 }
 
-pub(super) fn cpu_dq<T: DequantOut>(
+fn cpu_dq<T: DequantOut>(
     q: &[T],
     k: &[T],
     v: &[T],
@@ -166,7 +178,7 @@ pub(super) fn cpu_dq<T: DequantOut>(
     dq
 }
 
-pub(super) fn cpu_dkv<T: DequantOut>(
+fn cpu_dkv<T: DequantOut>(
     q: &[T],
     k: &[T],
     v: &[T],

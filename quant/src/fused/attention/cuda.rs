@@ -3,12 +3,11 @@
 
 use super::{AttentionBwd, Geom, Part};
 use crate::cuda::view;
-use crate::fused::cuda::{input, output};
+use crate::fused::cuda::{input, output, u32_of};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
-use candle_core::{DType, Layout, Result, Tensor, bail};
-use half::{bf16, f16};
+use candle_core::{Layout, Result, Tensor, bail};
 
 /// PTX of quant/kernels/attention.cu.
 pub const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
@@ -35,17 +34,14 @@ unsafe impl DeviceRepr for GeomArg {}
 
 impl GeomArg {
     fn new(g: Geom, has_mask: bool) -> Result<Self> {
-        let u = |v: usize| {
-            u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("attention: {v} > u32")))
-        };
         Ok(Self {
-            b: u(g.b)?,
-            h: u(g.h)?,
-            hk: u(g.hk)?,
-            t: u(g.t)?,
-            tk: u(g.tk)?,
-            d: u(g.d)?,
-            mask_batch_stride: u(g.mask_batch_stride)?,
+            b: u32_of(g.b, "attention batch")?,
+            h: u32_of(g.h, "attention heads")?,
+            hk: u32_of(g.hk, "attention kv heads")?,
+            t: u32_of(g.t, "attention queries")?,
+            tk: u32_of(g.tk, "attention keys")?,
+            d: u32_of(g.d, "attention head dim")?,
+            mask_batch_stride: u32_of(g.mask_batch_stride, "attention mask stride")?,
             has_mask: u32::from(has_mask),
             scale: g.scale,
         })
@@ -64,16 +60,6 @@ fn warps_cfg(rows: usize) -> Result<LaunchConfig> {
     })
 }
 
-/// The element type's kernel suffix.
-fn suffix(dtype: DType) -> Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        other => bail!("attention: unsupported dtype {other:?}"),
-    })
-}
-
 type Input<'a> = (&'a CudaStorage, &'a Layout);
 
 pub(super) fn forward(
@@ -83,12 +69,7 @@ pub(super) fn forward(
     mask: Option<&Tensor>,
     g: Geom,
 ) -> Result<CudaStorage> {
-    match q.0.dtype() {
-        DType::F32 => forward_typed::<f32>(q, k, v, mask, g),
-        DType::BF16 => forward_typed::<bf16>(q, k, v, mask, g),
-        DType::F16 => forward_typed::<f16>(q, k, v, mask, g),
-        other => bail!("attention: unsupported dtype {other:?}"),
-    }
+    by_dtype!(q.0.dtype(), "attention", T, sfx => forward_typed::<T>(q, k, v, mask, g, sfx))
 }
 
 // SAFETY (every launch below): the arguments match the kernel's signature in attention.cu
@@ -102,6 +83,7 @@ fn forward_typed<T: CudaDType + DeviceRepr>(
     (vs, vl): Input<'_>,
     mask: Option<&Tensor>,
     g: Geom,
+    sfx: &str,
 ) -> Result<CudaStorage> {
     let dev = &qs.device;
     let (q, k, v) = (
@@ -118,7 +100,7 @@ fn forward_typed<T: CudaDType + DeviceRepr>(
     let arg = GeomArg::new(g, guard.is_some())?;
     let rows = g.b * g.h * g.t;
     let mut o = output::<T>(dev, rows * g.d)?;
-    let name = format!("attn_fwd_{}", suffix(qs.dtype())?);
+    let name = format!("attn_fwd_{sfx}");
     let f = dev.get_or_load_custom_func(&name, MODULE, ATTENTION_PTX)?;
     let mut b = f.builder();
     b.arg(&q).arg(&k).arg(&v).arg(&m).arg(&mut o).arg(&arg);
@@ -128,22 +110,17 @@ fn forward_typed<T: CudaDType + DeviceRepr>(
 
 /// One part of the backward, applied to `do` (`s`, `l`).
 pub(super) fn backward(s: &CudaStorage, l: &Layout, op: &AttentionBwd) -> Result<CudaStorage> {
-    match s.dtype() {
-        DType::F32 => backward_typed::<f32>(s, l, op),
-        DType::BF16 => backward_typed::<bf16>(s, l, op),
-        DType::F16 => backward_typed::<f16>(s, l, op),
-        other => bail!("attention backward: unsupported dtype {other:?}"),
-    }
+    by_dtype!(s.dtype(), "attention backward", T, sfx => backward_typed::<T>(s, l, op, sfx))
 }
 
 fn backward_typed<T: CudaDType + DeviceRepr>(
     s: &CudaStorage,
     l: &Layout,
     op: &AttentionBwd,
+    sfx: &str,
 ) -> Result<CudaStorage> {
     let dev = &s.device;
     let g = op.geom;
-    let sfx = suffix(s.dtype())?;
     let dout = input::<T>(s, l)?;
     let guard = op.mask.as_ref().map(|m| m.storage_and_layout());
     let m = match &guard {

@@ -24,33 +24,7 @@ mod cuda;
 
 use super::{check_constant, check_float, fused_on, softmax_last_dim_ref};
 use crate::cpu::DequantOut;
-use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, D, DType, Layout, Result, Shape, Tensor, WithDType, bail,
-};
-use cpu::{cpu_dkv, cpu_dq, cpu_fwd, cpu_stats, data, with_host, with_host3, with_mask};
-use half::{bf16, f16};
-
-/// `$body` with `T` the element type of `$dtype` (f32, bf16 or f16).
-macro_rules! by_dtype {
-    ($dtype:expr, $T:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            DType::BF16 => {
-                type $T = bf16;
-                $body
-            }
-            DType::F16 => {
-                type $T = f16;
-                $body
-            }
-            other => bail!("attention: unsupported dtype {other:?}"),
-        }
-    };
-}
+use candle_core::{CpuStorage, CustomOp3, D, Layout, Result, Shape, Tensor, bail};
 
 /// Largest head dimension the kernels take (8 values per lane of a warp).
 pub const MAX_HEAD_DIM: usize = 256;
@@ -230,11 +204,7 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = self.geom;
-        let o = by_dtype!(s1.dtype(), T => {
-            let (q, k, v) = (data::<T>(s1, l1)?, data::<T>(s2, l2)?, data::<T>(s3, l3)?);
-            with_mask::<T, _>(self.mask.as_ref(), |mask| T::to_cpu_storage_owned(cpu_fwd(q, k, v, mask, g)))?
-        });
+        let o = cpu::forward((s1, l1), (s2, l2), (s3, l3), self.mask.as_ref(), self.geom)?;
         Ok((o, l1.shape().clone()))
     }
 
@@ -297,47 +267,12 @@ impl AttentionBwd {
     }
 }
 
-impl CustomOp1 for AttentionBwd {
-    fn name(&self) -> &'static str {
-        match self.part {
-            Part::Stats { .. } => "qlora-attention-stats",
-            Part::Dq { .. } => "qlora-attention-dq",
-            Part::Dkv { .. } => "qlora-attention-dkv",
-        }
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.geom;
-        let out = by_dtype!(s.dtype(), T => {
-            let dout = data::<T>(s, l)?;
-            with_mask::<T, _>(self.mask.as_ref(), |mask| -> Result<CpuStorage> {
-                Ok(match &self.part {
-                    Part::Stats { q, k, o } => with_host3::<T, T, T, _>(q, k, o, |q, k, o| {
-                        CpuStorage::F32(cpu_stats(q, k, o, dout, mask, g))
-                    })?,
-                    Part::Dq { q, k, v, stats } => with_host3::<T, T, T, _>(q, k, v, |q, k, v| {
-                        with_host::<f32, _>(stats, |st| {
-                            T::to_cpu_storage_owned(cpu_dq(q, k, v, dout, st, mask, g))
-                        })
-                    })??,
-                    Part::Dkv { q, k, v, stats } => with_host3::<T, T, T, _>(q, k, v, |q, k, v| {
-                        with_host::<f32, _>(stats, |st| {
-                            T::to_cpu_storage_owned(cpu_dkv(q, k, v, dout, st, mask, g))
-                        })
-                    })??,
-                })
-            })??
-        });
-        Ok((out, self.out_shape()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = cuda::backward(s, l, self)?;
-        Ok((out, self.out_shape()))
-    }
-}
+custom_op1!(AttentionBwd, |self, l| {
+    name: match self.part {
+        Part::Stats { .. } => "qlora-attention-stats",
+        Part::Dq { .. } => "qlora-attention-dq",
+        Part::Dkv { .. } => "qlora-attention-dkv",
+    },
+    fwd: backward(self),
+    shape: self.out_shape(),
+});
