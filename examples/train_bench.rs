@@ -21,9 +21,10 @@
 //! (so device memory is that of 32 distinct layers; the values repeat, which changes no timing).
 //! Output: one JSON line.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
+use qlora::device::{DeviceSpec, MemorySampler};
 use qlora::lora::{ForwardCtx, LoraConfig, LoraLinear, attach};
 use qlora::model::Phi3Config;
 use qlora::model::linear::BaseWeight;
@@ -36,7 +37,7 @@ use std::time::Instant;
 /// QLoRA training-step benchmark on a random Phi-3.
 #[derive(Debug, Parser)]
 struct Args {
-    /// cpu or cuda (device 0).
+    /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Compute dtype: f32, bf16 (GPU) or f16.
@@ -167,14 +168,8 @@ fn main() -> Result<()> {
         "f16" => DType::F16,
         other => bail!("--dtype {other}: use f32, bf16 or f16"),
     };
-    let dev = match a.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).context(
-            "no CUDA device (build with --features cuda; the driver and CUDA libraries must load)",
-        )?,
-        other => bail!("--device {other}: use cpu or cuda"),
-    };
-    let mem = memory::Sampler::start(&dev)?;
+    let dev = a.device.parse::<DeviceSpec>()?.open()?;
+    let mem = MemorySampler::start(&dev)?;
     let t_build = Instant::now();
     let model = build_model(&a, dtype, &dev)?;
     dev.synchronize()?;
@@ -218,7 +213,7 @@ fn main() -> Result<()> {
     }
     step_s.sort_by(f64::total_cmp);
     let median = step_s.get(step_s.len() / 2).copied().unwrap_or(f64::NAN);
-    let peak = mem.finish();
+    let (peak_used_mib, context_used_mib) = mem.peak_mib().unwrap_or((f64::NAN, f64::NAN));
     println!(
         "{}",
         serde_json::json!({
@@ -229,112 +224,9 @@ fn main() -> Result<()> {
             "nf4_weight_mib": nf4_bytes as f64 / (1 << 20) as f64,
             "build_s": build_s, "step_s": step_s, "median_step_s": median,
             "tokens_per_s": a.seq as f64 / median, "loss": loss,
-            "peak_used_mib": peak.peak_used_mib, "context_used_mib": peak.context_used_mib,
-            "peak_net_mib": peak.peak_used_mib - peak.context_used_mib,
+            "peak_used_mib": peak_used_mib, "context_used_mib": context_used_mib,
+            "peak_net_mib": peak_used_mib - context_used_mib,
         })
     );
     Ok(())
-}
-
-/// Peak device memory, sampled on a thread (CUDA only; NaN on the CPU).
-mod memory {
-    use candle_core::Device;
-
-    #[derive(Debug, Clone, Copy)]
-    pub struct Peak {
-        pub peak_used_mib: f64,
-        pub context_used_mib: f64,
-    }
-
-    #[derive(Debug)]
-    pub struct Sampler {
-        #[cfg(feature = "cuda")]
-        inner: Option<cuda::Sampler>,
-    }
-
-    impl Sampler {
-        pub fn start(dev: &Device) -> anyhow::Result<Self> {
-            #[cfg(feature = "cuda")]
-            {
-                let inner = match dev {
-                    Device::Cuda(d) => Some(cuda::Sampler::start(d)?),
-                    _ => None,
-                };
-                Ok(Self { inner })
-            }
-            #[cfg(not(feature = "cuda"))]
-            {
-                let _ = dev;
-                Ok(Self {})
-            }
-        }
-
-        pub fn finish(self) -> Peak {
-            #[cfg(feature = "cuda")]
-            if let Some(s) = self.inner {
-                return s.finish();
-            }
-            Peak {
-                peak_used_mib: f64::NAN,
-                context_used_mib: f64::NAN,
-            }
-        }
-    }
-
-    #[cfg(feature = "cuda")]
-    mod cuda {
-        use super::Peak;
-        use candle_core::cuda_backend::CudaDevice;
-        use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
-        const MIB: f64 = (1 << 20) as f64;
-
-        #[derive(Debug)]
-        pub struct Sampler {
-            stop: Arc<AtomicBool>,
-            peak: Arc<AtomicU64>,
-            context_used: u64,
-            thread: std::thread::JoinHandle<()>,
-        }
-
-        impl Sampler {
-            pub fn start(dev: &CudaDevice) -> anyhow::Result<Self> {
-                let ctx = dev.cuda_stream().context().clone();
-                ctx.bind_to_thread()?;
-                let (free, total) = mem_get_info()?;
-                let context_used = (total - free) as u64;
-                let stop = Arc::new(AtomicBool::new(false));
-                let peak = Arc::new(AtomicU64::new(context_used));
-                let (stop2, peak2) = (stop.clone(), peak.clone());
-                let thread = std::thread::spawn(move || {
-                    if ctx.bind_to_thread().is_err() {
-                        return;
-                    }
-                    while !stop2.load(Ordering::Relaxed) {
-                        if let Ok((free, total)) = mem_get_info() {
-                            peak2.fetch_max((total - free) as u64, Ordering::Relaxed);
-                        }
-                        std::thread::sleep(std::time::Duration::from_millis(2));
-                    }
-                });
-                Ok(Self {
-                    stop,
-                    peak,
-                    context_used,
-                    thread,
-                })
-            }
-
-            pub fn finish(self) -> Peak {
-                self.stop.store(true, Ordering::Relaxed);
-                let _ = self.thread.join();
-                Peak {
-                    peak_used_mib: self.peak.load(Ordering::Relaxed) as f64 / MIB,
-                    context_used_mib: self.context_used as f64 / MIB,
-                }
-            }
-        }
-    }
 }

@@ -50,8 +50,11 @@ pub struct Training {
     pub save_every: u64,
     /// Checkpoints kept.
     pub keep_last: usize,
-    /// Compute dtype: f32 (CPU default), bf16 or f16.
+    /// Compute dtype: auto (bf16 on CUDA, f32 on the CPU), f32, bf16 (GPU only) or f16.
     pub dtype: String,
+    /// Where to train: auto (CUDA device 0 when built with the cuda feature and one opens, else
+    /// the CPU), cpu, cuda or cuda:N.
+    pub device: String,
     /// Recompute each block in the backward instead of keeping its activations.
     pub gradient_checkpointing: bool,
 }
@@ -110,7 +113,8 @@ impl Default for TrainConfig {
                 eval_every: 0,
                 save_every: 0,
                 keep_last: 2,
-                dtype: "f32".into(),
+                dtype: "auto".into(),
+                device: "auto".into(),
                 gradient_checkpointing: true,
             },
             lora: LoraConfig::default(),
@@ -183,9 +187,12 @@ impl TrainConfig {
         if t.epochs == 0 && t.max_steps == 0 {
             bail!("set training.epochs or training.max_steps");
         }
-        if !matches!(t.dtype.as_str(), "f32" | "bf16" | "f16") {
-            bail!("training.dtype `{}`: use f32, bf16 or f16", t.dtype);
+        if !matches!(t.dtype.as_str(), "auto" | "f32" | "bf16" | "f16") {
+            bail!("training.dtype `{}`: use auto, f32, bf16 or f16", t.dtype);
         }
+        t.device
+            .parse::<crate::device::DeviceSpec>()
+            .context("training.device")?;
         self.lora.target_names()?;
         self.quant.quant_type.parse::<qlora_quant::QuantType>()?;
         qlora_quant::Blocksize::new(self.quant.blocksize)?;
@@ -239,7 +246,7 @@ mod tests {
         );
         assert!(
             format!("{:#}", c.set("training.dtype=f64").unwrap_err())
-                .contains("use f32, bf16 or f16")
+                .contains("use auto, f32, bf16 or f16")
         );
     }
 }

@@ -11,6 +11,7 @@
 //! - [`fsx`]: atomic writes (temp file or dir, then rename).
 //! - [`config`], [`hub`], [`builtin`], [`plot`]: `qlora train`'s settings, model resolution, the
 //!   built-in tiny model and the loss plot.
+//! - [`device`]: `--device` / `--dtype` resolution (CPU or CUDA) and peak device memory.
 //! - [`cli`]: the command line.
 
 pub mod builtin;
@@ -18,6 +19,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod export;
 pub mod fsx;
 pub mod hub;

@@ -2,11 +2,11 @@
 //! its tokenizer.
 
 use crate::data::TokenizerBundle;
+use crate::device::{DeviceSpec, compute_dtype};
 use crate::lora::{attach, peft};
 use crate::model::Phi3;
 use crate::model::load::{BaseFormat, LoadOptions, load};
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -36,9 +36,13 @@ pub struct ModelArgs {
     /// Quantize the base to NF4 on load (as QLoRA training saw it).
     #[arg(long = "4bit")]
     pub four_bit: bool,
-    /// Compute dtype: f32, bf16 or f16.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    /// Compute dtype: auto (bf16 on CUDA, f32 on the CPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "bf16", "f16"])]
     pub dtype: String,
+    /// auto (CUDA device 0 when built with the cuda feature and one opens, else the CPU), cpu,
+    /// cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
 }
 
 /// A loaded model and tokenizer.
@@ -51,18 +55,14 @@ pub struct Loaded {
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Loaded> {
-        let device = Device::Cpu;
+        let device = self.device.open()?;
         let adapter = self
             .adapter
             .as_ref()
             .map(|a| peft::load(a, &device))
             .transpose()?;
         let dir = resolve_model(self.model.as_deref(), adapter.as_ref())?;
-        let dtype = match self.dtype.as_str() {
-            "bf16" => DType::BF16,
-            "f16" => DType::F16,
-            _ => DType::F32,
-        };
+        let dtype = compute_dtype(&self.dtype, &device)?;
         let base = if self.four_bit {
             BaseFormat::NF4
         } else {

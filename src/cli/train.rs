@@ -68,9 +68,12 @@ pub struct TrainArgs {
     /// [training.seed]
     #[arg(long)]
     seed: Option<u64>,
-    /// f32, bf16 or f16 [training.dtype].
+    /// auto, f32, bf16 or f16 [training.dtype].
     #[arg(long)]
     dtype: Option<String>,
+    /// auto, cpu, cuda or cuda:N [training.device].
+    #[arg(long)]
+    device: Option<String>,
     /// [training.gradient_checkpointing = false]
     #[arg(long)]
     no_gradient_checkpointing: bool,
@@ -149,6 +152,9 @@ impl TrainArgs {
         if let Some(v) = &self.dtype {
             put("training.dtype", toml_str(v))
         }
+        if let Some(v) = &self.device {
+            put("training.device", toml_str(v))
+        }
         if self.no_gradient_checkpointing {
             put("training.gradient_checkpointing", "false".into());
         }
@@ -172,13 +178,15 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let mut trainer = Trainer::new(cfg, args.resume.is_some())?;
     let s = &trainer.stats;
     eprintln!(
-        "model {} ({}), {} rows from {} conversations ({} tokens, {} trained; {} truncated to {}, {} dropped, {} bad lines skipped), {} steps{}",
+        "model {} ({}, {} on {}), {} rows from {} conversations ({} tokens, {} trained; {} truncated to {}, {} dropped, {} bad lines skipped), {} steps{}",
         trainer.model_dir.display(),
         if trainer.cfg.training.four_bit {
             "4-bit base"
         } else {
             "dense base"
         },
+        format!("{:?}", trainer.model.dtype).to_lowercase(),
+        crate::device::name(&trainer.model.device),
         trainer.rows.len(),
         s.conversations,
         s.tokens,
@@ -198,7 +206,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let out = &trainer.output;
     if summary.finished {
         println!(
-            "done: {} steps, final train loss {:.4}{}, {:.0} tokens/s, peak memory {:.0} MiB (RSS), {} skipped non-finite steps",
+            "done: {} steps, final train loss {:.4}{}, {:.0} tokens/s, peak memory {:.0} MiB (RSS){}, {} skipped non-finite steps",
             trainer.state.step,
             summary.last_loss,
             summary
@@ -207,6 +215,13 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
                 .unwrap_or_default(),
             summary.tokens as f64 / summary.seconds.max(1e-9),
             summary.peak_rss_mib,
+            summary
+                .peak_device_mib
+                .map(|p| format!(
+                    ", {p:.0} MiB on {}",
+                    crate::device::name(&trainer.model.device)
+                ))
+                .unwrap_or_default(),
             trainer.state.nonfinite_skipped
         );
         println!(

@@ -13,7 +13,7 @@ pub mod peft;
 use crate::model::linear::BaseWeight;
 use anyhow::{Result, bail};
 use candle_core::{DType, Tensor, Var};
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 /// Phi-3's LoRA targets (PEFT module names), in model order.
@@ -135,10 +135,12 @@ impl Adapter {
         let (r, inp) = self.a.dims2()?;
         let out = self.b.dim(0)?;
         let x = match (ctx.dropout_seed, self.dropout > 0.0) {
-            (Some(seed), true) => dropout(
+            (Some(seed), true) => qlora_quant::fused::dropout(
                 x,
                 self.dropout,
-                seed ^ self.dropout_stream.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                // Mixed, not xored: the mask hashes `seed ^ i·φ` per element i, so streams xored
+                // with multiples of φ would share mask bits at shifted indices.
+                mix_seed(seed, self.dropout_stream),
             )?,
             _ => x.clone(),
         };
@@ -172,27 +174,17 @@ pub fn master_dtype(compute: DType) -> DType {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ForwardCtx {
     /// `Some(seed)` in training: adapter dropout draws its masks from this seed (mixed with each
-    /// adapter's stream), so a recomputed forward (gradient checkpointing) draws the same masks.
+    /// adapter's stream) with `qlora_quant::fused::dropout`'s counter-based generator, computed
+    /// where the activations live (the same bits on the CPU and on CUDA), so a recomputed forward
+    /// (gradient checkpointing) draws the same masks.
     pub dropout_seed: Option<u64>,
 }
 
-/// Inverted dropout with a mask drawn from `seed`.
-fn dropout(x: &Tensor, p: f32, seed: u64) -> candle_core::Result<Tensor> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let keep = 1.0 - p;
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| {
-            if rng.random::<f32>() < keep {
-                1.0 / keep
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
-        .to_device(x.device())?
-        .to_dtype(x.dtype())?;
-    x * mask
+/// Two seeds into one (a bijection in `a` for each `b`; distinct `b` land far apart).
+pub fn mix_seed(a: u64, b: u64) -> u64 {
+    (a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_mul(0xD1B5_4A32_D192_ED03)
+        .rotate_left(29)
 }
 
 /// A linear layer: a frozen base and an optional adapter.

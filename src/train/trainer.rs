@@ -12,12 +12,13 @@ use super::optim::{AdamW, AdamWConfig};
 use crate::config::{Schedule, TrainConfig};
 use crate::data::batch::{Row, RowStats, build_rows, collate};
 use crate::data::{TokenizerBundle, read_jsonl};
+use crate::device::{DeviceSpec, MemorySampler, compute_dtype};
 use crate::fsx::{AtomicDir, write_atomic};
-use crate::lora::{ForwardCtx, attach, peft};
+use crate::lora::{ForwardCtx, attach, mix_seed, peft};
 use crate::model::Phi3;
 use crate::model::load::{BaseFormat, LoadOptions, load};
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -57,6 +58,10 @@ pub struct Metric {
     pub tokens_per_s: f64,
     #[serde(default)]
     pub peak_rss_mib: f64,
+    /// Peak memory in use on the CUDA device (context and allocator pool included); absent on the
+    /// CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_device_mib: Option<f64>,
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), MiB.
@@ -69,14 +74,6 @@ pub fn peak_rss_mib() -> f64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         })
         .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-fn dtype_of(name: &str) -> DType {
-    match name {
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        _ => DType::F32,
-    }
 }
 
 /// Learning rate before optimizer step `step` (0-based) of `total`.
@@ -92,12 +89,6 @@ pub fn learning_rate(cfg: &TrainConfig, step: u64, total: u64) -> f64 {
         Schedule::Linear => t.learning_rate * (1.0 - progress),
         Schedule::Cosine => t.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
     }
-}
-
-fn mix(a: u64, b: u64) -> u64 {
-    (a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-        .wrapping_mul(0xD1B5_4A32_D192_ED03)
-        .rotate_left(29)
 }
 
 /// A prepared run.
@@ -118,13 +109,16 @@ pub struct Trainer {
     pad_id: u32,
     /// `(epoch, permutation)`: the data order, drawn once per epoch.
     order: (u64, Vec<usize>),
+    memory: MemorySampler,
 }
 
 /// The data order of `epoch`: a permutation drawn from the seed and the epoch alone, so a resumed
 /// run draws the same one.
 fn epoch_order(n_rows: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n_rows).collect();
-    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix(seed, epoch)));
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix_seed(
+        seed, epoch,
+    )));
     order
 }
 
@@ -176,11 +170,18 @@ impl Trainer {
         } else {
             BaseFormat::Dense
         };
-        let device = Device::Cpu;
+        let device = cfg
+            .training
+            .device
+            .parse::<DeviceSpec>()
+            .context("training.device")?
+            .open()?;
+        let dtype = compute_dtype(&cfg.training.dtype, &device).context("training.dtype")?;
+        let memory = MemorySampler::start(&device)?;
         let mut model = load(
             &model_dir,
             &LoadOptions {
-                dtype: dtype_of(&cfg.training.dtype),
+                dtype,
                 device: device.clone(),
                 base,
             },
@@ -264,6 +265,7 @@ impl Trainer {
             total_steps,
             pad_id,
             order: (0, Vec::new()),
+            memory,
         })
     }
 
@@ -318,7 +320,10 @@ impl Trainer {
         for micro in 0..self.cfg.training.grad_accum {
             let batch = self.next_micro_batch()?;
             let ctx = ForwardCtx {
-                dropout_seed: Some(mix(mix(self.cfg.training.seed, step), micro as u64)),
+                dropout_seed: Some(mix_seed(
+                    mix_seed(self.cfg.training.seed, step),
+                    micro as u64,
+                )),
             };
             let lg = loss_and_grads(
                 &self.model,
@@ -384,7 +389,22 @@ impl Trainer {
             tokens: n_tokens as u64,
             tokens_per_s: n_tokens as f64 / t0.elapsed().as_secs_f64(),
             peak_rss_mib: peak_rss_mib(),
+            peak_device_mib: self.memory.peak_mib().map(|(peak, _)| peak),
         }))
+    }
+
+    fn eval_metric(&self, step: u64, loss: f64) -> Metric {
+        Metric {
+            kind: "eval".into(),
+            step,
+            loss,
+            lr: 0.0,
+            grad_norm: 0.0,
+            tokens: 0,
+            tokens_per_s: 0.0,
+            peak_rss_mib: peak_rss_mib(),
+            peak_device_mib: self.memory.peak_mib().map(|(peak, _)| peak),
+        }
     }
 
     /// Writes a checkpoint of the current state (atomically) and prunes old ones.
@@ -453,8 +473,17 @@ impl Trainer {
             if let Some(m) = self.step()? {
                 last_loss = m.loss;
                 writeln!(metrics, "{}", serde_json::to_string(&m)?)?;
+                let device_peak = m
+                    .peak_device_mib
+                    .map(|p| {
+                        format!(
+                            " ({p:.0} MiB on {})",
+                            crate::device::name(&self.model.device)
+                        )
+                    })
+                    .unwrap_or_default();
                 let line = format!(
-                    "loss {:.4} lr {:.2e} tok/s {:.0} peak {:.0} MiB",
+                    "loss {:.4} lr {:.2e} tok/s {:.0} peak {:.0} MiB{device_peak}",
                     m.loss, m.lr, m.tokens_per_s, m.peak_rss_mib
                 );
                 bar.set_message(line.clone());
@@ -471,7 +500,7 @@ impl Trainer {
                     writeln!(
                         metrics,
                         "{}",
-                        serde_json::to_string(&eval_metric(self.state.step, l))?
+                        serde_json::to_string(&self.eval_metric(self.state.step, l))?
                     )?;
                 }
             }
@@ -487,6 +516,7 @@ impl Trainer {
                     last_loss,
                     eval_loss: None,
                     peak_rss_mib: peak_rss_mib(),
+                    peak_device_mib: self.memory.peak_mib().map(|(peak, _)| peak),
                     seconds: t0.elapsed().as_secs_f64(),
                     tokens: self.state.tokens_seen - tokens_at_start,
                 });
@@ -498,7 +528,7 @@ impl Trainer {
             writeln!(
                 metrics,
                 "{}",
-                serde_json::to_string(&eval_metric(self.state.step, l))?
+                serde_json::to_string(&self.eval_metric(self.state.step, l))?
             )?;
         }
         metrics.flush()?;
@@ -509,22 +539,10 @@ impl Trainer {
             last_loss,
             eval_loss,
             peak_rss_mib: peak_rss_mib(),
+            peak_device_mib: self.memory.peak_mib().map(|(peak, _)| peak),
             seconds: t0.elapsed().as_secs_f64(),
             tokens: self.state.tokens_seen - tokens_at_start,
         })
-    }
-}
-
-fn eval_metric(step: u64, loss: f64) -> Metric {
-    Metric {
-        kind: "eval".into(),
-        step,
-        loss,
-        lr: 0.0,
-        grad_norm: 0.0,
-        tokens: 0,
-        tokens_per_s: 0.0,
-        peak_rss_mib: peak_rss_mib(),
     }
 }
 
@@ -535,6 +553,8 @@ pub struct RunSummary {
     pub last_loss: f64,
     pub eval_loss: Option<f64>,
     pub peak_rss_mib: f64,
+    /// Peak memory in use on the CUDA device (None on the CPU).
+    pub peak_device_mib: Option<f64>,
     pub seconds: f64,
     pub tokens: u64,
 }
