@@ -28,7 +28,7 @@ use qlora::device::{DeviceSpec, MemorySampler};
 use qlora::lora::{ForwardCtx, LoraConfig, LoraLinear, attach};
 use qlora::model::Phi3Config;
 use qlora::model::linear::BaseWeight;
-use qlora::model::phi3::{Block, OpPath, Phi3};
+use qlora::model::phi3::{Block, FusedAttention, OpPath, Phi3};
 use qlora::train::optim::{AdamW, AdamWConfig};
 use qlora::train::{Batch, loss_and_grads};
 use qlora_quant::{Blocksize, Nf4Tensor, QuantType, Quantized};
@@ -65,6 +65,11 @@ struct Args {
     /// Untimed steps first (kernel loading, JIT, allocator warm-up).
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Ops between the linears: auto (fused with blocked attention on CUDA, composed on the
+    /// CPU), composed, blocked (fused ops, attention through matmul chunks) or streaming (fused
+    /// ops, attention in the online-softmax kernel).
+    #[arg(long, default_value = "auto")]
+    ops: String,
     /// Keep every block's activations instead of recomputing them in the backward.
     #[arg(long)]
     no_checkpointing: bool,
@@ -144,7 +149,13 @@ fn build_model(a: &Args, dtype: DType, dev: &Device) -> Result<Phi3> {
         cfg,
         dtype,
         device: dev.clone(),
-        ops: OpPath::for_device(dev),
+        ops: match a.ops.as_str() {
+            "auto" => OpPath::for_device(dev),
+            "composed" => OpPath::Composed,
+            "blocked" => OpPath::Fused(FusedAttention::Blocked),
+            "streaming" => OpPath::Fused(FusedAttention::Streaming),
+            other => bail!("--ops {other}: use auto, composed, blocked or streaming"),
+        },
     };
     attach::init_adapters(
         &mut model,
@@ -218,7 +229,7 @@ fn main() -> Result<()> {
         "{}",
         serde_json::json!({
             "impl": "qlora (candle + qlora-quant kernels)",
-            "device": a.device, "dtype": a.dtype, "hidden": a.hidden, "layers": a.layers,
+            "device": a.device, "dtype": a.dtype, "ops": format!("{:?}", model.ops), "hidden": a.hidden, "layers": a.layers,
             "heads": a.heads, "intermediate": a.intermediate, "vocab": a.vocab, "seq": a.seq,
             "rank": a.rank, "checkpointing": !a.no_checkpointing,
             "nf4_weight_mib": nf4_bytes as f64 / (1 << 20) as f64,

@@ -8,4 +8,4 @@ pub mod phi3;
 pub mod rope;
 
 pub use config::Phi3Config;
-pub use phi3::{OpPath, Phi3};
+pub use phi3::{FusedAttention, OpPath, Phi3};

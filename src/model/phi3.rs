@@ -83,7 +83,7 @@ pub struct Phi3 {
 }
 
 /// Which implementation the ops between the linears take (RMSNorm, RoPE, attention, SwiGLU and
-/// the head's cross-entropy). Both are differentiable and compute the same function; they differ
+/// the head's cross-entropy). All are differentiable and compute the same function; they differ
 /// in arithmetic order within f32 rounding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpPath {
@@ -91,14 +91,26 @@ pub enum OpPath {
     Composed,
     /// `qlora_quant::fused`'s custom ops: CUDA kernels with their own backward, or the same
     /// loops on the CPU (f32, bf16, f16), where tests compare them with [`OpPath::Composed`].
-    Fused,
+    Fused(FusedAttention),
+}
+
+/// The attention of [`OpPath::Fused`]; both keep O(chunk) or O(T) memory instead of the
+/// composition's `[heads, T, Tk]` probabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FusedAttention {
+    /// Chunks of heads × query rows through the device's matmul (tensor cores on CUDA) and the
+    /// fused masked softmax (`fused::attention_blocked`).
+    Blocked,
+    /// One kernel per pass streaming keys with an online softmax, CUDA cores only
+    /// (`fused::attention_fused`): O(T) memory, head dims ≤ 256.
+    Streaming,
 }
 
 impl OpPath {
-    /// Fused on CUDA, composed elsewhere.
+    /// Fused (blocked attention) on CUDA, composed elsewhere.
     pub fn for_device(device: &Device) -> Self {
         if device.is_cuda() {
-            Self::Fused
+            Self::Fused(FusedAttention::Blocked)
         } else {
             Self::Composed
         }
@@ -108,7 +120,7 @@ impl OpPath {
     pub fn rms_norm(self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         match self {
             Self::Composed => fused::rms_norm_ref(x, weight, eps),
-            Self::Fused => fused::rms_norm_fused(x, weight, eps),
+            Self::Fused(_) => fused::rms_norm_fused(x, weight, eps),
         }
     }
 
@@ -116,7 +128,7 @@ impl OpPath {
     pub fn rope(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         match self {
             Self::Composed => fused::rope_ref(x, cos, sin),
-            Self::Fused => fused::rope_fused(x, cos, sin),
+            Self::Fused(_) => fused::rope_fused(x, cos, sin),
         }
     }
 
@@ -131,7 +143,12 @@ impl OpPath {
     ) -> Result<Tensor> {
         match self {
             Self::Composed => fused::attention_ref(q, k, v, Some(mask), scale),
-            Self::Fused => fused::attention_fused(q, k, v, Some(mask), scale),
+            Self::Fused(FusedAttention::Blocked) => {
+                fused::attention_blocked(q, k, v, Some(mask), scale)
+            }
+            Self::Fused(FusedAttention::Streaming) => {
+                fused::attention_fused(q, k, v, Some(mask), scale)
+            }
         }
     }
 
@@ -139,7 +156,7 @@ impl OpPath {
     pub fn swiglu(self, gu: &Tensor) -> Result<Tensor> {
         match self {
             Self::Composed => fused::swiglu_ref(gu),
-            Self::Fused => fused::swiglu_fused(gu),
+            Self::Fused(_) => fused::swiglu_fused(gu),
         }
     }
 
@@ -147,7 +164,7 @@ impl OpPath {
     pub fn cross_entropy(self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         match self {
             Self::Composed => fused::cross_entropy_ref(logits, targets),
-            Self::Fused => fused::cross_entropy_fused(logits, targets),
+            Self::Fused(_) => fused::cross_entropy_fused(logits, targets),
         }
     }
 }

@@ -9,21 +9,29 @@ use crate::train::{batch, golden_ids, lora, randomize_b};
 use candle_core::{Device, IndexOp, Tensor};
 use qlora::lora::{ForwardCtx, attach, peft};
 use qlora::model::load::BaseFormat;
-use qlora::model::{OpPath, Phi3};
+use qlora::model::{FusedAttention, OpPath, Phi3};
 use qlora::train::loss_and_grads;
 
-fn fused(mut m: Phi3) -> Phi3 {
+const ATTENTIONS: [FusedAttention; 2] = [FusedAttention::Blocked, FusedAttention::Streaming];
+
+fn fused_with(mut m: Phi3, attention: FusedAttention) -> Phi3 {
     assert_eq!(
         m.ops,
         OpPath::Composed,
         "the CPU default is the composition"
     );
-    m.ops = OpPath::Fused;
+    m.ops = OpPath::Fused(attention);
     m
 }
 
 #[test]
 fn fused_ops_reproduce_transformers_and_peft_logits() {
+    for attention in ATTENTIONS {
+        fused_logits(&|m| fused_with(m, attention));
+    }
+}
+
+fn fused_logits(fused: &dyn Fn(Phi3) -> Phi3) {
     for dir in ["mha", "gqa"] {
         let (ids, want) = golden(dir, "logits.safetensors", "input_ids", "logits");
         check(&fused(load_f32(dir, BaseFormat::Dense)), &ids, &want, dir);
@@ -60,7 +68,12 @@ fn fused_ops_reproduce_transformers_and_peft_logits() {
 
 #[test]
 fn fused_kv_cache_and_packing_equal_the_plain_forward() {
-    let m = fused(load_f32("gqa", BaseFormat::NF4));
+    for attention in ATTENTIONS {
+        cache_and_packing(fused_with(load_f32("gqa", BaseFormat::NF4), attention));
+    }
+}
+
+fn cache_and_packing(m: Phi3) {
     let (ids, _) = golden("gqa", "logits.safetensors", "input_ids", "logits");
     let full = m.forward(&ids).unwrap();
     let mut cache = qlora::model::phi3::KvCache::default();
@@ -104,7 +117,12 @@ fn fused_and_composed_loss_and_lora_gradients_agree() {
     let mut composed = load_f32("gqa", BaseFormat::NF4);
     attach::init_adapters(&mut composed, &lora(4, 0.1), 5).unwrap();
     randomize_b(&composed, 20);
-    let fused = fused(composed.clone());
+    for attention in ATTENTIONS {
+        gradients_agree(&composed, &fused_with(composed.clone(), attention));
+    }
+}
+
+fn gradients_agree(composed: &Phi3, fused: &Phi3) {
     let mut b = batch(&golden_ids());
     b.positions = Tensor::new(&[[0u32, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]], &Device::Cpu).unwrap();
     b.segments =
@@ -112,13 +130,19 @@ fn fused_and_composed_loss_and_lora_gradients_agree() {
     let ctx = ForwardCtx {
         dropout_seed: Some(77),
     };
-    let want = loss_and_grads(&composed, &b, &ctx, false).unwrap();
+    let want = loss_and_grads(composed, &b, &ctx, false).unwrap();
     for checkpointing in [false, true] {
-        let got = loss_and_grads(&fused, &b, &ctx, checkpointing).unwrap();
+        let got = loss_and_grads(fused, &b, &ctx, checkpointing).unwrap();
         assert_eq!(got.n_tokens, want.n_tokens);
         // f32 sums in another order: a few ulps of a loss of ~20 nats.
         let rel = (got.loss_sum - want.loss_sum).abs() / want.loss_sum.abs();
-        assert!(rel <= 1e-5, "loss {} vs {}", got.loss_sum, want.loss_sum);
+        assert!(
+            rel <= 1e-5,
+            "{:?}: loss {} vs {}",
+            fused.ops,
+            got.loss_sum,
+            want.loss_sum
+        );
         // Each gradient within 1e-4 of its largest entry: the same formulas, evaluated in f32 in
         // another order through 2 layers of backward (a wrong term is O(1) off).
         for (i, ((fa, fb), (ca, cb))) in got.grads.iter().zip(&want.grads).enumerate() {
@@ -127,7 +151,8 @@ fn fused_and_composed_loss_and_lora_gradients_agree() {
                 let d = max_abs(&(f - c).unwrap());
                 assert!(
                     d <= 1e-4 * scale,
-                    "adapter {i} (checkpointing {checkpointing}): max |Δgrad| {d:e}, scale {scale:e}"
+                    "{:?}, adapter {i} (checkpointing {checkpointing}): max |Δgrad| {d:e}, scale {scale:e}",
+                    fused.ops
                 );
             }
         }

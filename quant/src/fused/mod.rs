@@ -58,7 +58,10 @@ mod cpu;
 mod cuda;
 mod ops;
 
-pub use attention::{MAX_HEAD_DIM, attention, attention_fused, attention_ref};
+pub use attention::{
+    MAX_HEAD_DIM, attention, attention_blocked, attention_blocked_with, attention_fused,
+    attention_ref,
+};
 use candle_core::{D, DType, Result, Tensor, bail};
 
 /// Whether the dispatching functions take the fused path on `x`'s device (CUDA only).
@@ -91,6 +94,15 @@ fn check_constant(what: &str, x: &Tensor, c: &Tensor, dtype: DType) -> Result<()
         );
     }
     Ok(())
+}
+
+/// `scale` as candle's affine applies it to a tensor of `dtype`: rounded to the dtype first.
+fn affine_scale(dtype: DType, scale: f64) -> f32 {
+    match dtype {
+        DType::BF16 => half::bf16::from_f64(scale).to_f32(),
+        DType::F16 => half::f16::from_f64(scale).to_f32(),
+        _ => scale as f32,
+    }
 }
 
 /// The dtype reductions run in: f32 for half types, else the dtype itself.
@@ -292,15 +304,9 @@ pub fn attention_softmax_fused(
             );
         }
     }
-    // candle's affine rounds the multiplier to the tensor's dtype.
-    let scale = match scores.dtype() {
-        DType::BF16 => half::bf16::from_f64(scale).to_f32(),
-        DType::F16 => half::f16::from_f64(scale).to_f32(),
-        _ => scale as f32,
-    };
     scores.contiguous()?.apply_op1(ops::Softmax {
         mask: mask.map(Tensor::contiguous).transpose()?,
-        scale,
+        scale: affine_scale(scores.dtype(), scale),
     })
 }
 

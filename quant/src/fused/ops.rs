@@ -135,7 +135,7 @@ custom_op1!(Softmax, |self, l| {
 
 /// `(x, dy) → dx` of [`Softmax`].
 #[derive(Debug, Clone)]
-pub(super) struct SoftmaxBwd(Softmax);
+pub(super) struct SoftmaxBwd(pub(super) Softmax);
 
 custom_op2!(SoftmaxBwd, |self, l1| {
     name: "qlora-softmax-bwd",

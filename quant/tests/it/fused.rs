@@ -257,13 +257,34 @@ fn attention_softmax_fused_matches_the_composition() {
     }
 }
 
+type AttentionFn =
+    dyn Fn(&Tensor, &Tensor, &Tensor, Option<&Tensor>, f64) -> candle_core::Result<Tensor>;
+
 /// Fused attention on `dev` in `dtype` against the composition in f32 on the host (of the same
 /// dtype-rounded inputs): output and the gradients of q, k and v.
 fn check_attention(dev: &Device, dtype: DType, kv_heads: usize, mask: Option<&Tensor>) {
+    check_attention_with(
+        dev,
+        dtype,
+        kv_heads,
+        mask,
+        "attention",
+        &fused::attention_fused,
+    );
+}
+
+fn check_attention_with(
+    dev: &Device,
+    dtype: DType,
+    kv_heads: usize,
+    mask: Option<&Tensor>,
+    name: &str,
+    op: &AttentionFn,
+) {
     let (b, h, t, tk, d) = (2, 4, 5, 7, 16);
     let scale = 1.0 / (d as f64).sqrt();
     let what = format!(
-        "attention {dev:?} {dtype:?} kv_heads={kv_heads} mask={:?}",
+        "{name} {dev:?} {dtype:?} kv_heads={kv_heads} mask={:?}",
         mask.map(|m| m.dims().to_vec())
     );
     let inputs = [
@@ -284,7 +305,7 @@ fn check_attention(dev: &Device, dtype: DType, kv_heads: usize, mask: Option<&Te
         .map(|x| Var::from_tensor(x).unwrap())
         .collect();
     let mask_dev = mask.map(|m| m.to_dtype(dtype).unwrap().to_device(dev).unwrap());
-    let y = fused::attention_fused(
+    let y = op(
         vars_dev[0].as_tensor(),
         vars_dev[1].as_tensor(),
         vars_dev[2].as_tensor(),
@@ -335,6 +356,34 @@ fn attention_fused_matches_the_composition() {
             for kv_heads in [4, 2] {
                 for mask in &masks {
                     check_attention(&dev, dtype, kv_heads, mask.as_ref());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn blocked_attention_matches_the_composition_for_every_chunking() {
+    // Chunk budgets (f32 bytes of [B, heads, rows, 7 keys] scores, B = 2) that give: everything in
+    // one chunk; one key/value group per chunk; a few query rows; one row (below one row's size).
+    let budgets = [1 << 20, 2 * 2 * 5 * 7 * 4, 2 * 2 * 2 * 7 * 4, 1];
+    let masks = [None, Some(causal_mask(1, 5, 7)), Some(causal_mask(2, 5, 7))];
+    for dev in devices() {
+        for dtype in DTYPES {
+            for kv_heads in [4, 2] {
+                for mask in &masks {
+                    for budget in budgets {
+                        check_attention_with(
+                            &dev,
+                            dtype,
+                            kv_heads,
+                            mask.as_ref(),
+                            &format!("blocked attention (chunks of {budget} bytes)"),
+                            &move |q, k, v, m, s| {
+                                fused::attention_blocked_with(q, k, v, m, s, budget)
+                            },
+                        );
+                    }
                 }
             }
         }

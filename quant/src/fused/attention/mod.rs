@@ -18,6 +18,7 @@
 //! On the CPU [`attention`] is the composition the model runs today ([`attention_ref`]); the ops'
 //! CPU loops (the kernels' arithmetic) are reachable through [`attention_fused`] on any device.
 
+mod blocked;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -82,41 +83,18 @@ pub fn attention_fused(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    check_float("attention", q)?;
-    let (b, h, t, d) = q.dims4()?;
-    let (kb, hk, tk, kd) = k.dims4()?;
-    let fits = kb == b && kd == d && v.dims() == k.dims() && hk > 0 && h % hk == 0;
-    if !fits || d == 0 || d > MAX_HEAD_DIM || tk == 0 {
-        bail!(
-            "attention: q {:?}, k {:?}, v {:?}: want q [B, H, T, D], k and v [B, Hk, Tk, D] with \
-             Hk dividing H, 0 < D ≤ {MAX_HEAD_DIM}",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        );
-    }
-    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-        bail!("attention: q, k and v must share a dtype");
-    }
-    let mut mask_batch_stride = 0;
-    if let Some(m) = mask {
-        check_constant("attention mask", q, m, q.dtype())?;
-        let (mb, one, mt, mk) = m.dims4()?;
-        if one != 1 || mt != t || mk != tk || !(mb == 1 || mb == b) {
-            bail!(
-                "attention: mask {:?}; want [{b} or 1, 1, {t}, {tk}]",
-                m.dims()
-            );
-        }
-        mask_batch_stride = if mb == 1 { 0 } else { t * tk };
-    }
+    let s = check(q, k, v, mask, Some(MAX_HEAD_DIM))?;
+    let mask_batch_stride = match mask {
+        Some(m) if m.dim(0)? != 1 => s.t * s.tk,
+        _ => 0,
+    };
     let geom = Geom {
-        b,
-        h,
-        hk,
-        t,
-        tk,
-        d,
+        b: s.b,
+        h: s.h,
+        hk: s.hk,
+        t: s.t,
+        tk: s.tk,
+        d: s.d,
         mask_batch_stride,
         scale: scale as f32,
     };
@@ -126,6 +104,87 @@ pub fn attention_fused(
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// [`attention`] computed in chunks of heads and query rows with the device's matmul (tensor
+/// cores on CUDA) and the fused masked softmax between the products (see [`blocked`]): O(chunk)
+/// memory, no head-dimension limit.
+pub fn attention_blocked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    blocked::attention(q, k, v, mask, scale, blocked::CHUNK_BYTES)
+}
+
+/// [`attention_blocked`] with chunks of at most `chunk_bytes` of scores (at least one row of one
+/// key/value group each).
+pub fn attention_blocked_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    chunk_bytes: usize,
+) -> Result<Tensor> {
+    blocked::attention(q, k, v, mask, scale, chunk_bytes)
+}
+
+/// The sizes of an attention call.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Shapes {
+    pub b: usize,
+    pub h: usize,
+    pub hk: usize,
+    pub t: usize,
+    pub tk: usize,
+    pub d: usize,
+}
+
+/// Checks q `[B, H, T, D]`, k and v `[B, Hk, Tk, D]` (Hk dividing H, D ≤ `max_d`), one float
+/// dtype, and a constant mask `[B or 1, 1, T, Tk]`.
+fn check(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    max_d: Option<usize>,
+) -> Result<Shapes> {
+    check_float("attention", q)?;
+    let (b, h, t, d) = q.dims4()?;
+    let (kb, hk, tk, kd) = k.dims4()?;
+    let fits = kb == b && kd == d && v.dims() == k.dims() && hk > 0 && h % hk == 0;
+    let max_d = max_d.unwrap_or(usize::MAX);
+    if !fits || d == 0 || d > max_d || tk == 0 || t == 0 {
+        bail!(
+            "attention: q {:?}, k {:?}, v {:?}: want q [B, H, T, D], k and v [B, Hk, Tk, D] with \
+             Hk dividing H, 0 < D{}",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            if max_d == usize::MAX {
+                String::new()
+            } else {
+                format!(" ≤ {max_d}")
+            }
+        );
+    }
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        bail!("attention: q, k and v must share a dtype");
+    }
+    if let Some(m) = mask {
+        check_constant("attention mask", q, m, q.dtype())?;
+        let (mb, one, mt, mk) = m.dims4()?;
+        if one != 1 || mt != t || mk != tk || !(mb == 1 || mb == b) {
+            bail!(
+                "attention: mask {:?}; want [{b} or 1, 1, {t}, {tk}]",
+                m.dims()
+            );
+        }
+    }
+    Ok(Shapes { b, h, hk, t, tk, d })
 }
 
 /// Sizes of one attention call (`AttnGeom` in attention.cu, less `has_mask`).

@@ -1,0 +1,335 @@
+//! Blocked attention: the same function as [`super::attention_fused`], `o = softmax(q·kᵀ · scale
+//! + mask) · v`, computed chunk by chunk with the device's matmul (cuBLAS on tensor cores on CUDA)
+//! and the fused masked-softmax op and its backward between the two products. A chunk is a group
+//! of whole key/value heads (with their `rep` query heads) and a range of query rows, sized so its
+//! `[B, heads, rows, Tk]` scores take at most `chunk_bytes`; nothing of a chunk outlives it. The
+//! backward recomputes each chunk's scores (as flash attention does) instead of keeping
+//! `[T, Tk]` probabilities per head, so memory stays O(chunk) at any sequence length.
+//!
+//! Per chunk, with query heads of one key head stacked as rows (`[B, g, rep·rows, D]`, so k and v
+//! are never expanded):
+//!
+//! ```text
+//! forward   S = q kᵀ,  P = softmax(S · scale + mask),  o = P v
+//! backward  S, P recomputed;  dP = do vᵀ;  dS = scale · P ⊙ (dP − Σ_j dP ⊙ P)  (the softmax op's
+//!           backward);  dq = dS k;  dk += dSᵀ q;  dv += Pᵀ do   (summed over the chunk's rows and
+//!           query heads)
+//! ```
+//!
+//! Products run in the inputs' dtype (as the composition's do); the softmax and its backward in
+//! f32 inside the fused op, rounded where the composition rounds.
+
+use super::super::ops::{Softmax, SoftmaxBwd};
+use super::Shapes;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
+
+/// Default bytes of one chunk's scores: 8 heads of 2048 × 2048 in bf16; the backward holds about
+/// four such tensors (S, P, dP, dS) at once.
+pub const CHUNK_BYTES: usize = 64 << 20;
+
+/// `(key/value heads, query rows)` per chunk.
+fn plan(s: &Shapes, elem: usize, chunk_bytes: usize) -> (usize, usize) {
+    let rep = s.h / s.hk;
+    let per_row = s.b * rep * s.tk * elem;
+    let per_group = per_row * s.t;
+    if per_group <= chunk_bytes {
+        ((chunk_bytes / per_group).clamp(1, s.hk), s.t)
+    } else {
+        (1, (chunk_bytes / per_row).clamp(1, s.t))
+    }
+}
+
+/// One chunk: key/value heads `g0..g0 + g`, query rows `i0..i0 + n`.
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    g0: usize,
+    g: usize,
+    i0: usize,
+    n: usize,
+}
+
+fn chunks(s: &Shapes, elem: usize, chunk_bytes: usize) -> Vec<Chunk> {
+    let (g, n) = plan(s, elem, chunk_bytes);
+    let mut out = Vec::new();
+    for g0 in (0..s.hk).step_by(g) {
+        for i0 in (0..s.t).step_by(n) {
+            out.push(Chunk {
+                g0,
+                g: g.min(s.hk - g0),
+                i0,
+                n: n.min(s.t - i0),
+            });
+        }
+    }
+    out
+}
+
+/// What every chunk reads.
+#[derive(Debug, Clone)]
+struct Ctx {
+    s: Shapes,
+    mask: Option<Tensor>,
+    /// Rounded to the dtype, as the composition's affine rounds it.
+    scale: f32,
+    chunk_bytes: usize,
+}
+
+impl Ctx {
+    fn rep(&self) -> usize {
+        self.s.h / self.s.hk
+    }
+
+    /// Rows `[B, h, T, D]` of the chunk's query heads as `[B, g, rep·n, D]`.
+    fn stack(&self, x: &Tensor, c: Chunk) -> Result<Tensor> {
+        let rep = self.rep();
+        x.narrow(1, c.g0 * rep, c.g * rep)?
+            .narrow(2, c.i0, c.n)?
+            .contiguous()?
+            .reshape((self.s.b, c.g, rep * c.n, self.s.d))
+    }
+
+    /// `[B, g, rep·n, D]` back to `[B, g·rep, n, D]`.
+    fn unstack(&self, x: &Tensor, c: Chunk) -> Result<Tensor> {
+        x.reshape((self.s.b, c.g * self.rep(), c.n, self.s.d))
+    }
+
+    /// Key or value heads of the chunk, `[B, g, Tk, D]`.
+    fn heads(&self, x: &Tensor, c: Chunk) -> Result<Tensor> {
+        x.narrow(1, c.g0, c.g)?.contiguous()
+    }
+
+    /// The softmax op of the chunk (its mask rows).
+    fn softmax(&self, c: Chunk) -> Result<Softmax> {
+        let mask = match &self.mask {
+            Some(m) => Some(m.narrow(2, c.i0, c.n)?.contiguous()?),
+            None => None,
+        };
+        Ok(Softmax {
+            mask,
+            scale: self.scale,
+        })
+    }
+
+    /// `(S, P)` of the chunk, both `[B, g·rep, n, Tk]`.
+    fn scores(&self, q: &Tensor, k: &Tensor, c: Chunk) -> Result<(Tensor, Tensor, Softmax)> {
+        let qs = self.stack(q, c)?;
+        let kc = self.heads(k, c)?;
+        let s = qs
+            .matmul(&kc.t()?)?
+            .reshape((self.s.b, c.g * self.rep(), c.n, self.s.tk))?;
+        let op = self.softmax(c)?;
+        let p = s.apply_op1_no_bwd(&op)?;
+        Ok((s, p, op))
+    }
+
+    /// `[B, g·rep, n, Tk]` as `[B, g, rep·n, Tk]`.
+    fn stack_scores(&self, x: &Tensor, c: Chunk) -> Result<Tensor> {
+        x.reshape((self.s.b, c.g, self.rep() * c.n, self.s.tk))
+    }
+
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let mut heads = Vec::new();
+        let mut rows = Vec::new();
+        let all = chunks(&self.s, q.dtype().size_in_bytes(), self.chunk_bytes);
+        for (idx, &c) in all.iter().enumerate() {
+            let (_, p, _) = self.scores(q, k, c)?;
+            let o = self.stack_scores(&p, c)?.matmul(&self.heads(v, c)?)?;
+            rows.push(self.unstack(&o, c)?);
+            let group_done = all.get(idx + 1).is_none_or(|next| next.g0 != c.g0);
+            if group_done {
+                heads.push(Tensor::cat(&rows, 2)?);
+                rows.clear();
+            }
+        }
+        Tensor::cat(&heads, 1)
+    }
+
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (mut dq_heads, mut dk_heads, mut dv_heads) = (Vec::new(), Vec::new(), Vec::new());
+        let mut dq_rows = Vec::new();
+        let mut dkv: Option<(Tensor, Tensor)> = None;
+        let all = chunks(&self.s, q.dtype().size_in_bytes(), self.chunk_bytes);
+        for (idx, &c) in all.iter().enumerate() {
+            let (s, p, op) = self.scores(q, k, c)?;
+            let (kc, vc) = (self.heads(k, c)?, self.heads(v, c)?);
+            let dos = self.stack(dout, c)?;
+            let dp = dos
+                .matmul(&vc.t()?)?
+                .reshape((self.s.b, c.g * self.rep(), c.n, self.s.tk))?;
+            let ds = s.apply_op2_no_bwd(&dp, &SoftmaxBwd(op))?;
+            let (ds, p) = (self.stack_scores(&ds, c)?, self.stack_scores(&p, c)?);
+            dq_rows.push(self.unstack(&ds.matmul(&kc)?, c)?);
+            let qs = self.stack(q, c)?;
+            let dk = ds.t()?.matmul(&qs)?;
+            let dv = p.t()?.matmul(&dos)?;
+            dkv = Some(match dkv {
+                Some((pk, pv)) => ((pk + dk)?, (pv + dv)?),
+                None => (dk, dv),
+            });
+            let group_done = all.get(idx + 1).is_none_or(|next| next.g0 != c.g0);
+            if group_done {
+                dq_heads.push(Tensor::cat(&dq_rows, 2)?);
+                dq_rows.clear();
+                let (dk, dv) = dkv.take().expect("a group has chunks");
+                dk_heads.push(dk);
+                dv_heads.push(dv);
+            }
+        }
+        Ok((
+            Tensor::cat(&dq_heads, 1)?,
+            Tensor::cat(&dk_heads, 1)?,
+            Tensor::cat(&dv_heads, 1)?,
+        ))
+    }
+}
+
+/// The op: its forward hands over the output computed chunk by chunk (outside the graph, before
+/// the op is applied); its backward runs the chunked backward.
+#[derive(Debug, Clone)]
+struct Blocked {
+    ctx: Ctx,
+    out: Tensor,
+}
+
+impl Blocked {
+    fn copy_out<S>(&self, pick: impl FnOnce(&candle_core::Storage) -> Option<&S>) -> Result<S>
+    where
+        S: candle_core::backend::BackendStorage,
+    {
+        let (storage, layout) = self.out.storage_and_layout();
+        match pick(&storage) {
+            Some(s) => s.try_clone(layout),
+            None => bail!("blocked attention: the output lives on another device"),
+        }
+    }
+}
+
+impl CustomOp3 for Blocked {
+    fn name(&self) -> &'static str {
+        "qlora-attention-blocked"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = self.copy_out(|s| match s {
+            candle_core::Storage::Cpu(s) => Some(s),
+            _ => None,
+        })?;
+        Ok((out, self.out.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = self.copy_out(|s| match s {
+            candle_core::Storage::Cuda(s) => Some(s),
+            _ => None,
+        })?;
+        Ok((out, self.out.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _o: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk, dv) =
+            self.ctx
+                .backward(&q.detach(), &k.detach(), &v.detach(), &dout.detach())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// See the module docs; `chunk_bytes` bounds one chunk's scores.
+pub(super) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    chunk_bytes: usize,
+) -> Result<Tensor> {
+    let s = super::check(q, k, v, mask, None)?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let ctx = Ctx {
+        s,
+        mask: mask.map(Tensor::contiguous).transpose()?,
+        scale: super::super::affine_scale(q.dtype(), scale),
+        chunk_bytes,
+    };
+    let out = ctx.forward(&q.detach(), &k.detach(), &v.detach())?;
+    // The op hands over out's whole buffer: it must be exactly the output.
+    let l = out.layout();
+    let out = if l.is_contiguous() && l.start_offset() == 0 {
+        out
+    } else {
+        out.copy()?
+    };
+    q.apply_op3(&k, &v, Blocked { ctx, out })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shapes(b: usize, h: usize, hk: usize, t: usize, tk: usize) -> Shapes {
+        Shapes {
+            b,
+            h,
+            hk,
+            t,
+            tk,
+            d: 8,
+        }
+    }
+
+    #[test]
+    fn chunks_cover_every_head_and_row_once_within_the_budget() {
+        for (s, budget) in [
+            (shapes(2, 8, 2, 5, 7), 1 << 20),
+            (shapes(2, 8, 2, 5, 7), 2 * 4 * 7 * 4 * 5),
+            (shapes(2, 8, 2, 5, 7), 2 * 4 * 7 * 4 * 2),
+            (shapes(1, 4, 4, 9, 9), 1),
+            (shapes(1, 32, 32, 2048, 2048), CHUNK_BYTES),
+        ] {
+            let elem = 4;
+            let mut seen = vec![0u32; s.hk * s.t];
+            for c in chunks(&s, elem, budget) {
+                let bytes = s.b * c.g * (s.h / s.hk) * c.n * s.tk * elem;
+                assert!(bytes <= budget.max(s.b * (s.h / s.hk) * s.tk * elem));
+                for g in c.g0..c.g0 + c.g {
+                    for i in c.i0..c.i0 + c.n {
+                        seen[g * s.t + i] += 1;
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "{s:?} {budget}");
+        }
+        // Phi-3-mini at 2048 tokens in bf16: 8 heads of full rows per chunk.
+        let (g, n) = plan(&shapes(1, 32, 32, 2048, 2048), 2, CHUNK_BYTES);
+        assert_eq!((g, n), (8, 2048));
+    }
+}
