@@ -233,7 +233,7 @@ fn fused_vs_composition(dev: &Device) -> anyhow::Result<()> {
             }),
         ),
         (
-            "attention (q·kᵀ, softmax, ·v)",
+            "attention, streaming kernel",
             qkv.to_vec(),
             Box::new({
                 let m = mask.clone();
@@ -242,6 +242,18 @@ fn fused_vs_composition(dev: &Device) -> anyhow::Result<()> {
             Box::new({
                 let m = mask.clone();
                 move |a| fused::attention_fused(&a[0], &a[1], &a[2], Some(&m), scale)
+            }),
+        ),
+        (
+            "attention, blocked (matmul chunks)",
+            qkv.to_vec(),
+            Box::new({
+                let m = mask.clone();
+                move |a| fused::attention_ref(&a[0], &a[1], &a[2], Some(&m), scale)
+            }),
+            Box::new({
+                let m = mask.clone();
+                move |a| fused::attention_blocked(&a[0], &a[1], &a[2], Some(&m), scale)
             }),
         ),
         (

@@ -4,9 +4,17 @@ use half::bf16;
 use safetensors::Dtype;
 use std::path::{Path, PathBuf};
 
+/// The repository: `QLORA_REPO_DIR` when set (a test binary carried to another machine, as
+/// scripts/gpu_check.sh does), else where it was built.
+pub fn repo_dir() -> PathBuf {
+    std::env::var_os("QLORA_REPO_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// tests/fixtures.
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    repo_dir().join("tests/fixtures")
 }
 
 /// A tiny Phi-3 config.json (hidden 64, 2 layers, 4 heads, GQA 2 kv heads, vocab 96).

@@ -3,11 +3,9 @@
 
 use crate::common::fixtures;
 use qlora::data::{Conversation, Message, TokenizerBundle};
-use std::path::Path;
 
 fn bundle() -> TokenizerBundle {
-    TokenizerBundle::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/phi3-tokenizer"))
-        .unwrap()
+    TokenizerBundle::from_dir(&crate::common::repo_dir().join("assets/phi3-tokenizer")).unwrap()
 }
 
 #[test]

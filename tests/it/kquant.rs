@@ -103,7 +103,7 @@ fn write_pattern_model(dir: &Path) -> Vec<(String, Vec<f32>)> {
         "eos_token_id": 32000, "pad_token_id": 32000, "torch_dtype": "bfloat16"
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/phi3-tokenizer");
+    let assets = crate::common::repo_dir().join("assets/phi3-tokenizer");
     for f in [
         "tokenizer.json",
         "tokenizer_config.json",

@@ -7,6 +7,7 @@ mod export;
 mod fused_model;
 mod gguf;
 mod gguf_phi4;
+mod gpu;
 mod kquant;
 mod model;
 mod quantize;

@@ -6,13 +6,10 @@ use qlora::train::trainer::{Metric, Trainer};
 use std::path::Path;
 
 fn repo(p: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(p)
-        .display()
-        .to_string()
+    crate::common::repo_dir().join(p).display().to_string()
 }
 
-fn small(output: &Path) -> TrainConfig {
+pub fn small(output: &Path) -> TrainConfig {
     let mut c = TrainConfig::from_file(Path::new(&repo("configs/demo.toml"))).unwrap();
     c.training.output = output.display().to_string();
     c.training.max_steps = 9;
@@ -25,7 +22,7 @@ fn small(output: &Path) -> TrainConfig {
     c
 }
 
-fn train_losses(output: &Path) -> Vec<(u64, u64)> {
+pub fn train_losses(output: &Path) -> Vec<(u64, u64)> {
     std::fs::read_to_string(output.join("metrics.jsonl"))
         .unwrap()
         .lines()

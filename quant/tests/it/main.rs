@@ -10,7 +10,12 @@ mod ops;
 mod props;
 mod stats;
 
-/// tests/fixtures at the repository root (generators and their committed outputs).
+/// tests/fixtures at the repository root (generators and their committed outputs); the root is
+/// `QLORA_REPO_DIR` when set (a test binary carried to another machine, as scripts/gpu_check.sh
+/// does).
 pub fn fixtures() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+    match std::env::var_os("QLORA_REPO_DIR") {
+        Some(root) => std::path::PathBuf::from(root).join("tests/fixtures"),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"),
+    }
 }
