@@ -12,6 +12,54 @@ pub fn repo_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
+/// `t` in f32 on the CPU.
+pub fn host(t: &candle_core::Tensor) -> candle_core::Tensor {
+    t.to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_device(&candle_core::Device::Cpu)
+        .unwrap()
+}
+
+/// max |t| (f32).
+pub fn max_abs(t: &candle_core::Tensor) -> f32 {
+    host(t)
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Asserts that LoRA gradients `(dA, dB)` (any device) match `want` within `rel` of each
+/// gradient's largest entry, and that the summed losses agree within `loss_rel`.
+pub fn assert_grads_close(
+    got: &qlora::train::LossAndGrads,
+    want: &qlora::train::LossAndGrads,
+    loss_rel: f64,
+    rel: f32,
+    what: &str,
+) {
+    assert_eq!(got.n_tokens, want.n_tokens, "{what}: tokens");
+    let d = (got.loss_sum - want.loss_sum).abs();
+    assert!(
+        d <= loss_rel * want.loss_sum.abs(),
+        "{what}: loss {} vs {}",
+        got.loss_sum,
+        want.loss_sum
+    );
+    for (i, ((ga, gb), (wa, wb))) in got.grads.iter().zip(&want.grads).enumerate() {
+        for (g, w) in [(ga, wa), (gb, wb)] {
+            let scale = max_abs(w).max(1e-12);
+            let d = max_abs(&(host(g) - host(w)).unwrap());
+            assert!(
+                d <= rel * scale,
+                "{what}, adapter {i}: max |Δgrad| {d:e} (scale {scale:e})"
+            );
+        }
+    }
+}
+
 /// tests/fixtures.
 pub fn fixtures() -> PathBuf {
     repo_dir().join("tests/fixtures")

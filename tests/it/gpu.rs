@@ -4,18 +4,18 @@
 //! was built with `--features cuda` and device 0 opens (scripts/gpu_check.sh runs them on a GPU);
 //! elsewhere each prints "skipped: no CUDA device" and passes.
 
-use crate::model::{F32_LOGITS_ABS_TOL, golden};
-use crate::train::{batch, golden_ids, lora, randomize_b};
+use crate::common::{assert_grads_close, fixtures, host};
+use crate::fused_model::{ATTENTIONS, LOGIT_CASES};
+use crate::model::{assert_cached_equals_full, assert_packed_equals_separate, check, golden};
+use crate::train::{golden_ids, lora, packed_batch, randomize_b};
 use crate::trainer::{small, train_losses};
 use candle_core::{DType, Device, Tensor};
 use qlora::device::DeviceSpec;
 use qlora::lora::{ForwardCtx, attach};
 use qlora::model::load::{BaseFormat, LoadOptions, load};
 use qlora::model::{FusedAttention, OpPath, Phi3};
+use qlora::train::loss_and_grads;
 use qlora::train::trainer::Trainer;
-use qlora::train::{Batch, loss_and_grads};
-
-const ATTENTIONS: [FusedAttention; 2] = [FusedAttention::Blocked, FusedAttention::Streaming];
 
 fn cuda() -> Option<Device> {
     match DeviceSpec::Cuda(0).open() {
@@ -29,7 +29,7 @@ fn cuda() -> Option<Device> {
 
 fn load_on(dir: &str, base: BaseFormat, dtype: DType, device: &Device) -> Phi3 {
     load(
-        &crate::common::fixtures().join("phi3").join(dir),
+        &fixtures().join("phi3").join(dir),
         &LoadOptions {
             dtype,
             device: device.clone(),
@@ -37,22 +37,6 @@ fn load_on(dir: &str, base: BaseFormat, dtype: DType, device: &Device) -> Phi3 {
         },
     )
     .unwrap()
-}
-
-fn host(t: &Tensor) -> Tensor {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .to_device(&Device::Cpu)
-        .unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn rms(t: &Tensor) -> f32 {
@@ -65,50 +49,37 @@ fn rms(t: &Tensor) -> f32 {
         .sqrt()
 }
 
-const CASES: [(&str, BaseFormat, &str, &str); 5] = [
-    ("mha", BaseFormat::Dense, "input_ids", "logits"),
-    ("gqa", BaseFormat::Dense, "input_ids", "logits"),
-    ("longrope", BaseFormat::Dense, "input_ids", "logits"),
-    (
-        "partial",
-        BaseFormat::Dense,
-        "input_ids_short",
-        "logits_short",
-    ),
-    ("gqa-bnb", BaseFormat::NF4, "input_ids", "logits"),
-];
-
 #[test]
-fn cuda_logits_match_transformers_in_f32_and_bf16() {
+fn cuda_model_matches_transformers_in_f32_and_bf16() {
     let Some(dev) = cuda() else { return };
-    for (dir, base, ids_key, logits_key) in CASES {
+    for (dir, base, ids_key, logits_key) in LOGIT_CASES {
         let (ids, want) = golden(dir, "logits.safetensors", ids_key, logits_key);
         let ids = ids.to_device(&dev).unwrap();
         for attention in ATTENTIONS {
             let mut m = load_on(dir, base, DType::F32, &dev);
             assert_eq!(m.ops, OpPath::Fused(FusedAttention::Blocked));
             m.ops = OpPath::Fused(attention);
-            let got = host(&m.forward(&ids).unwrap());
-            let d = max_abs(&(&got - &want).unwrap());
-            assert!(
-                d <= F32_LOGITS_ABS_TOL,
-                "{dir} f32 {attention:?}: max |Δlogits| {d:e}"
+            check(
+                &m,
+                &ids,
+                &want,
+                &format!("{dir} {ids_key} f32 {attention:?}"),
             );
         }
         // bf16 compute (the GPU default): 8 mantissa bits through two layers.
         let m = load_on(dir, base, DType::BF16, &dev);
         let got = host(&m.forward(&ids).unwrap());
         let rel = rms(&(&got - &want).unwrap()) / rms(&want);
-        assert!(rel <= 2e-2, "{dir} bf16: relative RMS error {rel:e}");
+        assert!(
+            rel <= 2e-2,
+            "{dir} {ids_key} bf16: relative RMS error {rel:e}"
+        );
     }
-}
-
-fn to_dev(b: &Batch, dev: &Device) -> Batch {
-    Batch {
-        input_ids: b.input_ids.to_device(dev).unwrap(),
-        positions: b.positions.to_device(dev).unwrap(),
-        segments: b.segments.as_ref().map(|s| s.to_device(dev).unwrap()),
-        targets: b.targets.clone(),
+    for attention in ATTENTIONS {
+        let mut m = load_on("gqa", BaseFormat::NF4, DType::F32, &dev);
+        m.ops = OpPath::Fused(attention);
+        assert_cached_equals_full(&m);
+        assert_packed_equals_separate(&m);
     }
 }
 
@@ -119,39 +90,30 @@ fn cuda_loss_and_lora_gradients_match_the_cpu() {
     let mut cpu = crate::model::load_f32("gqa", BaseFormat::NF4);
     attach::init_adapters(&mut cpu, &lora(4, 0.1), 5).unwrap();
     randomize_b(&cpu, 20);
-    let mut b = batch(&golden_ids());
-    b.positions = Tensor::new(&[[0u32, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]], &Device::Cpu).unwrap();
-    b.segments =
-        Some(Tensor::new(&[[1u32, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2]], &Device::Cpu).unwrap());
     let ctx = ForwardCtx {
         dropout_seed: Some(77),
     };
-    let want = loss_and_grads(&cpu, &b, &ctx, false).unwrap();
-    let b_dev = to_dev(&b, &dev);
+    let want = loss_and_grads(
+        &cpu,
+        &packed_batch(&golden_ids(), &Device::Cpu),
+        &ctx,
+        false,
+    )
+    .unwrap();
+    let b = packed_batch(&golden_ids(), &dev);
     for attention in ATTENTIONS {
         let mut m = load_on("gqa", BaseFormat::NF4, DType::F32, &dev);
         attach::init_adapters(&mut m, &lora(4, 0.1), 5).unwrap();
         randomize_b(&m, 20);
         m.ops = OpPath::Fused(attention);
         for checkpointing in [false, true] {
-            let got = loss_and_grads(&m, &b_dev, &ctx, checkpointing).unwrap();
-            let rel = (got.loss_sum - want.loss_sum).abs() / want.loss_sum.abs();
-            assert!(
-                rel <= 1e-5,
-                "{attention:?}: loss {} vs {}",
-                got.loss_sum,
-                want.loss_sum
+            assert_grads_close(
+                &loss_and_grads(&m, &b, &ctx, checkpointing).unwrap(),
+                &want,
+                1e-5,
+                1e-4,
+                &format!("cuda {attention:?}, checkpointing {checkpointing}"),
             );
-            for (i, ((ga, gb), (wa, wb))) in got.grads.iter().zip(&want.grads).enumerate() {
-                for (g, w) in [(ga, wa), (gb, wb)] {
-                    let d = max_abs(&(host(g) - w).unwrap());
-                    let scale = max_abs(w).max(1e-12);
-                    assert!(
-                        d <= 1e-4 * scale,
-                        "{attention:?} adapter {i} (checkpointing {checkpointing}): {d:e} of {scale:e}"
-                    );
-                }
-            }
         }
     }
 }

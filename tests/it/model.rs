@@ -1,7 +1,7 @@
 //! The Phi-3 model against transformers (and PEFT, and bitsandbytes' NF4) logits, from
 //! tests/fixtures/gen_phi3_goldens.py; KV cache and packing against the plain forward.
 
-use crate::common::fixtures;
+use crate::common::{fixtures, host, max_abs};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use qlora::lora::{attach, peft};
 use qlora::model::Phi3;
@@ -37,18 +37,10 @@ pub fn golden(dir: &str, file: &str, ids_key: &str, logits_key: &str) -> (Tensor
     )
 }
 
+/// max |a − b| of two tensors on any devices, in f32.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    max_abs(&(host(a) - host(b)).unwrap())
 }
 
 pub fn check(model: &Phi3, ids: &Tensor, want: &Tensor, what: &str) {
@@ -190,8 +182,13 @@ fn a_fresh_adapter_leaves_the_output_unchanged_and_merging_is_exact() {
 
 #[test]
 fn kv_cache_generation_equals_the_full_forward() {
-    let m = load_f32("gqa", BaseFormat::NF4);
+    assert_cached_equals_full(&load_f32("gqa", BaseFormat::NF4));
+}
+
+/// The golden gqa ids fed 7 then 1 by 1 through the KV cache give the full forward's logits.
+pub fn assert_cached_equals_full(m: &Phi3) {
     let (ids, _) = golden("gqa", "logits.safetensors", "input_ids", "logits");
+    let ids = ids.to_device(&m.device).unwrap();
     let full = m.forward(&ids).unwrap();
     let mut cache = qlora::model::phi3::KvCache::default();
     let first = m
@@ -205,27 +202,37 @@ fn kv_cache_generation_equals_the_full_forward() {
         );
     }
     let d = max_abs_diff(&Tensor::cat(&steps, 1).unwrap(), &full);
-    assert!(d <= F32_LOGITS_ABS_TOL, "cached vs full: {d:e}");
+    assert!(
+        d <= F32_LOGITS_ABS_TOL,
+        "{:?}: cached vs full: {d:e}",
+        m.ops
+    );
 }
 
 #[test]
 fn packed_sequences_do_not_see_each_other() {
-    let m = load_f32("gqa", BaseFormat::Dense);
+    assert_packed_equals_separate(&load_f32("gqa", BaseFormat::Dense));
+}
+
+/// Two sequences packed in one row (positions restarting, segment mask) give each one's logits.
+pub fn assert_packed_equals_separate(m: &Phi3) {
     let (ids, _) = golden("gqa", "logits.safetensors", "input_ids", "logits");
+    let dev = &m.device;
+    let ids = ids.to_device(dev).unwrap();
     let (a, b) = (ids.i((.., 0..5)).unwrap(), ids.i((.., 5..12)).unwrap());
-    let packed_ids = Tensor::cat(&[&a, &b], 1).unwrap();
-    let positions = Tensor::new(&[[0u32, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]], &Device::Cpu).unwrap();
-    let segments = Tensor::new(&[[1u32, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2]], &Device::Cpu).unwrap();
+    let positions = Tensor::new(&[[0u32, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]], dev).unwrap();
+    let segments = Tensor::new(&[[1u32, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2]], dev).unwrap();
     let ctx = qlora::lora::ForwardCtx::default();
     let packed = m
-        .lm_head(
-            &m.hidden(&packed_ids, &positions, Some(&segments), &ctx)
-                .unwrap(),
-        )
+        .lm_head(&m.hidden(&ids, &positions, Some(&segments), &ctx).unwrap())
         .unwrap();
     let separate = Tensor::cat(&[m.forward(&a).unwrap(), m.forward(&b).unwrap()], 1).unwrap();
     let d = max_abs_diff(&packed, &separate);
-    assert!(d <= F32_LOGITS_ABS_TOL, "packed vs separate: {d:e}");
+    assert!(
+        d <= F32_LOGITS_ABS_TOL,
+        "{:?}: packed vs separate: {d:e}",
+        m.ops
+    );
 }
 
 #[test]

@@ -25,12 +25,24 @@ pub fn golden_ids() -> Vec<u32> {
 
 /// Labels: the prompt (first 3 tokens) ignored, the rest trained.
 pub fn batch(ids: &[u32]) -> Batch {
+    batch_on(ids, &Device::Cpu)
+}
+
+fn batch_on(ids: &[u32], dev: &Device) -> Batch {
     let labels: Vec<i64> = ids
         .iter()
         .enumerate()
         .map(|(i, &t)| if i < 3 { -100 } else { t as i64 })
         .collect();
-    Batch::causal(&[ids.to_vec()], &[labels], &Device::Cpu).unwrap()
+    Batch::causal(&[ids.to_vec()], &[labels], dev).unwrap()
+}
+
+/// [`batch`] of 12 ids as two packed sequences of 5 and 7 (positions restarting, segments).
+pub fn packed_batch(ids: &[u32], dev: &Device) -> Batch {
+    let mut b = batch_on(ids, dev);
+    b.positions = Tensor::new(&[[0u32, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]], dev).unwrap();
+    b.segments = Some(Tensor::new(&[[1u32, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2]], dev).unwrap());
+    b
 }
 
 pub fn lora(r: usize, dropout: f32) -> LoraConfig {
@@ -168,11 +180,7 @@ fn checkpointed_and_plain_backprop_agree() {
     let mut m = load_f32("gqa", BaseFormat::NF4);
     attach::init_adapters(&mut m, &lora(4, 0.1), 5).unwrap();
     randomize_b(&m, 20);
-    let ids = golden_ids();
-    let mut b = batch(&ids);
-    b.positions = Tensor::new(&[[0u32, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]], &Device::Cpu).unwrap();
-    b.segments =
-        Some(Tensor::new(&[[1u32, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2]], &Device::Cpu).unwrap());
+    let b = packed_batch(&golden_ids(), &Device::Cpu);
     let ctx = ForwardCtx {
         dropout_seed: Some(77),
     };
@@ -181,31 +189,7 @@ fn checkpointed_and_plain_backprop_agree() {
     assert_eq!(plain.loss_sum, ckpt.loss_sum);
     // Same ops on the same values; only the order in which gradient contributions are summed may
     // differ, so f32 agreement to 1e-6 relative to each gradient's largest entry.
-    const F32_REL_TOL: f32 = 1e-6;
-    for (i, ((pa, pb), (ca, cb))) in plain.grads.iter().zip(&ckpt.grads).enumerate() {
-        for (p, c) in [(pa, ca), (pb, cb)] {
-            let scale = p
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .max(1e-12);
-            let d = (p - c)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                d <= F32_REL_TOL * scale,
-                "adapter {i}: max |Δgrad| {d:e} (scale {scale:e})"
-            );
-        }
-    }
+    crate::common::assert_grads_close(&ckpt, &plain, 0.0, 1e-6, "checkpointed vs plain");
     // Dropout really is on: another seed gives other gradients.
     let other = loss_and_grads(
         &m,
