@@ -245,7 +245,7 @@ fn fused_vs_composition(dev: &Device) -> anyhow::Result<()> {
             }),
         ),
         (
-            "attention, blocked (matmul chunks)",
+            "attention, blocked (causal matmul chunks)",
             qkv.to_vec(),
             Box::new({
                 let m = mask.clone();
@@ -253,7 +253,7 @@ fn fused_vs_composition(dev: &Device) -> anyhow::Result<()> {
             }),
             Box::new({
                 let m = mask.clone();
-                move |a| fused::attention_blocked(&a[0], &a[1], &a[2], Some(&m), scale)
+                move |a| fused::attention_blocked(&a[0], &a[1], &a[2], Some(&m), scale, true)
             }),
         ),
         (

@@ -85,7 +85,8 @@ fn head(
     want_grad: bool,
 ) -> Result<(f64, Option<Tensor>)> {
     let m = h.dim(0)?;
-    let mut loss = 0f64;
+    // Per-chunk sums, read back once at the end (one device synchronisation, not one per chunk).
+    let mut nlls = Vec::new();
     let mut dh = Vec::new();
     for start in (0..m).step_by(HEAD_CHUNK_ROWS) {
         let n = HEAD_CHUNK_ROWS.min(m - start);
@@ -101,7 +102,8 @@ fn head(
         let logits = model.lm_head(x)?;
         let t = Tensor::from_slice(&targets[start..start + n], n, h.device())?;
         let nll = model.ops.cross_entropy(&logits, &t)?.sum_all()?;
-        loss += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        // Detached: the chunk's graph (its [n, V] logits) must not outlive the chunk.
+        nlls.push(nll.detach());
         if let Some(hv) = hv {
             let g = nll.backward()?;
             dh.push(
@@ -119,6 +121,15 @@ fn head(
         })
     } else {
         None
+    };
+    let loss = if nlls.is_empty() {
+        0.0
+    } else {
+        Tensor::stack(&nlls, 0)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?
+            .into_iter()
+            .sum()
     };
     Ok((loss, dh))
 }

@@ -350,10 +350,20 @@ impl Trainer {
             .map(|g| g / n)
             .collect::<candle_core::Result<_>>()?;
         let loss = loss_sum / n;
-        let sq: f64 = grads
+        // Σ‖g‖² per parameter on the device, read back in one transfer.
+        let per_param = grads
             .iter()
-            .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>())
-            .sum::<candle_core::Result<f64>>()?;
+            .map(|g| g.sqr()?.sum_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let sq: f64 = if per_param.is_empty() {
+            0.0
+        } else {
+            Tensor::stack(&per_param, 0)?
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?
+                .into_iter()
+                .sum()
+        };
         let norm = sq.sqrt();
         if !loss.is_finite() || !norm.is_finite() {
             self.state.nonfinite_skipped += 1;

@@ -59,8 +59,8 @@ mod cuda;
 mod ops;
 
 pub use attention::{
-    MAX_HEAD_DIM, attention, attention_blocked, attention_blocked_with, attention_fused,
-    attention_ref,
+    Blocking, CHUNK_BYTES, MAX_HEAD_DIM, attention, attention_blocked, attention_blocked_with,
+    attention_fused, attention_ref,
 };
 use candle_core::{D, DType, Result, Tensor, bail};
 

@@ -366,23 +366,33 @@ fn attention_fused_matches_the_composition() {
 fn blocked_attention_matches_the_composition_for_every_chunking() {
     // Chunk budgets (f32 bytes of [B, heads, rows, 7 keys] scores, B = 2) that give: everything in
     // one chunk; one key/value group per chunk; a few query rows; one row (below one row's size).
+    // Causal blocking (keys cut per row block) only with the causal masks, as its contract says.
     let budgets = [1 << 20, 2 * 2 * 5 * 7 * 4, 2 * 2 * 2 * 7 * 4, 1];
     let masks = [None, Some(causal_mask(1, 5, 7)), Some(causal_mask(2, 5, 7))];
     for dev in devices() {
         for dtype in DTYPES {
             for kv_heads in [4, 2] {
                 for mask in &masks {
-                    for budget in budgets {
-                        check_attention_with(
-                            &dev,
-                            dtype,
-                            kv_heads,
-                            mask.as_ref(),
-                            &format!("blocked attention (chunks of {budget} bytes)"),
-                            &move |q, k, v, m, s| {
-                                fused::attention_blocked_with(q, k, v, m, s, budget)
-                            },
-                        );
+                    for chunk_bytes in budgets {
+                        for causal in [false, true] {
+                            if causal && mask.is_none() {
+                                continue;
+                            }
+                            let blocking = fused::Blocking {
+                                chunk_bytes,
+                                causal,
+                            };
+                            check_attention_with(
+                                &dev,
+                                dtype,
+                                kv_heads,
+                                mask.as_ref(),
+                                &format!("blocked attention {blocking:?}"),
+                                &move |q, k, v, m, s| {
+                                    fused::attention_blocked_with(q, k, v, m, s, blocking)
+                                },
+                            );
+                        }
                     }
                 }
             }

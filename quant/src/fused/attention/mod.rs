@@ -23,6 +23,8 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 
+pub use blocked::{Blocking, CHUNK_BYTES};
+
 use super::{check_constant, check_float, fused_on, softmax_last_dim_ref};
 use crate::cpu::DequantOut;
 use candle_core::{CpuStorage, CustomOp3, D, Layout, Result, Shape, Tensor, bail};
@@ -108,28 +110,29 @@ pub fn attention_fused(
 
 /// [`attention`] computed in chunks of heads and query rows with the device's matmul (tensor
 /// cores on CUDA) and the fused masked softmax between the products (see [`blocked`]): O(chunk)
-/// memory, no head-dimension limit.
+/// memory, no head-dimension limit. `causal` promises that the mask hides key `j` from query `i`
+/// whenever `j > i + (Tk − T)` (it may hide more), so whole key blocks can be skipped.
 pub fn attention_blocked(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
     scale: f64,
+    causal: bool,
 ) -> Result<Tensor> {
-    blocked::attention(q, k, v, mask, scale, blocked::CHUNK_BYTES)
+    blocked::attention(q, k, v, mask, scale, Blocking::new(causal))
 }
 
-/// [`attention_blocked`] with chunks of at most `chunk_bytes` of scores (at least one row of one
-/// key/value group each).
+/// [`attention_blocked`] with explicit chunking.
 pub fn attention_blocked_with(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
     scale: f64,
-    chunk_bytes: usize,
+    blocking: Blocking,
 ) -> Result<Tensor> {
-    blocked::attention(q, k, v, mask, scale, chunk_bytes)
+    blocked::attention(q, k, v, mask, scale, blocking)
 }
 
 /// The sizes of an attention call.
