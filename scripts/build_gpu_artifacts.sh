@@ -5,12 +5,17 @@
 # all with `--features cuda` (PyPI CUDA 13.0 toolchain from
 # scripts/cuda-env.sh; candle's kernels for CUDA_COMPUTE_CAP, default 90 = H100/H200; our kernels
 # are compute_80 PTX for any Ampere+ GPU). Binaries are stripped and packed, xz-compressed (they are
-# mostly embedded kernels, the same in all four), into gpu-artifacts/bundle.tar.xz with a manifest;
+# mostly embedded kernels, the same in all five), into gpu-artifacts/bundle.tar.xz with a manifest;
 # carry gpu-artifacts/ (it must stay under the 64 MiB the device tool carries).
+# It also carries libcurand.so.10 (CUDA 13.0's, from the nvidia-curand wheel, ~39 MiB as xz) in
+# gpu-artifacts/lib/: the binaries link it (candle opens a cuRAND generator with every device), and
+# recent PyTorch cu13 wheels no longer pull it in (torch 2.15+cu132 does not); gpu_check.sh uses it
+# only when the machine has none.
 #
 # usage: scripts/build_gpu_artifacts.sh        (target dir: target-cuda/, or $CARGO_TARGET_DIR)
-# A cold build took 17 min here (2 cores, shared): candle's CUDA kernels for two profiles, release
-# codegen. The bundle is ~12 MB.
+# A cold build took 17-23 min here (2 cores, shared): candle's CUDA kernels for two profiles, release
+# codegen, then ~3 min of xz (a warm rebuild: ~3.5 min). The bundle is ~15 MiB; with libcurand
+# ~53 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/cuda-env.sh
@@ -55,11 +60,30 @@ strip "$stage"/*
 } > "$stage/MANIFEST"
 
 rm -rf "$ART"
-mkdir -p "$ART"
+mkdir -p "$ART/lib"
+# libcurand.so.10 of CUDA 13.0 (the toolchain's version), downloaded and compressed once into the
+# toolchain's cache (xz -9e of 127 MiB takes a minute or two).
+CURAND=nvidia-curand==10.4.0.35
+curand_cache="$CUDA_TOOLCHAIN/curand-${CURAND#*==}"
+if [ ! -s "$curand_cache/libcurand.so.10.xz" ]; then
+  rm -rf "$curand_cache" && mkdir -p "$curand_cache"
+  PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+    --target "$curand_cache/site" "$CURAND"
+  xz -T1 -9e -c "$curand_cache/site/nvidia/cu13/lib/libcurand.so.10" > "$curand_cache/libcurand.so.10.xz.tmp"
+  mv "$curand_cache/libcurand.so.10.xz.tmp" "$curand_cache/libcurand.so.10.xz"
+  rm -rf "$curand_cache/site"
+fi
+cp "$curand_cache/libcurand.so.10.xz" "$ART/lib/"
+echo "lib/libcurand.so.10.xz: $CURAND, used by gpu_check.sh only where the machine lacks libcurand.so.10" >> "$stage/MANIFEST"
 # One xz stream with a dictionary larger than a binary: the five share candle's embedded PTX and
 # kernels, which then compress to next to nothing after the first copy.
 tar -C "$stage" -cf - . | xz -T1 --lzma2=preset=6,dict=256MiB > "$ART/bundle.tar.xz"
 cp "$stage/MANIFEST" "$ART/MANIFEST"
 cat "$ART/MANIFEST"
-ls -la "$ART"
-echo "built in $(( $(date +%s) - start ))s; carry: $ART ($(du -sh "$ART" | cut -f1), limit 64 MiB)"
+ls -la "$ART" "$ART/lib"
+bytes=$(du -sb "$ART" | cut -f1)
+echo "built in $(( $(date +%s) - start ))s; carry: $ART ($(( bytes >> 20 )) MiB, limit 64 MiB)"
+if (( bytes >= 64 << 20 )); then
+  echo "ERROR: $ART is over the 64 MiB the device tool carries" >&2
+  exit 1
+fi

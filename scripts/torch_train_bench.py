@@ -10,6 +10,12 @@ quant, blocksize 64, bf16 compute): QLoRA as PEFT users run it. Attention is tra
 Prints one JSON line: tokens/s (median over the timed steps), peak memory as
 torch.cuda.max_memory_allocated / max_memory_reserved, and the device's used memory (total - free,
 sampled every 2 ms on a thread; context included) as the Rust side reports it.
+
+`--device cpu` runs the same steps on the CPU (f32 unless --dtype says otherwise; memory fields
+null), for a smoke test of the script on a machine without a GPU:
+
+    python3 scripts/torch_train_bench.py --device cpu --hidden 64 --layers 2 --heads 4 \
+        --intermediate 128 --vocab 1000 --seq 32 --steps 1
 """
 
 import argparse
@@ -21,13 +27,15 @@ import time
 import torch
 
 
-def sampler():
-    """Peak device-wide used memory (bytes), sampled on a thread until stopped."""
+def sampler(device):
+    """Peak device-wide used memory (bytes), sampled on a thread until stopped (None on the CPU)."""
+    if device.type != "cuda":
+        return lambda: None
     state = {"peak": 0, "stop": False}
 
     def run():
         while not state["stop"]:
-            free, total = torch.cuda.mem_get_info()
+            free, total = torch.cuda.mem_get_info(device)
             state["peak"] = max(state["peak"], total - free)
             time.sleep(0.002)
 
@@ -42,7 +50,12 @@ def sampler():
     return stop
 
 
-def build(args):
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(args, device, dtype):
     from transformers import Phi3Config, Phi3ForCausalLM
 
     cfg = Phi3Config(
@@ -61,16 +74,17 @@ def build(args):
     )
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda"):
+        # Built where it runs: no host copy of 3.8 B parameters.
+        with device:
             model = Phi3ForCausalLM(cfg)
     finally:
         torch.set_default_dtype(previous)
     return model
 
 
-def quantize_nf4(model):
+def quantize_nf4(model, device):
     import bitsandbytes as bnb
 
     for layer in model.model.layers:
@@ -92,9 +106,11 @@ def quantize_nf4(model):
             q.weight = bnb.nn.Params4bit(
                 lin.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
             )
-            setattr(parent, name, q.cuda())
+            # Moving a Params4bit to a device is what quantizes it.
+            setattr(parent, name, q.to(device))
             del lin
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main():
@@ -106,21 +122,43 @@ def main():
     p.add_argument("--vocab", type=int, default=32064)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--nf4", action="store_true")
+    p.add_argument("--steps", type=int, default=3, help="timed steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--nf4", action="store_true", help="bitsandbytes NF4 base")
+    p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (a smoke test)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "f32"],
+        help="auto: bf16 on CUDA, f32 on the CPU",
+    )
     args = p.parse_args()
+    if args.steps < 1:
+        p.error("--steps must be at least 1")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # A clear line instead of a traceback from deep inside torch.
+        print(
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device; "
+            "use --device cpu for a smoke test",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "f32")
+    dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[dtype_name]
 
     from peft import LoraConfig, get_peft_model
 
-    torch.cuda.init()
-    free, total = torch.cuda.mem_get_info()
-    context_used = total - free
-    stop = sampler()
+    context_used = None
+    if device.type == "cuda":
+        torch.cuda.init()
+        free, total = torch.cuda.mem_get_info(device)
+        context_used = total - free
+    stop = sampler(device)
     t0 = time.time()
-    model = build(args)
+    model = build(args, device, dtype)
     if args.nf4:
-        quantize_nf4(model)
+        quantize_nf4(model, device)
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
@@ -136,12 +174,13 @@ def main():
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    torch.cuda.synchronize()
+    sync(device)
     build_s = time.time() - t0
 
-    ids = (torch.arange(args.seq, device="cuda") * 7919 + 13) % args.vocab
+    ids = (torch.arange(args.seq, device=device) * 7919 + 13) % args.vocab
     ids = ids.unsqueeze(0)
-    torch.cuda.reset_peak_memory_stats()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     step_s, loss = [], float("nan")
     for step in range(args.warmup + args.steps):
         t = time.time()
@@ -149,7 +188,7 @@ def main():
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync(device)
         secs = time.time() - t
         loss = out.loss.item()
         print(f"step {step}: {secs:.3f} s, loss {loss:.4f}", flush=True, file=sys.stderr)
@@ -159,14 +198,16 @@ def main():
     step_s.sort()
     median = step_s[len(step_s) // 2]
     mib = float(1 << 20)
+    on_gpu = device.type == "cuda"
     attn = getattr(model.config, "_attn_implementation", "?")
     print(
         json.dumps(
             {
-                "impl": "PyTorch + PEFT" + (" + bitsandbytes NF4" if args.nf4 else " (bf16 base)"),
+                "impl": "PyTorch + PEFT" + (" + bitsandbytes NF4" if args.nf4 else f" ({dtype_name} base)"),
                 "torch": torch.__version__,
+                "device": str(device),
                 "attention": attn,
-                "dtype": "bf16",
+                "dtype": dtype_name,
                 "seq": args.seq,
                 "layers": args.layers,
                 "rank": args.rank,
@@ -175,13 +216,14 @@ def main():
                 "median_step_s": median,
                 "tokens_per_s": args.seq / median,
                 "loss": loss,
-                "max_allocated_mib": torch.cuda.max_memory_allocated() / mib,
-                "max_reserved_mib": torch.cuda.max_memory_reserved() / mib,
-                "peak_used_mib": peak_used / mib,
-                "context_used_mib": context_used / mib,
-                "peak_net_mib": (peak_used - context_used) / mib,
+                "max_allocated_mib": torch.cuda.max_memory_allocated(device) / mib if on_gpu else None,
+                "max_reserved_mib": torch.cuda.max_memory_reserved(device) / mib if on_gpu else None,
+                "peak_used_mib": peak_used / mib if on_gpu else None,
+                "context_used_mib": context_used / mib if on_gpu else None,
+                "peak_net_mib": (peak_used - context_used) / mib if on_gpu else None,
             }
-        )
+        ),
+        flush=True,
     )
 
 
