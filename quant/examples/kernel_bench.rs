@@ -253,7 +253,16 @@ fn fused_vs_composition(dev: &Device) -> anyhow::Result<()> {
             }),
             Box::new({
                 let m = mask.clone();
-                move |a| fused::attention_blocked(&a[0], &a[1], &a[2], Some(&m), scale, true)
+                move |a| {
+                    fused::attention_blocked(
+                        &a[0],
+                        &a[1],
+                        &a[2],
+                        Some(&m),
+                        scale,
+                        fused::Blocking::new(true),
+                    )
+                }
             }),
         ),
         (

@@ -2,7 +2,7 @@
 //! and CUDA kernels, and the fused differentiable ops a QLoRA step needs on the GPU; nothing about
 //! model architectures or checkpoints beyond the bitsandbytes layout.
 //!
-//! - [`format`]: code tables, rounding midpoints, nibble order, block sizes, the 8-bit dynamic map.
+//! - [`format`](mod@format): code tables, rounding midpoints, nibble order, block sizes, the 8-bit dynamic map.
 //! - [`cpu`]: scalar `_ref` references and the fast multithreaded paths, tested bit-identical.
 //! - [`nested`]: double quantization of the absmax (offset + 8-bit codes + one scale per 256).
 //! - [`quantized`]: a quantized tensor on the host ([`Quantized`]), as bitsandbytes' `QuantState`.

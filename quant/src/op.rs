@@ -12,7 +12,7 @@
 //! `x · W`) into a per-task f32 buffer and multiplied with `gemm`, tiles in parallel on rayon; peak
 //! extra memory is one tile per thread, never the dense matrix.
 //!
-//! CUDA (`cuda` feature, [`crate::cuda`]): the weight is dequantized by our kernel into a temporary
+//! CUDA (`cuda` feature, `qlora_quant::cuda`): the weight is dequantized by our kernel into a temporary
 //! of `x`'s dtype (f32, bf16 or f16), multiplied with one cuBLAS gemm, and freed; the backward runs
 //! the same path in the other orientation. Half-precision `x` therefore meets a weight rounded to
 //! its own dtype (cuBLAS accumulates in f32), where the CPU path multiplies in f32 throughout.

@@ -185,7 +185,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         } else {
             "dense base"
         },
-        format!("{:?}", trainer.model.dtype).to_lowercase(),
+        trainer.model.dtype.as_str(),
         crate::device::name(&trainer.model.device),
         trainer.rows.len(),
         s.conversations,

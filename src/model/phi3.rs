@@ -146,7 +146,7 @@ impl OpPath {
             // The model's masks are causal (Phi3::prepare): key blocks past a row block's last
             // visible key are skipped.
             Self::Fused(FusedAttention::Blocked) => {
-                fused::attention_blocked(q, k, v, Some(mask), scale, true)
+                fused::attention_blocked(q, k, v, Some(mask), scale, fused::Blocking::new(true))
             }
             Self::Fused(FusedAttention::Streaming) => {
                 fused::attention_fused(q, k, v, Some(mask), scale)

@@ -3,32 +3,31 @@
 //! (training through them silently drops gradient terms), so the model composes them from
 //! primitive ops, which on a GPU costs one kernel and one saved intermediate per primitive.
 //!
-//! Each op here is a function with two paths: on the CPU (and any non-CUDA device) the plain candle
-//! composition (`*_ref`, exactly what the model computes today, differentiated by candle); on CUDA a
-//! `CustomOp` whose forward and backward are kernels of `quant/kernels/fused.cu`. The ops also have
-//! CPU implementations (`fused/cpu.rs`, the kernels' loops in Rust; the ops are in `fused/ops.rs`), reachable through the
-//! `*_fused` functions on any device, so their backward formulas are tested against candle's
-//! autograd of the composition everywhere. Tensors an op carries (norm weight, rotary tables,
+//! Each op comes as two functions: `*_ref`, the plain candle composition (what the model computes
+//! on the CPU, differentiated by candle), and `*_fused`, a `CustomOp` whose forward and backward are
+//! kernels of `quant/kernels/fused.cu` on CUDA and the same loops in Rust on the CPU (`fused/cpu.rs`;
+//! the ops are in `fused/ops.rs`), so their backward formulas are tested against candle's autograd
+//! of the composition everywhere. The caller picks (the model through its `OpPath`). Tensors an op carries (norm weight, rotary tables,
 //! targets) are constants of the graph: they receive no gradient, and a trainable one is refused.
 //!
 //! All arithmetic is f32; a half-precision value is rounded where the composition rounds it.
 //! Shapes and derivations (`n` rows, `·` elementwise):
 //!
-//! - [`rms_norm`]: `x [.., H]`, `w [H]`: `den = √(mean(x²) + eps)`, `y = T(T(x / den) · w)`.
+//! - [`rms_norm_fused`]: `x [.., H]`, `w [H]`: `den = √(mean(x²) + eps)`, `y = T(T(x / den) · w)`.
 //!   `dx = (g − n · mean(g · n)) / den` with `n = x / den`, `g = T(dy · w)` (since
 //!   `∂den/∂x_j = x_j / (H · den)`).
-//! - [`rope`]: rotate-half on `x [B, heads, T, D]` with `cos, sin [B or 1, 1, T, R]`, `R ≤ D` even:
+//! - [`rope_fused`]: rotate-half on `x [B, heads, T, D]` with `cos, sin [B or 1, 1, T, R]`, `R ≤ D` even:
 //!   `y = x · cos + rot(x) · sin` on the first `R` dims, `rot(x) = [−x₂, x₁]`; the rest passes.
 //!   The rotation's transpose gives `dx₁ = dy₁ · cos₁ + dy₂ · sin₂`, `dx₂ = dy₂ · cos₂ − dy₁ · sin₁`.
-//! - [`swiglu`]: `gu [.., 2I]` = gate | up (Phi-3's fused `gate_up_proj`): `y = up · silu(gate)`;
+//! - [`swiglu_fused`]: `gu [.., 2I]` = gate | up (Phi-3's fused `gate_up_proj`): `y = up · silu(gate)`;
 //!   `d_up = dy · silu(gate)`, `d_gate = dy · up · s · (1 + gate · (1 − s))`, `s = σ(gate)`.
-//! - [`softmax_last_dim`]: `y = exp(x − max) / Σ`, computed in f32 for half types;
-//!   `dx = y · (dy − Σ dy · y)` (y recomputed in f32 from x). [`attention_softmax`] is the same on
+//! - [`softmax_last_dim_fused`]: `y = exp(x − max) / Σ`, computed in f32 for half types;
+//!   `dx = y · (dy − Σ dy · y)` (y recomputed in f32 from x). [`attention_softmax_fused`] is the same on
 //!   `x · scale + mask` (`[B, heads, T, Tk]` scores, a constant `[B or 1, 1, T, Tk]` mask), with
 //!   `dx = scale · y · (dy − Σ dy · y)`.
-//! - [`attention`]: `softmax(q·kᵀ · scale + mask) · v` in O(T) memory, grouped-query heads included;
+//! - [`attention_fused`]: `softmax(q·kᵀ · scale + mask) · v` in O(T) memory, grouped-query heads included;
 //!   derivation in its module.
-//! - [`cross_entropy`]: per-row loss of `logits [N, V]` against u32 `targets [N]`:
+//! - [`cross_entropy_fused`]: per-row loss of `logits [N, V]` against u32 `targets [N]`:
 //!   `log Σ exp(x − max) + max − x_t`; `dx = g · (softmax(x) − onehot(t))`.
 //! - [`dropout`]: inverted dropout with a counter-based mask, the same on every device (below);
 //!   linear in `x`, so `dx = dropout(dy)` with the same `p` and seed.
@@ -59,15 +58,9 @@ mod cuda;
 mod ops;
 
 pub use attention::{
-    Blocking, CHUNK_BYTES, MAX_HEAD_DIM, attention, attention_blocked, attention_blocked_with,
-    attention_fused, attention_ref,
+    Blocking, CHUNK_BYTES, MAX_HEAD_DIM, attention_blocked, attention_fused, attention_ref,
 };
 use candle_core::{D, DType, Result, Tensor, bail};
-
-/// Whether the dispatching functions take the fused path on `x`'s device (CUDA only).
-pub fn fused_on(x: &Tensor) -> bool {
-    x.device().is_cuda()
-}
 
 fn check_float(what: &str, x: &Tensor) -> Result<()> {
     if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
@@ -116,15 +109,6 @@ fn reduce_dtype(dtype: DType) -> DType {
 
 // ----- RMSNorm ------------------------------------------------------------------------------------
 
-/// `w · x / √(mean(x²) + eps)` over the last dim; the weight is frozen.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if fused_on(x) {
-        rms_norm_fused(x, weight, eps)
-    } else {
-        rms_norm_ref(x, weight, eps)
-    }
-}
-
 /// The composition: normalised in f32 (for half types), cast back, times the weight.
 pub fn rms_norm_ref(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
@@ -134,7 +118,7 @@ pub fn rms_norm_ref(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     normed.to_dtype(dtype)?.broadcast_mul(weight)
 }
 
-/// [`rms_norm`] through the fused op on any device.
+/// [`rms_norm_fused`] through the fused op on any device.
 pub fn rms_norm_fused(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     check_float("rms_norm", x)?;
     check_constant("rms_norm weight", x, weight, x.dtype())?;
@@ -149,15 +133,6 @@ pub fn rms_norm_fused(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 // ----- Rotary embedding ---------------------------------------------------------------------------
-
-/// Rotate-half RoPE of `x [B, heads, T, D]` with tables `cos, sin [B or 1, 1, T, R]`.
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if fused_on(x) {
-        rope_fused(x, cos, sin)
-    } else {
-        rope_ref(x, cos, sin)
-    }
-}
 
 /// The composition: `x · cos + rotate_half(x) · sin` on the first `R` dims, the rest passed.
 pub fn rope_ref(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -176,7 +151,7 @@ pub fn rope_ref(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[&rotated, &x.narrow(D::Minus1, r, d - r)?], D::Minus1)
 }
 
-/// [`rope`] through the fused op on any device.
+/// [`rope_fused`] through the fused op on any device.
 pub fn rope_fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     check_float("rope", x)?;
     check_constant("rope cos", x, cos, x.dtype())?;
@@ -201,15 +176,6 @@ pub fn rope_fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 // ----- SwiGLU -------------------------------------------------------------------------------------
 
-/// `up · silu(gate)` of a fused `gu = gate | up` (`[.., 2I]` → `[.., I]`).
-pub fn swiglu(gu: &Tensor) -> Result<Tensor> {
-    if fused_on(gu) {
-        swiglu_fused(gu)
-    } else {
-        swiglu_ref(gu)
-    }
-}
-
 /// The composition.
 pub fn swiglu_ref(gu: &Tensor) -> Result<Tensor> {
     let i = gu.dim(D::Minus1)? / 2;
@@ -218,7 +184,7 @@ pub fn swiglu_ref(gu: &Tensor) -> Result<Tensor> {
     up * gate.silu()?
 }
 
-/// [`swiglu`] through the fused op on any device.
+/// [`swiglu_fused`] through the fused op on any device.
 pub fn swiglu_fused(gu: &Tensor) -> Result<Tensor> {
     check_float("swiglu", gu)?;
     let last = gu.dim(D::Minus1)?;
@@ -230,15 +196,6 @@ pub fn swiglu_fused(gu: &Tensor) -> Result<Tensor> {
 
 // ----- Softmax ------------------------------------------------------------------------------------
 
-/// Softmax over the last dim, computed in f32 for half types.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if fused_on(x) {
-        softmax_last_dim_fused(x)
-    } else {
-        softmax_last_dim_ref(x)
-    }
-}
-
 /// The composition (max-subtracted, candle-nn's `softmax`), in f32 for half types.
 pub fn softmax_last_dim_ref(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
@@ -249,7 +206,7 @@ pub fn softmax_last_dim_ref(x: &Tensor) -> Result<Tensor> {
     num.broadcast_div(&den)?.to_dtype(dtype)
 }
 
-/// [`softmax_last_dim`] through the fused op on any device.
+/// [`softmax_last_dim_fused`] through the fused op on any device.
 pub fn softmax_last_dim_fused(x: &Tensor) -> Result<Tensor> {
     check_float("softmax", x)?;
     if x.dim(D::Minus1)? == 0 {
@@ -259,17 +216,6 @@ pub fn softmax_last_dim_fused(x: &Tensor) -> Result<Tensor> {
         mask: None,
         scale: 1.0,
     })
-}
-
-/// Attention probabilities `softmax(scores · scale + mask)` of `scores [B, heads, T, Tk]` with an
-/// additive `mask [B or 1, 1, T, Tk]` (0 or −∞), in f32 for half types: the model's
-/// `softmax((q·kᵀ) · scale + mask)` without materialising the scaled and masked scores.
-pub fn attention_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    if fused_on(scores) {
-        attention_softmax_fused(scores, mask, scale)
-    } else {
-        attention_softmax_ref(scores, mask, scale)
-    }
 }
 
 /// The composition: scaled (candle's affine, the scale rounded to the dtype), masked, softmax.
@@ -282,7 +228,7 @@ pub fn attention_softmax_ref(scores: &Tensor, mask: Option<&Tensor>, scale: f64)
     softmax_last_dim_ref(&masked)
 }
 
-/// [`attention_softmax`] through the fused op on any device.
+/// [`attention_softmax_fused`] through the fused op on any device.
 pub fn attention_softmax_fused(
     scores: &Tensor,
     mask: Option<&Tensor>,
@@ -349,15 +295,6 @@ pub fn dropout_mask(
 
 // ----- Cross-entropy ------------------------------------------------------------------------------
 
-/// Per-row cross-entropy (f32 `[N]`) of `logits [N, V]` against u32 `targets [N]`.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if fused_on(logits) {
-        cross_entropy_fused(logits, targets)
-    } else {
-        cross_entropy_ref(logits, targets)
-    }
-}
-
 /// The composition: `−log_softmax(f32 logits)` gathered at the targets (f64 logits stay f64).
 pub fn cross_entropy_ref(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let dtype = if logits.dtype() == DType::F64 {
@@ -378,7 +315,7 @@ fn log_softmax_ref(x: &Tensor) -> Result<Tensor> {
     diff.broadcast_sub(&sum_exp.log()?)
 }
 
-/// [`cross_entropy`] through the fused op on any device. Targets must be below `V`.
+/// [`cross_entropy_fused`] through the fused op on any device. Targets must be below `V`.
 pub fn cross_entropy_fused(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     check_float("cross_entropy", logits)?;
     let (n, v) = logits.dims2()?;

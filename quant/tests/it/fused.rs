@@ -389,7 +389,7 @@ fn blocked_attention_matches_the_composition_for_every_chunking() {
                                 mask.as_ref(),
                                 &format!("blocked attention {blocking:?}"),
                                 &move |q, k, v, m, s| {
-                                    fused::attention_blocked_with(q, k, v, m, s, blocking)
+                                    fused::attention_blocked(q, k, v, m, s, blocking)
                                 },
                             );
                         }

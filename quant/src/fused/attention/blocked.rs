@@ -148,10 +148,8 @@ impl Ctx {
         })
     }
 
-    /// `(S, P)` of the chunk, both `[B, g·rep, n, keys]`.
-    fn scores(&self, q: &Tensor, k: &Tensor, c: Chunk) -> Result<(Tensor, Tensor, Softmax)> {
-        let qs = self.stack(q, c)?;
-        let kc = self.heads(k, c)?;
+    /// `(S, P)` of the chunk, both `[B, g·rep, n, keys]`, from its stacked queries `qs`.
+    fn scores(&self, qs: &Tensor, kc: &Tensor, c: Chunk) -> Result<(Tensor, Tensor, Softmax)> {
         let s = qs
             .matmul(&kc.t()?)?
             .reshape((self.s.b, c.g * self.rep(), c.n, c.keys))?;
@@ -179,7 +177,7 @@ impl Ctx {
         let mut rows = Vec::new();
         let all = chunks(&self.s, q.dtype().size_in_bytes(), self.blocking);
         for (idx, &c) in all.iter().enumerate() {
-            let (_, p, _) = self.scores(q, k, c)?;
+            let (_, p, _) = self.scores(&self.stack(q, c)?, &self.heads(k, c)?, c)?;
             let o = self.stack_scores(&p, c)?.matmul(&self.heads(v, c)?)?;
             rows.push(self.unstack(&o, c)?);
             let group_done = all.get(idx + 1).is_none_or(|next| next.g0 != c.g0);
@@ -203,8 +201,8 @@ impl Ctx {
         let mut dkv: Option<(Tensor, Tensor)> = None;
         let all = chunks(&self.s, q.dtype().size_in_bytes(), self.blocking);
         for (idx, &c) in all.iter().enumerate() {
-            let (s, p, op) = self.scores(q, k, c)?;
-            let (kc, vc) = (self.heads(k, c)?, self.heads(v, c)?);
+            let (qs, kc, vc) = (self.stack(q, c)?, self.heads(k, c)?, self.heads(v, c)?);
+            let (s, p, op) = self.scores(&qs, &kc, c)?;
             let dos = self.stack(dout, c)?;
             let dp = dos
                 .matmul(&vc.t()?)?
@@ -212,7 +210,6 @@ impl Ctx {
             let ds = s.apply_op2_no_bwd(&dp, &SoftmaxBwd(op))?;
             let (ds, p) = (self.stack_scores(&ds, c)?, self.stack_scores(&p, c)?);
             dq_rows.push(self.unstack(&ds.matmul(&kc)?, c)?);
-            let qs = self.stack(q, c)?;
             let dk = self.pad_keys(ds.t()?.matmul(&qs)?, c)?;
             let dv = self.pad_keys(p.t()?.matmul(&dos)?, c)?;
             dkv = Some(match dkv {

@@ -15,8 +15,9 @@
 //! row statistics `(L_i = log Σ_j exp s_ij, Δ_i)`, then `dq` (a pass over keys per query row) and
 //! `dk | dv` (a pass over queries per key row). All arithmetic is f32.
 //!
-//! On the CPU [`attention`] is the composition the model runs today ([`attention_ref`]); the ops'
-//! CPU loops (the kernels' arithmetic) are reachable through [`attention_fused`] on any device.
+//! [`attention_ref`] is the composition; [`attention_fused`] runs the kernels on CUDA and their
+//! loops on the CPU; [`attention_blocked`] computes the same function chunk by chunk through the
+//! device's matmul.
 
 mod blocked;
 mod cpu;
@@ -25,27 +26,12 @@ mod cuda;
 
 pub use blocked::{Blocking, CHUNK_BYTES};
 
-use super::{check_constant, check_float, fused_on, softmax_last_dim_ref};
+use super::{check_constant, check_float, softmax_last_dim_ref};
 use crate::cpu::DequantOut;
 use candle_core::{CpuStorage, CustomOp3, D, Layout, Result, Shape, Tensor, bail};
 
 /// Largest head dimension the kernels take (8 values per lane of a warp).
 pub const MAX_HEAD_DIM: usize = 256;
-
-/// `softmax(q·kᵀ · scale + mask) · v`; see the module docs for shapes.
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    scale: f64,
-) -> Result<Tensor> {
-    if fused_on(q) {
-        attention_fused(q, k, v, mask, scale)
-    } else {
-        attention_ref(q, k, v, mask, scale)
-    }
-}
 
 /// The composition: k and v repeated over the query heads of their group, scores, scale (candle's
 /// affine), mask, softmax in f32 for half types, times v.
@@ -77,7 +63,8 @@ pub fn attention_ref(
     softmax_last_dim_ref(&scores)?.matmul(&v)
 }
 
-/// [`attention`] through the fused ops on any device.
+/// `softmax(q·kᵀ · scale + mask) · v` through the fused ops (kernels on CUDA, their loops on the
+/// CPU); see the module docs for shapes.
 pub fn attention_fused(
     q: &Tensor,
     k: &Tensor,
@@ -108,23 +95,12 @@ pub fn attention_fused(
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
-/// [`attention`] computed in chunks of heads and query rows with the device's matmul (tensor
-/// cores on CUDA) and the fused masked softmax between the products (see [`blocked`]): O(chunk)
-/// memory, no head-dimension limit. `causal` promises that the mask hides key `j` from query `i`
-/// whenever `j > i + (Tk − T)` (it may hide more), so whole key blocks can be skipped.
+/// `softmax(q·kᵀ · scale + mask) · v` computed in chunks of heads and query rows with the device's
+/// matmul (tensor cores on CUDA) and the fused masked softmax between the products (see
+/// `attention/blocked.rs`): O(chunk) memory, no head-dimension limit. `blocking.causal` promises
+/// that the mask hides key `j` from query `i` whenever `j > i + (Tk − T)` (it may hide more), so
+/// whole key blocks can be skipped.
 pub fn attention_blocked(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    scale: f64,
-    causal: bool,
-) -> Result<Tensor> {
-    blocked::attention(q, k, v, mask, scale, Blocking::new(causal))
-}
-
-/// [`attention_blocked`] with explicit chunking.
-pub fn attention_blocked_with(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
