@@ -25,13 +25,12 @@ use anyhow::{Result, bail};
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use qlora::device::{DeviceSpec, MemorySampler};
-use qlora::lora::{ForwardCtx, LoraConfig, LoraLinear, attach};
-use qlora::model::Phi3Config;
+use qlora::lora::ForwardCtx;
 use qlora::model::linear::BaseWeight;
-use qlora::model::phi3::{Block, FusedAttention, OpPath, Phi3};
+use qlora::model::phi3::{FusedAttention, OpPath, Phi3};
+use qlora::model::random::{self, Shape};
+use qlora::train::loss_and_grads;
 use qlora::train::optim::{AdamW, AdamWConfig};
-use qlora::train::{Batch, loss_and_grads};
-use qlora_quant::{Blocksize, Nf4Tensor, QuantType, Quantized};
 use std::time::Instant;
 
 /// QLoRA training-step benchmark on a random Phi-3.
@@ -49,6 +48,12 @@ struct Args {
     layers: usize,
     #[arg(long, default_value_t = 32)]
     heads: usize,
+    /// Key/value heads (default: as many as heads).
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    /// The head shares the embedding matrix.
+    #[arg(long)]
+    tied: bool,
     #[arg(long, default_value_t = 8192)]
     intermediate: usize,
     #[arg(long, default_value_t = 32064)]
@@ -75,103 +80,29 @@ struct Args {
     no_checkpointing: bool,
 }
 
-/// Seeded uniform values with standard deviation `std`.
-fn uniform(n: usize, std: f64, seed: u64) -> Vec<f32> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let half_width = (std * 3f64.sqrt()) as f32;
-    (0..n)
-        .map(|_| rng.random_range(-half_width..half_width))
-        .collect()
-}
-
-fn quantize(out: usize, inp: usize, seed: u64) -> Result<Quantized> {
-    Ok(Quantized::quantize(
-        &uniform(out * inp, 0.02, seed),
-        &[out, inp],
-        DType::F32,
-        QuantType::Nf4,
-        Blocksize::DEFAULT,
-        true,
-    )?)
-}
-
-fn dense(shape: (usize, usize), seed: u64, dtype: DType, dev: &Device) -> Result<Tensor> {
-    let v = uniform(shape.0 * shape.1, 0.02, seed);
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
-        .to_dtype(dtype)?
-        .to_device(dev)?)
-}
-
 fn build_model(a: &Args, dtype: DType, dev: &Device) -> Result<Phi3> {
-    let (h, i) = (a.hidden, a.intermediate);
-    let cfg = Phi3Config::from_value(
-        &serde_json::json!({
-            "model_type": "phi3", "vocab_size": a.vocab, "hidden_size": h, "intermediate_size": i,
-            "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
-            "num_key_value_heads": a.heads, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-            "max_position_embeddings": a.seq.max(4096)
-        }),
-        "train_bench",
-    )?;
-    let shapes = [(3 * h, h), (h, h), (2 * i, h), (h, i)];
-    let host: Vec<Quantized> = shapes
-        .iter()
-        .enumerate()
-        .map(|(k, &(o, n))| quantize(o, n, k as u64 + 1))
-        .collect::<Result<_>>()?;
-    let lin = |k: usize| -> Result<LoraLinear> {
-        Ok(LoraLinear {
-            base: BaseWeight::Nf4(Nf4Tensor::new(&host[k], dev)?),
-            adapter: None,
-        })
+    let shape = Shape {
+        hidden: a.hidden,
+        layers: a.layers,
+        heads: a.heads,
+        kv_heads: a.kv_heads.unwrap_or(a.heads),
+        intermediate: a.intermediate,
+        vocab: a.vocab,
+        tied: a.tied,
     };
-    let ones = Tensor::ones(h, dtype, dev)?;
-    let layers = (0..a.layers)
-        .map(|_| {
-            Ok(Block {
-                input_layernorm: ones.clone(),
-                qkv_proj: lin(0)?,
-                o_proj: lin(1)?,
-                post_attention_layernorm: ones.clone(),
-                gate_up_proj: lin(2)?,
-                down_proj: lin(3)?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let rope = cfg.rope()?;
-    let mut model = Phi3 {
-        embed_tokens: dense((a.vocab, h), 11, dtype, dev)?,
-        lm_head: dense((a.vocab, h), 12, dtype, dev)?,
-        norm: ones,
-        layers,
-        rope,
-        cfg,
-        dtype,
-        device: dev.clone(),
-        ops: match a.ops.as_str() {
-            "auto" => OpPath::for_device(dev),
-            "composed" => OpPath::Composed,
-            "blocked" => OpPath::Fused(FusedAttention::Blocked),
-            "streaming" => OpPath::Fused(FusedAttention::Streaming),
-            other => bail!("--ops {other}: use auto, composed, blocked or streaming"),
-        },
+    let ops = match a.ops.as_str() {
+        "auto" => OpPath::for_device(dev, dtype),
+        "composed" => OpPath::Composed,
+        "blocked" => OpPath::Fused(FusedAttention::Blocked),
+        "streaming" => OpPath::Fused(FusedAttention::Streaming),
+        other => bail!("--ops {other}: use auto, composed, blocked or streaming"),
     };
-    attach::init_adapters(
-        &mut model,
-        &LoraConfig {
-            r: a.rank,
-            alpha: 2.0 * a.rank as f64,
-            dropout: 0.0,
-            targets: vec!["all-linear".into()],
-            rslora: false,
-        },
-        0,
-    )?;
-    Ok(model)
+    random::qlora_model(&shape, a.rank, a.seq, dtype, dev, ops)
 }
 
 fn main() -> Result<()> {
+    // SAFETY: no other thread has started yet.
+    unsafe { qlora_quant::runtime::init() };
     let a = Args::parse();
     let dtype = match a.dtype.as_str() {
         "f32" => DType::F32,
@@ -195,11 +126,7 @@ fn main() -> Result<()> {
         })
         .sum();
 
-    let ids: Vec<u32> = (0..a.seq as u32)
-        .map(|t| (t * 7919 + 13) % a.vocab as u32)
-        .collect();
-    let labels: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
-    let batch = Batch::causal(&[ids], &[labels], &dev)?;
+    let batch = random::batch(a.seq, a.vocab, &dev)?;
     let params = model
         .adapters()
         .iter()

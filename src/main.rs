@@ -9,6 +9,8 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // SAFETY: no other thread has started yet.
+    unsafe { qlora_quant::runtime::init() };
     match qlora::cli::run() {
         Ok(code) => code,
         Err(err) => {

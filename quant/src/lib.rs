@@ -24,6 +24,7 @@ pub mod fused;
 pub mod nested;
 pub mod op;
 pub mod quantized;
+pub mod runtime;
 pub mod tensor;
 
 pub use format::{Blocksize, QuantType};

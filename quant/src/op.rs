@@ -8,9 +8,12 @@
 //! `∂L/∂x_mk = Σ_j (∂L/∂y_mj) W_jk`, i.e. `dx = dy · W`; symmetrically the backward of `x · W` is
 //! `dy · Wᵀ`.
 //!
-//! CPU: the weight is dequantized one tile at a time (64 rows of `W` for `x · Wᵀ`, 64 columns for
-//! `x · W`) into a per-task f32 buffer and multiplied with `gemm`, tiles in parallel on rayon; peak
-//! extra memory is one tile per thread, never the dense matrix.
+//! CPU: the weight is dequantized one tile at a time (rows of `W` for `x · Wᵀ`, columns for
+//! `x · W`) into a per-task f32 buffer of at most [`TILE_ELEMS`] values and multiplied with `gemm`,
+//! tiles in parallel on rayon; peak extra memory is one tile per thread, never the dense matrix.
+//! The tiles are as large as that allows and their count a multiple of the pool's threads: every
+//! task re-packs `x` for gemm, so few large tiles cost less than many small ones (64-row tiles
+//! spent 6 % of a training step packing), and equal shares keep every thread busy to the end.
 //!
 //! CUDA (`cuda` feature, `qlora_quant::cuda`): the weight is dequantized by our kernel into a temporary
 //! of `x`'s dtype (f32, bf16 or f16), multiplied with one cuBLAS gemm, and freed; the backward runs
@@ -22,11 +25,22 @@ use crate::{QuantError, Result};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Rows of the weight dequantized per task for `x · Wᵀ`.
-pub const TILE: usize = 64;
-/// Columns of the weight dequantized per task for `x · W` (wider: each row segment is a separate
-/// dequantization call).
-pub const TILE_COLS: usize = 256;
+/// Most values of a dequantized tile (4 MiB of f32 per thread).
+pub const TILE_ELEMS: usize = 1 << 20;
+/// Most rows (or columns) of a tile.
+const TILE_MAX: usize = 512;
+/// Tile sizes are multiples of this (even starts keep each tile on a byte of packed codes).
+const TILE_ALIGN: usize = 16;
+
+/// The tile size along a dimension of `n`, whose tiles span `across` values each: at most
+/// `TILE_MAX` and `TILE_ELEMS / across`, a multiple of `TILE_ALIGN`, and as many tiles as a
+/// multiple of the pool's threads allows.
+pub(crate) fn tile_len(n: usize, across: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let max = (TILE_ELEMS / across.max(1)).clamp(TILE_ALIGN, TILE_MAX);
+    let count = threads * n.div_ceil(threads * max).max(1);
+    n.div_ceil(count).next_multiple_of(TILE_ALIGN)
+}
 
 /// `y = x · dequant(W)ᵀ` for `x: [.., in]`, `W: [out, in]` → `y: [.., out]`, differentiable in `x`.
 pub fn nf4_linear(x: &Tensor, w: &Nf4Tensor) -> Result<Tensor> {
@@ -172,24 +186,25 @@ impl OutPtr {
     }
 }
 
-/// `y[m, out] = x[m, in] · Wᵀ`: tasks over 64-row tiles of W, each writing its 64 columns of y.
-fn x_wt(view: &CpuView<'_>, x: &[f32], m: usize, out: usize, inp: usize) -> Vec<f32> {
+/// `y[m, out] = x[m, in] · Wᵀ`: tasks over row tiles of W, each writing its columns of y.
+pub(crate) fn x_wt(view: &CpuView<'_>, x: &[f32], m: usize, out: usize, inp: usize) -> Vec<f32> {
     let mut y = vec![0f32; m * out];
     let y_ptr = OutPtr(y.as_mut_ptr());
-    (0..out.div_ceil(TILE))
+    let tile = tile_len(out, inp);
+    (0..out.div_ceil(tile))
         .into_par_iter()
-        .for_each_init(Vec::new, |buf, tile| {
-            let rows = TILE.min(out - tile * TILE);
+        .for_each_init(Vec::new, |buf, t| {
+            let (r0, rows) = (t * tile, tile.min(out - t * tile));
             buf.resize(rows * inp, 0f32);
-            view.dequantize_slice(tile * TILE * inp, buf);
-            // SAFETY: dst covers rows 0..m, columns [tile*TILE, tile*TILE + rows) of y (row stride
-            // `out`), disjoint across tasks; lhs is x [m, inp]; rhs is bufᵀ [inp, rows].
+            view.dequantize_slice(r0 * inp, buf);
+            // SAFETY: dst covers rows 0..m, columns [r0, r0 + rows) of y (row stride `out`),
+            // disjoint across tasks; lhs is x [m, inp]; rhs is bufᵀ [inp, rows].
             unsafe {
                 gemm::gemm(
                     m,
                     rows,
                     inp,
-                    y_ptr.at(tile * TILE),
+                    y_ptr.at(r0),
                     1,
                     out as isize,
                     false,
@@ -211,15 +226,16 @@ fn x_wt(view: &CpuView<'_>, x: &[f32], m: usize, out: usize, inp: usize) -> Vec<
     y
 }
 
-/// `y[m, in] = x[m, out] · W`: tasks over 64-column tiles of W (each row's segment dequantized),
-/// each writing its 64 columns of y.
-fn x_w(view: &CpuView<'_>, x: &[f32], m: usize, out: usize, inp: usize) -> Vec<f32> {
+/// `y[m, in] = x[m, out] · W`: tasks over column tiles of W (each row's segment dequantized),
+/// each writing its columns of y.
+pub(crate) fn x_w(view: &CpuView<'_>, x: &[f32], m: usize, out: usize, inp: usize) -> Vec<f32> {
     let mut y = vec![0f32; m * inp];
     let y_ptr = OutPtr(y.as_mut_ptr());
-    (0..inp.div_ceil(TILE_COLS))
+    let tile = tile_len(inp, out);
+    (0..inp.div_ceil(tile))
         .into_par_iter()
-        .for_each_init(Vec::new, |buf, tile| {
-            let (c0, cols) = (tile * TILE_COLS, TILE_COLS.min(inp - tile * TILE_COLS));
+        .for_each_init(Vec::new, |buf, t| {
+            let (c0, cols) = (t * tile, tile.min(inp - t * tile));
             buf.resize(out * cols, 0f32);
             for (r, row) in buf.chunks_exact_mut(cols).enumerate() {
                 view.dequantize_slice(r * inp + c0, row);

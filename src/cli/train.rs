@@ -206,7 +206,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let out = &trainer.output;
     if summary.finished {
         println!(
-            "done: {} steps, final train loss {:.4}{}, {:.0} tokens/s, peak memory {:.0} MiB (RSS){}, {} skipped non-finite steps",
+            "done: {} steps, final train loss {:.4}{}, {:.0} tokens/s ({:.0} trained tokens/s), peak memory {:.0} MiB (RSS){}, {} skipped non-finite steps",
             trainer.state.step,
             summary.last_loss,
             summary
@@ -214,6 +214,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
                 .map(|l| format!(", eval loss {l:.4}"))
                 .unwrap_or_default(),
             summary.tokens as f64 / summary.seconds.max(1e-9),
+            summary.trained_tokens as f64 / summary.seconds.max(1e-9),
             summary.peak_rss_mib,
             summary
                 .peak_device_mib

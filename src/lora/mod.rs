@@ -206,6 +206,32 @@ impl LoraLinear {
     }
 
     /// `W' = W + scale · B·A` as a dense f32 tensor (W dequantized when NF4).
+    /// [`Self::forward`] as one op where there is one: on the CPU in f32, an NF4 base with an
+    /// adapter runs as [`qlora_quant::fused::lora_nf4_linear`] (the adapter's product accumulated
+    /// into the base's output, one backward for both: the same function with fewer passes);
+    /// anything else takes the composition.
+    pub fn forward_fused(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        if let (BaseWeight::Nf4(w), Some(a)) = (&self.base, &self.adapter)
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && a.a.dim(1)? % 2 == 0
+        {
+            let dropout = match (ctx.dropout_seed, a.dropout > 0.0) {
+                (Some(seed), true) => Some((a.dropout, mix_seed(seed, a.dropout_stream))),
+                _ => None,
+            };
+            return qlora_quant::fused::lora_nf4_linear(
+                x,
+                w,
+                a.a.as_tensor(),
+                a.b.as_tensor(),
+                a.scale as f32,
+                dropout,
+            );
+        }
+        self.forward(x, ctx)
+    }
+
     pub fn merged(&self) -> candle_core::Result<Tensor> {
         let w = self.base.to_dense(DType::F32)?;
         match &self.adapter {

@@ -197,6 +197,6 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Phi3> {
         cfg,
         dtype: opts.dtype,
         device: opts.device.clone(),
-        ops: OpPath::for_device(&opts.device),
+        ops: OpPath::for_device(&opts.device, opts.dtype),
     })
 }

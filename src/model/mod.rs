@@ -5,6 +5,7 @@ pub mod linear;
 pub mod load;
 pub mod names;
 pub mod phi3;
+pub mod random;
 pub mod rope;
 
 pub use config::Phi3Config;

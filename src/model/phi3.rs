@@ -107,12 +107,22 @@ pub enum FusedAttention {
 }
 
 impl OpPath {
-    /// Fused (blocked attention) on CUDA, composed elsewhere.
-    pub fn for_device(device: &Device) -> Self {
-        if device.is_cuda() {
+    /// Fused with blocked attention for the dtypes the fused ops have (f32, bf16, f16), on CUDA
+    /// (our kernels) and on the CPU (our loops, rows in parallel on rayon: one pass per op instead
+    /// of one per candle primitive); composed for f64 (the finite-difference checks).
+    pub fn for_device(_device: &Device, dtype: DType) -> Self {
+        if matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
             Self::Fused(FusedAttention::Blocked)
         } else {
             Self::Composed
+        }
+    }
+
+    /// A block linear with its adapter ([`LoraLinear::forward_fused`] on the fused path).
+    pub fn linear(self, lin: &LoraLinear, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        match self {
+            Self::Composed => lin.forward(x, ctx),
+            Self::Fused(_) => lin.forward_fused(x, ctx),
         }
     }
 
@@ -233,8 +243,10 @@ impl Phi3 {
         let attn = self.attention(layer, &h, prep, ctx, cache)?;
         let x = (x + attn)?;
         let h = self.ops.rms_norm(&x, &blk.post_attention_layernorm, eps)?;
-        let gu = blk.gate_up_proj.forward(&h, ctx)?;
-        let mlp = blk.down_proj.forward(&self.ops.swiglu(&gu)?, ctx)?;
+        let gu = self.ops.linear(&blk.gate_up_proj, &h, ctx)?;
+        let mlp = self
+            .ops
+            .linear(&blk.down_proj, &self.ops.swiglu(&gu)?, ctx)?;
         x + mlp
     }
 
@@ -253,7 +265,7 @@ impl Phi3 {
             self.cfg.num_kv_heads(),
             self.cfg.head_dim(),
         );
-        let qkv = blk.qkv_proj.forward(x, ctx)?;
+        let qkv = self.ops.linear(&blk.qkv_proj, x, ctx)?;
         let heads = |start: usize, n: usize| -> Result<Tensor> {
             qkv.narrow(D::Minus1, start * d, n * d)?
                 .reshape((b, t, n, d))?
@@ -282,7 +294,7 @@ impl Phi3 {
             .attention(&q, &k, &v, &prep.mask, scale)?
             .transpose(1, 2)?
             .reshape((b, t, nh * d))?;
-        blk.o_proj.forward(&out, ctx)
+        self.ops.linear(&blk.o_proj, &out, ctx)
     }
 
     /// Final RMSNorm.

@@ -15,6 +15,7 @@
 
 use crate::lora::ForwardCtx;
 use crate::model::Phi3;
+use crate::model::phi3::OpPath;
 use candle_core::{D, DType, Result, Tensor, Var};
 
 /// Rows of the vocabulary projection per chunk.
@@ -84,6 +85,16 @@ fn head(
     targets: &[u32],
     want_grad: bool,
 ) -> Result<(f64, Option<Tensor>)> {
+    if want_grad
+        && h.device().is_cpu()
+        && h.dtype() == DType::F32
+        && model.lm_head.dtype() == DType::F32
+        && model.ops != OpPath::Composed
+    {
+        // The CPU's head: logits, loss and gradient in one pass, outside autograd.
+        let (loss, dh) = qlora_quant::fused::head_cross_entropy_cpu(h, &model.lm_head, targets)?;
+        return Ok((loss, Some(dh)));
+    }
     let m = h.dim(0)?;
     // Per-chunk sums, read back once at the end (one device synchronisation, not one per chunk).
     let mut nlls = Vec::new();

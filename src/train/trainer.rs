@@ -39,6 +39,7 @@ pub struct TrainState {
     pub cursor: usize,
     pub nonfinite_skipped: u64,
     pub nonfinite_streak: u64,
+    /// Input tokens of the steps taken (padding excluded).
     pub tokens_seen: u64,
 }
 
@@ -52,10 +53,20 @@ pub struct Metric {
     pub lr: f64,
     #[serde(default)]
     pub grad_norm: f64,
+    /// Input tokens of the step (every token of its rows, padding excluded).
     #[serde(default)]
     pub tokens: u64,
+    /// Input tokens per second, as other trainers report throughput.
     #[serde(default)]
     pub tokens_per_s: f64,
+    /// Tokens the loss was taken on (assistant tokens).
+    #[serde(default)]
+    pub trained_tokens: u64,
+    #[serde(default)]
+    pub trained_tokens_per_s: f64,
+    /// Wall time of the step (forward, backward, optimizer), seconds.
+    #[serde(default)]
+    pub seconds: f64,
     #[serde(default)]
     pub peak_rss_mib: f64,
     /// Peak memory in use on the CUDA device (context and allocator pool included); absent on the
@@ -270,7 +281,8 @@ impl Trainer {
     }
 
     /// The next micro-batch, advancing the cursor (and the epoch).
-    fn next_micro_batch(&mut self) -> Result<Batch> {
+    /// The next micro-batch and its input tokens (padding excluded).
+    fn next_micro_batch(&mut self) -> Result<(Batch, usize)> {
         let mb = self.cfg.training.micro_batch_size;
         let per_epoch = self.rows.len().div_ceil(mb);
         if self.state.cursor >= per_epoch {
@@ -290,7 +302,8 @@ impl Trainer {
             .map(|&i| &self.rows[i])
             .collect();
         self.state.cursor += 1;
-        Ok(collate(&rows, self.pad_id, &self.model.device)?)
+        let inputs = rows.iter().map(|r| r.ids.len()).sum();
+        Ok((collate(&rows, self.pad_id, &self.model.device)?, inputs))
     }
 
     /// Mean loss over the eval rows' target tokens.
@@ -316,9 +329,10 @@ impl Trainer {
         let t0 = Instant::now();
         let step = self.state.step;
         let mut sums: Option<Vec<Tensor>> = None;
-        let (mut loss_sum, mut n_tokens) = (0f64, 0usize);
+        let (mut loss_sum, mut n_tokens, mut n_input) = (0f64, 0usize, 0usize);
         for micro in 0..self.cfg.training.grad_accum {
-            let batch = self.next_micro_batch()?;
+            let (batch, inputs) = self.next_micro_batch()?;
+            n_input += inputs;
             let ctx = ForwardCtx {
                 dropout_seed: Some(mix_seed(
                     mix_seed(self.cfg.training.seed, step),
@@ -389,15 +403,19 @@ impl Trainer {
         let lr = learning_rate(&self.cfg, step, self.total_steps);
         self.opt.step(&grads, lr)?;
         self.state.step += 1;
-        self.state.tokens_seen += n_tokens as u64;
+        self.state.tokens_seen += n_input as u64;
+        let seconds = t0.elapsed().as_secs_f64();
         Ok(Some(Metric {
             kind: "train".into(),
             step: self.state.step,
             loss,
             lr,
             grad_norm: norm,
-            tokens: n_tokens as u64,
-            tokens_per_s: n_tokens as f64 / t0.elapsed().as_secs_f64(),
+            tokens: n_input as u64,
+            tokens_per_s: n_input as f64 / seconds,
+            trained_tokens: n_tokens as u64,
+            trained_tokens_per_s: n_tokens as f64 / seconds,
+            seconds,
             peak_rss_mib: peak_rss_mib(),
             peak_device_mib: self.memory.peak_mib().map(|(peak, _)| peak),
         }))
@@ -412,6 +430,9 @@ impl Trainer {
             grad_norm: 0.0,
             tokens: 0,
             tokens_per_s: 0.0,
+            trained_tokens: 0,
+            trained_tokens_per_s: 0.0,
+            seconds: 0.0,
             peak_rss_mib: peak_rss_mib(),
             peak_device_mib: self.memory.peak_mib().map(|(peak, _)| peak),
         }
@@ -478,10 +499,12 @@ impl Trainer {
         bar.set_position(self.state.step);
         let t0 = Instant::now();
         let tokens_at_start = self.state.tokens_seen;
+        let mut trained_tokens = 0u64;
         let mut last_loss = f64::NAN;
         while self.state.step < self.total_steps {
             if let Some(m) = self.step()? {
                 last_loss = m.loss;
+                trained_tokens += m.trained_tokens;
                 writeln!(metrics, "{}", serde_json::to_string(&m)?)?;
                 let device_peak = m
                     .peak_device_mib
@@ -493,8 +516,8 @@ impl Trainer {
                     })
                     .unwrap_or_default();
                 let line = format!(
-                    "loss {:.4} lr {:.2e} tok/s {:.0} peak {:.0} MiB{device_peak}",
-                    m.loss, m.lr, m.tokens_per_s, m.peak_rss_mib
+                    "loss {:.4} lr {:.2e} tok/s {:.0} ({:.0} trained) peak {:.0} MiB{device_peak}",
+                    m.loss, m.lr, m.tokens_per_s, m.trained_tokens_per_s, m.peak_rss_mib
                 );
                 bar.set_message(line.clone());
                 if bar.is_hidden()
@@ -529,6 +552,7 @@ impl Trainer {
                     peak_device_mib: self.memory.peak_mib().map(|(peak, _)| peak),
                     seconds: t0.elapsed().as_secs_f64(),
                     tokens: self.state.tokens_seen - tokens_at_start,
+                    trained_tokens,
                 });
             }
         }
@@ -552,6 +576,7 @@ impl Trainer {
             peak_device_mib: self.memory.peak_mib().map(|(peak, _)| peak),
             seconds: t0.elapsed().as_secs_f64(),
             tokens: self.state.tokens_seen - tokens_at_start,
+            trained_tokens,
         })
     }
 }
@@ -566,7 +591,10 @@ pub struct RunSummary {
     /// Peak memory in use on the CUDA device (None on the CPU).
     pub peak_device_mib: Option<f64>,
     pub seconds: f64,
+    /// Input tokens of the steps run (padding excluded).
     pub tokens: u64,
+    /// Tokens the loss was taken on.
+    pub trained_tokens: u64,
 }
 
 /// Checkpoint directories of a run, oldest first.

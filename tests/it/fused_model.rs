@@ -2,8 +2,10 @@
 //! loops) against the same independent references as the composed model: transformers' and PEFT's
 //! logits (tests/fixtures/gen_phi3_goldens.py), the KV cache and packing against the plain forward,
 //! and its loss and LoRA gradients against the composed path's (which tests/it/train.rs checks
-//! against f64 finite differences). On a GPU the model takes this path ([`OpPath::for_device`]),
-//! with either attention.
+//! against f64 finite differences). The model takes this path in f32, bf16 and f16 on every device
+//! ([`OpPath::for_device`]; on the CPU the fused path also runs each NF4 linear with its adapter as
+//! one op and the head's cross-entropy in one pass), so the composition's own logits are checked
+//! here too.
 
 use crate::common::assert_grads_close;
 use crate::model::{
@@ -19,12 +21,12 @@ use qlora::train::loss_and_grads;
 pub const ATTENTIONS: [FusedAttention; 2] = [FusedAttention::Blocked, FusedAttention::Streaming];
 
 fn fused_with(mut m: Phi3, attention: FusedAttention) -> Phi3 {
-    assert_eq!(
-        m.ops,
-        OpPath::Composed,
-        "the CPU default is the composition"
-    );
     m.ops = OpPath::Fused(attention);
+    m
+}
+
+fn composed(mut m: Phi3) -> Phi3 {
+    m.ops = OpPath::Composed;
     m
 }
 
@@ -54,6 +56,16 @@ pub const LOGIT_CASES: [(&str, BaseFormat, &str, &str); 7] = [
 
 #[test]
 fn fused_ops_reproduce_transformers_and_peft_logits() {
+    assert_eq!(
+        load_f32("gqa", BaseFormat::Dense).ops,
+        OpPath::Fused(FusedAttention::Blocked),
+        "the f32 default, on the CPU too"
+    );
+    for (dir, base, ids_key, logits_key) in LOGIT_CASES {
+        let (ids, want) = golden(dir, "logits.safetensors", ids_key, logits_key);
+        let m = composed(load_f32(dir, base));
+        check(&m, &ids, &want, &format!("{dir} {ids_key} composed"));
+    }
     for attention in ATTENTIONS {
         for (dir, base, ids_key, logits_key) in LOGIT_CASES {
             let (ids, want) = golden(dir, "logits.safetensors", ids_key, logits_key);
@@ -83,16 +95,18 @@ fn fused_kv_cache_and_packing_equal_the_plain_forward() {
 #[test]
 fn fused_and_composed_loss_and_lora_gradients_agree() {
     // NF4 base, grouped-query heads, dropout, packed sequences, with and without checkpointing.
-    let mut composed = load_f32("gqa", BaseFormat::NF4);
-    attach::init_adapters(&mut composed, &lora(4, 0.1), 5).unwrap();
-    randomize_b(&composed, 20);
+    // The reference is the composition throughout: candle's primitive ops and autograd, the NF4
+    // linear and its adapter as separate ops, the head through autograd.
+    let mut reference = composed(load_f32("gqa", BaseFormat::NF4));
+    attach::init_adapters(&mut reference, &lora(4, 0.1), 5).unwrap();
+    randomize_b(&reference, 20);
     let b = packed_batch(&golden_ids(), &Device::Cpu);
     let ctx = ForwardCtx {
         dropout_seed: Some(77),
     };
-    let want = loss_and_grads(&composed, &b, &ctx, false).unwrap();
+    let want = loss_and_grads(&reference, &b, &ctx, false).unwrap();
     for attention in ATTENTIONS {
-        let fused = fused_with(composed.clone(), attention);
+        let fused = fused_with(reference.clone(), attention);
         for checkpointing in [false, true] {
             // The same formulas evaluated in f32 in another order: the loss (~20 nats) to a few
             // ulps, each gradient within 1e-4 of its largest entry (a wrong term is O(1) off).

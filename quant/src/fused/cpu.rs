@@ -1,9 +1,9 @@
-//! CPU implementations of the fused ops: the loops of `quant/kernels/fused.cu` in Rust (serial,
-//! f32 arithmetic, rounding to the element type where the kernels round). They exist so the ops'
-//! forward and backward formulas are tested against candle's autograd on any machine; the
-//! dispatching functions of [`super`] use the candle composition on the CPU instead. Dropout is the
-//! exception: its loop here is its CPU path (multithreaded), the mask being a contract that has no
-//! composition.
+//! CPU implementations of the fused ops: the loops of `quant/kernels/fused.cu` in Rust (f32
+//! arithmetic, rounding to the element type where the kernels round), rows in parallel on rayon
+//! (each row's arithmetic is serial, so the result does not depend on the thread count). They are
+//! tested against candle's autograd of the compositions they replace, and the model runs them on
+//! the CPU too (`OpPath::for_device`): one pass per op instead of one per candle primitive, on the
+//! same rayon pool as the matmuls.
 
 use super::ops::Dropout;
 use crate::cpu::DequantOut;
@@ -36,6 +36,30 @@ fn last_dim(l: &Layout) -> usize {
     l.shape().dims().last().copied().unwrap_or(1).max(1)
 }
 
+/// Elements per rayon task of the row loops: enough work to amortize a task, small enough to
+/// balance two to a few dozen threads.
+const TASK_ELEMS: usize = 16 * 1024;
+
+/// `out` (rows of `width`) filled by `f(row index, row)`, rows in parallel.
+fn par_rows<T: Send>(out: &mut [T], width: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let width = width.max(1);
+    let per = (TASK_ELEMS / width).max(1);
+    out.par_chunks_mut(per * width)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (i, row) in chunk.chunks_exact_mut(width).enumerate() {
+                f(c * per + i, row);
+            }
+        });
+}
+
+/// A `rows × width` output computed row by row in parallel.
+fn map_rows<T: WithDType>(rows: usize, width: usize, f: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+    let mut y = vec![T::zero(); rows * width];
+    par_rows(&mut y, width, f);
+    y
+}
+
 fn sum_sq<T: DequantOut>(row: &[T]) -> f32 {
     row.iter().map(|v| v.to_f32() * v.to_f32()).sum()
 }
@@ -45,13 +69,13 @@ pub(super) fn rms_norm_fwd(s: &CpuStorage, l: &Layout, w: &Tensor, eps: f32) -> 
     by_dtype!(s.dtype(), "rms_norm", T => {
         let x = data::<T>(s, l)?;
         with_host::<T, _>(w, |w| {
-            let mut y = Vec::with_capacity(x.len());
-            for row in x.chunks_exact(h) {
+            let y = map_rows(x.len() / h, h, |r, out: &mut [T]| {
+                let row = &x[r * h..(r + 1) * h];
                 let den = (sum_sq(row) / h as f32 + eps).sqrt();
-                y.extend(row.iter().zip(w).map(|(v, w)| {
-                    T::from_f32(round::<T>(v.to_f32() / den) * w.to_f32())
-                }));
-            }
+                for ((o, v), w) in out.iter_mut().zip(row).zip(w) {
+                    *o = T::from_f32(round::<T>(v.to_f32() / den) * w.to_f32());
+                }
+            });
             T::to_cpu_storage_owned(y)
         })
     })
@@ -69,17 +93,17 @@ pub(super) fn rms_norm_bwd(
     by_dtype!(s1.dtype(), "rms_norm backward", T => {
         let (x, dy) = (data::<T>(s1, l1)?, data::<T>(s2, l2)?);
         with_host::<T, _>(w, |w| {
-            let mut dx = Vec::with_capacity(x.len());
-            for (row, drow) in x.chunks_exact(h).zip(dy.chunks_exact(h)) {
+            let dx = map_rows(x.len() / h, h, |r, out: &mut [T]| {
+                let (row, drow) = (&x[r * h..(r + 1) * h], &dy[r * h..(r + 1) * h]);
                 let den = (sum_sq(row) / h as f32 + eps).sqrt();
                 let g = |i: usize| round::<T>(drow[i].to_f32() * w[i].to_f32());
                 let gn: f32 = (0..h).map(|i| g(i) * (row[i].to_f32() / den)).sum();
                 let mean_gn = gn / h as f32;
-                dx.extend((0..h).map(|i| {
+                for (i, o) in out.iter_mut().enumerate() {
                     let n = row[i].to_f32() / den;
-                    T::from_f32((g(i) - n * mean_gn) / den)
-                }));
-            }
+                    *o = T::from_f32((g(i) - n * mean_gn) / den);
+                }
+            });
             T::to_cpu_storage_owned(dx)
         })
     })
@@ -101,14 +125,15 @@ pub(super) fn rope(
         let x = data::<T>(s, l)?;
         with_host::<T, _>(cos, |cos| {
             with_host::<T, _>(sin, |sin| {
-                let mut y = Vec::with_capacity(x.len());
-                for (row, xr) in x.chunks_exact(d).enumerate() {
+                let y = map_rows(x.len() / d, d, |row, out: &mut [T]| {
+                    let xr = &x[row * d..(row + 1) * d];
                     let (t, b) = (row % t_len, row / t_len / heads);
                     let tab = b * table_stride + t * r;
                     let (c, s) = (&cos[tab..tab + r], &sin[tab..tab + r]);
-                    y.extend((0..d).map(|j| {
+                    for (j, o) in out.iter_mut().enumerate() {
                         if j >= r {
-                            return xr[j];
+                            *o = xr[j];
+                            continue;
                         }
                         let a = round::<T>(xr[j].to_f32() * c[j].to_f32());
                         let rot = if !backward {
@@ -119,9 +144,9 @@ pub(super) fn rope(
                             let p = round::<T>(xr[k].to_f32() * s[k].to_f32());
                             if j < half { p } else { -p }
                         };
-                        T::from_f32(a + rot)
-                    }));
-                }
+                        *o = T::from_f32(a + rot);
+                    }
+                });
                 T::to_cpu_storage_owned(y)
             })
         })?
@@ -137,14 +162,13 @@ pub(super) fn swiglu_fwd(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
     let inter = last_dim(l) / 2;
     by_dtype!(s.dtype(), "swiglu", T => {
         let gu = data::<T>(s, l)?;
-        let mut y = Vec::with_capacity(gu.len() / 2);
-        for row in gu.chunks_exact(2 * inter) {
-            let (gate, up) = row.split_at(inter);
-            y.extend(gate.iter().zip(up).map(|(g, u)| {
+        let y = map_rows(gu.len() / (2 * inter).max(1), inter, |r, out: &mut [T]| {
+            let (gate, up) = gu[2 * r * inter..2 * (r + 1) * inter].split_at(inter);
+            for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
                 let g = g.to_f32();
-                T::from_f32(u.to_f32() * round::<T>(g / (1.0 + (-g).exp())))
-            }));
-        }
+                *o = T::from_f32(u.to_f32() * round::<T>(g / (1.0 + (-g).exp())));
+            }
+        });
         Ok(T::to_cpu_storage_owned(y))
     })
 }
@@ -158,13 +182,9 @@ pub(super) fn swiglu_bwd(
     let inter = last_dim(l1) / 2;
     by_dtype!(s1.dtype(), "swiglu backward", T => {
         let (gu, dy) = (data::<T>(s1, l1)?, data::<T>(s2, l2)?);
-        let mut dgu = vec![T::default(); gu.len()];
-        for ((row, drow), out) in gu
-            .chunks_exact(2 * inter)
-            .zip(dy.chunks_exact(inter))
-            .zip(dgu.chunks_exact_mut(2 * inter))
-        {
-            let (gate, up) = row.split_at(inter);
+        let dgu = map_rows(gu.len() / (2 * inter).max(1), 2 * inter, |r, out: &mut [T]| {
+            let (gate, up) = gu[2 * r * inter..2 * (r + 1) * inter].split_at(inter);
+            let drow = &dy[r * inter..(r + 1) * inter];
             let (d_gate, d_up) = out.split_at_mut(inter);
             for i in 0..inter {
                 let (g, u, grad) = (gate[i].to_f32(), up[i].to_f32(), drow[i].to_f32());
@@ -174,7 +194,7 @@ pub(super) fn swiglu_bwd(
                 d_up[i] = T::from_f32(grad * silu);
                 d_gate[i] = T::from_f32(dsilu * (s * (1.0 + g * (1.0 - s))));
             }
-        }
+        });
         Ok(T::to_cpu_storage_owned(dgu))
     })
 }
@@ -245,12 +265,13 @@ pub(super) fn softmax_fwd(
     by_dtype!(s.dtype(), "softmax", T => {
         let x = data::<T>(s, l)?;
         with_mask::<T, _>(mask, |mask| {
-            let mut y = Vec::with_capacity(x.len());
-            for row in 0..x.len() / g.len {
+            let y = map_rows(x.len() / g.len, g.len, |row, out: &mut [T]| {
                 let v = softmax_inputs(x, mask, g, row);
                 let (m, sum) = max_sum_f32(&v);
-                y.extend(v.iter().map(|v| T::from_f32((v - m).exp() / sum)));
-            }
+                for (o, v) in out.iter_mut().zip(&v) {
+                    *o = T::from_f32((v - m).exp() / sum);
+                }
+            });
             T::to_cpu_storage_owned(y)
         })
     })
@@ -267,16 +288,16 @@ pub(super) fn softmax_bwd(
     by_dtype!(s1.dtype(), "softmax backward", T => {
         let (x, dy) = (data::<T>(s1, l1)?, data::<T>(s2, l2)?);
         with_mask::<T, _>(mask, |mask| {
-            let mut dx = Vec::with_capacity(x.len());
-            for (row, drow) in dy.chunks_exact(g.len).enumerate() {
+            let dx = map_rows(dy.len() / g.len, g.len, |row, out: &mut [T]| {
+                let drow = &dy[row * g.len..(row + 1) * g.len];
                 let v = softmax_inputs(x, mask, g, row);
                 let (m, sum) = max_sum_f32(&v);
                 let p: Vec<f32> = v.iter().map(|v| (v - m).exp() / sum).collect();
                 let dot: f32 = p.iter().zip(drow).map(|(p, d)| d.to_f32() * p).sum();
-                dx.extend(p.iter().zip(drow).map(|(p, d)| {
-                    T::from_f32(round::<T>(p * (d.to_f32() - dot)) * g.scale)
-                }));
-            }
+                for ((o, p), d) in out.iter_mut().zip(&p).zip(drow) {
+                    *o = T::from_f32(round::<T>(p * (d.to_f32() - dot)) * g.scale);
+                }
+            });
             T::to_cpu_storage_owned(dx)
         })
     })
@@ -288,8 +309,8 @@ pub(super) fn xent_fwd(s: &CpuStorage, l: &Layout, targets: &Tensor) -> Result<C
         let x = data::<T>(s, l)?;
         with_host::<u32, _>(targets, |targets| {
             let loss: Vec<f32> = x
-                .chunks_exact(vocab)
-                .zip(targets)
+                .par_chunks_exact(vocab)
+                .zip(targets.par_iter())
                 .map(|(row, &t)| {
                     let (m, sum) = max_sum(row);
                     match row.get(t as usize) {
@@ -315,15 +336,15 @@ pub(super) fn xent_bwd(
     by_dtype!(s1.dtype(), "cross_entropy backward", T => {
         let x = data::<T>(s1, l1)?;
         with_host::<u32, _>(targets, |targets| {
-            let mut dx = Vec::with_capacity(x.len());
-            for ((row, &t), &gr) in x.chunks_exact(vocab).zip(targets).zip(g) {
+            let dx = map_rows(x.len() / vocab, vocab, |r, out: &mut [T]| {
+                let (row, t, gr) = (&x[r * vocab..(r + 1) * vocab], targets[r] as usize, g[r]);
                 let (m, sum) = max_sum(row);
-                dx.extend(row.iter().enumerate().map(|(i, v)| {
+                for (i, (o, v)) in out.iter_mut().zip(row).enumerate() {
                     let p = (v.to_f32() - m).exp() / sum;
-                    let onehot = if i == t as usize { 1.0 } else { 0.0 };
-                    T::from_f32(gr * (p - onehot))
-                }));
-            }
+                    let onehot = if i == t { 1.0 } else { 0.0 };
+                    *o = T::from_f32(gr * (p - onehot));
+                }
+            });
             T::to_cpu_storage_owned(dx)
         })
     })
@@ -347,7 +368,11 @@ pub(super) fn dropout_keeps(op: Dropout, i: u64) -> bool {
 /// Elements per rayon task of the dropout loop.
 const DROPOUT_CHUNK: usize = 1 << 16;
 
-fn dropout_slice<T: WithDType>(x: &[T], op: Dropout, kept: impl Fn(T) -> T + Sync) -> Vec<T> {
+pub(super) fn dropout_slice<T: WithDType>(
+    x: &[T],
+    op: Dropout,
+    kept: impl Fn(T) -> T + Sync,
+) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(DROPOUT_CHUNK)
         .zip(x.par_chunks(DROPOUT_CHUNK))

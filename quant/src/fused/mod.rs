@@ -55,12 +55,16 @@ mod attention;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod head;
+mod lora;
 mod ops;
 
 pub use attention::{
     Blocking, CHUNK_BYTES, MAX_HEAD_DIM, attention_blocked, attention_fused, attention_ref,
 };
 use candle_core::{D, DType, Result, Tensor, bail};
+pub use head::head_cross_entropy_cpu;
+pub use lora::lora_nf4_linear;
 
 fn check_float(what: &str, x: &Tensor) -> Result<()> {
     if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {

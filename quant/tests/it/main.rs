@@ -2,6 +2,7 @@
 //! the statistical error band, the candle ops against dense references, and the per-device cases
 //! (CPU always, CUDA when built with `--features cuda` and a GPU is present).
 
+mod cpu_fast;
 mod devices;
 mod dropout;
 mod fused;

@@ -1,0 +1,296 @@
+//! The QLoRA linear as one CPU op: `y = x · dequant(W)ᵀ + s · (drop(x) · Aᵀ) · Bᵀ` for `x: [.., in]`,
+//! an NF4 `W: [out, in]`, the adapter `A: [r, in]`, `B: [out, r]` and scale `s`, differentiable in
+//! `x`, `A` and `B`. The composition (`nf4_linear`, two matmuls, a scale and an add, plus candle's
+//! gradient bookkeeping for each) makes five activation-sized passes and allocations per linear and
+//! as many again in the backward; here the adapter's product is accumulated into the base's output
+//! by gemm (`read_dst`), and the backward accumulates `dx` the same way:
+//!
+//! ```text
+//! h  = drop(x) · Aᵀ                 [m, r]
+//! y  = x · Wᵀ  (+)=  s · h · Bᵀ     [m, out]   (W dequantized tile by tile, as nf4_linear)
+//! g  = s · dy · B                   [m, r]
+//! dx = dy · W  (+)=  drop'(g · A)   [m, in]    (drop' replays the same mask and 1/keep)
+//! dA = gᵀ · drop(x)                 [r, in]
+//! dB = s · dyᵀ · h                  [out, r]
+//! ```
+//!
+//! f32 on the CPU only (the model's CPU path); tests compare it with the composition, forward and
+//! gradients, with and without dropout.
+
+use super::cpu::{data, dropout_slice};
+use super::ops::Dropout;
+use crate::Nf4Tensor;
+use crate::op::{to_candle, x_w, x_wt};
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, bail,
+};
+
+/// The f32 host data of an op's tensor.
+fn host<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(s) => data::<f32>(s, l),
+        _ => bail!("lora_nf4_linear: a tensor is not on the CPU"),
+    }
+}
+
+/// `x · dequant(W)ᵀ + scale · drop(x) · Aᵀ · Bᵀ` with dropout probability `p` and mask seed `seed`
+/// (the mask of [`super::dropout`]), as one op. `x` f32 on the CPU, `in` even.
+pub fn lora_nf4_linear(
+    x: &Tensor,
+    w: &Nf4Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f32,
+    dropout: Option<(f32, u64)>,
+) -> Result<Tensor> {
+    let (out, inp) = w.dims2().map_err(to_candle)?;
+    let (r, a_in) = a.dims2()?;
+    let (b_out, b_r) = b.dims2()?;
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        bail!("lora_nf4_linear: x must be f32 on the CPU");
+    }
+    if a_in != inp || b_out != out || b_r != r || x.dims().last() != Some(&inp) || inp % 2 == 1 {
+        bail!(
+            "lora_nf4_linear: x {:?}, W [{out}, {inp}], A {:?}, B {:?} do not fit (in even)",
+            x.dims(),
+            a.dims(),
+            b.dims()
+        );
+    }
+    let dropout = match dropout {
+        Some((p, seed)) if p > 0.0 => Some(Dropout::new(p, seed)?),
+        _ => None,
+    };
+    x.contiguous()?.apply_op3(
+        &a.to_dtype(DType::F32)?.contiguous()?,
+        &b.to_dtype(DType::F32)?.contiguous()?,
+        LoraNf4 {
+            w: w.clone(),
+            scale,
+            dropout,
+        },
+    )
+}
+
+#[derive(Debug, Clone)]
+struct LoraNf4 {
+    w: Nf4Tensor,
+    scale: f32,
+    dropout: Option<Dropout>,
+}
+
+/// A strided f32 matrix for gemm: element `(i, j)` at `p + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct Mat {
+    p: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+/// Row-major `[rows, cols]` (`t`: its transpose, `[cols, rows]`).
+fn rm(v: &[f32], cols: usize, t: bool) -> Mat {
+    let (rs, cs) = if t {
+        (1, cols as isize)
+    } else {
+        (cols as isize, 1)
+    };
+    Mat {
+        p: v.as_ptr(),
+        rs,
+        cs,
+    }
+}
+
+/// `dst[m, n] = (dst if acc) + beta · lhs[m, k] · rhs[k, n]`, dst row-major; parallel on rayon
+/// when there is enough work.
+fn mm((m, n, k): (usize, usize, usize), dst: &mut [f32], acc: bool, lhs: Mat, rhs: Mat, beta: f32) {
+    assert!(dst.len() >= m * n, "gemm destination too small");
+    let par = if m * n * k >= 1 << 20 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: dst holds m × n (row stride n); lhs and rhs point into slices that hold their full
+    // matrices with the strides given (built by `rm` from slices of the right sizes by callers).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            lhs.p,
+            lhs.cs,
+            lhs.rs,
+            rhs.p,
+            rhs.cs,
+            rhs.rs,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+impl LoraNf4 {
+    /// `drop(x)`: `x` itself without dropout.
+    fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        match self.dropout {
+            Some(op) => dropout_slice(x, op, |v| v * op.scale).into(),
+            None => x.into(),
+        }
+    }
+
+    fn dims(&self) -> Result<(usize, usize)> {
+        self.w.dims2().map_err(to_candle)
+    }
+}
+
+impl CustomOp3 for LoraNf4 {
+    fn name(&self) -> &'static str {
+        "qlora-lora-nf4-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (out, inp) = self.dims()?;
+        let (x, a, b) = (
+            data::<f32>(s1, l1)?,
+            data::<f32>(s2, l2)?,
+            data::<f32>(s3, l3)?,
+        );
+        let r = a.len() / inp;
+        let m = x.len() / inp;
+        let mut y = self
+            .w
+            .with_cpu(|view| x_wt(&view, x, m, out, inp))
+            .map_err(to_candle)?;
+        let xd = self.dropped(x);
+        let mut h = vec![0f32; m * r];
+        mm(
+            (m, r, inp),
+            &mut h,
+            false,
+            rm(&xd, inp, false),
+            rm(a, inp, true),
+            1.0,
+        );
+        mm(
+            (m, out, r),
+            &mut y,
+            true,
+            rm(&h, r, false),
+            rm(b, r, true),
+            self.scale,
+        );
+        let mut dims = l1.shape().dims().to_vec();
+        *dims.last_mut().expect("x has a last dim") = out;
+        Ok((CpuStorage::F32(y), Shape::from_dims(&dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out, inp) = self.dims()?;
+        let r = a.dim(0)?;
+        let m = x.elem_count() / inp;
+        let dy = dy.contiguous()?;
+        let (xg, xl) = x.storage_and_layout();
+        let (ag, al) = a.storage_and_layout();
+        let (bg, bl) = b.storage_and_layout();
+        let (dg, dl) = dy.storage_and_layout();
+        let (x, a, b, dy) = (
+            host(&xg, xl)?,
+            host(&ag, al)?,
+            host(&bg, bl)?,
+            host(&dg, dl)?,
+        );
+        let xd = self.dropped(x);
+        let mut g = vec![0f32; m * r];
+        mm(
+            (m, r, out),
+            &mut g,
+            false,
+            rm(dy, out, false),
+            rm(b, r, false),
+            self.scale,
+        );
+        let mut dx = self
+            .w
+            .with_cpu(|view| x_w(&view, dy, m, out, inp))
+            .map_err(to_candle)?;
+        match self.dropout {
+            None => mm(
+                (m, inp, r),
+                &mut dx,
+                true,
+                rm(&g, r, false),
+                rm(a, inp, false),
+                1.0,
+            ),
+            Some(op) => {
+                let mut gd = vec![0f32; m * inp];
+                mm(
+                    (m, inp, r),
+                    &mut gd,
+                    false,
+                    rm(&g, r, false),
+                    rm(a, inp, false),
+                    1.0,
+                );
+                let gd = dropout_slice(&gd, op, |v| v * op.scale);
+                dx.iter_mut().zip(&gd).for_each(|(d, v)| *d += v);
+            }
+        }
+        let mut da = vec![0f32; r * inp];
+        mm(
+            (r, inp, m),
+            &mut da,
+            false,
+            rm(&g, r, true),
+            rm(&xd, inp, false),
+            1.0,
+        );
+        let mut h = vec![0f32; m * r];
+        mm(
+            (m, r, inp),
+            &mut h,
+            false,
+            rm(&xd, inp, false),
+            rm(a, inp, true),
+            1.0,
+        );
+        let mut db = vec![0f32; out * r];
+        mm(
+            (out, r, m),
+            &mut db,
+            false,
+            rm(dy, out, true),
+            rm(&h, r, false),
+            self.scale,
+        );
+        let dev = Device::Cpu;
+        Ok((
+            Some(Tensor::from_vec(dx, xl.shape(), &dev)?),
+            Some(Tensor::from_vec(da, (r, inp), &dev)?),
+            Some(Tensor::from_vec(db, (out, r), &dev)?),
+        ))
+    }
+}

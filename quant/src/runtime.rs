@@ -1,0 +1,39 @@
+//! The CPU runtime of a training process: one thread pool, no spinning, no page churn.
+//!
+//! Every parallel CPU op of a step runs on rayon's global pool: gemm (candle's matmul asks it for
+//! `Parallelism::Rayon`), the NF4 linear's tiles, the fused ops' rows and the LoRA products
+//! ([`crate::fused`], [`crate::op`]). candle 0.11 also keeps a second pool of its own for its
+//! elementwise ops (its "barrier pool", `CANDLE_NUM_THREADS − 1` threads), whose idle workers spin
+//! ~25 000 pause instructions (about a millisecond) after every op before parking: on a 2-core
+//! machine that spinning took a core from the matmuls (10 % of a training step's cycles in
+//! `perf`). [`init`] sets `CANDLE_NUM_THREADS=1` unless the user set it, so that pool has no
+//! threads and candle's remaining elementwise ops (residual adds, gradient accumulation) run on
+//! the calling thread, between the parallel ops rather than against them.
+//!
+//! It also keeps freed heap memory for reuse (glibc: no trimming below 1 GiB, and allocations
+//! below 32 MiB from the heap rather than fresh `mmap`s), so a step's activation-sized buffers
+//! stop being faulted in and zeroed by the kernel page by page, step after step.
+
+/// Configures the process for CPU training; call it first thing in `main`.
+///
+/// # Safety
+/// No other thread may be running (it sets an environment variable, which is unsound while
+/// another thread reads the environment).
+pub unsafe fn init() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: the caller guarantees this thread is the only one.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; no allocation is in flight on another thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+/// Threads of the pool every CPU op runs on (rayon's global pool: `RAYON_NUM_THREADS`, else one
+/// per logical CPU).
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
