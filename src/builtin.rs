@@ -37,16 +37,20 @@ const TOKENIZER_FILES: [(&str, &[u8]); 4] = [
     ),
 ];
 
-/// Writes the model into `dest` unless it is already there (it is the same every time).
-pub fn materialize(dest: &Path) -> Result<()> {
-    if dest.join("model.safetensors").exists() {
-        return Ok(());
-    }
-    let out = AtomicDir::create(dest)?;
+/// Writes a Phi-3 `config.json` (the given shape, 4k context, bf16, MHA: as many kv heads as
+/// heads), `generation_config.json` and the Phi-3 tokenizer files into `dir`: everything of a
+/// checkpoint directory but its weights. The built-in model and `examples/phi3_mini_random.rs` use it.
+pub fn write_checkpoint_files(
+    dir: &Path,
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    intermediate: usize,
+) -> Result<()> {
     let config = serde_json::json!({
         "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": VOCAB,
-        "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS, "num_key_value_heads": HEADS, "hidden_act": "silu",
+        "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": heads, "hidden_act": "silu",
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": null,
         "max_position_embeddings": 4096, "original_max_position_embeddings": 4096,
         "sliding_window": 2047, "tie_word_embeddings": false, "attention_dropout": 0.0,
@@ -54,18 +58,28 @@ pub fn materialize(dest: &Path) -> Result<()> {
         "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000, "torch_dtype": "bfloat16",
         "transformers_version": "4.40.0"
     });
-    std::fs::write(
-        out.path().join("config.json"),
-        serde_json::to_vec_pretty(&config)?,
-    )?;
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
     let generation = serde_json::json!({"bos_token_id": 1, "eos_token_id": [32000, 32001, 32007], "pad_token_id": 32000});
     std::fs::write(
-        out.path().join("generation_config.json"),
+        dir.join("generation_config.json"),
         serde_json::to_vec_pretty(&generation)?,
     )?;
     for (name, bytes) in TOKENIZER_FILES {
-        std::fs::write(out.path().join(name), bytes)?;
+        std::fs::write(dir.join(name), bytes)?;
     }
+    Ok(())
+}
+
+/// The vocabulary size of the Phi-3 tokenizer the repository ships.
+pub const PHI3_VOCAB: usize = VOCAB;
+
+/// Writes the model into `dest` unless it is already there (it is the same every time).
+pub fn materialize(dest: &Path) -> Result<()> {
+    if dest.join("model.safetensors").exists() {
+        return Ok(());
+    }
+    let out = AtomicDir::create(dest)?;
+    write_checkpoint_files(out.path(), HIDDEN, LAYERS, HEADS, INTERMEDIATE)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(SEED);
     // Uniform with the given standard deviation; bf16 like the real checkpoints. The head is larger
     // than the 0.02 of the linears so that the frozen head can express confident predictions.

@@ -1,8 +1,16 @@
 //! Hugging Face checkpoint directories: `config.json` plus `model.safetensors`, or shards listed in
 //! `model.safetensors.index.json`. Shards are memory-mapped; every error names the file.
+//!
+//! Streaming: a reader that has consumed a tensor (copied, converted or quantized it) calls
+//! [`Checkpoint::release`] with its bytes, which drops this process's mapped pages of that range
+//! (`madvise(MADV_DONTNEED)`). Without it every page read stays resident in the process until the
+//! shard is unmapped, and a pass over a 7.6 GB checkpoint ends holding 7.6 GB of file pages in its
+//! RSS. The pages stay in the page cache (reclaimable, not counted in RSS); reading the range again
+//! faults them back in with the same contents, since the mapping is read-only and shared.
 
 use anyhow::{Context, Result, bail};
 use memmap2::Mmap;
+use qlora_quant::bnb;
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -36,6 +44,13 @@ impl Shard {
     pub fn tensors(&self) -> Result<SafeTensors<'_>> {
         SafeTensors::deserialize(&self.mmap)
             .with_context(|| format!("{}: not a valid safetensors file", self.file))
+    }
+
+    /// The byte range of `bytes` inside this shard's mapping, if it lies there.
+    fn range_of(&self, bytes: &[u8]) -> Option<(usize, usize)> {
+        let base = self.mmap.as_ptr() as usize;
+        let start = (bytes.as_ptr() as usize).checked_sub(base)?;
+        (start + bytes.len() <= self.mmap.len()).then_some((start, bytes.len()))
     }
 }
 
@@ -111,6 +126,50 @@ impl Checkpoint {
         })
     }
 
+    /// Drops this process's resident pages of `bytes`, a slice of one of the shards (a tensor's
+    /// `data()`), rounded out to whole pages; a slice from elsewhere is ignored. The caller must
+    /// have finished with the values (it holds its own copy); reading the range again still works.
+    pub fn release(&self, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        for shard in &self.shards {
+            if let Some((offset, len)) = shard.range_of(bytes) {
+                #[cfg(unix)]
+                // SAFETY: the mapping is read-only and shared (never written through), so
+                // MADV_DONTNEED only drops our page-table entries: a later access refaults the same
+                // file contents, and no live reference can observe a change.
+                unsafe {
+                    shard.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        offset,
+                        len,
+                    )
+                }
+                .with_context(|| format!("{}: releasing mapped pages", shard.file))?;
+                #[cfg(not(unix))]
+                let _ = (offset, len);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Checkpoint::release`] for the tensor `name` and its 4-bit state companions (`name.absmax`,
+    /// `name.quant_state.…`, see [`bnb::STATE_SUFFIXES`]), those that `lookup` finds.
+    pub fn release_named<'a>(
+        &'a self,
+        name: &str,
+        lookup: impl Fn(&str) -> Option<safetensors::tensor::TensorView<'a>>,
+    ) -> Result<()> {
+        let companions = bnb::STATE_SUFFIXES.iter().map(|s| format!("{name}{s}"));
+        for n in std::iter::once(name.to_string()).chain(companions) {
+            if let Some(v) = lookup(&n) {
+                self.release(v.data())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Headers of every shard, in shard order.
     pub fn tensors(&self) -> Result<Vec<SafeTensors<'_>>> {
         self.shards.iter().map(Shard::tensors).collect()
@@ -176,4 +235,41 @@ pub fn copy_other_files(ck: &Checkpoint, dest: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Releasing a tensor's pages drops them from this process only: reading the tensor again
+    /// gives the same bytes, and a slice that is not in a shard is ignored.
+    #[test]
+    fn released_tensors_read_back_identically() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CONFIG_FILE), "{}").unwrap();
+        let big: Vec<u8> = (0..3 * 4096 + 123).map(|i| (i * 7 % 251) as u8).collect();
+        let small = vec![9u8; 10];
+        let tensors = [
+            (
+                "big",
+                safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![big.len()], &big)
+                    .unwrap(),
+            ),
+            (
+                "small",
+                safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![10], &small)
+                    .unwrap(),
+            ),
+        ];
+        safetensors::serialize_to_file(tensors, None, &dir.path().join(SINGLE_FILE)).unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let st = &ck.tensors().unwrap()[0];
+        for (name, want) in [("big", &big), ("small", &small)] {
+            let view = st.tensor(name).unwrap();
+            assert_eq!(view.data(), want.as_slice());
+            ck.release(view.data()).unwrap();
+            assert_eq!(view.data(), want.as_slice(), "`{name}` after release");
+        }
+        ck.release(&big).unwrap(); // not a shard's bytes: nothing to do
+    }
 }

@@ -9,6 +9,7 @@
 //! - [`train`]: the loss and LoRA gradients (gradient checkpointing).
 //! - [`export`]: the adapter merged into its base (safetensors).
 //! - [`fsx`]: atomic writes (temp file or dir, then rename).
+//! - [`spill`]: writing a safetensors shard tensor by tensor when sizes are known only once encoded.
 //! - [`config`], [`hub`], [`builtin`], [`plot`]: `qlora train`'s settings, model resolution, the
 //!   built-in tiny model and the loss plot.
 //! - [`device`]: `--device` / `--dtype` resolution (CPU or CUDA) and peak device memory.
@@ -27,4 +28,5 @@ pub mod lora;
 pub mod model;
 pub mod plot;
 pub mod quantize;
+pub mod spill;
 pub mod train;

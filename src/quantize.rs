@@ -3,16 +3,22 @@
 //! embeddings, `lm_head` and norms are copied untouched; shards, tokenizer and other files are
 //! carried over; config.json gains `quantization_config`. The output directory appears only when
 //! complete (built under a temporary name, then renamed).
+//!
+//! Streaming: each linear is read, quantized, spilled to disk ([`crate::spill`]) and its mapped
+//! pages released before the next; each shard is then written reading one tensor at a time back
+//! (copied tensors straight from the input). Memory holds one tensor, not a shard.
 
 use crate::checkpoint::{self, CONFIG_FILE, Checkpoint, INDEX_FILE, ShardIndex};
 use crate::fsx::{AtomicDir, write_atomic};
 use crate::model::{Phi3Config, names};
+use crate::spill::{Spill, Spilled, SpilledView};
 use anyhow::{Context, Result, bail};
 use indicatif::ProgressBar;
-use qlora_quant::bnb::{self, QuantStorage, QuantizationConfig, RawTensor};
+use qlora_quant::bnb::{self, QuantStorage, QuantizationConfig};
 use qlora_quant::{Blocksize, QuantType, Quantized};
 use safetensors::tensor::TensorView;
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -36,35 +42,46 @@ pub struct QuantizeReport {
     pub linear_bytes_out: usize,
 }
 
-/// A tensor of an output shard: copied from the input or newly built.
+/// A tensor of an output shard: copied from the input or built (quantized) and spilled.
 enum OutTensor<'a> {
-    Copied(TensorView<'a>),
-    Built(RawTensor),
+    /// Copied out of the input mapping when written, then its pages released.
+    Copied {
+        view: TensorView<'a>,
+        ck: &'a Checkpoint,
+        error: &'a RefCell<Option<anyhow::Error>>,
+    },
+    Built(SpilledView<'a>),
 }
 
 impl safetensors::View for OutTensor<'_> {
     fn dtype(&self) -> safetensors::Dtype {
         match self {
-            Self::Copied(v) => v.dtype(),
-            Self::Built(r) => r.dtype,
+            Self::Copied { view, .. } => view.dtype(),
+            Self::Built(t) => t.dtype(),
         }
     }
     fn shape(&self) -> &[usize] {
         match self {
-            Self::Copied(v) => v.shape(),
-            Self::Built(r) => &r.shape,
+            Self::Copied { view, .. } => view.shape(),
+            Self::Built(t) => t.shape(),
         }
     }
     fn data(&self) -> Cow<'_, [u8]> {
         match self {
-            Self::Copied(v) => Cow::Borrowed(v.data()),
-            Self::Built(r) => Cow::Borrowed(&r.data),
+            Self::Copied { view, ck, error } => {
+                let bytes = view.data().to_vec();
+                if let Err(e) = ck.release(view.data()) {
+                    error.borrow_mut().get_or_insert(e);
+                }
+                Cow::Owned(bytes)
+            }
+            Self::Built(t) => t.data(),
         }
     }
     fn data_len(&self) -> usize {
         match self {
-            Self::Copied(v) => v.data().len(),
-            Self::Built(r) => r.data.len(),
+            Self::Copied { view, .. } => view.data().len(),
+            Self::Built(t) => t.data_len(),
         }
     }
 }
@@ -131,8 +148,12 @@ pub fn quantize_checkpoint(
     };
     let mut weight_map = BTreeMap::new();
     let mut total_size = 0usize;
+    let error = RefCell::new(None);
     for (shard, st) in ck.shards.iter().zip(&headers) {
-        let mut tensors: Vec<(String, OutTensor<'_>)> = Vec::new();
+        let mut spill = Spill::create(&out.path().join(format!(".{}.spill", shard.file)))?;
+        // First pass: quantize each linear, spill its tensors, release its input pages.
+        let mut built: Vec<(String, Spilled)> = Vec::new();
+        let mut copied: Vec<(String, TensorView<'_>)> = Vec::new();
         let mut names_sorted: Vec<String> = st.names().into_iter().map(str::to_string).collect();
         names_sorted.sort();
         for name in names_sorted {
@@ -140,6 +161,7 @@ pub fn quantize_checkpoint(
             if names::block_linear(&name).is_some() {
                 progress.set_message(name.clone());
                 let values = checkpoint::to_f32(&view, &name, &shard.file)?;
+                ck.release(view.data())?;
                 let dtype = checkpoint::float_dtype(view.dtype()).expect("checked above");
                 let q = Quantized::quantize(
                     &values,
@@ -150,17 +172,31 @@ pub fn quantize_checkpoint(
                     opts.double_quant,
                 )
                 .with_context(|| format!("{}: quantizing `{name}`", shard.file))?;
+                drop(values);
                 report.n_quantized += 1;
                 report.linear_bytes_in += view.data().len();
                 for (n, t) in bnb::to_tensors(&name, &q, QuantStorage::Uint8)? {
                     report.linear_bytes_out += t.data.len();
-                    tensors.push((n, OutTensor::Built(t)));
+                    built.push((n, spill.push(&t)?));
                 }
                 progress.inc(1);
             } else {
                 report.n_copied += 1;
-                tensors.push((name, OutTensor::Copied(view)));
+                copied.push((name, view));
             }
+        }
+        // Second pass: the shard, each tensor read back (or copied) when the writer reaches it.
+        let mut tensors: Vec<(String, OutTensor<'_>)> = Vec::new();
+        for (n, view) in copied {
+            let t = OutTensor::Copied {
+                view,
+                ck: &ck,
+                error: &error,
+            };
+            tensors.push((n, t));
+        }
+        for (n, s) in built {
+            tensors.push((n, OutTensor::Built(spill.view(s, &error))));
         }
         for (n, t) in &tensors {
             weight_map.insert(n.clone(), shard.file.clone());
@@ -173,6 +209,9 @@ pub fn quantize_checkpoint(
         let path = out.path().join(&shard.file);
         safetensors::serialize_to_file(tensors, metadata, &path)
             .with_context(|| format!("writing {}", path.display()))?;
+        if let Some(e) = error.borrow_mut().take() {
+            return Err(e.context(format!("writing {}", path.display())));
+        }
     }
 
     if ck.index.is_some() {

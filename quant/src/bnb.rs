@@ -261,16 +261,12 @@ pub fn to_tensors(
     Ok(out)
 }
 
-/// Reads the quantized weight `weight_name`; `get` finds a tensor by name in the checkpoint
-/// (any shard). Errors name the tensor and say what is wrong.
-pub fn from_tensors<'a>(
+/// The quant state of the weight `weight_name` (its JSON tensor only, not the packed bytes): enough
+/// for the weight's shape and dtype without reading its data. Returns the state tensor's name too.
+pub fn quant_state<'a>(
     weight_name: &str,
     get: impl Fn(&str) -> Option<TensorView<'a>>,
-) -> Result<Quantized> {
-    let need = |suffix: &str| {
-        let name = format!("{weight_name}{suffix}");
-        get(&name).ok_or_else(|| bnb_err(&name, "missing from the checkpoint".into()))
-    };
+) -> Result<(String, PackedQuantState)> {
     let (state_name, state_view) = ["nf4", "fp4"]
         .iter()
         .find_map(|t| {
@@ -285,6 +281,20 @@ pub fn from_tensors<'a>(
         })?;
     let state: PackedQuantState = serde_json::from_slice(state_view.data())
         .map_err(|e| bnb_err(&state_name, format!("invalid quant state JSON: {e}")))?;
+    Ok((state_name, state))
+}
+
+/// Reads the quantized weight `weight_name`; `get` finds a tensor by name in the checkpoint
+/// (any shard). Errors name the tensor and say what is wrong.
+pub fn from_tensors<'a>(
+    weight_name: &str,
+    get: impl Fn(&str) -> Option<TensorView<'a>>,
+) -> Result<Quantized> {
+    let need = |suffix: &str| {
+        let name = format!("{weight_name}{suffix}");
+        get(&name).ok_or_else(|| bnb_err(&name, "missing from the checkpoint".into()))
+    };
+    let (state_name, state) = quant_state(weight_name, &get)?;
     let blocksize =
         Blocksize::new(state.blocksize).map_err(|e| bnb_err(&state_name, e.to_string()))?;
     let dtype = dtype_from_torch_name(&state.dtype)

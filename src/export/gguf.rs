@@ -259,3 +259,95 @@ pub fn encode(values: &[f32], shape: &[usize], ty: GgmlType) -> Result<Vec<u8>> 
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::{Cell, RefCell};
+    use std::rc::Rc;
+
+    /// A cursor that publishes its position, so a `produce` closure can see how far the file is.
+    struct Tracked {
+        inner: std::io::Cursor<Vec<u8>>,
+        pos: Rc<Cell<u64>>,
+    }
+    impl Write for Tracked {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let n = self.inner.write(b)?;
+            self.pos.set(self.inner.position());
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl Seek for Tracked {
+        fn seek(&mut self, p: std::io::SeekFrom) -> std::io::Result<u64> {
+            self.inner.seek(p)
+        }
+    }
+
+    /// Streaming: the header (offsets from shapes and types alone) is complete before the first
+    /// tensor is produced, and tensor k is produced only when tensors 0..k are on disk, exactly at
+    /// the offset the header declared for it; so the writer holds one tensor's bytes at a time.
+    #[test]
+    fn tensors_are_produced_one_at_a_time_where_the_header_says() {
+        let pos = Rc::new(Cell::new(0u64));
+        let produced_at: Rc<RefCell<Vec<(String, u64)>>> = Rc::default();
+        let mut w = GgufWriter::default();
+        w.kv("general.architecture", Value::Str("phi3".into()))
+            .unwrap();
+        let specs: [(&str, Vec<usize>, &str); 4] = [
+            ("a", vec![3, 32], "f32"),
+            ("b", vec![7], "f16"),
+            ("c", vec![2, 64], "q8_0"),
+            ("d", vec![5], "f32"),
+        ];
+        let mut want_bytes = Vec::new();
+        for (name, shape, ty) in specs {
+            let ty = GgmlType::parse(ty).unwrap();
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            want_bytes.push((name, encode(&values, &shape, ty).unwrap()));
+            let (pos, produced_at, shape2) = (pos.clone(), produced_at.clone(), shape.clone());
+            w.tensor(TensorSpec {
+                name: name.into(),
+                shape,
+                ty,
+                produce: Box::new(move || {
+                    produced_at.borrow_mut().push((name.into(), pos.get()));
+                    encode(&values, &shape2, ty)
+                }),
+            })
+            .unwrap();
+        }
+        let mut out = Tracked {
+            inner: std::io::Cursor::new(Vec::new()),
+            pos: pos.clone(),
+        };
+        w.write(&mut out).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.gguf");
+        std::fs::write(&path, out.inner.into_inner()).unwrap();
+
+        let file = gguf_rs::mmap::MmapGGUF::open(&path).unwrap();
+        let m = file.model();
+        let data = m.data_offset();
+        let produced_at = produced_at.borrow();
+        assert_eq!(produced_at.len(), 4, "each tensor produced once");
+        for ((name, at), (want_name, bytes)) in produced_at.iter().zip(&want_bytes) {
+            assert_eq!(name, want_name, "declaration order");
+            let t = m.tensors().iter().find(|t| &t.name == name).unwrap();
+            assert_eq!(
+                *at,
+                data + t.offset,
+                "`{name}` produced when the file reached its declared offset"
+            );
+            let start = (data + t.offset) as usize;
+            assert_eq!(
+                &file.as_slice()[start..start + bytes.len()],
+                bytes.as_slice()
+            );
+        }
+    }
+}

@@ -5,7 +5,7 @@
 //! α/√r survives (llama.cpp's own converter copies α verbatim and loses it).
 
 use super::gguf::{GgmlType, GgufWriter, TensorSpec, Value, encode};
-use super::{adapter_deltas, check_output};
+use super::{check_adapter, check_output};
 use crate::checkpoint::CONFIG_FILE;
 use crate::lora::peft::PeftAdapter;
 use crate::model::{Phi3Config, names};
@@ -27,7 +27,7 @@ pub fn export(
             .with_context(|| format!("{}: cannot read", cfg_path.display()))?,
     )?;
     let cfg = Phi3Config::from_value(&value, &cfg_path.display().to_string())?;
-    adapter_deltas(adapter, &cfg)?; // checks targets and shapes against the base
+    check_adapter(adapter, &cfg)?;
     let mut w = GgufWriter::default();
     w.kv("general.architecture", Value::Str("phi3".into()))?;
     w.kv("general.type", Value::Str("adapter".into()))?;
@@ -43,7 +43,7 @@ pub fn export(
             .with_context(|| format!("`{module}` has no GGUF name"))?;
         for (suffix, t) in [("lora_a", a), ("lora_b", b)] {
             let shape = t.dims().to_vec();
-            let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            let t = t.clone(); // shares the storage; flattened to f32 only when written
             let tensor_ty = if ty.block_elems() > 1 && shape[1] % ty.block_elems() != 0 {
                 GgmlType::parse("f32")?
             } else {
@@ -54,7 +54,10 @@ pub fn export(
                 name: format!("{gguf}.{suffix}"),
                 shape,
                 ty: tensor_ty,
-                produce: Box::new(move || encode(&values, &shape2, tensor_ty)),
+                produce: Box::new(move || {
+                    let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                    encode(&values, &shape2, tensor_ty)
+                }),
             })?;
         }
     }

@@ -25,12 +25,8 @@ pub fn export(
 ) -> Result<()> {
     let ty: FileType = ty.into();
     check_output(out, force)?;
-    let Source {
-        ck,
-        cfg,
-        is_bnb,
-        deltas,
-    } = Source::open(model_dir, adapter)?;
+    let src = Source::open(model_dir, adapter)?;
+    let (ck, cfg, is_bnb) = (&src.ck, &src.cfg, src.is_bnb);
     let rope = cfg.rope()?;
     let headers = ck.tensors()?;
     let lookup = |name: &str| headers.iter().find_map(|st| st.tensor(name).ok());
@@ -107,7 +103,7 @@ pub fn export(
         }
     }
 
-    write_tokenizer(&mut w, model_dir, &cfg)?;
+    write_tokenizer(&mut w, model_dir, cfg)?;
     w.kv("general.quantization_version", Value::U32(2))?;
 
     // Tensors in llama.cpp's order: embeddings, blocks, final norm, head.
@@ -135,34 +131,49 @@ pub fn export(
         );
     }
     let mut picker = TypePicker::new(ty, cfg.num_hidden_layers, has_output);
+    // Declared from shapes alone (a 4-bit weight's from its quant state); each tensor is read,
+    // merged and encoded only when the writer reaches it, and its mapped pages are dropped then.
     for hf in &hf_names {
         let gguf = names::gguf_name(hf).context("named in the table")?;
         let file = file_of(hf);
         let is_linear = names::block_linear(hf).is_some();
-        let q = if is_bnb && is_linear {
-            Some(bnb::from_tensors(hf, lookup).with_context(|| format!("{file}: `{hf}`"))?)
-        } else {
-            None
-        };
         let view = lookup(hf);
-        let shape = match (&q, &view) {
-            (Some(q), _) => q.shape.clone(),
-            (None, Some(v)) => v.shape().to_vec(),
-            (None, None) => bail!("{}: no tensor `{hf}`", model_dir.display()),
+        let shape = match &view {
+            Some(_) if is_bnb && is_linear => {
+                bnb::quant_state(hf, lookup)
+                    .with_context(|| format!("{file}: `{hf}`"))?
+                    .1
+                    .shape
+            }
+            Some(v) => v.shape().to_vec(),
+            None => bail!("{}: no tensor `{hf}`", model_dir.display()),
         };
         let tensor_ty = picker.pick(&gguf, &shape);
-        let delta = deltas.get(hf.trim_end_matches(".weight")).cloned();
         let (hf, shape2) = (hf.clone(), shape.clone());
-        let view = view.expect("every tensor has a view (bnb weights too)");
+        let view = view.expect("checked above (bnb weights have a view too)");
+        let src = &src;
         w.tensor(TensorSpec {
             name: gguf,
             shape,
             ty: tensor_ty,
             produce: Box::new(move || {
                 let values = if is_linear {
-                    merged_linear(&hf, &view, &file, q, base, delta.as_ref())?
+                    let q = if is_bnb {
+                        Some(
+                            bnb::from_tensors(&hf, lookup)
+                                .with_context(|| format!("{file}: `{hf}`"))?,
+                        )
+                    } else {
+                        None
+                    };
+                    let delta = src.delta(&hf)?;
+                    let values = merged_linear(&hf, &view, &file, q, base, delta.as_ref())?;
+                    src.ck.release_named(&hf, lookup)?;
+                    values
                 } else {
-                    checkpoint::to_f32(&view, &hf, &file)?
+                    let values = checkpoint::to_f32(&view, &hf, &file)?;
+                    src.ck.release(view.data())?;
+                    values
                 };
                 encode(&values, &shape2, tensor_ty)
             }),

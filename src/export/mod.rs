@@ -19,7 +19,7 @@ use crate::checkpoint;
 use crate::lora::peft::PeftAdapter;
 use crate::model::{Phi3Config, names};
 use anyhow::{Context, Result, bail, ensure};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use qlora_quant::{Blocksize, QuantType, Quantized};
 
 /// Which base weights the adapter is merged into.
@@ -36,18 +36,19 @@ pub enum MergeBase {
 }
 
 /// What every export starts from: the base checkpoint, its config, whether it is bitsandbytes-4bit,
-/// and the adapter's `scale · B · A` per module (checked against the base).
+/// and the adapter (checked against the base). Nothing here holds tensor data: each module's
+/// `scale · B · A` is computed by [`Source::delta`] when its tensor is written, and dropped with it.
 #[derive(Debug)]
-pub struct Source {
+pub struct Source<'a> {
     pub ck: crate::checkpoint::Checkpoint,
     pub cfg: Phi3Config,
     pub is_bnb: bool,
-    pub deltas: std::collections::BTreeMap<String, Tensor>,
+    pub adapter: Option<&'a PeftAdapter>,
 }
 
-impl Source {
+impl<'a> Source<'a> {
     /// Opens `model_dir` and checks `adapter` against it.
-    pub fn open(model_dir: &std::path::Path, adapter: Option<&PeftAdapter>) -> Result<Self> {
+    pub fn open(model_dir: &std::path::Path, adapter: Option<&'a PeftAdapter>) -> Result<Self> {
         let ck = crate::checkpoint::Checkpoint::open(model_dir)?;
         let origin = model_dir
             .join(crate::checkpoint::CONFIG_FILE)
@@ -58,27 +59,30 @@ impl Source {
             serde_json::from_value::<qlora_quant::bnb::QuantizationConfig>(q.clone())
                 .is_ok_and(|q| q.is_bnb_4bit())
         });
-        let deltas = adapter
-            .map(|a| adapter_deltas(a, &cfg))
-            .transpose()?
-            .unwrap_or_default();
+        if let Some(a) = adapter {
+            check_adapter(a, &cfg)?;
+        }
         Ok(Self {
             ck,
             cfg,
             is_bnb,
-            deltas,
+            adapter,
         })
+    }
+
+    /// `scale · B · A` (f32 `[out, in]`) for the block linear `weight_name` (`….weight`), or `None`
+    /// when the adapter does not touch it (or there is no adapter).
+    pub fn delta(&self, weight_name: &str) -> Result<Option<Tensor>> {
+        self.adapter
+            .map(|a| adapter_delta(a, weight_name.trim_end_matches(".weight")))
+            .transpose()
+            .map(Option::flatten)
     }
 }
 
-/// Checks that `adapter` fits the model described by `cfg` (targets and shapes) and returns, per
-/// module path, `scale · B · A` as f32 `[out, in]`.
-pub fn adapter_deltas(
-    adapter: &PeftAdapter,
-    cfg: &Phi3Config,
-) -> Result<std::collections::BTreeMap<String, Tensor>> {
-    let mut out = std::collections::BTreeMap::new();
-    let scale = adapter.config.scale();
+/// Checks that `adapter` fits the model described by `cfg`: every module a Phi-3 block linear of
+/// an existing layer, A `[r, in]` and B `[out, r]` of that linear's shape.
+pub fn check_adapter(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<()> {
     for (module, (a, b)) in &adapter.weights {
         let (layer, target) = names::block_linear(&format!("{module}.weight"))
             .with_context(|| format!("adapter module `{module}` is not a Phi-3 block linear"))?;
@@ -94,9 +98,17 @@ pub fn adapter_deltas(
             a.dims(),
             b.dims()
         );
-        out.insert(module.clone(), (b.matmul(a)? * scale)?);
     }
-    Ok(out)
+    Ok(())
+}
+
+/// `scale · B · A` as f32 `[out, in]` for `module` (a Hugging Face module path), if the adapter has
+/// it. One module's delta is as large as its base weight: compute it when needed, drop it after.
+pub fn adapter_delta(adapter: &PeftAdapter, module: &str) -> Result<Option<Tensor>> {
+    let Some((a, b)) = adapter.weights.get(module) else {
+        return Ok(None);
+    };
+    Ok(Some((b.matmul(a)? * adapter.config.scale())?))
 }
 
 /// The merged f32 values of block linear `name` (`[out, in]` from the checkpoint `view`), with
@@ -132,8 +144,18 @@ pub fn merged_linear(
     match delta {
         None => Ok(w),
         Some(d) => {
-            let w = Tensor::from_vec(w, (shape[0], shape[1]), &Device::Cpu)?;
-            Ok((w + d)?.flatten_all()?.to_vec1()?)
+            ensure!(
+                d.dims() == shape.as_slice(),
+                "`{name}`: adapter delta {:?} does not fit the weight's {shape:?}",
+                d.dims()
+            );
+            // In place: the same f32 additions as `w + d`, without a third weight-sized buffer.
+            let d: Vec<f32> = d.flatten_all()?.to_vec1()?;
+            let mut w = w;
+            for (x, y) in w.iter_mut().zip(&d) {
+                *x += y;
+            }
+            Ok(w)
         }
     }
 }

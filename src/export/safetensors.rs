@@ -1,7 +1,8 @@
 //! The merged model as a Hugging Face checkpoint directory: config.json (without
 //! `quantization_config`, `torch_dtype` set), the same shards (and index) as the base, tokenizer and
-//! other files copied. Tensors are produced lazily while the file is written, so memory holds one
-//! tensor at a time, not the model.
+//! other files copied. Tensors are produced lazily while the file is written (the header needs only
+//! shapes and dtypes), each read, merged, encoded and its mapped pages released before the next, so
+//! memory holds one tensor at a time, not the model.
 
 use super::{MergeBase, Source, check_output, merged_linear};
 use crate::checkpoint::{self, CONFIG_FILE, INDEX_FILE, ShardIndex};
@@ -73,9 +74,8 @@ pub fn export(
     progress: &ProgressBar,
 ) -> Result<()> {
     check_output(out, force)?;
-    let Source {
-        ck, is_bnb, deltas, ..
-    } = Source::open(model_dir, adapter)?;
+    let src = Source::open(model_dir, adapter)?;
+    let (ck, is_bnb) = (&src.ck, src.is_bnb);
     let st_dtype: ::safetensors::Dtype = match dtype {
         DType::BF16 => ::safetensors::Dtype::BF16,
         DType::F16 => ::safetensors::Dtype::F16,
@@ -101,10 +101,9 @@ pub fn export(
             let file = shard.file.clone();
             let compute: Box<dyn Fn() -> Result<Vec<f32>>> = match names::block_linear(name) {
                 Some(_) => {
-                    let module = name.trim_end_matches(".weight").to_string();
-                    let delta = deltas.get(&module).cloned();
                     let name = name.to_string();
                     let view = view.clone();
+                    let src = &src;
                     Box::new(move || {
                         progress.inc(1);
                         let q = if is_bnb {
@@ -112,7 +111,10 @@ pub fn export(
                         } else {
                             None
                         };
-                        merged_linear(&name, &view, &file, q, base, delta.as_ref())
+                        let delta = src.delta(&name)?;
+                        let values = merged_linear(&name, &view, &file, q, base, delta.as_ref())?;
+                        src.ck.release_named(&name, lookup)?;
+                        Ok(values)
                     })
                 }
                 None => {
@@ -120,12 +122,17 @@ pub fn export(
                     let view = view.clone();
                     Box::new(move || {
                         progress.inc(1);
-                        checkpoint::to_f32(&view, &name, &file)
+                        let values = checkpoint::to_f32(&view, &name, &file)?;
+                        ck.release(view.data())?;
+                        Ok(values)
                     })
                 }
             };
             let shape = if is_bnb && names::block_linear(name).is_some() {
-                bnb::from_tensors(name, lookup)?.shape
+                bnb::quant_state(name, lookup)
+                    .with_context(|| format!("{}: `{name}`", shard.file))?
+                    .1
+                    .shape
             } else {
                 view.shape().to_vec()
             };
@@ -175,7 +182,7 @@ pub fn export(
         &tmp.path().join(CONFIG_FILE),
         &serde_json::to_vec_pretty(&config)?,
     )?;
-    checkpoint::copy_other_files(&ck, tmp.path())?;
+    checkpoint::copy_other_files(ck, tmp.path())?;
     tmp.commit()?;
     Ok(())
 }

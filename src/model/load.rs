@@ -87,6 +87,8 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Phi3> {
             .map(|&i| ck.shards[i].file.as_str())
             .unwrap_or("?")
     };
+    // Streaming: once a tensor (or a 4-bit weight with its state tensors) has been copied into the
+    // model, its mapped pages are dropped, so loading never holds the checkpoint's file pages.
     let dense = |name: &str| -> Result<Tensor> {
         let v = view(name).with_context(|| format!("{}: no tensor `{name}`", dir.display()))?;
         let dtype = checkpoint::float_dtype(v.dtype()).with_context(|| {
@@ -96,11 +98,9 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Phi3> {
                 v.dtype()
             )
         })?;
-        Ok(
-            Tensor::from_raw_buffer(v.data(), dtype, v.shape(), &Device::Cpu)?
-                .to_dtype(opts.dtype)?
-                .to_device(&opts.device)?,
-        )
+        let t = Tensor::from_raw_buffer(v.data(), dtype, v.shape(), &Device::Cpu)?;
+        ck.release(v.data())?;
+        Ok(t.to_dtype(opts.dtype)?.to_device(&opts.device)?)
     };
     let linear = |layer: usize, suffix: &str, target: &str| -> Result<BaseWeight> {
         let name = format!("{}{layer}.{suffix}.weight", names::LAYER_PREFIX);
@@ -128,6 +128,10 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Phi3> {
             "{}: `{name}` has shape {shape:?}, config.json implies {want:?}",
             file_of(&name)
         );
+        // `q` (4-bit) owns copies of its tensors; the dense paths below release their own.
+        if q.is_some() {
+            ck.release_named(&name, view)?;
+        }
         Ok(match (q, opts.base) {
             (Some(q), BaseFormat::Quantized { .. }) => {
                 BaseWeight::Nf4(Nf4Tensor::new(&q, &opts.device)?)
@@ -150,6 +154,7 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Phi3> {
             ) => {
                 let v = view(&name).expect("shape found above");
                 let values = checkpoint::to_f32(&v, &name, file_of(&name))?;
+                ck.release(v.data())?;
                 let src = checkpoint::float_dtype(v.dtype()).expect("to_f32 checked the dtype");
                 let q =
                     Quantized::quantize(&values, &want, src, quant_type, blocksize, double_quant)
