@@ -69,8 +69,10 @@ criterion_group!(benches, train_step);
 fn main() {
     // SAFETY: no other thread has started yet.
     unsafe { qlora_quant::runtime::init() };
-    benches();
-    criterion::Criterion::default()
-        .configure_from_args()
-        .final_summary();
+    qlora_quant::runtime::run(|| {
+        benches();
+        criterion::Criterion::default()
+            .configure_from_args()
+            .final_summary();
+    });
 }

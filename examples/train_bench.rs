@@ -103,6 +103,10 @@ fn build_model(a: &Args, dtype: DType, dev: &Device) -> Result<Phi3> {
 fn main() -> Result<()> {
     // SAFETY: no other thread has started yet.
     unsafe { qlora_quant::runtime::init() };
+    qlora_quant::runtime::run(bench)
+}
+
+fn bench() -> Result<()> {
     let a = Args::parse();
     let dtype = match a.dtype.as_str() {
         "f32" => DType::F32,

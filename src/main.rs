@@ -11,7 +11,7 @@ fn main() -> ExitCode {
     }
     // SAFETY: no other thread has started yet.
     unsafe { qlora_quant::runtime::init() };
-    match qlora::cli::run() {
+    match qlora_quant::runtime::run(qlora::cli::run) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err}");

@@ -25,6 +25,10 @@ fn median_ms(mut f: impl FnMut() -> candle_core::Result<Tensor>) -> candle_core:
 fn main() -> anyhow::Result<()> {
     // SAFETY: no other thread has started yet.
     unsafe { qlora_quant::runtime::init() };
+    qlora_quant::runtime::run(measure)
+}
+
+fn measure() -> anyhow::Result<()> {
     let m: usize = match std::env::args().nth(1) {
         Some(s) => s.parse()?,
         None => 256,

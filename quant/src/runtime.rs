@@ -1,6 +1,6 @@
 //! The CPU runtime of a training process: one thread pool, no spinning, no page churn.
 //!
-//! Every parallel CPU op of a step runs on rayon's global pool: gemm (candle's matmul asks it for
+//! Every parallel CPU op of a step runs on one rayon pool ([`run`]): gemm (candle's matmul asks it for
 //! `Parallelism::Rayon`), the NF4 linear's tiles, the fused ops' rows and the LoRA products
 //! ([`crate::fused`], [`crate::op`]). candle 0.11 also keeps a second pool of its own for its
 //! elementwise ops (its "barrier pool", `CANDLE_NUM_THREADS − 1` threads), whose idle workers spin
@@ -14,7 +14,8 @@
 //! below 32 MiB from the heap rather than fresh `mmap`s), so a step's activation-sized buffers
 //! stop being faulted in and zeroed by the kernel page by page, step after step.
 
-/// Configures the process for CPU training; call it first thing in `main`.
+/// Configures the process for CPU training; call it first thing in `main`, then run the work
+/// through [`run`].
 ///
 /// # Safety
 /// No other thread may be running (it sets an environment variable, which is unsound while
@@ -32,8 +33,31 @@ pub unsafe fn init() {
     }
 }
 
-/// Threads of the pool every CPU op runs on (rayon's global pool: `RAYON_NUM_THREADS`, else one
-/// per logical CPU).
+/// Runs `f` on a worker of the compute pool (rayon's, built here with large stacks: candle's
+/// backward walks its graph recursively), so that every parallel op `f` starts is forked from a
+/// pool thread, which takes a share of the work itself, rather than handed over from an outside
+/// thread that sleeps until the pool is done: one wake-up per parallel op instead of two.
+pub fn run<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        let mut b = rayon::ThreadPoolBuilder::new().stack_size(256 << 20);
+        if let Some(n) = std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+        {
+            b = b.num_threads(n);
+        }
+        b.thread_name(|i| format!("qlora-{i}")).build().ok()
+    });
+    match pool {
+        Some(pool) => pool.install(f),
+        None => f(),
+    }
+}
+
+/// Threads of the pool the calling thread's parallel ops run on (inside [`run`], the compute
+/// pool: `RAYON_NUM_THREADS`, else one per logical CPU).
 pub fn threads() -> usize {
     rayon::current_num_threads()
 }
