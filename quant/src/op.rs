@@ -188,7 +188,11 @@ impl OutPtr {
 
 /// `y[m, out] = x[m, in] · Wᵀ`: tasks over row tiles of W, each writing its columns of y.
 pub(crate) fn x_wt(view: &CpuView<'_>, x: &[f32], m: usize, out: usize, inp: usize) -> Vec<f32> {
-    let mut y = vec![0f32; m * out];
+    if inp == 0 {
+        return vec![0f32; m * out];
+    }
+    // Not zero-filled: the tiles' gemms (read_dst = false) write every element before set_len.
+    let mut y = Vec::<f32>::with_capacity(m * out);
     let y_ptr = OutPtr(y.as_mut_ptr());
     let tile = tile_len(out, inp);
     (0..out.div_ceil(tile))
@@ -223,13 +227,20 @@ pub(crate) fn x_wt(view: &CpuView<'_>, x: &[f32], m: usize, out: usize, inp: usi
                 );
             }
         });
+    // SAFETY: the tiles cover all m × out elements (disjoint columns, every row), each written
+    // by its gemm.
+    unsafe { y.set_len(m * out) };
     y
 }
 
 /// `y[m, in] = x[m, out] · W`: tasks over column tiles of W (each row's segment dequantized),
 /// each writing its columns of y.
 pub(crate) fn x_w(view: &CpuView<'_>, x: &[f32], m: usize, out: usize, inp: usize) -> Vec<f32> {
-    let mut y = vec![0f32; m * inp];
+    if out == 0 {
+        return vec![0f32; m * inp];
+    }
+    // Not zero-filled: the tiles' gemms (read_dst = false) write every element before set_len.
+    let mut y = Vec::<f32>::with_capacity(m * inp);
     let y_ptr = OutPtr(y.as_mut_ptr());
     let tile = tile_len(inp, out);
     (0..inp.div_ceil(tile))
@@ -266,6 +277,9 @@ pub(crate) fn x_w(view: &CpuView<'_>, x: &[f32], m: usize, out: usize, inp: usiz
                 );
             }
         });
+    // SAFETY: the tiles cover all m × inp elements (disjoint columns, every row), each written
+    // by its gemm.
+    unsafe { y.set_len(m * inp) };
     y
 }
 

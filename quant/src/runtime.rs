@@ -21,6 +21,14 @@
 /// No other thread may be running (it sets an environment variable, which is unsound while
 /// another thread reads the environment).
 pub unsafe fn init() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // candle asks for its thread count on every matmul and, without this variable, counts
+        // physical cores by parsing /proc/cpuinfo each time (2 % of a step in `perf`); set, it
+        // reads the number, and its matmuls ask gemm for as many threads as the pool has.
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY: the caller guarantees this thread is the only one.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // SAFETY: the caller guarantees this thread is the only one.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };

@@ -155,9 +155,14 @@ impl OpPath {
             Self::Composed => fused::attention_ref(q, k, v, Some(mask), scale),
             // The model's masks are causal (Phi3::prepare): key blocks past a row block's last
             // visible key are skipped.
-            Self::Fused(FusedAttention::Blocked) => {
-                fused::attention_blocked(q, k, v, Some(mask), scale, fused::Blocking::new(true))
-            }
+            Self::Fused(FusedAttention::Blocked) => fused::attention_blocked(
+                q,
+                k,
+                v,
+                Some(mask),
+                scale,
+                fused::Blocking::for_device(q.device(), true),
+            ),
             Self::Fused(FusedAttention::Streaming) => {
                 fused::attention_fused(q, k, v, Some(mask), scale)
             }

@@ -31,6 +31,9 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 /// Default bytes of one chunk's scores: 8 heads of 2048 × 2048 in bf16; the backward holds about
 /// four such tensors (S, P, dP, dS) at once.
 pub const CHUNK_BYTES: usize = 64 << 20;
+/// On the CPU: chunks that stay in a core's cache, many of them, run in parallel on rayon (the
+/// chunks of a causal mask differ in work, so many small ones balance the threads).
+pub const CPU_CHUNK_BYTES: usize = 128 << 10;
 
 /// How a call is cut into chunks.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +51,33 @@ impl Blocking {
             chunk_bytes: CHUNK_BYTES,
             causal,
         }
+    }
+
+    /// [`CPU_CHUNK_BYTES`] on the CPU, [`CHUNK_BYTES`] elsewhere.
+    pub fn for_device(device: &candle_core::Device, causal: bool) -> Self {
+        Self {
+            chunk_bytes: if device.is_cpu() {
+                CPU_CHUNK_BYTES
+            } else {
+                CHUNK_BYTES
+            },
+            causal,
+        }
+    }
+}
+
+/// `f` over the chunks in order: in parallel on rayon on the CPU (candle's CPU ops may run on any
+/// thread), one after the other elsewhere (one device stream).
+fn map_chunks<R: Send>(
+    all: &[Chunk],
+    cpu: bool,
+    f: impl Fn(Chunk) -> Result<R> + Sync + Send,
+) -> Result<Vec<R>> {
+    if cpu {
+        use rayon::prelude::*;
+        all.par_iter().with_max_len(1).map(|&c| f(c)).collect()
+    } else {
+        all.iter().map(|&c| f(c)).collect()
     }
 }
 
@@ -176,10 +206,13 @@ impl Ctx {
         let mut heads = Vec::new();
         let mut rows = Vec::new();
         let all = chunks(&self.s, q.dtype().size_in_bytes(), self.blocking);
-        for (idx, &c) in all.iter().enumerate() {
+        let outs = map_chunks(&all, q.device().is_cpu(), |c| {
             let (_, p, _) = self.scores(&self.stack(q, c)?, &self.heads(k, c)?, c)?;
             let o = self.stack_scores(&p, c)?.matmul(&self.heads(v, c)?)?;
-            rows.push(self.unstack(&o, c)?);
+            self.unstack(&o, c)
+        })?;
+        for ((idx, &c), o) in all.iter().enumerate().zip(outs) {
+            rows.push(o);
             let group_done = all.get(idx + 1).is_none_or(|next| next.g0 != c.g0);
             if group_done {
                 heads.push(Tensor::cat(&rows, 2)?);
@@ -200,7 +233,9 @@ impl Ctx {
         let mut dq_rows = Vec::new();
         let mut dkv: Option<(Tensor, Tensor)> = None;
         let all = chunks(&self.s, q.dtype().size_in_bytes(), self.blocking);
-        for (idx, &c) in all.iter().enumerate() {
+        // Each chunk's (dq rows, dk, dv) in parallel on the CPU; dk and dv are then summed over a
+        // group's chunks in chunk order, so the result does not depend on the thread count.
+        let parts = map_chunks(&all, q.device().is_cpu(), |c| {
             let (qs, kc, vc) = (self.stack(q, c)?, self.heads(k, c)?, self.heads(v, c)?);
             let (s, p, op) = self.scores(&qs, &kc, c)?;
             let dos = self.stack(dout, c)?;
@@ -209,9 +244,13 @@ impl Ctx {
                 .reshape((self.s.b, c.g * self.rep(), c.n, c.keys))?;
             let ds = s.apply_op2_no_bwd(&dp, &SoftmaxBwd(op))?;
             let (ds, p) = (self.stack_scores(&ds, c)?, self.stack_scores(&p, c)?);
-            dq_rows.push(self.unstack(&ds.matmul(&kc)?, c)?);
+            let dq = self.unstack(&ds.matmul(&kc)?, c)?;
             let dk = self.pad_keys(ds.t()?.matmul(&qs)?, c)?;
             let dv = self.pad_keys(p.t()?.matmul(&dos)?, c)?;
+            Ok((dq, dk, dv))
+        })?;
+        for ((idx, &c), (dq, dk, dv)) in all.iter().enumerate().zip(parts) {
+            dq_rows.push(dq);
             dkv = Some(match dkv {
                 Some((pk, pv)) => ((pk + dk)?, (pv + dv)?),
                 None => (dk, dv),

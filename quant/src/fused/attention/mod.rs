@@ -24,7 +24,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 
-pub use blocked::{Blocking, CHUNK_BYTES};
+pub use blocked::{Blocking, CHUNK_BYTES, CPU_CHUNK_BYTES};
 
 use super::{check_constant, check_float, softmax_last_dim_ref};
 use crate::cpu::DequantOut;
