@@ -239,10 +239,16 @@ fn softmax_inputs<T: DequantOut>(
     }
 }
 
-/// `(max, Σ exp(v − max))` of a row of softmax inputs.
-fn max_sum_f32(v: &[f32]) -> (f32, f32) {
+/// `Σ exp(v − max(v))` of a row of softmax inputs, each `exp(v − max)` left in `v` (one `exp` per
+/// element, the same values and summation order as computing them twice).
+fn exp_sum_in_place(v: &mut [f32]) -> f32 {
     let m = v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    (m, v.iter().map(|x| (x - m).exp()).sum())
+    let mut sum = 0f32;
+    for x in v.iter_mut() {
+        *x = (*x - m).exp();
+        sum += *x;
+    }
+    sum
 }
 
 /// Runs `f` on the host data of an optional mask.
@@ -266,10 +272,10 @@ pub(super) fn softmax_fwd(
         let x = data::<T>(s, l)?;
         with_mask::<T, _>(mask, |mask| {
             let y = map_rows(x.len() / g.len, g.len, |row, out: &mut [T]| {
-                let v = softmax_inputs(x, mask, g, row);
-                let (m, sum) = max_sum_f32(&v);
-                for (o, v) in out.iter_mut().zip(&v) {
-                    *o = T::from_f32((v - m).exp() / sum);
+                let mut e = softmax_inputs(x, mask, g, row);
+                let sum = exp_sum_in_place(&mut e);
+                for (o, e) in out.iter_mut().zip(&e) {
+                    *o = T::from_f32(e / sum);
                 }
             });
             T::to_cpu_storage_owned(y)
@@ -290,9 +296,9 @@ pub(super) fn softmax_bwd(
         with_mask::<T, _>(mask, |mask| {
             let dx = map_rows(dy.len() / g.len, g.len, |row, out: &mut [T]| {
                 let drow = &dy[row * g.len..(row + 1) * g.len];
-                let v = softmax_inputs(x, mask, g, row);
-                let (m, sum) = max_sum_f32(&v);
-                let p: Vec<f32> = v.iter().map(|v| (v - m).exp() / sum).collect();
+                let mut p = softmax_inputs(x, mask, g, row);
+                let sum = exp_sum_in_place(&mut p);
+                p.iter_mut().for_each(|e| *e /= sum);
                 let dot: f32 = p.iter().zip(drow).map(|(p, d)| d.to_f32() * p).sum();
                 for ((o, p), d) in out.iter_mut().zip(&p).zip(drow) {
                     *o = T::from_f32(round::<T>(p * (d.to_f32() - dot)) * g.scale);
