@@ -10,6 +10,8 @@
 #
 # Usage: scripts/stream_memory.sh [WORK_DIR] [-- generator options, e.g. --layers 4 for a dry run]
 #   WORK_DIR defaults to a fresh mktemp dir under /tmp; it is removed on exit unless KEEP=1.
+#   WAIT_WHILE_EXISTS=FILE: before each command, wait while FILE exists (a shared machine's
+#   "someone is timing" flag), so measurements do not overlap.
 #   Needs ~30 GB of free disk (the checkpoint, plus one export at a time) and ~25 min on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +41,7 @@ train_rss=()
 run() {
   local label=$1 out=$2; shift 3
   local log=$work/$(tr ' /' '__' <<<"$label").log
+  while [[ -n ${WAIT_WHILE_EXISTS:-} && -e $WAIT_WHILE_EXISTS ]]; do sleep 30; done
   echo "== $label: $*" >&2
   if ! /usr/bin/time -v "$@" >"$log" 2>&1; then
     echo "FAILED: $label (log: $log)" >&2; tail -20 "$log" >&2; exit 1
