@@ -106,41 +106,10 @@ def rows(path, tok, seq):
     return out
 
 
-def quantize_nf4(model):
-    import bitsandbytes as bnb
-    import torch
-
-    for layer in model.model.layers:
-        for parent, name in [
-            (layer.self_attn, "qkv_proj"),
-            (layer.self_attn, "o_proj"),
-            (layer.mlp, "gate_up_proj"),
-            (layer.mlp, "down_proj"),
-        ]:
-            lin = getattr(parent, name)
-            q = bnb.nn.Linear4bit(
-                lin.in_features,
-                lin.out_features,
-                bias=False,
-                compute_dtype=torch.float32,
-                compress_statistics=True,
-                quant_type="nf4",
-            )
-            q.weight = bnb.nn.Params4bit(
-                lin.weight.data.to(torch.bfloat16).contiguous(),
-                requires_grad=False,
-                compress_statistics=True,
-                quant_type="nf4",
-                blocksize=64,
-            )
-            # Moving a Params4bit to a device is what quantizes it.
-            setattr(parent, name, q.to("cpu"))
-            del lin
-
-
 def torch_steps(a):
     import torch
     from peft import LoraConfig, get_peft_model
+    from torch_train_bench import quantize_nf4  # scripts/ is on sys.path (this script's dir)
     from transformers import AutoTokenizer, Phi3ForCausalLM
 
     torch.set_num_threads(a.threads)
@@ -149,7 +118,7 @@ def torch_steps(a):
     t0 = time.time()
     # f32 compute on the CPU, as qlora's; the linears are quantized from the checkpoint's bf16.
     model = Phi3ForCausalLM.from_pretrained(a.dir, torch_dtype=torch.float32)
-    quantize_nf4(model)
+    quantize_nf4(model, torch.device("cpu"), torch.float32)
     model.config.use_cache = False
     if a.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

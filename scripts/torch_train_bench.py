@@ -84,9 +84,12 @@ def build(args, device, dtype):
     return model
 
 
-def quantize_nf4(model, device):
+def quantize_nf4(model, device, compute_dtype=None):
+    """The four linears of every layer as bitsandbytes NF4 Linear4bit (double quant, blocksize
+    64), computing in compute_dtype (default bf16); scripts/compare_cpu_step.py uses it too."""
     import bitsandbytes as bnb
 
+    compute_dtype = compute_dtype or torch.bfloat16
     for layer in model.model.layers:
         for parent, name in [
             (layer.self_attn, "qkv_proj"),
@@ -99,7 +102,7 @@ def quantize_nf4(model, device):
                 lin.in_features,
                 lin.out_features,
                 bias=False,
-                compute_dtype=torch.bfloat16,
+                compute_dtype=compute_dtype,
                 compress_statistics=True,
                 quant_type="nf4",
             )

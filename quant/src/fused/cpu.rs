@@ -239,16 +239,16 @@ fn softmax_inputs<T: DequantOut>(
     }
 }
 
-/// `Σ exp(v − max(v))` of a row of softmax inputs, each `exp(v − max)` left in `v` (one `exp` per
-/// element, the same values and summation order as computing them twice).
-fn exp_sum_in_place(v: &mut [f32]) -> f32 {
+/// `(max(v), Σ exp(v − max))` of a row, each `exp(v − max)` left in `v` (one `exp` per element,
+/// the same values and summation order as computing them twice).
+pub(super) fn exp_sum_in_place(v: &mut [f32]) -> (f32, f32) {
     let m = v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let mut sum = 0f32;
     for x in v.iter_mut() {
         *x = (*x - m).exp();
         sum += *x;
     }
-    sum
+    (m, sum)
 }
 
 /// Runs `f` on the host data of an optional mask.
@@ -273,7 +273,7 @@ pub(super) fn softmax_fwd(
         with_mask::<T, _>(mask, |mask| {
             let y = map_rows(x.len() / g.len, g.len, |row, out: &mut [T]| {
                 let mut e = softmax_inputs(x, mask, g, row);
-                let sum = exp_sum_in_place(&mut e);
+                let (_, sum) = exp_sum_in_place(&mut e);
                 for (o, e) in out.iter_mut().zip(&e) {
                     *o = T::from_f32(e / sum);
                 }
@@ -297,7 +297,7 @@ pub(super) fn softmax_bwd(
             let dx = map_rows(dy.len() / g.len, g.len, |row, out: &mut [T]| {
                 let drow = &dy[row * g.len..(row + 1) * g.len];
                 let mut p = softmax_inputs(x, mask, g, row);
-                let sum = exp_sum_in_place(&mut p);
+                let (_, sum) = exp_sum_in_place(&mut p);
                 p.iter_mut().for_each(|e| *e /= sum);
                 let dot: f32 = p.iter().zip(drow).map(|(p, d)| d.to_f32() * p).sum();
                 for ((o, p), d) in out.iter_mut().zip(&p).zip(drow) {

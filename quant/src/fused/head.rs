@@ -8,6 +8,8 @@
 //! probabilities overwrite the logits), and multiplied back, so the head costs its two gemms plus one
 //! `exp` per logit, and 64·V floats of memory.
 
+use super::cpu::exp_sum_in_place;
+use super::gemm::{mm, rm};
 use candle_core::{DType, Device, Result, Tensor, bail};
 use rayon::prelude::*;
 
@@ -42,51 +44,28 @@ pub fn head_cross_entropy_cpu(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result
         }
         _ => bail!("head_cross_entropy_cpu: w is not on the CPU"),
     };
-    let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
     let mut dh = vec![0f32; n * hd];
     let mut z = vec![0f32; BLOCK_ROWS.min(n.max(1)) * v];
     let mut loss = 0f64;
     for start in (0..n).step_by(BLOCK_ROWS) {
         let rows = BLOCK_ROWS.min(n - start);
         let z = &mut z[..rows * v];
-        // SAFETY: z is [rows, V] (row stride V); lhs is h's rows [rows, H]; rhs is Wᵀ [H, V]
-        // (element (k, j) = W[j, k]: column stride H, row stride 1).
-        unsafe {
-            gemm::gemm(
-                rows,
-                v,
-                hd,
-                z.as_mut_ptr(),
-                1,
-                v as isize,
-                false,
-                hv[start * hd..].as_ptr(),
-                1,
-                hd as isize,
-                wv.as_ptr(),
-                hd as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                threads,
-            );
-        }
+        mm(
+            (rows, v, hd),
+            z,
+            false,
+            rm(&hv[start * hd..], hd, false),
+            rm(wv, hd, true),
+            1.0,
+        );
         // Per row: max, Σ exp (each exp written in place), loss; then p − onehot in place.
         let row_loss: Vec<f64> = z
             .par_chunks_mut(v)
             .zip(targets[start..start + rows].par_iter())
             .map(|(row, &t)| {
                 let t = t as usize;
-                let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                 let zt = row[t];
-                let mut sum = 0f32;
-                for x in row.iter_mut() {
-                    *x = (*x - m).exp();
-                    sum += *x;
-                }
+                let (m, sum) = exp_sum_in_place(row);
                 let lse = sum.ln() + m;
                 for x in row.iter_mut() {
                     *x /= sum;
@@ -96,30 +75,14 @@ pub fn head_cross_entropy_cpu(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result
             })
             .collect();
         loss += row_loss.iter().sum::<f64>();
-        // SAFETY: dst is dh's rows [rows, H]; lhs is z [rows, V]; rhs is W [V, H].
-        unsafe {
-            gemm::gemm(
-                rows,
-                hd,
-                v,
-                dh[start * hd..].as_mut_ptr(),
-                1,
-                hd as isize,
-                false,
-                z.as_ptr(),
-                1,
-                v as isize,
-                wv.as_ptr(),
-                1,
-                hd as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                threads,
-            );
-        }
+        mm(
+            (rows, hd, v),
+            &mut dh[start * hd..],
+            false,
+            rm(z, v, false),
+            rm(wv, hd, false),
+            1.0,
+        );
     }
     Ok((loss, Tensor::from_vec(dh, (n, hd), &Device::Cpu)?))
 }

@@ -18,6 +18,7 @@
 //! gradients, with and without dropout.
 
 use super::cpu::{data, dropout_slice};
+use super::gemm::{mm, rm};
 use super::ops::Dropout;
 use crate::Nf4Tensor;
 use crate::op::{to_candle, x_w, x_wt};
@@ -79,62 +80,18 @@ struct LoraNf4 {
     dropout: Option<Dropout>,
 }
 
-/// A strided f32 matrix for gemm: element `(i, j)` at `p + i·rs + j·cs`.
-#[derive(Clone, Copy)]
-struct Mat {
-    p: *const f32,
-    rs: isize,
-    cs: isize,
-}
-
-/// Row-major `[rows, cols]` (`t`: its transpose, `[cols, rows]`).
-fn rm(v: &[f32], cols: usize, t: bool) -> Mat {
-    let (rs, cs) = if t {
-        (1, cols as isize)
-    } else {
-        (cols as isize, 1)
-    };
-    Mat {
-        p: v.as_ptr(),
-        rs,
-        cs,
-    }
-}
-
-/// `dst[m, n] = (dst if acc) + beta · lhs[m, k] · rhs[k, n]`, dst row-major; parallel on rayon
-/// when there is enough work.
-fn mm((m, n, k): (usize, usize, usize), dst: &mut [f32], acc: bool, lhs: Mat, rhs: Mat, beta: f32) {
-    assert!(dst.len() >= m * n, "gemm destination too small");
-    let par = if m * n * k >= 1 << 20 {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: dst holds m × n (row stride n); lhs and rhs point into slices that hold their full
-    // matrices with the strides given (built by `rm` from slices of the right sizes by callers).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            acc,
-            lhs.p,
-            lhs.cs,
-            lhs.rs,
-            rhs.p,
-            rhs.cs,
-            rhs.rs,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+/// `h = drop(x) · Aᵀ`, `[m, r]`.
+fn adapter_in(xd: &[f32], a: &[f32], (m, r, inp): (usize, usize, usize)) -> Vec<f32> {
+    let mut h = vec![0f32; m * r];
+    mm(
+        (m, r, inp),
+        &mut h,
+        false,
+        rm(xd, inp, false),
+        rm(a, inp, true),
+        1.0,
+    );
+    h
 }
 
 impl LoraNf4 {
@@ -177,16 +134,7 @@ impl CustomOp3 for LoraNf4 {
             .w
             .with_cpu(|view| x_wt(&view, x, m, out, inp))
             .map_err(to_candle)?;
-        let xd = self.dropped(x);
-        let mut h = vec![0f32; m * r];
-        mm(
-            (m, r, inp),
-            &mut h,
-            false,
-            rm(&xd, inp, false),
-            rm(a, inp, true),
-            1.0,
-        );
+        let h = adapter_in(&self.dropped(x), a, (m, r, inp));
         mm(
             (m, out, r),
             &mut y,
@@ -268,15 +216,7 @@ impl CustomOp3 for LoraNf4 {
             rm(&xd, inp, false),
             1.0,
         );
-        let mut h = vec![0f32; m * r];
-        mm(
-            (m, r, inp),
-            &mut h,
-            false,
-            rm(&xd, inp, false),
-            rm(a, inp, true),
-            1.0,
-        );
+        let h = adapter_in(&xd, a, (m, r, inp));
         let mut db = vec![0f32; out * r];
         mm(
             (out, r, m),

@@ -55,6 +55,7 @@ mod attention;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod gemm;
 mod head;
 mod lora;
 mod ops;
