@@ -5,6 +5,7 @@
 //! rows to be split across rayon tasks.
 
 use crate::fused::uniform;
+use crate::ops::max_rel_diff;
 use candle_core::{DType, Device, Tensor, Var};
 use qlora_quant::{Blocksize, Nf4Tensor, QuantType, fused, nf4_linear};
 
@@ -12,20 +13,8 @@ use qlora_quant::{Blocksize, Nf4Tensor, QuantType, fused, nf4_linear};
 /// max |reference|.
 const TOL: f32 = 2e-5;
 
-fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-        / scale
-}
-
 fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
-    let d = max_rel(a, b);
+    let d = max_rel_diff(a, b);
     assert!(d <= TOL, "{what}: relative difference {d:e} > {TOL:e}");
 }
 
@@ -115,7 +104,10 @@ fn lora_nf4_linear_matches_the_composition_forward_and_gradients() {
         assert_close(&da, &da_ref, &format!("{what}: dA"));
         assert_close(&db, &db_ref, &format!("{what}: dB"));
         // The adapter contributes: the op is not the base alone.
-        assert!(max_rel(&y, &nf4_linear(&x0, &w).unwrap()) > 1e-3, "{what}");
+        assert!(
+            max_rel_diff(&y, &nf4_linear(&x0, &w).unwrap()) > 1e-3,
+            "{what}"
+        );
     }
 }
 

@@ -19,7 +19,7 @@ fn rand(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+pub(crate) fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     let a = a
         .flatten_all()
         .unwrap()
