@@ -2,11 +2,11 @@
 //! NF4 linear forward on a Phi-3-mini-sized weight (gate/up half: 8192 × 3072) against candle's
 //! dense f32 matmul on the same shape.
 //!
-//! Run: `cargo bench -p qlora-quant --bench quant` (CANDLE_NUM_THREADS / RAYON_NUM_THREADS set the
-//! thread count; the README records the medians measured with the command there).
+//! Run: `cargo bench -p qlora-quant --bench quant` (RAYON_NUM_THREADS sets the thread count; the
+//! README records the medians measured with the command there).
 
 use candle_core::{Device, Tensor};
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use qlora_quant::{Blocksize, Nf4Tensor, QuantType, cpu, nf4_linear};
 use std::hint::black_box;
 use std::time::Duration;
@@ -114,4 +114,13 @@ fn linear(c: &mut Criterion) {
 }
 
 criterion_group!(benches, quantize, dequantize, linear);
-criterion_main!(benches);
+
+fn main() {
+    // As the qlora binary runs: one pool, candle's spinning pool off (qlora_quant::runtime).
+    // SAFETY: no other thread has started yet.
+    unsafe { qlora_quant::runtime::init() };
+    qlora_quant::runtime::run(|| {
+        benches();
+        Criterion::default().configure_from_args().final_summary();
+    });
+}
