@@ -5,13 +5,11 @@
 use super::ftype::{FileType, TypePicker};
 use super::gguf::{GgmlType, GgufWriter, TensorSpec, Value, encode};
 use super::vocab::write_tokenizer;
-use super::{MergeBase, Source, check_output, merged_linear};
-use crate::checkpoint;
+use super::{MergeBase, Source, check_output};
 use crate::lora::peft::PeftAdapter;
 use crate::model::config::RopeScaling;
 use crate::model::names;
 use anyhow::{Context, Result, bail};
-use qlora_quant::bnb;
 use std::path::Path;
 
 /// Writes the merged model to `out` (a file, written under a temporary name and renamed).
@@ -26,7 +24,7 @@ pub fn export(
     let ty: FileType = ty.into();
     check_output(out, force)?;
     let src = Source::open(model_dir, adapter)?;
-    let (ck, cfg, is_bnb) = (&src.ck, &src.cfg, src.is_bnb);
+    let (ck, cfg) = (&src.ck, &src.cfg);
     let rope = cfg.rope()?;
     let headers = ck.tensors()?;
     let lookup = |name: &str| headers.iter().find_map(|st| st.tensor(name).ok());
@@ -136,45 +134,17 @@ pub fn export(
     for hf in &hf_names {
         let gguf = names::gguf_name(hf).context("named in the table")?;
         let file = file_of(hf);
-        let is_linear = names::block_linear(hf).is_some();
-        let view = lookup(hf);
-        let shape = match &view {
-            Some(_) if is_bnb && is_linear => {
-                bnb::quant_state(hf, lookup)
-                    .with_context(|| format!("{file}: `{hf}`"))?
-                    .1
-                    .shape
-            }
-            Some(v) => v.shape().to_vec(),
-            None => bail!("{}: no tensor `{hf}`", model_dir.display()),
-        };
+        let view =
+            lookup(hf).with_context(|| format!("{}: no tensor `{hf}`", model_dir.display()))?;
+        let shape = src.shape_of(hf, &view, &file, lookup)?;
         let tensor_ty = picker.pick(&gguf, &shape);
-        let (hf, shape2) = (hf.clone(), shape.clone());
-        let view = view.expect("checked above (bnb weights have a view too)");
-        let src = &src;
+        let (hf, shape2, src) = (hf.clone(), shape.clone(), &src);
         w.tensor(TensorSpec {
             name: gguf,
             shape,
             ty: tensor_ty,
             produce: Box::new(move || {
-                let values = if is_linear {
-                    let q = if is_bnb {
-                        Some(
-                            bnb::from_tensors(&hf, lookup)
-                                .with_context(|| format!("{file}: `{hf}`"))?,
-                        )
-                    } else {
-                        None
-                    };
-                    let delta = src.delta(&hf)?;
-                    let values = merged_linear(&hf, &view, &file, q, base, delta.as_ref())?;
-                    src.ck.release_named(&hf, lookup)?;
-                    values
-                } else {
-                    let values = checkpoint::to_f32(&view, &hf, &file)?;
-                    src.ck.release(view.data())?;
-                    values
-                };
+                let values = src.values(&hf, &view, &file, base, lookup)?;
                 encode(&values, &shape2, tensor_ty)
             }),
         })?;

@@ -18,9 +18,10 @@ pub mod vocab;
 use crate::checkpoint;
 use crate::lora::peft::PeftAdapter;
 use crate::model::{Phi3Config, names};
+use ::safetensors::tensor::TensorView;
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::Tensor;
-use qlora_quant::{Blocksize, QuantType, Quantized};
+use qlora_quant::{Blocksize, QuantType, Quantized, bnb};
 
 /// Which base weights the adapter is merged into.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -68,6 +69,52 @@ impl<'a> Source<'a> {
             is_bnb,
             adapter,
         })
+    }
+
+    /// The exported shape of checkpoint tensor `name` (`view`, in `file`): a 4-bit block linear's
+    /// from its quant state (no data read), any other's from its header.
+    pub fn shape_of<'v>(
+        &self,
+        name: &str,
+        view: &TensorView<'v>,
+        file: &str,
+        lookup: impl Fn(&str) -> Option<TensorView<'v>>,
+    ) -> Result<Vec<usize>> {
+        Ok(if self.is_bnb && names::block_linear(name).is_some() {
+            bnb::quant_state(name, lookup)
+                .with_context(|| format!("{file}: `{name}`"))?
+                .1
+                .shape
+        } else {
+            view.shape().to_vec()
+        })
+    }
+
+    /// The f32 values of checkpoint tensor `name` (`view`, in `file`) as exported: a block linear
+    /// merged with the adapter's delta into `base` ([`merged_linear`]), any other converted. Its
+    /// mapped pages (a 4-bit weight's state tensors too) are released afterwards.
+    pub fn values<'v>(
+        &'v self,
+        name: &str,
+        view: &TensorView<'v>,
+        file: &str,
+        base: MergeBase,
+        lookup: impl Fn(&str) -> Option<TensorView<'v>>,
+    ) -> Result<Vec<f32>> {
+        if names::block_linear(name).is_none() {
+            let values = checkpoint::to_f32(view, name, file)?;
+            self.ck.release(view.data())?;
+            return Ok(values);
+        }
+        let q = if self.is_bnb {
+            Some(bnb::from_tensors(name, &lookup).with_context(|| format!("{file}: `{name}`"))?)
+        } else {
+            None
+        };
+        let delta = self.delta(name)?;
+        let values = merged_linear(name, view, file, q, base, delta.as_ref())?;
+        self.ck.release_named(name, lookup)?;
+        Ok(values)
     }
 
     /// `scale · B · A` (f32 `[out, in]`) for the block linear `weight_name` (`….weight`), or `None`

@@ -4,11 +4,10 @@
 //! shapes and dtypes), each read, merged, encoded and its mapped pages released before the next, so
 //! memory holds one tensor at a time, not the model.
 
-use super::{MergeBase, Source, check_output, merged_linear};
+use super::{MergeBase, Source, check_output};
 use crate::checkpoint::{self, CONFIG_FILE, INDEX_FILE, ShardIndex};
 use crate::fsx::{AtomicDir, write_atomic};
 use crate::lora::peft::PeftAdapter;
-use crate::model::names;
 use ::safetensors::tensor::TensorView;
 use anyhow::{Context, Result};
 use candle_core::DType;
@@ -75,7 +74,7 @@ pub fn export(
 ) -> Result<()> {
     check_output(out, force)?;
     let src = Source::open(model_dir, adapter)?;
-    let (ck, is_bnb) = (&src.ck, src.is_bnb);
+    let ck = &src.ck;
     let st_dtype: ::safetensors::Dtype = match dtype {
         DType::BF16 => ::safetensors::Dtype::BF16,
         DType::F16 => ::safetensors::Dtype::F16,
@@ -98,44 +97,12 @@ pub fn export(
                 continue;
             }
             let view = st.tensor(name)?;
-            let file = shard.file.clone();
-            let compute: Box<dyn Fn() -> Result<Vec<f32>>> = match names::block_linear(name) {
-                Some(_) => {
-                    let name = name.to_string();
-                    let view = view.clone();
-                    let src = &src;
-                    Box::new(move || {
-                        progress.inc(1);
-                        let q = if is_bnb {
-                            Some(bnb::from_tensors(&name, lookup)?)
-                        } else {
-                            None
-                        };
-                        let delta = src.delta(&name)?;
-                        let values = merged_linear(&name, &view, &file, q, base, delta.as_ref())?;
-                        src.ck.release_named(&name, lookup)?;
-                        Ok(values)
-                    })
-                }
-                None => {
-                    let name = name.to_string();
-                    let view = view.clone();
-                    Box::new(move || {
-                        progress.inc(1);
-                        let values = checkpoint::to_f32(&view, &name, &file)?;
-                        ck.release(view.data())?;
-                        Ok(values)
-                    })
-                }
-            };
-            let shape = if is_bnb && names::block_linear(name).is_some() {
-                bnb::quant_state(name, lookup)
-                    .with_context(|| format!("{}: `{name}`", shard.file))?
-                    .1
-                    .shape
-            } else {
-                view.shape().to_vec()
-            };
+            let shape = src.shape_of(name, &view, &shard.file, lookup)?;
+            let (name_owned, file, src) = (name.to_string(), shard.file.clone(), &src);
+            let compute: Box<dyn Fn() -> Result<Vec<f32>>> = Box::new(move || {
+                progress.inc(1);
+                src.values(&name_owned, &view, &file, base, lookup)
+            });
             tensors.push((
                 name.to_string(),
                 Lazy {

@@ -129,20 +129,25 @@ impl Adapter {
         })
     }
 
+    /// `(p, mask seed)` of this adapter's dropout in a training forward (`ctx` has a seed and
+    /// `p > 0`), else `None`. The stream is mixed, not xored, into the seed: the mask hashes
+    /// `seed ^ i·φ` per element i, so streams xored with multiples of φ would share mask bits at
+    /// shifted indices.
+    pub fn dropout_for(&self, ctx: &ForwardCtx) -> Option<(f32, u64)> {
+        match (ctx.dropout_seed, self.dropout > 0.0) {
+            (Some(seed), true) => Some((self.dropout, mix_seed(seed, self.dropout_stream))),
+            _ => None,
+        }
+    }
+
     /// `scale · (dropout(x) · Aᵀ) · Bᵀ` in `x`'s dtype.
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let (r, inp) = self.a.dims2()?;
         let out = self.b.dim(0)?;
-        let x = match (ctx.dropout_seed, self.dropout > 0.0) {
-            (Some(seed), true) => qlora_quant::fused::dropout(
-                x,
-                self.dropout,
-                // Mixed, not xored: the mask hashes `seed ^ i·φ` per element i, so streams xored
-                // with multiples of φ would share mask bits at shifted indices.
-                mix_seed(seed, self.dropout_stream),
-            )?,
-            _ => x.clone(),
+        let x = match self.dropout_for(ctx) {
+            Some((p, seed)) => qlora_quant::fused::dropout(x, p, seed)?,
+            None => x.clone(),
         };
         let mut out_dims = x.dims().to_vec();
         *out_dims.last_mut().expect("x has dims") = out;
@@ -216,17 +221,13 @@ impl LoraLinear {
             && x.dtype() == DType::F32
             && a.a.dim(1)? % 2 == 0
         {
-            let dropout = match (ctx.dropout_seed, a.dropout > 0.0) {
-                (Some(seed), true) => Some((a.dropout, mix_seed(seed, a.dropout_stream))),
-                _ => None,
-            };
             return qlora_quant::fused::lora_nf4_linear(
                 x,
                 w,
                 a.a.as_tensor(),
                 a.b.as_tensor(),
                 a.scale as f32,
-                dropout,
+                a.dropout_for(ctx),
             );
         }
         self.forward(x, ctx)
