@@ -83,14 +83,16 @@ pub struct Phi3 {
 }
 
 /// Which implementation the ops between the linears take (RMSNorm, RoPE, attention, SwiGLU and
-/// the head's cross-entropy). All are differentiable and compute the same function; they differ
-/// in arithmetic order within f32 rounding.
+/// the head's cross-entropy), and on the CPU in f32 also the block linears with their adapters
+/// (one op each) and the head's loss with its gradient (one pass). All are differentiable and
+/// compute the same function; they differ in arithmetic order within f32 rounding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpPath {
     /// candle compositions of primitive ops, transformers' arithmetic (any dtype, f64 included).
     Composed,
     /// `qlora_quant::fused`'s custom ops: CUDA kernels with their own backward, or the same
-    /// loops on the CPU (f32, bf16, f16), where tests compare them with [`OpPath::Composed`].
+    /// loops on the CPU (f32, bf16, f16; the default there too), tested against
+    /// [`OpPath::Composed`].
     Fused(FusedAttention),
 }
 
