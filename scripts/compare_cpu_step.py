@@ -108,8 +108,7 @@ def rows(path, tok, seq):
 
 def torch_steps(a):
     import torch
-    from peft import LoraConfig, get_peft_model
-    from torch_train_bench import quantize_nf4  # scripts/ is on sys.path (this script's dir)
+    from torch_train_bench import lora_training, quantize_nf4  # scripts/ is on sys.path
     from transformers import AutoTokenizer, Phi3ForCausalLM
 
     torch.set_num_threads(a.threads)
@@ -119,22 +118,7 @@ def torch_steps(a):
     # f32 compute on the CPU, as qlora's; the linears are quantized from the checkpoint's bf16.
     model = Phi3ForCausalLM.from_pretrained(a.dir, torch_dtype=torch.float32)
     quantize_nf4(model, torch.device("cpu"), torch.float32)
-    model.config.use_cache = False
-    if a.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    lora = LoraConfig(
-        r=a.rank,
-        lora_alpha=a.alpha,
-        lora_dropout=0.0,
-        target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+    model, opt = lora_training(model, a.rank, a.alpha, a.checkpointing, lr=2e-4, weight_decay=0.0)
     build_s = time.time() - t0
     step_s, losses, trained = [], [], 0
     for step in range(a.warmup + a.steps):

@@ -116,6 +116,30 @@ def quantize_nf4(model, device, compute_dtype=None):
         torch.cuda.empty_cache()
 
 
+def lora_training(model, rank, alpha, checkpointing, lr, weight_decay=0.01):
+    """PEFT LoRA (dropout 0) on qkv_proj, o_proj, gate_up_proj and down_proj, in training mode,
+    with non-reentrant gradient checkpointing if asked, and AdamW over the adapters:
+    (peft model, optimizer). scripts/compare_cpu_step.py uses it too."""
+    from peft import LoraConfig, get_peft_model
+
+    model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=3072)
@@ -150,8 +174,6 @@ def main():
     dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "f32")
     dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[dtype_name]
 
-    from peft import LoraConfig, get_peft_model
-
     context_used = None
     if device.type == "cuda":
         torch.cuda.init()
@@ -162,21 +184,7 @@ def main():
     model = build(args, device, dtype)
     if args.nf4:
         quantize_nf4(model, device)
-    model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    lora = LoraConfig(
-        r=args.rank,
-        lora_alpha=2 * args.rank,
-        lora_dropout=0.0,
-        target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    model, opt = lora_training(model, args.rank, 2 * args.rank, checkpointing=True, lr=1e-4)
     sync(device)
     build_s = time.time() - t0
 
