@@ -7,6 +7,8 @@
 #       reference, the 4-bit matmul forward/backward, the fused ops against their compositions,
 #       dropout masks) and qlora's (tests/it/gpu.rs: the model against transformers' logits in
 #       f32/bf16, its LoRA gradients against the CPU's, training against the CPU curve, resume);
+#   (a'') bitsandbytes' own CUDA quantization of crafted values against our `--match-bnb cuda` bytes
+#       (tests/fixtures/gen_bnb_blockwise_goldens.py --device cuda, then quant-it goldens::blockwise_cuda);
 #   (a') `qlora train --4bit --config configs/demo.toml --device cuda`, then `qlora eval` of its
 #       adapter on the GPU and, as a reference, on the CPU;
 #   (b) the dequantization kernel's GB/s against a device-to-device copy, and each fused op's
@@ -183,6 +185,22 @@ record setup "$([ -z "$missing" ] && [ -x "$BIN/qlora" ] && echo 0 || echo 1)" "
 stage tests_quant 100 420 "$BIN/quant-it" devices:: fused:: dropout:: --test-threads 4 --show-output
 stage tests_qlora 90 350 "$BIN/qlora-it" gpu:: --test-threads 1 --show-output
 grep -qs "skipped: no CUDA device" "$OUT"/tests_*.out && echo "WARNING: the tests did not find the GPU"
+
+# --- (a'') bitsandbytes' CUDA bytes: its GPU quantization of 1,024,000 crafted values (8-bit
+# blockwise, and NF4/FP4 with double quant) against our `--match-bnb cuda` arithmetic --------------
+if [ -n "$TORCH_PY" ] && "$TORCH_PY" -c "import bitsandbytes" >/dev/null 2>&1; then
+  stage bnb_cuda_golden 40 300 "$TORCH_PY" tests/fixtures/gen_bnb_blockwise_goldens.py --device "$DEV" \
+    --out "$OUT/bnb_cuda.json"
+  if [ -s "$OUT/bnb_cuda.json" ]; then
+    QLORA_BNB_GOLDEN="$OUT/bnb_cuda.json" stage bnb_cuda_bytes 30 290 "$BIN/quant-it" \
+      goldens::blockwise_cuda --show-output
+  else
+    skip bnb_cuda_bytes "no golden from bnb_cuda_golden"
+  fi
+else
+  skip bnb_cuda_golden "no bitsandbytes in the python with torch"
+  skip bnb_cuda_bytes "no bitsandbytes in the python with torch"
+fi
 
 # --- (a') the demo, trained and evaluated on the GPU ----------------------------------------------
 TAIL_ERR=2 stage demo_train 60 290 "$BIN/qlora" train --4bit --config configs/demo.toml --device "$DEV" \

@@ -15,7 +15,7 @@ use crate::spill::{Spill, Spilled, SpilledView};
 use anyhow::{Context, Result, bail};
 use indicatif::ProgressBar;
 use qlora_quant::bnb::{self, QuantStorage, QuantizationConfig};
-use qlora_quant::{Blocksize, QuantType, Quantized};
+use qlora_quant::{Blocksize, BnbBackend, QuantType, Quantized};
 use safetensors::tensor::TensorView;
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -30,6 +30,8 @@ pub struct QuantizeOptions {
     pub quant_type: QuantType,
     pub blocksize: Blocksize,
     pub double_quant: bool,
+    /// Whose bytes to write: bitsandbytes' CUDA kernels (the default) or its CPU backend.
+    pub backend: BnbBackend,
 }
 
 /// What was done.
@@ -163,13 +165,14 @@ pub fn quantize_checkpoint(
                 let values = checkpoint::to_f32(&view, &name, &shard.file)?;
                 ck.release(view.data())?;
                 let dtype = checkpoint::float_dtype(view.dtype()).expect("checked above");
-                let q = Quantized::quantize(
+                let q = Quantized::quantize_as(
                     &values,
                     view.shape(),
                     dtype,
                     opts.quant_type,
                     opts.blocksize,
                     opts.double_quant,
+                    opts.backend,
                 )
                 .with_context(|| format!("{}: quantizing `{name}`", shard.file))?;
                 drop(values);

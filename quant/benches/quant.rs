@@ -7,7 +7,7 @@
 
 use candle_core::{Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
-use qlora_quant::{Blocksize, Nf4Tensor, QuantType, cpu, nf4_linear};
+use qlora_quant::{Blocksize, BnbBackend, Nf4Tensor, QuantType, cpu, nf4_linear};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -31,18 +31,28 @@ fn quantize(c: &mut Criterion) {
     g.throughput(Throughput::Bytes((x.len() * 4) as u64));
     for qt in [QuantType::Nf4, QuantType::Fp4] {
         g.bench_function(BenchmarkId::new("fast", qt), |b| {
-            b.iter(|| cpu::quantize(black_box(&x), qt, Blocksize::DEFAULT).unwrap())
+            b.iter(|| {
+                cpu::quantize(black_box(&x), qt, Blocksize::DEFAULT, BnbBackend::Cuda).unwrap()
+            })
         });
     }
     g.bench_function("ref/nf4", |b| {
-        b.iter(|| cpu::quantize_ref(black_box(&x), QuantType::Nf4, Blocksize::DEFAULT).unwrap())
+        b.iter(|| {
+            cpu::quantize_ref(
+                black_box(&x),
+                QuantType::Nf4,
+                Blocksize::DEFAULT,
+                BnbBackend::Cuda,
+            )
+            .unwrap()
+        })
     });
     g.finish();
 }
 
 fn dequantize(c: &mut Criterion) {
     let x = weights(OUT * IN);
-    let q = cpu::quantize(&x, QuantType::Nf4, Blocksize::DEFAULT).unwrap();
+    let q = cpu::quantize(&x, QuantType::Nf4, Blocksize::DEFAULT, BnbBackend::Cuda).unwrap();
     let mut g = c.benchmark_group("dequantize");
     g.sample_size(10).measurement_time(Duration::from_secs(10));
     g.throughput(Throughput::Bytes((x.len() * 4) as u64));

@@ -1,5 +1,5 @@
 //! 4-bit block quantization on the CPU: scalar `_ref` references that follow bitsandbytes 0.50.2's
-//! `quantize_4bit` / `dequantize_4bit` step by step, and the fast paths (rayon across blocks,
+//! `quantize_4bit` (either backend's arithmetic, [`BnbBackend`]) / `dequantize_4bit` step by step, and the fast paths (rayon across blocks,
 //! branch-free bucket counting, a byte → pair lookup table) that tests pin bit-identical to them.
 //!
 //! Units: `n_elems` counts 4-bit values, packed buffers hold `packed_len(n_elems)` bytes, and
@@ -7,6 +7,7 @@
 //! flattened tensor (a trailing partial block has its own absmax).
 
 use crate::QuantError;
+use crate::backend::{BnbBackend, code4_cuda};
 use crate::format::{
     ABSMAX_FLOOR, Blocksize, QuantType, n_blocks, pack_pair, packed_len, unpack_pair,
 };
@@ -100,29 +101,50 @@ fn check_finite(absmax: f32, block: usize) -> Result<(), QuantError> {
     }
 }
 
-/// Reference 4-bit quantization, element by element as bitsandbytes' default backend computes it:
-/// full blocks scale by `x * (1 / max(absmax, 1e-38))` and store the raw absmax; the trailing partial
-/// block scales by `x / max(absmax, 1e-38)` and stores the clamped absmax; `clamp(-1, 1)`; bucketize
-/// on the midpoints; an odd count pads one value 0.0 (its code, not nibble 0).
-pub fn quantize_ref(x: &[f32], qt: QuantType, bs: Blocksize) -> Result<Quantized4, QuantError> {
+/// Reference 4-bit quantization, element by element as `backend` computes it.
+///
+/// - [`BnbBackend::Cpu`] (bitsandbytes' default backend): full blocks scale by
+///   `x * (1 / max(absmax, 1e-38))` and store the raw absmax; the trailing partial block scales by
+///   `x / max(absmax, 1e-38)` and stores the clamped absmax; `clamp(-1, 1)`; bucketize on the
+///   midpoints; an odd count pads one value 0.0 (its code, not nibble 0).
+/// - [`BnbBackend::Cuda`] (`kQuantizeBlockwise`): every block scales by `x * (1 / absmax)` and stores
+///   the raw absmax; the comparison tree of [`code4_cuda`]; an all-zero block gives `0 · ∞ = NaN`,
+///   code 0; the pad value 0.0 is scaled like its block's values.
+pub fn quantize_ref(
+    x: &[f32],
+    qt: QuantType,
+    bs: Blocksize,
+    backend: BnbBackend,
+) -> Result<Quantized4, QuantError> {
     let b = qt.buckets();
     let block_elems = bs.elems();
     let mut codes = Vec::with_capacity(x.len() + 1);
     let mut absmax = Vec::with_capacity(n_blocks(x.len(), block_elems));
+    let mut pad_code = b.order[bucket_ref(&b.midpoints, 0.0)];
     for (block, chunk) in x.chunks(block_elems).enumerate() {
         let am = abs_max(chunk);
         check_finite(am, block)?;
-        let partial = chunk.len() < block_elems;
-        let scale_by = am.max(ABSMAX_FLOOR);
-        let recip = 1.0 / scale_by;
-        for &v in chunk {
-            let s = if partial { v / scale_by } else { v * recip };
-            codes.push(b.order[bucket_ref(&b.midpoints, s.clamp(-1.0, 1.0))]);
+        match backend {
+            BnbBackend::Cpu => {
+                let partial = chunk.len() < block_elems;
+                let scale_by = am.max(ABSMAX_FLOOR);
+                let recip = 1.0 / scale_by;
+                for &v in chunk {
+                    let s = if partial { v / scale_by } else { v * recip };
+                    codes.push(b.order[bucket_ref(&b.midpoints, s.clamp(-1.0, 1.0))]);
+                }
+                absmax.push(if partial { scale_by } else { am });
+            }
+            BnbBackend::Cuda => {
+                let recip = 1.0 / am;
+                codes.extend(chunk.iter().map(|&v| code4_cuda(qt, v * recip)));
+                pad_code = code4_cuda(qt, 0.0 * recip);
+                absmax.push(am);
+            }
         }
-        absmax.push(if partial { scale_by } else { am });
     }
     if codes.len() % 2 == 1 {
-        codes.push(b.order[bucket_ref(&b.midpoints, 0.0)]);
+        codes.push(pad_code);
     }
     let packed = codes
         .chunks_exact(2)
@@ -169,15 +191,19 @@ pub fn check_lengths(
     Ok(())
 }
 
-/// Fast quantization: blocks in parallel, each bucket counted branch-free over the 15 midpoints.
-/// Bit-identical to [`quantize_ref`].
-pub fn quantize(x: &[f32], qt: QuantType, bs: Blocksize) -> Result<Quantized4, QuantError> {
+/// Fast quantization: blocks in parallel, each bucket counted branch-free over the 15 midpoints
+/// (CPU) or the 15 thresholds (CUDA). Bit-identical to [`quantize_ref`] for the same backend.
+pub fn quantize(
+    x: &[f32],
+    qt: QuantType,
+    bs: Blocksize,
+    backend: BnbBackend,
+) -> Result<Quantized4, QuantError> {
     let b = qt.buckets();
     let block_elems = bs.elems();
     let n = x.len();
     let mut packed = vec![0u8; packed_len(n)];
     let mut absmax = vec![0f32; n_blocks(n, block_elems)];
-    let pad_code = b.order[bucket_ref(&b.midpoints, 0.0)];
     x.par_chunks(block_elems)
         .zip(packed.par_chunks_mut(block_elems / 2))
         .zip(absmax.par_iter_mut())
@@ -186,21 +212,31 @@ pub fn quantize(x: &[f32], qt: QuantType, bs: Blocksize) -> Result<Quantized4, Q
             let am = abs_max(chunk);
             check_finite(am, block)?;
             let partial = chunk.len() < block_elems;
-            let scale_by = am.max(ABSMAX_FLOOR);
+            let (scale_by, stored) = match backend {
+                BnbBackend::Cpu => {
+                    let floored = am.max(ABSMAX_FLOOR);
+                    (floored, if partial { floored } else { am })
+                }
+                BnbBackend::Cuda => (am, am),
+            };
             let recip = 1.0 / scale_by;
             let code_of = |v: f32| -> u8 {
-                let s = if partial { v / scale_by } else { v * recip }.clamp(-1.0, 1.0);
-                let bucket = bucket_fast(&b.midpoints, s);
-                b.order[bucket]
+                match backend {
+                    BnbBackend::Cpu => {
+                        let s = if partial { v / scale_by } else { v * recip }.clamp(-1.0, 1.0);
+                        b.order[bucket_fast(&b.midpoints, s)]
+                    }
+                    BnbBackend::Cuda => code4_cuda(qt, v * recip),
+                }
             };
             let mut pairs = chunk.chunks_exact(2);
             for (o, p) in out.iter_mut().zip(&mut pairs) {
                 *o = pack_pair(code_of(p[0]), code_of(p[1]));
             }
             if let [last] = pairs.remainder() {
-                out[out.len() - 1] = pack_pair(code_of(*last), pad_code);
+                out[out.len() - 1] = pack_pair(code_of(*last), code_of(0.0));
             }
-            *am_out = if partial { scale_by } else { am };
+            *am_out = stored;
             Ok::<(), QuantError>(())
         })?;
     Ok(Quantized4 { packed, absmax })
@@ -337,9 +373,68 @@ mod tests {
 
     #[test]
     fn odd_count_pads_with_the_code_of_zero() {
-        let q = quantize_ref(&[1.0, -1.0, 0.5], QuantType::Nf4, Blocksize::DEFAULT).unwrap();
-        assert_eq!(q.packed, vec![pack_pair(15, 0), pack_pair(12, 7)]);
-        assert_eq!(q.absmax, vec![1.0]);
+        for backend in [BnbBackend::Cpu, BnbBackend::Cuda] {
+            let q = quantize_ref(
+                &[1.0, -1.0, 0.5],
+                QuantType::Nf4,
+                Blocksize::DEFAULT,
+                backend,
+            )
+            .unwrap();
+            assert_eq!(q.packed, vec![pack_pair(15, 0), pack_pair(12, 7)]);
+            assert_eq!(q.absmax, vec![1.0]);
+        }
+    }
+
+    /// An all-zero block: the code of 0.0 on the CPU; on CUDA `0 · (1/0)` is NaN and every code 0,
+    /// the pad value included. Both decode to zeros.
+    #[test]
+    fn all_zero_block_codes_differ_by_backend() {
+        let x = [0f32; 5];
+        let bs = Blocksize::DEFAULT;
+        for backend in [BnbBackend::Cpu, BnbBackend::Cuda] {
+            let want = match backend {
+                BnbBackend::Cpu => vec![0x77; 3],
+                BnbBackend::Cuda => vec![0x00; 3],
+            };
+            for q in [
+                quantize_ref(&x, QuantType::Nf4, bs, backend).unwrap(),
+                quantize(&x, QuantType::Nf4, bs, backend).unwrap(),
+            ] {
+                assert_eq!(q.packed, want, "{backend}");
+                let back: Vec<f32> =
+                    dequantize(&q.packed, &q.absmax, QuantType::Nf4, bs, 5).unwrap();
+                assert!(back.iter().all(|v| *v == 0.0), "{backend}: {back:?}");
+            }
+        }
+    }
+
+    /// Away from the all-zero blocks and the exact thresholds the backends agree on every value:
+    /// NF4 codes equal; FP4 values equal (CUDA gives a small negative value FP4's -0 code, the CPU's
+    /// bucketize may give it +0's).
+    #[test]
+    fn backends_agree_on_ordinary_values() {
+        let mut state = 0x9e37_79b9_u32;
+        let x: Vec<f32> = (0..64 * 37 + 21)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect();
+        let bs = Blocksize::DEFAULT;
+        for qt in [QuantType::Nf4, QuantType::Fp4] {
+            let cpu = quantize(&x, qt, bs, BnbBackend::Cpu).unwrap();
+            let cuda = quantize(&x, qt, bs, BnbBackend::Cuda).unwrap();
+            assert_eq!(cpu.absmax, cuda.absmax, "{qt}");
+            if qt == QuantType::Nf4 {
+                assert_eq!(cpu.packed, cuda.packed);
+            }
+            let a: Vec<f32> = dequantize(&cpu.packed, &cpu.absmax, qt, bs, x.len()).unwrap();
+            let b: Vec<f32> = dequantize(&cuda.packed, &cuda.absmax, qt, bs, x.len()).unwrap();
+            assert_eq!(a, b, "{qt}");
+        }
     }
 
     #[test]
@@ -347,9 +442,9 @@ mod tests {
         let mut x = vec![0.5f32; 130];
         x[70] = f32::NAN;
         assert!(matches!(
-            quantize(&x, QuantType::Nf4, Blocksize::DEFAULT),
+            quantize(&x, QuantType::Nf4, Blocksize::DEFAULT, BnbBackend::Cuda),
             Err(QuantError::NonFinite { block: 1 })
         ));
-        assert!(quantize_ref(&x, QuantType::Nf4, Blocksize::DEFAULT).is_err());
+        assert!(quantize_ref(&x, QuantType::Nf4, Blocksize::DEFAULT, BnbBackend::Cpu).is_err());
     }
 }

@@ -3,6 +3,7 @@
 //! model architectures or checkpoints beyond the bitsandbytes layout.
 //!
 //! - [`format`](mod@format): code tables, rounding midpoints, nibble order, block sizes, the 8-bit dynamic map.
+//! - [`backend`]: which bitsandbytes backend's rounding (CUDA or CPU) a quantization reproduces.
 //! - [`cpu`]: scalar `_ref` references and the fast multithreaded paths, tested bit-identical.
 //! - [`nested`]: double quantization of the absmax (offset + 8-bit codes + one scale per 256).
 //! - [`quantized`]: a quantized tensor on the host ([`Quantized`]), as bitsandbytes' `QuantState`.
@@ -15,6 +16,7 @@
 //! - `cuda` (feature `cuda`): the dequantization kernels (quant/kernels/*.cu, PTX built by build.rs)
 //!   and the GPU paths of the ops.
 
+pub mod backend;
 pub mod bnb;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -27,6 +29,7 @@ pub mod quantized;
 pub mod runtime;
 pub mod tensor;
 
+pub use backend::BnbBackend;
 pub use format::{Blocksize, QuantType};
 pub use nested::NestedAbsmax;
 pub use op::{nf4_linear, nf4_matmul};

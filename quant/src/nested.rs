@@ -3,13 +3,11 @@
 //! dynamic map, one f32 `nested_absmax` per 256-block. Memory: 4 + 8/64 + 32/16384 ≈ 4.127 bits per
 //! weight instead of 4.5.
 //!
-//! The 8-bit rounding here is exact round-to-nearest (ties to the lower code). bitsandbytes' native
-//! CPU kernel (`quantize_cpu`, a fast approximate binary search followed by a distance check)
-//! occasionally picks the neighbouring code for a value lying within ~1.5e-5 (normalised) of a
-//! midpoint; the golden test bounds that band instead of copying the quirk.
+//! The 8-bit rounding follows the bitsandbytes backend chosen ([`BnbBackend`]): CUDA's search for
+//! the nearest code, or the CPU's lookup table, bit for bit.
 
-use crate::format::{NESTED_BLOCK_ELEMS, dynamic_map, n_blocks};
-use rayon::prelude::*;
+use crate::backend::{BnbBackend, quantize_blockwise_8bit};
+use crate::format::{NESTED_BLOCK_ELEMS, dynamic_map};
 
 /// Quantized absmax: 8-bit codes into [`dynamic_map`], one scale per 256 codes, and the offset.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,41 +51,20 @@ pub fn decode(codes: &[u8], nested_absmax: &[f32], offset: f32) -> Vec<f32> {
         .collect()
 }
 
-/// Index of the dynamic-map entry nearest to `v` (ties to the lower entry): the largest entry ≤ `v`,
-/// moved up one only when the upper neighbour is strictly closer (bitsandbytes' distance check).
-pub fn nearest_dynamic(v: f32) -> u8 {
-    let map = dynamic_map();
-    let idx = map.partition_point(|&m| m <= v).saturating_sub(1);
-    if idx < 255 && (v - map[idx + 1]).abs() < (v - map[idx]).abs() {
-        (idx + 1) as u8
-    } else {
-        idx as u8
-    }
+/// Double-quantizes `absmax` as bitsandbytes does on `backend`: `offset = absmax.mean()` (torch's
+/// CPU summation order, [`torch_mean_f32`]), then [`double_quant_with_offset`].
+pub fn double_quant(absmax: &[f32], backend: BnbBackend) -> NestedAbsmax {
+    double_quant_with_offset(absmax, torch_mean_f32(absmax), backend)
 }
 
-/// Double-quantizes `absmax`. Blocks of 256 run in parallel; each value is
-/// `nearest_dynamic((absmax − offset) / nested_absmax)` (an f32 division, as bitsandbytes' kernel).
-/// A 256-block whose values all equal the offset has `nested_absmax = 0`; bitsandbytes then divides
-/// 0 by 0 and its search lands on code 0, which we store too (it decodes to the offset either way).
-pub fn double_quant(absmax: &[f32]) -> NestedAbsmax {
-    let offset = torch_mean_f32(absmax);
-    let mut codes = vec![0u8; absmax.len()];
-    let mut nested_absmax = vec![0f32; n_blocks(absmax.len(), NESTED_BLOCK_ELEMS)];
-    absmax
-        .par_chunks(NESTED_BLOCK_ELEMS)
-        .zip(codes.par_chunks_mut(NESTED_BLOCK_ELEMS))
-        .zip(nested_absmax.par_iter_mut())
-        .for_each(|((chunk, out), scale)| {
-            let centred = chunk.iter().map(|&a| a - offset);
-            *scale = centred.clone().fold(0f32, |m, v| m.max(v.abs()));
-            for (o, v) in out.iter_mut().zip(centred) {
-                *o = if *scale == 0.0 {
-                    0
-                } else {
-                    nearest_dynamic(v / *scale)
-                };
-            }
-        });
+/// Double quantization around a given offset: `quantize_blockwise(absmax − offset, blocksize=256)`
+/// on the signed dynamic map, each value `(absmax − offset) · (1 / nested_absmax)` rounded by
+/// `backend`'s rule ([`crate::backend::code8`]). On a GPU torch computes the mean with its CUDA
+/// reduction, whose summation order differs from the CPU's, so comparing with a GPU's bytes starts
+/// from the offset bitsandbytes stored.
+pub fn double_quant_with_offset(absmax: &[f32], offset: f32, backend: BnbBackend) -> NestedAbsmax {
+    let centred: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
+    let (codes, nested_absmax) = quantize_blockwise_8bit(&centred, NESTED_BLOCK_ELEMS, backend);
     NestedAbsmax {
         codes,
         nested_absmax,
@@ -205,16 +182,32 @@ fn multi_row_sum<const L: usize>(items: &[[f32; L]], rows: usize) -> [[f32; L]; 
 mod tests {
     use super::*;
 
+    /// Every entry of the map, as an absmax value, gets its own code back on CUDA (the search finds
+    /// the nearest entry); on the CPU the table cannot reach codes 124..=130 (closer than its grid
+    /// step), so those map elsewhere; both decode every block within one step of the map.
     #[test]
-    fn nearest_dynamic_hits_every_entry_and_ties_low() {
+    fn map_entries_round_trip_on_cuda() {
         let map = dynamic_map();
-        for (i, &m) in map.iter().enumerate() {
-            assert_eq!(nearest_dynamic(m) as usize, i);
+        let cuda = double_quant_with_offset(map, 0.0, BnbBackend::Cuda);
+        assert_eq!(cuda.nested_absmax, vec![1.0]);
+        let want: Vec<u8> = (0..=255).collect();
+        assert_eq!(cuda.codes, want);
+        let cpu = double_quant_with_offset(map, 0.0, BnbBackend::Cpu);
+        assert!(cpu.codes.iter().all(|c| !(124..=130).contains(c)));
+        assert_eq!(cpu.codes[127], 131, "0.0 goes to code 131 on the CPU");
+    }
+
+    /// A 256-block whose values all equal the offset: scale 0, codes 0 on both backends, decoding
+    /// to the offset.
+    #[test]
+    fn constant_block_has_zero_scale() {
+        for backend in [BnbBackend::Cuda, BnbBackend::Cpu] {
+            let n = double_quant(&[3.0; 300], backend);
+            assert_eq!(n.offset, 3.0);
+            assert_eq!(n.nested_absmax, vec![0.0, 0.0]);
+            assert!(n.codes.iter().all(|&c| c == 0));
+            assert!(n.decode().iter().all(|&a| a == 3.0));
         }
-        let mid = (map[200] + map[201]) / 2.0;
-        assert!(nearest_dynamic(mid) <= 201);
-        assert_eq!(nearest_dynamic(-1.0), 0);
-        assert_eq!(nearest_dynamic(1.0), 255);
     }
 
     #[test]

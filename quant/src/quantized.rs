@@ -2,6 +2,7 @@
 //! `QuantState` hold (packed codes, absmax plain or double-quantized, block size, type, the original
 //! shape and dtype).
 
+use crate::backend::BnbBackend;
 use crate::cpu::{self, DequantOut};
 use crate::format::{Blocksize, QuantType, n_blocks, packed_len};
 use crate::nested::{self, NestedAbsmax};
@@ -49,7 +50,8 @@ pub struct Quantized {
 }
 
 impl Quantized {
-    /// Quantizes the row-major values `x` (already widened losslessly to f32 from `dtype`).
+    /// Quantizes the row-major values `x` (already widened losslessly to f32 from `dtype`) to the
+    /// bytes bitsandbytes' CUDA kernels write (the default [`BnbBackend`]).
     pub fn quantize(
         x: &[f32],
         shape: &[usize],
@@ -57,6 +59,28 @@ impl Quantized {
         quant_type: QuantType,
         blocksize: Blocksize,
         double_quant: bool,
+    ) -> Result<Self> {
+        let backend = BnbBackend::default();
+        Self::quantize_as(
+            x,
+            shape,
+            dtype,
+            quant_type,
+            blocksize,
+            double_quant,
+            backend,
+        )
+    }
+
+    /// [`Self::quantize`] reproducing `backend`'s bytes.
+    pub fn quantize_as(
+        x: &[f32],
+        shape: &[usize],
+        dtype: DType,
+        quant_type: QuantType,
+        blocksize: Blocksize,
+        double_quant: bool,
+        backend: BnbBackend,
     ) -> Result<Self> {
         check_source_dtype(dtype)?;
         let n_elems: usize = shape.iter().product();
@@ -66,9 +90,9 @@ impl Quantized {
                 n_values: x.len(),
             });
         }
-        let q = cpu::quantize(x, quant_type, blocksize)?;
+        let q = cpu::quantize(x, quant_type, blocksize, backend)?;
         let absmax = if double_quant {
-            Absmax::Nested(nested::double_quant(&q.absmax))
+            Absmax::Nested(nested::double_quant(&q.absmax, backend))
         } else {
             Absmax::Plain(q.absmax)
         };

@@ -39,6 +39,11 @@ pub struct ExportArgs {
     /// Replace an existing --out.
     #[arg(long)]
     force: bool,
+    /// GGUF of a BPE vocabulary: llama.cpp's pre-tokenizer name (tokenizer.ggml.pre) to write when
+    /// llama.cpp's table does not know the vocabulary's check hash (by default it is looked up, as
+    /// llama.cpp's converter does).
+    #[arg(long)]
+    gguf_pre: Option<String>,
 }
 
 pub fn run(args: ExportArgs) -> Result<ExitCode> {
@@ -77,7 +82,15 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
     }
     if args.format == "gguf" {
         let ty = crate::export::ftype::FileType::parse(&args.ty)?;
-        crate::export::gguf_model::export(&dir, adapter.as_ref(), &args.out, ty, base, args.force)?;
+        crate::export::gguf_model::export(
+            &dir,
+            adapter.as_ref(),
+            &args.out,
+            ty,
+            base,
+            args.force,
+            args.gguf_pre.as_deref(),
+        )?;
         println!(
             "wrote {} (GGUF phi3, {}, {} merged into the {} base)",
             args.out.display(),

@@ -27,6 +27,11 @@ pub struct QuantizeArgs {
     /// Double-quantize the absmax (bitsandbytes' bnb_4bit_use_double_quant).
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     double_quant: bool,
+    /// Reproduce the bytes of this bitsandbytes backend: `cuda` (its GPU kernels, what a GPU QLoRA
+    /// user's checkpoint holds) or `cpu` (bitsandbytes 0.50's CPU backend, bit for bit). They differ
+    /// only in rare rounding edges and all-zero blocks; both load and dequantize the same way.
+    #[arg(long, default_value = "cuda", value_parser = ["cuda", "cpu"])]
+    match_bnb: String,
 }
 
 pub fn run(args: QuantizeArgs) -> Result<ExitCode> {
@@ -41,6 +46,7 @@ pub fn run(args: QuantizeArgs) -> Result<ExitCode> {
         quant_type,
         blocksize,
         double_quant: args.double_quant,
+        backend: args.match_bnb.parse().map_err(anyhow::Error::msg)?,
     };
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("{spinner} quantizing [{bar:30}] {pos}/{len} {wide_msg}")
@@ -50,11 +56,12 @@ pub fn run(args: QuantizeArgs) -> Result<ExitCode> {
     let report = quantize_checkpoint(&opts, &bar)?;
     bar.finish_and_clear();
     println!(
-        "quantized {} linears to {} (blocksize {}, double quant {}): {:.1} MB -> {:.1} MB; copied {} tensors; wrote {}",
+        "quantized {} linears to {} (blocksize {}, double quant {}, bitsandbytes {} bytes): {:.1} MB -> {:.1} MB; copied {} tensors; wrote {}",
         report.n_quantized,
         quant_type,
         blocksize.elems(),
         opts.double_quant,
+        opts.backend,
         report.linear_bytes_in as f64 / 1e6,
         report.linear_bytes_out as f64 / 1e6,
         report.n_copied,

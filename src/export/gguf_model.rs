@@ -20,6 +20,7 @@ pub fn export(
     ty: impl Into<FileType>,
     base: MergeBase,
     force: bool,
+    pre: Option<&str>,
 ) -> Result<()> {
     let ty: FileType = ty.into();
     check_output(out, force)?;
@@ -101,7 +102,7 @@ pub fn export(
         }
     }
 
-    write_tokenizer(&mut w, model_dir, cfg)?;
+    write_tokenizer(&mut w, model_dir, cfg, pre)?;
     w.kv("general.quantization_version", Value::U32(2))?;
 
     // Tensors in llama.cpp's order: embeddings, blocks, final norm, head.

@@ -12,7 +12,7 @@ mod bpe;
 mod post_processor;
 mod special;
 
-pub use bpe::{BpeVocab, PRE_TOKENIZERS, read_bpe};
+pub use bpe::{BpeVocab, chkhsh, pre_of_chkhsh, read_bpe};
 pub use special::SpecialVocab;
 
 use super::gguf::{GgufWriter, Value};
@@ -215,16 +215,22 @@ const BPE_TOKENIZER_CLASSES: [&str; 2] = ["GPT2Tokenizer", "GPT2TokenizerFast"];
 
 /// Writes the tokenizer keys llama.cpp's `phi3` converter writes for the checkpoint in `dir`: a
 /// BPE vocabulary when tokenizer_config.json's `tokenizer_class` says GPT-2, else SentencePiece.
-pub fn write_tokenizer(w: &mut GgufWriter<'_>, dir: &Path, cfg: &Phi3Config) -> Result<()> {
+/// `pre` overrides the BPE pre-tokenizer name (see [`read_bpe`]).
+pub fn write_tokenizer(
+    w: &mut GgufWriter<'_>,
+    dir: &Path,
+    cfg: &Phi3Config,
+    pre: Option<&str>,
+) -> Result<()> {
     let tc = read_json(&dir.join("tokenizer_config.json"))?;
     let class = tc
         .as_ref()
         .and_then(|t| t.get("tokenizer_class"))
         .and_then(|c| c.as_str());
     if class.is_some_and(|c| BPE_TOKENIZER_CLASSES.contains(&c)) {
-        let v = read_bpe(dir, cfg.vocab_size)?;
+        let v = read_bpe(dir, cfg.vocab_size, pre)?;
         w.kv("tokenizer.ggml.model", Value::Str("gpt2".into()))?;
-        w.kv("tokenizer.ggml.pre", Value::Str(v.pre.into()))?;
+        w.kv("tokenizer.ggml.pre", Value::Str(v.pre))?;
         w.kv("tokenizer.ggml.tokens", Value::ArrStr(v.tokens))?;
         w.kv("tokenizer.ggml.token_type", Value::ArrI32(v.types))?;
         SpecialVocab::load(dir, true, None)?.write(w)

@@ -55,23 +55,20 @@ fn check(ty: &str) {
         GgmlType::parse(ty).unwrap(),
         MergeBase::Original,
         false,
+        None,
     )
     .unwrap();
     compare(&out, &format!("tiny-phi3-{ty}.json"));
 }
 
-/// Our file read back by gguf-rs against a golden description of llama.cpp's output.
-pub(crate) fn compare(out: &std::path::Path, golden_file: &str) {
-    let ty = golden_file;
-    let golden: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures().join("gguf").join(golden_file)).unwrap())
-            .unwrap();
-
-    let file = gguf_rs::mmap::MmapGGUF::open(out).unwrap();
-    let m = file.model();
-    assert_eq!(m.alignment(), 32);
-    let ours = m.metadata();
-    for (key, want) in golden["metadata"].as_object().unwrap() {
+/// Every key of `golden` (gguf-py's description: type, value or array length and sha256), naming
+/// keys aside, has the same type and contents in `ours`.
+pub(crate) fn compare_metadata(
+    ty: &str,
+    ours: &std::collections::BTreeMap<String, serde_json::Value>,
+    golden: &serde_json::Map<String, serde_json::Value>,
+) {
+    for (key, want) in golden {
         if NAMING_KEYS.contains(&key.as_str()) {
             continue;
         }
@@ -112,6 +109,20 @@ pub(crate) fn compare(out: &std::path::Path, golden_file: &str) {
             );
         }
     }
+}
+
+/// Our file read back by gguf-rs against a golden description of llama.cpp's output.
+pub(crate) fn compare(out: &std::path::Path, golden_file: &str) {
+    let ty = golden_file;
+    let golden: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("gguf").join(golden_file)).unwrap())
+            .unwrap();
+
+    let file = gguf_rs::mmap::MmapGGUF::open(out).unwrap();
+    let m = file.model();
+    assert_eq!(m.alignment(), 32);
+    let ours = m.metadata();
+    compare_metadata(ty, ours, golden["metadata"].as_object().unwrap());
     let extra: Vec<_> = ours
         .keys()
         .filter(|k| {
@@ -236,6 +247,7 @@ fn unsupported_types_and_existing_files_are_refused() {
         GgmlType::parse("f16").unwrap(),
         MergeBase::Original,
         false,
+        None,
     )
     .unwrap_err();
     assert!(e.to_string().contains("--force"));
@@ -270,6 +282,7 @@ fn longrope_models_carry_their_factors_and_attention_factor() {
         GgmlType::parse("f32").unwrap(),
         MergeBase::Original,
         false,
+        None,
     )
     .unwrap();
     compare(&out, "tiny-phi3-longrope-f32.json");

@@ -157,6 +157,7 @@ fn export(model: &Path, mix: &str, out: &Path) {
         FileType::parse(mix).unwrap(),
         MergeBase::Original,
         false,
+        None,
     )
     .unwrap();
 }

@@ -6,6 +6,7 @@ mod data;
 mod export;
 mod fused_model;
 mod gguf;
+mod gguf_bpe;
 mod gguf_phi4;
 mod gpu;
 mod kquant;

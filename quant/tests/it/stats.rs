@@ -1,7 +1,7 @@
 //! The statistical check bitsandbytes publishes for NF4 (tests/test_functional.py, `test_4bit_quant`):
 //! mean absolute error of quantize → dequantize on standard-normal data at blocksize 64.
 
-use qlora_quant::{Blocksize, QuantType, cpu};
+use qlora_quant::{Blocksize, BnbBackend, QuantType, cpu};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
@@ -17,7 +17,7 @@ fn nf4_mean_absolute_error_is_in_the_published_band() {
         let x: Vec<f32> = (0..1024 * 1024)
             .map(|_| StandardNormal.sample(&mut rng))
             .collect();
-        let q = cpu::quantize(&x, QuantType::Nf4, Blocksize::DEFAULT).unwrap();
+        let q = cpu::quantize(&x, QuantType::Nf4, Blocksize::DEFAULT, BnbBackend::Cuda).unwrap();
         let dq: Vec<f32> = cpu::dequantize(
             &q.packed,
             &q.absmax,

@@ -3,58 +3,67 @@
 //! id, ids without a token as `[PADi]` (UNUSED) up to config.json's vocab_size, added tokens as
 //! CONTROL when special or when they look special (`<|…|>`), else USER_DEFINED, the rest NORMAL.
 //!
-//! `tokenizer.ggml.pre` names the pre-tokenizer llama.cpp must run. The converter finds it by
-//! hashing the tokenizer's output on a check text, which only works for vocabularies it has seen;
-//! we read it off tokenizer.json's `pre_tokenizer` instead ([`PRE_TOKENIZERS`]), and refuse the
-//! ones we cannot name rather than guess.
+//! `tokenizer.ggml.pre` names the pre-tokenizer llama.cpp must run. llama.cpp's converter does not
+//! read the regex: it tokenizes a fixed check text, hashes the ids and looks the hash up in a table
+//! of the vocabularies it knows (`get_vocab_base_pre`). We do the same with the same data
+//! (src/export/vocab/llama_cpp/, PROVENANCE.md there), so a vocabulary gets the name llama.cpp
+//! would give it, and one llama.cpp does not know is refused with its hash, unless the user names
+//! the pre-tokenizer.
 
 use super::{CONTROL, NORMAL, UNUSED, USER_DEFINED, read_json};
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::Value as Json;
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// The o200k (GPT-4o) split regex, as tokenizer.json holds it (llama.cpp `LLAMA_VOCAB_PRE_TYPE_GPT4O`).
-pub const O200K_REGEX: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// The converter's check text (`chktxt`).
+const CHKTXT: &[u8] = include_bytes!("llama_cpp/chktxt.bin");
+/// The converter's (chkhsh, name, reference) rows, in its order.
+const CHKHSH_TSV: &str = include_str!("llama_cpp/chkhsh.tsv");
 
-/// Llama-3's split regex, as tokenizer.json holds it (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
-pub const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
-/// What tokenizer.json's pre-tokenizer is, for the ones we can name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PreTokenizer {
-    /// `Sequence[Split(regex, Isolated), ByteLevel(use_regex: false)]`.
-    SplitThenByteLevel(&'static str),
-    /// `ByteLevel(use_regex: true)` alone: GPT-2's built-in regex.
-    ByteLevelRegex,
+/// The table's rows as (hash, name).
+fn chkhsh_rows() -> impl Iterator<Item = (&'static str, &'static str)> {
+    CHKHSH_TSV.lines().filter_map(|l| {
+        let mut f = l.split('\t');
+        Some((f.next()?, f.next()?))
+    })
 }
 
-/// llama.cpp's `tokenizer.ggml.pre` names, by pre-tokenizer (none of them with a normalizer or
-/// `add_prefix_space`): the pre-tokenizer types that run exactly these regexes in llama-vocab.cpp.
-pub const PRE_TOKENIZERS: [(&str, PreTokenizer, &str); 3] = [
-    (
-        "gpt-4o",
-        PreTokenizer::SplitThenByteLevel(O200K_REGEX),
-        "the o200k Split regex + ByteLevel (GPT-4o, Phi-4-mini)",
-    ),
-    (
-        "llama-bpe",
-        PreTokenizer::SplitThenByteLevel(LLAMA3_REGEX),
-        "the Llama-3 Split regex + ByteLevel",
-    ),
-    (
-        "gpt-2",
-        PreTokenizer::ByteLevelRegex,
-        "ByteLevel with its built-in GPT-2 regex",
-    ),
-];
+/// llama.cpp's name for a check hash: the LAST matching row (the converter's chain of `if`s).
+pub fn pre_of_chkhsh(chkhsh: &str) -> Option<&'static str> {
+    chkhsh_rows()
+        .filter(|(h, _)| *h == chkhsh)
+        .last()
+        .map(|(_, n)| n)
+}
+
+/// Whether `name` is one of the table's pre-tokenizer names.
+pub fn is_known_pre(name: &str) -> bool {
+    chkhsh_rows().any(|(_, n)| n == name)
+}
+
+/// The converter's `chkhsh` of the tokenizer.json at `path`: its ids for the check text with the
+/// special tokens its post-processor adds, written as Python's `str(list)`, sha256 in hex.
+pub fn chkhsh(path: &Path) -> Result<String> {
+    let origin = path.display();
+    let tok = tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| anyhow!("{origin}: cannot load the tokenizer: {e}"))?;
+    let text = std::str::from_utf8(CHKTXT).expect("the check text is UTF-8");
+    let enc = tok
+        .encode(text, true)
+        .map_err(|e| anyhow!("{origin}: cannot tokenize llama.cpp's check text: {e}"))?;
+    let ids: Vec<String> = enc.get_ids().iter().map(u32::to_string).collect();
+    let digest = Sha256::digest(format!("[{}]", ids.join(", ")).as_bytes());
+    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+}
 
 /// Tokens and types by id, and the pre-tokenizer name.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BpeVocab {
     pub tokens: Vec<String>,
     pub types: Vec<i32>,
-    pub pre: &'static str,
+    pub pre: String,
 }
 
 /// gguf's `does_token_look_special`: added tokens that ought to be control tokens although not
@@ -93,48 +102,9 @@ fn round_trip(token: &str, byte_level_decoder: bool) -> String {
     }
 }
 
-/// Which of [`PRE_TOKENIZERS`] tokenizer.json uses, if any.
-fn pre_tokenizer_of(tj: &Json) -> Option<&'static str> {
-    if tj.get("normalizer").is_some_and(|n| !n.is_null()) {
-        return None;
-    }
-    let pt = tj.get("pre_tokenizer")?;
-    let ty = |v: &Json| v.get("type").and_then(|t| t.as_str()).map(str::to_string);
-    let flag =
-        |v: &Json, k: &str, default: bool| v.get(k).and_then(|b| b.as_bool()).unwrap_or(default);
-    let found = match ty(pt).as_deref() {
-        Some("ByteLevel")
-            if flag(pt, "use_regex", true) && !flag(pt, "add_prefix_space", false) =>
-        {
-            PreTokenizer::ByteLevelRegex
-        }
-        Some("Sequence") => {
-            let [split, bl] = pt.get("pretokenizers")?.as_array()?.as_slice() else {
-                return None;
-            };
-            let ok = ty(split).as_deref() == Some("Split")
-                && split.get("behavior").and_then(|b| b.as_str()) == Some("Isolated")
-                && !flag(split, "invert", false)
-                && ty(bl).as_deref() == Some("ByteLevel")
-                && !flag(bl, "use_regex", true)
-                && !flag(bl, "add_prefix_space", false);
-            let regex = split.get("pattern")?.get("Regex")?.as_str()?;
-            if !ok {
-                return None;
-            }
-            return PRE_TOKENIZERS.iter().find_map(|(name, p, _)| {
-                matches!(p, PreTokenizer::SplitThenByteLevel(r) if *r == regex).then_some(*name)
-            });
-        }
-        _ => return None,
-    };
-    PRE_TOKENIZERS
-        .iter()
-        .find_map(|(name, p, _)| (*p == found).then_some(*name))
-}
-
-/// The BPE vocabulary of the checkpoint in `dir`, `vocab_size` entries.
-pub fn read_bpe(dir: &Path, vocab_size: usize) -> Result<BpeVocab> {
+/// The BPE vocabulary of the checkpoint in `dir`, `vocab_size` entries. `pre` names llama.cpp's
+/// pre-tokenizer when the user knows it; otherwise the check hash must be in llama.cpp's table.
+pub fn read_bpe(dir: &Path, vocab_size: usize, pre: Option<&str>) -> Result<BpeVocab> {
     let path = dir.join("tokenizer.json");
     let tj = read_json(&path)?.with_context(|| {
         format!(
@@ -152,16 +122,27 @@ pub fn read_bpe(dir: &Path, vocab_size: usize) -> Result<BpeVocab> {
         "{origin}: model type is {}, not BPE",
         kind.unwrap_or("missing")
     );
-    let Some(pre) = pre_tokenizer_of(&tj) else {
-        let supported: Vec<String> = PRE_TOKENIZERS
-            .iter()
-            .map(|(name, _, what)| format!("{name} ({what})"))
-            .collect();
-        bail!(
-            "{origin}: cannot tell which llama.cpp pre-tokenizer (tokenizer.ggml.pre) this BPE \
-             vocabulary needs; supported, each without a normalizer: {}",
-            supported.join(", ")
-        );
+    let pre: String = match pre {
+        Some(name) => {
+            ensure!(
+                is_known_pre(name),
+                "--gguf-pre `{name}` is not a pre-tokenizer name llama.cpp's converter writes \
+                 (see src/export/vocab/llama_cpp/chkhsh.tsv)"
+            );
+            name.to_string()
+        }
+        None => {
+            let h = chkhsh(&path)?;
+            match pre_of_chkhsh(&h) {
+                Some(name) => name.to_string(),
+                None => bail!(
+                    "{origin}: llama.cpp does not know this BPE vocabulary: its check hash {h} is not \
+                     in llama.cpp's pre-tokenizer table (its converter refuses it too); if you know \
+                     which pre-tokenizer it needs, pass --gguf-pre NAME (e.g. llama-bpe, gpt-4o, \
+                     qwen2, dbrx)"
+                ),
+            }
+        }
     };
     let mut by_id: BTreeMap<u64, String> = BTreeMap::new();
     for (token, id) in model
@@ -279,21 +260,25 @@ mod tests {
         assert_eq!(round_trip("a b", true), "a b"); // ' ' is not a byte-level character
     }
 
+    /// The table as the converter reads it: later rows win (mpt's hash is also olmo's), and the
+    /// check text is the converter's (its sha256 in PROVENANCE.md).
     #[test]
-    fn pre_tokenizers_are_named_by_their_regex() {
-        let seq = |regex: &str| {
-            serde_json::json!({"normalizer": null, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false},
-                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}})
-        };
-        assert_eq!(pre_tokenizer_of(&seq(O200K_REGEX)), Some("gpt-4o"));
-        assert_eq!(pre_tokenizer_of(&seq(LLAMA3_REGEX)), Some("llama-bpe"));
-        assert_eq!(pre_tokenizer_of(&seq(r"\p{N}")), None);
-        let gpt2 = serde_json::json!({"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false,
-                                      "trim_offsets": true, "use_regex": true}});
-        assert_eq!(pre_tokenizer_of(&gpt2), Some("gpt-2"));
-        let mut lowercased = seq(O200K_REGEX);
-        lowercased["normalizer"] = serde_json::json!({"type": "Lowercase"});
-        assert_eq!(pre_tokenizer_of(&lowercased), None);
+    fn the_last_matching_row_wins() {
+        let mpt = "b6dc8df998e1cfbdc4eac8243701a65afe638679230920b50d6f17d81c098166";
+        let rows: Vec<_> = chkhsh_rows().filter(|(h, _)| *h == mpt).collect();
+        assert_eq!(
+            rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            ["mpt", "olmo"]
+        );
+        assert_eq!(pre_of_chkhsh(mpt), Some("olmo"));
+        assert_eq!(pre_of_chkhsh(&"0".repeat(64)), None);
+        assert_eq!(chkhsh_rows().count(), 97);
+        let digest = Sha256::digest(CHKTXT);
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "a36179c1e2b1cfcfbfad1dc779addad2ffc778201e4cf0d538bddeafa2c526da"
+        );
+        assert!(is_known_pre("gpt-4o") && !is_known_pre("gpt-5"));
     }
 }

@@ -1,0 +1,177 @@
+//! llama.cpp's pre-tokenizer detection on real BPE vocabularies (tests/fixtures/gen_bpe_vocab_goldens.py):
+//! GPT-2, Llama-3 as packaged (smaug-bpe: no BOS) and with Meta's post-processor (llama-bpe),
+//! GPT-4o's o200k (gpt-4o: Phi-4-mini's), GPT-4's cl100k (dbrx: Phi-4's) and Qwen3's (qwen2, single
+//! digits). Each vocabulary is committed pruned to what the check text and llama.cpp's 46 test
+//! strings use, ids unchanged. For each: our check hash and name equal the converter's, our GGUF's
+//! `tokenizer.ggml.*` keys equal what convert_hf_to_gguf.py writes for the same tiny checkpoint,
+//! and tokenizers' ids for the test strings equal the golden's, which llama.cpp's `llama_tokenize`
+//! reproduces except on the cases the golden lists as llama.cpp's own divergences.
+
+use crate::common::{Raw, fixtures, write_checkpoint};
+use crate::gguf::compare_metadata;
+use qlora::export::MergeBase;
+use qlora::export::gguf::GgmlType;
+use qlora::export::vocab::{chkhsh, pre_of_chkhsh};
+use serde::Deserialize;
+use std::path::Path;
+
+const VOCABS: [&str; 6] = ["gpt2", "llama3", "llama3-meta", "gpt4o", "cl100k", "qwen3"];
+
+#[derive(Deserialize)]
+struct Golden {
+    chkhsh: String,
+    pre: String,
+    vocab_size: usize,
+    metadata: serde_json::Map<String, serde_json::Value>,
+    tokenizers_ids: Vec<Vec<u32>>,
+    llama_tokenize_ids: Vec<Vec<u32>>,
+    llama_tokenize_differs: Vec<usize>,
+}
+
+fn golden(name: &str) -> Golden {
+    let path = fixtures().join(format!("bpe/{name}.json"));
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// llama.cpp's tokenizer test strings (`models/ggml-vocab-*.gguf.inp`).
+fn test_strings() -> Vec<String> {
+    let text = std::fs::read_to_string(fixtures().join("bpe/llama.cpp-vocab-test.inp")).unwrap();
+    let mut cases: Vec<String> = text
+        .split("\n__ggml_vocab_test__\n")
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        cases.pop().as_deref(),
+        Some(""),
+        "the file ends with a separator"
+    );
+    cases
+}
+
+/// The generator's tiny checkpoint: a 1-layer Phi-3 of hidden 16 with the vocabulary's size, the
+/// pruned tokenizer.json, and tokenizer_config.json under Phi-4's class (llama.cpp's Phi-3
+/// converter reads a BPE vocabulary only then) with bos/eos/unk null where absent.
+fn tiny_checkpoint(dir: &Path, vocab: &str, vocab_size: usize) {
+    let config = serde_json::json!({
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": vocab_size,
+        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "rope_scaling": null, "max_position_embeddings": 256,
+        "original_max_position_embeddings": 256, "sliding_window": null,
+        "tie_word_embeddings": false, "torch_dtype": "float32"
+    });
+    let (h, i, v) = (16, 32, vocab_size);
+    let p = "model.layers.0";
+    let tensors = vec![
+        (
+            "model.embed_tokens.weight".to_string(),
+            Raw::bf16(&[v, h], 1),
+        ),
+        ("model.norm.weight".to_string(), Raw::bf16(&[h], 2)),
+        ("lm_head.weight".to_string(), Raw::bf16(&[v, h], 3)),
+        (format!("{p}.input_layernorm.weight"), Raw::bf16(&[h], 4)),
+        (
+            format!("{p}.post_attention_layernorm.weight"),
+            Raw::bf16(&[h], 5),
+        ),
+        (
+            format!("{p}.self_attn.qkv_proj.weight"),
+            Raw::bf16(&[3 * h, h], 6),
+        ),
+        (
+            format!("{p}.self_attn.o_proj.weight"),
+            Raw::bf16(&[h, h], 7),
+        ),
+        (
+            format!("{p}.mlp.gate_up_proj.weight"),
+            Raw::bf16(&[2 * i, h], 8),
+        ),
+        (format!("{p}.mlp.down_proj.weight"), Raw::bf16(&[h, i], 9)),
+    ];
+    write_checkpoint(dir, &config, &tensors, 1);
+    let src = fixtures().join("bpe").join(vocab);
+    std::fs::copy(src.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let mut tc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("tokenizer_config.json")).unwrap()).unwrap();
+    tc["tokenizer_class"] = "GPT2Tokenizer".into();
+    for k in ["bos_token", "eos_token", "unk_token"] {
+        if tc.get(k).is_none() {
+            tc[k] = serde_json::Value::Null;
+        }
+    }
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_vec(&tc).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn check_hashes_name_the_pre_tokenizer_llama_cpp_does() {
+    for vocab in VOCABS {
+        let g = golden(vocab);
+        let h = chkhsh(&fixtures().join("bpe").join(vocab).join("tokenizer.json")).unwrap();
+        assert_eq!(h, g.chkhsh, "{vocab}: check hash");
+        assert_eq!(pre_of_chkhsh(&h), Some(g.pre.as_str()), "{vocab}: name");
+    }
+}
+
+#[test]
+fn bpe_vocabularies_export_the_converters_tokenizer_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    for vocab in VOCABS {
+        let g = golden(vocab);
+        let dir = tmp.path().join(vocab);
+        tiny_checkpoint(&dir, vocab, g.vocab_size);
+        let out = tmp.path().join(format!("{vocab}.gguf"));
+        qlora::export::gguf_model::export(
+            &dir,
+            None,
+            &out,
+            GgmlType::parse("f32").unwrap(),
+            MergeBase::Original,
+            false,
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{vocab}: {e:#}"));
+        let file = gguf_rs::mmap::MmapGGUF::open(&out).unwrap();
+        let ours = file.model().metadata().clone();
+        compare_metadata(vocab, &ours, &g.metadata);
+        let extra: Vec<_> = ours
+            .keys()
+            .filter(|k| k.starts_with("tokenizer.") && !g.metadata.contains_key(*k))
+            .collect();
+        assert!(
+            extra.is_empty(),
+            "{vocab}: keys the converter does not write: {extra:?}"
+        );
+        drop(file);
+        std::fs::remove_file(&out).unwrap();
+    }
+}
+
+#[test]
+fn tokenizers_ids_are_what_llama_cpp_tokenizes() {
+    let texts = test_strings();
+    assert_eq!(texts.len(), 46);
+    for vocab in VOCABS {
+        let g = golden(vocab);
+        let path = fixtures().join("bpe").join(vocab).join("tokenizer.json");
+        let tok = tokenizers::Tokenizer::from_file(&path).unwrap();
+        let mut differs = Vec::new();
+        for (k, text) in texts.iter().enumerate() {
+            let ids = tok.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+            assert_eq!(ids, g.tokenizers_ids[k], "{vocab}: case {k} {text:?}");
+            if ids != g.llama_tokenize_ids[k] {
+                differs.push(k);
+            }
+        }
+        assert_eq!(
+            differs, g.llama_tokenize_differs,
+            "{vocab}: cases llama.cpp tokenizes otherwise"
+        );
+        if !differs.is_empty() {
+            eprintln!("{vocab}: llama.cpp's own tokenizer differs on {differs:?}");
+        }
+    }
+}
