@@ -81,17 +81,17 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Phi3> {
             .get(name)
             .and_then(|&i| headers[i].tensor(name).ok())
     };
-    // The file holding `name` (the checkpoint dir when no shard has it), for errors.
-    let file_of = |name: &str| {
-        where_is
-            .get(name)
-            .map(|&i| ck.shards[i].path.display().to_string())
-            .unwrap_or_else(|| dir.display().to_string())
-    };
     // Where the tensor list lives: the index of a sharded checkpoint, else its one file.
     let weights = match (&ck.index, ck.shards.as_slice()) {
         (None, [shard]) => shard.path.clone(),
         _ => dir.join(checkpoint::INDEX_FILE),
+    };
+    // The file holding `name` (where the tensor list lives when no shard has it), for errors.
+    let file_of = |name: &str| {
+        where_is
+            .get(name)
+            .map(|&i| ck.shards[i].path.display().to_string())
+            .unwrap_or_else(|| weights.display().to_string())
     };
     let missing = |name: &str| {
         format!(
@@ -210,7 +210,7 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Phi3> {
         if !cfg.tie_word_embeddings {
             bail!(
                 "{}: no `lm_head.weight`, and {origin} says tie_word_embeddings is false",
-                dir.display()
+                weights.display()
             );
         }
         embed_tokens.clone()

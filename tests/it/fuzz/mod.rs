@@ -22,7 +22,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 
 /// Random cases per target when `QLORA_FUZZ_CASES` is unset (sized for CI's debug test build).
-pub const DEFAULT_CASES: u32 = 300;
+pub const DEFAULT_CASES: u32 = 1000;
 /// Seeds up to this length are truncated at every length; longer ones at this many lengths.
 pub const ALL_TRUNCATIONS: usize = 1024;
 /// The largest single allocation a reader may make while reading a fuzzed file.
