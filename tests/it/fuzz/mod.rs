@@ -13,6 +13,7 @@
 mod alloc;
 mod mutate;
 mod readers;
+mod seeds;
 
 use mutate::{Edit, JsonEdit};
 use proptest::prelude::*;
