@@ -8,12 +8,13 @@
 //! RSS. The pages stay in the page cache (reclaimable, not counted in RSS); reading the range again
 //! faults them back in with the same contents, since the mapping is read-only and shared.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
+use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 use qlora_quant::bnb;
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 /// The single-file weights name.
@@ -36,14 +37,39 @@ pub struct ShardIndex {
 pub struct Shard {
     /// File name inside the checkpoint dir.
     pub file: String,
+    /// The whole path, for errors.
+    pub path: PathBuf,
     mmap: Mmap,
 }
 
 impl Shard {
+    /// Maps the safetensors file at `path` (named `file` in its checkpoint) and checks its header.
+    pub fn open(path: &Path, file: &str) -> Result<Self> {
+        let f = std::fs::File::open(path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        // SAFETY: the file is mapped read-only; a checkpoint being rewritten under us is outside
+        // what any loader can defend against (transformers maps it the same way).
+        let mmap =
+            unsafe { Mmap::map(&f) }.with_context(|| format!("{}: cannot map", path.display()))?;
+        let shard = Self {
+            file: file.to_string(),
+            path: path.to_path_buf(),
+            mmap,
+        };
+        shard.tensors()?;
+        Ok(shard)
+    }
+
     /// Parses the header (cheap) and gives access to the tensors.
     pub fn tensors(&self) -> Result<SafeTensors<'_>> {
-        SafeTensors::deserialize(&self.mmap)
-            .with_context(|| format!("{}: not a valid safetensors file", self.file))
+        parse_safetensors(&self.path, &self.mmap)
+    }
+
+    /// The header's `__metadata__` (string pairs), if any.
+    pub fn metadata(&self) -> Result<Option<HashMap<String, String>>> {
+        let (_, meta) = SafeTensors::read_metadata(&self.mmap)
+            .map_err(|e| anyhow!("{}: {e}", self.path.display()))?;
+        Ok(meta.metadata().clone())
     }
 
     /// The byte range of `bytes` inside this shard's mapping, if it lies there.
@@ -75,18 +101,26 @@ impl Checkpoint {
             );
         }
         let config_path = dir.join(CONFIG_FILE);
-        let config_text = std::fs::read_to_string(&config_path).with_context(|| {
+        let config_bytes = std::fs::read(&config_path).with_context(|| {
             format!(
                 "{}: cannot read; a checkpoint needs its config.json",
                 config_path.display()
             )
         })?;
-        let config: serde_json::Value = serde_json::from_str(&config_text)
+        let config: serde_json::Value = serde_json::from_slice(&config_bytes)
             .with_context(|| format!("{}: invalid JSON", config_path.display()))?;
         let index_path = dir.join(INDEX_FILE);
         let (files, index) = if index_path.exists() {
-            let index: ShardIndex = serde_json::from_slice(&std::fs::read(&index_path)?)
+            let bytes = std::fs::read(&index_path)
+                .with_context(|| format!("{}: cannot read", index_path.display()))?;
+            let index: ShardIndex = serde_json::from_slice(&bytes)
                 .with_context(|| format!("{}: invalid shard index", index_path.display()))?;
+            if let Some(bad) = index.weight_map.values().find(|f| !is_plain_file_name(f)) {
+                bail!(
+                    "{}: weight_map names `{bad}`, not a file of this directory",
+                    index_path.display()
+                );
+            }
             let mut files: Vec<String> = index.weight_map.values().cloned().collect();
             files.sort();
             files.dedup();
@@ -103,19 +137,14 @@ impl Checkpoint {
             .into_iter()
             .map(|file| {
                 let path = dir.join(&file);
-                let f = std::fs::File::open(&path).with_context(|| {
-                    format!(
-                        "{}: listed in {INDEX_FILE} but cannot be opened",
-                        path.display()
-                    )
-                })?;
-                // SAFETY: the file is mapped read-only; a checkpoint being rewritten under us is
-                // outside what any loader can defend against (transformers maps it the same way).
-                let mmap = unsafe { Mmap::map(&f) }
-                    .with_context(|| format!("mapping {}", path.display()))?;
-                let shard = Shard { file, mmap };
-                shard.tensors()?;
-                Ok(shard)
+                if index.is_some() && !path.is_file() {
+                    bail!(
+                        "{}: listed in {} but missing",
+                        path.display(),
+                        index_path.display()
+                    );
+                }
+                Shard::open(&path, &file)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -179,6 +208,82 @@ impl Checkpoint {
     pub fn config_str(&self, key: &str) -> Option<&str> {
         self.config.get(key).and_then(|v| v.as_str())
     }
+}
+
+/// Whether `name` is a bare file name (no directory part, not `.` or `..`): what an index's
+/// `weight_map` may list.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
+}
+
+/// Parses a whole safetensors file, `bytes`, read from `path`: any defect is one error naming
+/// `path`. Every tensor's byte range is checked against the file before the safetensors crate
+/// validates the header, since the crate sums the ranges unchecked: ranges adding up past
+/// `usize::MAX` overflow there (a panic in debug builds; in release the sum wraps, the header is
+/// accepted, and slicing the first tensor panics).
+pub fn parse_safetensors<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
+    let invalid = |e: &dyn std::fmt::Display| {
+        anyhow!(
+            "{}: not a valid safetensors file: {e} (truncated or damaged? download or write it again)",
+            path.display()
+        )
+    };
+    check_data_offsets(bytes).map_err(|e| invalid(&e))?;
+    SafeTensors::deserialize(bytes).map_err(|e| invalid(&e))
+}
+
+/// Fails when a tensor's `data_offsets` lie outside the data that follows the header; headers the
+/// safetensors crate itself rejects (too short, bad JSON…) are left to it.
+fn check_data_offsets(bytes: &[u8]) -> std::result::Result<(), String> {
+    let Some(n) = bytes.get(..8) else {
+        return Ok(());
+    };
+    let n = u64::from_le_bytes(n.try_into().expect("8 bytes"));
+    let Some(header) = usize::try_from(n)
+        .ok()
+        .and_then(|n| bytes.get(8..8usize.checked_add(n)?))
+    else {
+        return Ok(());
+    };
+    let data_len = (bytes.len() - 8 - header.len()) as u64;
+    let Ok(serde_json::Value::Object(entries)) = serde_json::from_slice(header) else {
+        return Ok(());
+    };
+    for (name, info) in &entries {
+        let offsets = info.get("data_offsets").and_then(|o| o.as_array());
+        if let Some([start, end]) = offsets.map(Vec::as_slice) {
+            if let (Some(start), Some(end)) = (start.as_u64(), end.as_u64()) {
+                if start > end || end > data_len {
+                    return Err(format!(
+                        "tensor `{name}` has data_offsets [{start}, {end}], outside the \
+                         {data_len} data bytes that follow the header"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every tensor of the safetensors file at `path`, on `device` (candle's
+/// `candle_core::safetensors::load`, behind [`parse_safetensors`]); errors name `path`.
+pub fn load_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    use candle_core::safetensors::Load;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    // SAFETY: mapped read-only and dropped before returning (the tensors own copies).
+    let mmap =
+        unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
+    let st = parse_safetensors(path, &mmap)?;
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let t = view
+                .load(device)
+                .with_context(|| format!("{}: tensor `{name}`", path.display()))?;
+            Ok((name, t))
+        })
+        .collect()
 }
 
 /// The candle dtype of a safetensors dtype, for the float types a checkpoint stores weights in.

@@ -328,6 +328,12 @@ pub fn from_tensors<'a>(
     let absmax = match state.nested_offset {
         None => Absmax::Plain(f32_values(&format!("{weight_name}.absmax"), &absmax_view)?),
         Some(offset) => {
+            if !(offset as f32).is_finite() {
+                return Err(bnb_err(
+                    &state_name,
+                    format!("nested_offset {offset} is not a finite float32"),
+                ));
+            }
             if absmax_view.dtype() != Dtype::U8 {
                 return Err(bnb_err(
                     &format!("{weight_name}.absmax"),

@@ -107,8 +107,13 @@ impl Quantized {
     }
 
     /// Number of elements of the original tensor.
+    /// Saturates at `usize::MAX` (a shape read from a damaged file can overflow), which no
+    /// buffer fits, so [`Quantized::validate`] rejects such a shape.
     pub fn n_elems(&self) -> usize {
-        self.shape.iter().product()
+        self.shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .unwrap_or(usize::MAX)
     }
 
     /// Checks that the buffers fit the shape and block size.

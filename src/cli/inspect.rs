@@ -1,8 +1,11 @@
 //! `qlora inspect`: a GGUF's or a safetensors file's metadata and tensor table.
 
-use anyhow::{Context, Result, bail};
+use crate::checkpoint::Shard;
+use crate::export::gguf_read;
+use anyhow::{Context, Result};
 use clap::Args;
-use std::path::PathBuf;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Print a GGUF's or safetensors file's metadata and tensor table.
@@ -33,70 +36,73 @@ fn short(v: &serde_json::Value, full: bool) -> String {
 }
 
 pub fn run(args: InspectArgs) -> Result<ExitCode> {
-    let path = &args.file;
+    print!("{}", describe(&args.file, args.full)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `qlora inspect` prints for `path`: its metadata and tensor table. Both readers check the
+/// whole header first, so a damaged file is one error naming it.
+pub fn describe(path: &Path, full: bool) -> Result<String> {
     let mut magic = [0u8; 4];
     std::io::Read::read_exact(
         &mut std::fs::File::open(path)
             .with_context(|| format!("{}: cannot open", path.display()))?,
         &mut magic,
     )
-    .with_context(|| format!("{}: too short", path.display()))?;
+    .with_context(|| format!("{}: too short for GGUF or safetensors", path.display()))?;
+    let mut out = String::new();
     if &magic == b"GGUF" {
-        let file = gguf_rs::mmap::MmapGGUF::open(path)
-            .with_context(|| format!("{}: not a readable GGUF", path.display()))?;
-        let m = file.model();
-        println!(
-            "{}: GGUF {}, {} metadata keys, {} tensors, alignment {}",
+        let h = gguf_read::read_header(path)?;
+        writeln!(
+            out,
+            "{}: GGUF v{}, {} metadata keys, {} tensors, alignment {}",
             path.display(),
-            m.get_version(),
-            m.num_kv(),
-            m.num_tensor(),
-            m.alignment()
-        );
-        for (k, v) in m.metadata() {
-            println!("  {k} = {}", short(v, args.full));
+            h.version,
+            h.metadata.len(),
+            h.tensors.len(),
+            h.alignment
+        )?;
+        for (k, v) in &h.metadata {
+            writeln!(out, "  {k} = {}", short(&v.to_json(), full))?;
         }
-        println!(
+        writeln!(
+            out,
             "  {:<40} {:>8} {:>24} {:>12}",
             "tensor", "type", "ggml shape", "bytes"
-        );
-        for t in m.tensors() {
-            let ty = gguf_rs::GGMLType::try_from(t.kind)
-                .map(|g| g.to_string())
-                .unwrap_or_else(|_| format!("#{}", t.kind));
-            println!(
+        )?;
+        for t in &h.tensors {
+            writeln!(
+                out,
                 "  {:<40} {:>8} {:>24} {:>12}",
                 t.name,
-                ty,
-                format!("{:?}", t.shape),
-                t.size
-            );
+                t.ty.name(),
+                format!("{:?}", t.ne),
+                t.n_bytes
+            )?;
         }
-        return Ok(ExitCode::SUCCESS);
+        return Ok(out);
     }
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("{e}"))
+    let shard = Shard::open(path, &path.display().to_string())
         .with_context(|| format!("{}: neither GGUF nor safetensors", path.display()))?;
-    let st = match safetensors::SafeTensors::deserialize(&bytes) {
-        Ok(st) => st,
-        Err(e) => bail!("{}: invalid safetensors: {e}", path.display()),
-    };
-    println!("{}: safetensors, {} tensors", path.display(), st.len());
-    for (k, v) in meta.metadata().iter().flatten() {
-        println!("  {k} = {v}");
+    let st = shard.tensors()?;
+    writeln!(out, "{}: safetensors, {} tensors", path.display(), st.len())?;
+    for (k, v) in shard.metadata()?.iter().flatten() {
+        writeln!(out, "  {k} = {v}")?;
     }
     let mut names: Vec<_> = st.names();
     names.sort();
-    println!("  {:<60} {:>6} {:>20}", "tensor", "dtype", "shape");
+    writeln!(out, "  {:<60} {:>6} {:>20}", "tensor", "dtype", "shape")?;
     for n in names {
-        let t = st.tensor(n)?;
-        println!(
+        let t = st
+            .tensor(n)
+            .with_context(|| format!("{}: tensor `{n}`", path.display()))?;
+        writeln!(
+            out,
             "  {:<60} {:>6} {:>20}",
             n,
             format!("{:?}", t.dtype()),
             format!("{:?}", t.shape())
-        );
+        )?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(out)
 }

@@ -5,7 +5,7 @@ mod eval;
 mod export;
 mod generate;
 mod infer;
-mod inspect;
+pub mod inspect;
 mod quantize;
 mod train;
 

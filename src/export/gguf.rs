@@ -24,18 +24,47 @@ pub enum Value {
     ArrI32(Vec<i32>),
 }
 
-/// ggml tensor types we write: `(name, ggml id, elements per block, bytes per block)`, one table.
-pub const TYPES: [(&str, u32, usize, usize); 10] = [
+/// ggml's tensor types: `(name, ggml id, elements per block, bytes per block)`, one table
+/// (ggml.c's `type_traits`; ids 4, 5, 31–33 and 36–38 are retired). [`WRITABLE`] are those this
+/// writer encodes; a reader ([`super::gguf_read`]) sizes any of them.
+pub const TYPES: [(&str, u32, usize, usize); 32] = [
     ("f32", 0, 1, 4),
     ("f16", 1, 1, 2),
     ("q4_0", 2, 32, 18),
+    ("q4_1", 3, 32, 20),
     ("q5_0", 6, 32, 22),
     ("q5_1", 7, 32, 24),
     ("q8_0", 8, 32, 34),
+    ("q8_1", 9, 32, 36),
+    ("q2_k", 10, 256, 84),
+    ("q3_k", 11, 256, 110),
     ("q4_k", 12, 256, super::kquants::Q4_K_BYTES),
     ("q5_k", 13, 256, super::kquants::Q5_K_BYTES),
     ("q6_k", 14, 256, super::kquants::Q6_K_BYTES),
+    ("q8_k", 15, 256, 292),
+    ("iq2_xxs", 16, 256, 66),
+    ("iq2_xs", 17, 256, 74),
+    ("iq3_xxs", 18, 256, 98),
+    ("iq1_s", 19, 256, 50),
+    ("iq4_nl", 20, 32, 18),
+    ("iq3_s", 21, 256, 110),
+    ("iq2_s", 22, 256, 82),
+    ("iq4_xs", 23, 256, 136),
+    ("i8", 24, 1, 1),
+    ("i16", 25, 1, 2),
+    ("i32", 26, 1, 4),
+    ("i64", 27, 1, 8),
+    ("f64", 28, 1, 8),
+    ("iq1_m", 29, 256, 56),
     ("bf16", 30, 1, 2),
+    ("tq1_0", 34, 256, 54),
+    ("tq2_0", 35, 256, 66),
+    ("mxfp4", 39, 32, 17),
+];
+
+/// The types [`encode`] writes.
+pub const WRITABLE: [&str; 10] = [
+    "f32", "f16", "q4_0", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "bf16",
 ];
 
 /// A ggml tensor type.
@@ -43,14 +72,16 @@ pub const TYPES: [(&str, u32, usize, usize); 10] = [
 pub struct GgmlType(usize);
 
 impl GgmlType {
+    /// A type this writer encodes, by name.
     pub fn parse(name: &str) -> Result<Self> {
         match TYPES.iter().position(|t| t.0 == name) {
-            Some(i) => Ok(Self(i)),
-            None => bail!(
-                "GGUF type `{name}` is not supported; use one of {:?}",
-                TYPES.map(|t| t.0)
-            ),
+            Some(i) if WRITABLE.contains(&name) => Ok(Self(i)),
+            _ => bail!("GGUF type `{name}` is not supported; use one of {WRITABLE:?}"),
         }
+    }
+    /// Any ggml type, by its id in a file.
+    pub fn from_id(id: u32) -> Option<Self> {
+        TYPES.iter().position(|t| t.1 == id).map(Self)
     }
     pub fn name(self) -> &'static str {
         TYPES[self.0].0
@@ -60,6 +91,9 @@ impl GgmlType {
     }
     pub fn block_elems(self) -> usize {
         TYPES[self.0].2
+    }
+    pub fn block_bytes(self) -> usize {
+        TYPES[self.0].3
     }
     /// Bytes of `n` elements.
     pub fn n_bytes(self, n: usize) -> usize {

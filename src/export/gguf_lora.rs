@@ -25,7 +25,8 @@ pub fn export(
     let value: serde_json::Value = serde_json::from_slice(
         &std::fs::read(&cfg_path)
             .with_context(|| format!("{}: cannot read", cfg_path.display()))?,
-    )?;
+    )
+    .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
     let cfg = Phi3Config::from_value(&value, &cfg_path.display().to_string())?;
     check_adapter(adapter, &cfg)?;
     let mut w = GgufWriter::default();

@@ -11,6 +11,7 @@ pub mod ftype;
 pub mod gguf;
 pub mod gguf_lora;
 pub mod gguf_model;
+pub mod gguf_read;
 pub mod kquants;
 pub mod safetensors;
 pub mod vocab;

@@ -17,7 +17,7 @@ pub use special::SpecialVocab;
 
 use super::gguf::{GgufWriter, Value};
 use crate::model::config::Phi3Config;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use std::path::Path;
 
 /// llama.cpp's token types (SentencePiece's numbering).
@@ -60,22 +60,37 @@ fn fields(b: &[u8], mut f: impl FnMut(u64, u64, &[u8], u64) -> Result<()>) -> Re
                 let v = varint(b, &mut at)?;
                 f(field, wire, &[], v)?;
             }
-            1 => at += 8,
+            1 => {
+                take(b, &mut at, 8)?;
+            }
             2 => {
-                let len = varint(b, &mut at)? as usize;
-                let payload = b.get(at..at + len).context("truncated field")?;
-                at += len;
+                let len = varint(b, &mut at)?;
+                let payload = take(b, &mut at, usize::try_from(len).unwrap_or(usize::MAX))?;
                 f(field, wire, payload, 0)?;
             }
             5 => {
-                let payload = b.get(at..at + 4).context("truncated field")?;
-                at += 4;
+                let payload = take(b, &mut at, 4)?;
                 f(field, wire, payload, 0)?;
             }
-            other => bail!("unsupported protobuf wire type {other}"),
+            other => bail!("unsupported protobuf wire type {other} at byte {at}"),
         }
     }
     Ok(())
+}
+
+/// The next `len` bytes of `b` from `*at` (advancing it), or an error when fewer are left.
+fn take<'a>(b: &'a [u8], at: &mut usize, len: usize) -> Result<&'a [u8]> {
+    let payload = at
+        .checked_add(len)
+        .and_then(|end| b.get(*at..end))
+        .with_context(|| {
+            format!(
+                "truncated field: {len} bytes at byte {at}, {} left",
+                b.len() - *at
+            )
+        })?;
+    *at += len;
+    Ok(payload)
 }
 
 /// The pieces of a SentencePiece `tokenizer.model` (ModelProto field 1: piece, score, type).
@@ -95,7 +110,17 @@ pub fn read_sentencepiece(path: &Path) -> Result<Vocab> {
                         piece = String::from_utf8(p.to_vec()).context("piece is not UTF-8")?
                     }
                     (2, 5) => score = f32::from_le_bytes(p.try_into().expect("4 bytes")),
-                    (3, 0) => ty = x as i32,
+                    (3, 0) => {
+                        ty = i32::try_from(x)
+                            .ok()
+                            .filter(|t| (NORMAL..=BYTE).contains(t))
+                            .with_context(|| {
+                                format!(
+                                    "piece {} has type {x}, not a SentencePiece type (1 to 6)",
+                                    v.tokens.len()
+                                )
+                            })?
+                    }
                     _ => {}
                 }
                 Ok(())
@@ -107,15 +132,26 @@ pub fn read_sentencepiece(path: &Path) -> Result<Vocab> {
         Ok(())
     })
     .with_context(|| format!("{}: not a SentencePiece model", path.display()))?;
+    ensure!(
+        !v.tokens.is_empty(),
+        "{}: not a SentencePiece model (no pieces)",
+        path.display()
+    );
     Ok(v)
 }
 
 /// The vocabulary llama.cpp's converter would write for the model in `dir`.
 pub fn phi3_vocab(dir: &Path, vocab_size: usize) -> Result<Vocab> {
-    let sp = read_sentencepiece(&dir.join("tokenizer.model")).context(
-        "GGUF export of a SentencePiece (llama) vocabulary needs tokenizer.model (BPE \
-         vocabularies are recognized by tokenizer_config.json's tokenizer_class GPT2Tokenizer)",
-    )?;
+    let path = dir.join("tokenizer.model");
+    if !path.is_file() {
+        bail!(
+            "{}: missing; GGUF export of a SentencePiece (llama) vocabulary needs tokenizer.model \
+             (BPE vocabularies are recognized by tokenizer_config.json's tokenizer_class \
+             GPT2Tokenizer)",
+            path.display()
+        );
+    }
+    let sp = read_sentencepiece(&path)?;
     let mut v = Vocab {
         tokens: (0..vocab_size).map(|i| format!("[PAD{i}]")).collect(),
         scores: vec![-10000.0; vocab_size],

@@ -7,7 +7,7 @@
 use super::{LoraConfig, TARGETS};
 use crate::fsx::write_atomic;
 use anyhow::{Context, Result, bail, ensure};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -78,14 +78,15 @@ pub fn save(
 pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     let cfg_path = dir.join(CONFIG_FILE);
     let origin = cfg_path.display().to_string();
-    let text = std::fs::read_to_string(&cfg_path).with_context(|| {
+    let bytes = std::fs::read(&cfg_path).with_context(|| {
         format!(
             "{origin}: cannot read; is {} a PEFT adapter dir?",
             dir.display()
         )
     })?;
     let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{origin}: invalid JSON"))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("{origin}: invalid JSON"))?;
+    ensure!(v.is_object(), "{origin}: not a JSON object");
     let str_of = |k: &str| v.get(k).and_then(|x| x.as_str());
     ensure!(
         str_of("peft_type").is_none_or(|t| t == "LORA"),
@@ -123,21 +124,31 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         .get("lora_alpha")
         .and_then(|x| x.as_f64())
         .with_context(|| format!("{origin}: no `lora_alpha`"))?;
-    let targets: Vec<String> = match v.get("target_modules") {
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|t| t.as_str().map(str::to_string))
-            .collect(),
-        Some(serde_json::Value::String(s)) if s == "all-linear" => vec!["all-linear".into()],
-        other => bail!("{origin}: target_modules {other:?} is not a list of module names"),
+    let targets: Option<Vec<String>> = match v.get("target_modules") {
+        Some(serde_json::Value::Array(a)) => {
+            a.iter().map(|t| t.as_str().map(str::to_string)).collect()
+        }
+        Some(serde_json::Value::String(s)) if s == "all-linear" => Some(vec!["all-linear".into()]),
+        _ => None,
     };
+    let targets = targets.with_context(|| {
+        format!(
+            "{origin}: target_modules {} is not a list of module names",
+            v.get("target_modules").unwrap_or(&serde_json::Value::Null)
+        )
+    })?;
+    let dropout = v
+        .get("lora_dropout")
+        .and_then(|x| x.as_f64())
+        .unwrap_or(0.0);
+    ensure!(
+        (0.0..1.0).contains(&dropout),
+        "{origin}: lora_dropout {dropout} is not in [0, 1)"
+    );
     let config = LoraConfig {
         r,
         alpha,
-        dropout: v
-            .get("lora_dropout")
-            .and_then(|x| x.as_f64())
-            .unwrap_or(0.0) as f32,
+        dropout: dropout as f32,
         targets,
         rslora: v
             .get("use_rslora")
@@ -149,11 +160,10 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         .with_context(|| format!("{origin}: target_modules"))?;
 
     let weights_path = dir.join(WEIGHTS_FILE);
-    let tensors = candle_core::safetensors::load(&weights_path, device)
-        .with_context(|| format!("{}: cannot read adapter weights", weights_path.display()))?;
+    let wfile = weights_path.display();
+    let tensors = crate::checkpoint::load_safetensors(&weights_path, device)?;
     let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
     for (key, t) in tensors {
-        let wfile = weights_path.display();
         let rest = key
             .strip_prefix(KEY_PREFIX)
             .with_context(|| format!("{wfile}: key `{key}` does not start with `{KEY_PREFIX}`"))?;
@@ -171,6 +181,15 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
                 "{wfile}: key `{key}` is not a LoRA A/B weight (only LoRA matrices are supported)"
             );
         };
+        ensure!(
+            matches!(
+                t.dtype(),
+                DType::F32 | DType::BF16 | DType::F16 | DType::F64
+            ) && t.rank() == 2,
+            "{wfile}: `{key}` is {:?} {:?}; a LoRA matrix is a 2-d float tensor",
+            t.dtype(),
+            t.dims()
+        );
         let t = t.to_dtype(candle_core::DType::F32)?;
         let slot = pairs.entry(module.to_string()).or_default();
         if which == 0 {
@@ -182,22 +201,17 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     let mut weights = BTreeMap::new();
     for (module, (a, b)) in pairs {
         let (Some(a), Some(b)) = (a, b) else {
-            bail!(
-                "{}: module `{module}` lacks its lora_A or lora_B",
-                weights_path.display()
-            )
+            bail!("{wfile}: module `{module}` lacks its lora_A or lora_B")
         };
+        // Both are 2-d (checked above).
+        let (a_rank, b_rank) = (a.dims()[0], b.dims()[1]);
         ensure!(
-            a.dim(0)? == r && b.dim(1)? == r,
-            "{}: `{module}` has rank {}×{} but r = {r}",
-            weights_path.display(),
-            a.dim(0)?,
-            b.dim(1)?
+            a_rank == r && b_rank == r,
+            "{wfile}: `{module}` has rank {a_rank}×{b_rank} but {origin} says r = {r}"
         );
         ensure!(
             TARGETS.iter().any(|t| module.ends_with(t)),
-            "{}: `{module}` is not a Phi-3 linear",
-            weights_path.display()
+            "{wfile}: `{module}` is not a Phi-3 linear"
         );
         weights.insert(module, (a, b));
     }

@@ -91,6 +91,14 @@ pub struct Phi3Config {
     pub pad_token_id: Option<u32>,
 }
 
+/// Upper bound on config.json's sizes (vocab, hidden, intermediate, positions): far above any Phi
+/// checkpoint (vocab 200,064, hidden 5,120, 128k positions), and low enough that every shape
+/// product fits in a `usize`, so a damaged config cannot overflow them.
+pub const MAX_SIZE: usize = 1 << 24;
+/// Upper bound on `num_hidden_layers` (Phi-3-medium has 40): the loader reserves one slot per
+/// layer before it reads the weights.
+pub const MAX_LAYERS: usize = 1024;
+
 fn default_rms_norm_eps() -> f64 {
     1e-5
 }
@@ -114,6 +122,24 @@ impl Phi3Config {
     }
 
     fn validate(&self) -> Result<()> {
+        for (key, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            ensure!(v <= MAX_SIZE, "{key} {v} is larger than {MAX_SIZE}");
+        }
+        ensure!(
+            self.num_hidden_layers <= MAX_LAYERS,
+            "num_hidden_layers {} is more than {MAX_LAYERS}",
+            self.num_hidden_layers
+        );
+        ensure!(
+            self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0,
+            "rms_norm_eps {} is not a finite number ≥ 0",
+            self.rms_norm_eps
+        );
         ensure!(
             self.num_attention_heads > 0 && self.hidden_size % self.num_attention_heads == 0,
             "hidden_size {} is not a multiple of num_attention_heads {}",
@@ -168,6 +194,10 @@ impl Phi3Config {
             .rope_theta
             .or_else(|| get_f64("rope_theta"))
             .unwrap_or(10000.0);
+        ensure!(
+            theta.is_finite() && theta > 0.0,
+            "rope_theta {theta} is not a positive number"
+        );
         let partial = self
             .partial_rotary_factor
             .or_else(|| get_f64("partial_rotary_factor"))
@@ -203,6 +233,10 @@ impl Phi3Config {
                         list.len(),
                         rotary_dim / 2
                     );
+                    ensure!(
+                        f.iter().all(|x| x.is_finite() && *x > 0.0),
+                        "`{k}` holds a factor that is not a positive number"
+                    );
                     Ok(f)
                 };
                 let original_max = params
@@ -211,6 +245,10 @@ impl Phi3Config {
                     .map(|v| v as usize)
                     .or(self.original_max_position_embeddings)
                     .unwrap_or(self.max_position_embeddings);
+                ensure!(
+                    original_max > 0,
+                    "longrope needs original_max_position_embeddings > 0"
+                );
                 // transformers' _compute_longrope_parameters: an explicit attention_factor, else
                 // sqrt(1 + ln(s) / ln(original)) with s = max_position_embeddings / original.
                 let scale = self.max_position_embeddings as f64 / original_max as f64;
@@ -219,6 +257,10 @@ impl Phi3Config {
                 } else {
                     (1.0 + scale.ln() / (original_max as f64).ln()).sqrt()
                 });
+                ensure!(
+                    attention_factor.is_finite() && attention_factor > 0.0,
+                    "longrope attention_factor {attention_factor} is not a positive number"
+                );
                 RopeScaling::LongRope {
                     short_factor: factors("short_factor")?,
                     long_factor: factors("long_factor")?,

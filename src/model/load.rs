@@ -81,16 +81,34 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Phi3> {
             .get(name)
             .and_then(|&i| headers[i].tensor(name).ok())
     };
+    // Where the tensor list lives: the index of a sharded checkpoint, else its one file.
+    let weights = match (&ck.index, ck.shards.as_slice()) {
+        (None, [shard]) => shard.path.clone(),
+        _ => dir.join(checkpoint::INDEX_FILE),
+    };
+    // The file holding `name` (where the tensor list lives when no shard has it), for errors.
     let file_of = |name: &str| {
         where_is
             .get(name)
-            .map(|&i| ck.shards[i].file.as_str())
-            .unwrap_or("?")
+            .map(|&i| ck.shards[i].path.display().to_string())
+            .unwrap_or_else(|| weights.display().to_string())
+    };
+    let missing = |name: &str| {
+        format!(
+            "{}: no tensor `{name}`, which {origin} implies",
+            weights.display()
+        )
     };
     // Streaming: once a tensor (or a 4-bit weight with its state tensors) has been copied into the
     // model, its mapped pages are dropped, so loading never holds the checkpoint's file pages.
-    let dense = |name: &str| -> Result<Tensor> {
-        let v = view(name).with_context(|| format!("{}: no tensor `{name}`", dir.display()))?;
+    let dense = |name: &str, want: &[usize]| -> Result<Tensor> {
+        let v = view(name).with_context(|| missing(name))?;
+        ensure!(
+            v.shape() == want,
+            "{}: `{name}` has shape {:?}, {origin} implies {want:?}",
+            file_of(name),
+            v.shape()
+        );
         let dtype = checkpoint::float_dtype(v.dtype()).with_context(|| {
             format!(
                 "{}: tensor `{name}` has dtype {:?}; expected f32, bf16 or f16",
@@ -106,10 +124,13 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Phi3> {
         let name = format!("{}{layer}.{suffix}.weight", names::LAYER_PREFIX);
         let want = cfg.linear_shape(target).expect("known target");
         let q: Option<Quantized> = if bnb_4bit {
-            Some(
-                bnb::from_tensors(&name, view)
-                    .with_context(|| format!("{}: reading 4-bit `{name}`", file_of(&name)))?,
-            )
+            Some(bnb::from_tensors(&name, view).with_context(|| {
+                format!(
+                    "{}: reading 4-bit `{name}` ({origin} has a bitsandbytes \
+                             quantization_config)",
+                    file_of(&name)
+                )
+            })?)
         } else {
             None
         };
@@ -119,13 +140,13 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Phi3> {
             .or_else(|| view(&name).map(|v| v.shape().to_vec()));
         let shape = shape.with_context(|| {
             format!(
-                "{}: no tensor `{name}` (Phi-3 has fused qkv_proj and gate_up_proj)",
-                dir.display()
+                "{} (Phi-3 has fused qkv_proj and gate_up_proj)",
+                missing(&name)
             )
         })?;
         ensure!(
             shape == want,
-            "{}: `{name}` has shape {shape:?}, config.json implies {want:?}",
+            "{}: `{name}` has shape {shape:?}, {origin} implies {want:?}",
             file_of(&name)
         );
         // `q` (4-bit) owns copies of its tensors; the dense paths below release their own.
@@ -153,7 +174,7 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Phi3> {
                 },
             ) => {
                 let v = view(&name).expect("shape found above");
-                let values = checkpoint::to_f32(&v, &name, file_of(&name))?;
+                let values = checkpoint::to_f32(&v, &name, &file_of(&name))?;
                 ck.release(v.data())?;
                 let src = checkpoint::float_dtype(v.dtype()).expect("to_f32 checked the dtype");
                 let q =
@@ -161,7 +182,7 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Phi3> {
                         .with_context(|| format!("{}: quantizing `{name}`", file_of(&name)))?;
                 BaseWeight::Nf4(Nf4Tensor::new(&q, &opts.device)?)
             }
-            (None, BaseFormat::Dense) => BaseWeight::Dense(dense(&name)?),
+            (None, BaseFormat::Dense) => BaseWeight::Dense(dense(&name, &want)?),
         })
     };
     let plain = |base: BaseWeight| LoraLinear {
@@ -169,34 +190,38 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Phi3> {
         adapter: None,
     };
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    let (hidden, vocab) = (cfg.hidden_size, cfg.vocab_size);
     for l in 0..cfg.num_hidden_layers {
         let p = format!("{}{l}", names::LAYER_PREFIX);
         layers.push(Block {
-            input_layernorm: dense(&format!("{p}.input_layernorm.weight"))?,
+            input_layernorm: dense(&format!("{p}.input_layernorm.weight"), &[hidden])?,
             qkv_proj: plain(linear(l, "self_attn.qkv_proj", "qkv_proj")?),
             o_proj: plain(linear(l, "self_attn.o_proj", "o_proj")?),
-            post_attention_layernorm: dense(&format!("{p}.post_attention_layernorm.weight"))?,
+            post_attention_layernorm: dense(
+                &format!("{p}.post_attention_layernorm.weight"),
+                &[hidden],
+            )?,
             gate_up_proj: plain(linear(l, "mlp.gate_up_proj", "gate_up_proj")?),
             down_proj: plain(linear(l, "mlp.down_proj", "down_proj")?),
         });
     }
-    let embed_tokens = dense("model.embed_tokens.weight")?;
+    let embed_tokens = dense("model.embed_tokens.weight", &[vocab, hidden])?;
     let lm_head = if cfg.tie_word_embeddings || view("lm_head.weight").is_none() {
         if !cfg.tie_word_embeddings {
             bail!(
-                "{}: no `lm_head.weight` and tie_word_embeddings is false",
-                dir.display()
+                "{}: no `lm_head.weight`, and {origin} says tie_word_embeddings is false",
+                weights.display()
             );
         }
         embed_tokens.clone()
     } else {
-        dense("lm_head.weight")?
+        dense("lm_head.weight", &[vocab, hidden])?
     };
     let rope = cfg.rope()?;
     Ok(Phi3 {
         embed_tokens,
         layers,
-        norm: dense("model.norm.weight")?,
+        norm: dense("model.norm.weight", &[hidden])?,
         lm_head,
         rope,
         cfg,

@@ -236,15 +236,26 @@ impl Trainer {
                 .flat_map(|a| [a.a.clone(), a.b.clone()])
                 .collect();
             opt = AdamW::new(params, opt.cfg)?;
-            let moments =
-                candle_core::safetensors::load(ck.join("optimizer.safetensors"), &device)?;
+            let opt_path = ck.join("optimizer.safetensors");
+            let mut moments = crate::checkpoint::load_safetensors(&opt_path, &device)?;
+            let mut take = |name: String| {
+                moments.remove(&name).with_context(|| {
+                    format!(
+                        "{}: no optimizer moment `{name}` (a checkpoint of another run?)",
+                        opt_path.display()
+                    )
+                })
+            };
             for (i, m) in opt.moments.iter_mut().enumerate() {
-                *m = (
-                    moments[&format!("m.{i}")].clone(),
-                    moments[&format!("v.{i}")].clone(),
-                );
+                *m = (take(format!("m.{i}"))?, take(format!("v.{i}"))?);
             }
-            state = serde_json::from_slice(&std::fs::read(ck.join("state.json"))?)?;
+            let state_path = ck.join("state.json");
+            state = std::fs::read(&state_path)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| Ok(serde_json::from_slice(&b)?))
+                .with_context(|| {
+                    format!("{}: cannot read the training state", state_path.display())
+                })?;
             opt.step = state.step;
             truncate_metrics(&output.join("metrics.jsonl"), state.step)?;
         } else if output.join("checkpoints").exists() || output.join("adapter").exists() {

@@ -5,6 +5,7 @@ mod common;
 mod data;
 mod export;
 mod fused_model;
+mod fuzz;
 mod gguf;
 mod gguf_bpe;
 mod gguf_phi4;
