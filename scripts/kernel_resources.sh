@@ -53,23 +53,38 @@ done
 
 n_kernels="$(cut -d' ' -f1 "$WORK/all.txt" | sort -u | wc -l)"
 if [ "$MD" = 1 ]; then
-  printf '| kernel |'; for t in "${TARGETS[@]}"; do printf ' sm_%s |' "$t"; done
+  # One row per kernel and its three element types (f32, bf16, f16): registers as min–max.
+  printf '| kernel (f32, bf16, f16) |'; for t in "${TARGETS[@]}"; do printf ' sm_%s |' "$t"; done
   printf ' spills | smem (B) |\n|---|'; for _ in "${TARGETS[@]}"; do printf -- '---:|'; done
   printf -- '---:|---:|\n'
+  sed -E 's/_(f32|bf16|f16) / /' "$WORK/all.txt" | sort -k1,1 -k2,2n | awk -v nt="${#TARGETS[@]}" '
+    { key = $1; t = $2
+      if (!(key in seen)) { seen[key] = 1; order[++nk] = key }
+      id = key SUBSEP t
+      if (!(id in lo) || $3 < lo[id]) lo[id] = $3
+      if (!(id in hi) || $3 > hi[id]) hi[id] = $3
+      if ($4 > sp[key]) sp[key] = $4
+      if ($5 > sm[key]) sm[key] = $5
+      if (!(t in tseen)) { tseen[t] = 1; ts[++ntt] = t } }
+    END {
+      for (i = 1; i <= nk; i++) {
+        k = order[i]; printf "| `%s` |", k
+        for (j = 1; j <= ntt; j++) { id = k SUBSEP ts[j]
+          if (lo[id] == hi[id]) printf " %s |", lo[id]; else printf " %s–%s |", lo[id], hi[id] }
+        printf " %d | %d |\n", sp[k], sm[k] } }'
 else
   printf '%-22s' kernel; for t in "${TARGETS[@]}"; do printf ' %7s' "sm_$t"; done
   printf ' %7s %9s %7s\n' spills smem_B stack_B
+  # Registers per target; spills, shared memory and stack: the largest over targets.
+  sort -k1,1 -k2,2n "$WORK/all.txt" | awk '
+    function flush() {
+      if (k == "") return
+      printf "%-22s", k; for (i = 1; i <= n; i++) printf " %7s", r[i]; printf " %7d %9d %7d\n", sp, sm, st
+    }
+    $1 != k { flush(); k = $1; n = 0; sp = 0; sm = 0; st = 0 }
+    { r[++n] = $3; if ($4 > sp) sp = $4; if ($5 > sm) sm = $5; if ($6 > st) st = $6 }
+    END { flush() }'
 fi
-# Registers per target; spills, shared memory and stack: the largest over targets.
-sort -k1,1 -k2,2n "$WORK/all.txt" | awk -v md="$MD" -v nt="${#TARGETS[@]}" '
-  function flush() {
-    if (k == "") return
-    if (md) { printf "| `%s` |", k; for (i = 1; i <= n; i++) printf " %s |", r[i]; printf " %d | %d |\n", sp, sm }
-    else { printf "%-22s", k; for (i = 1; i <= n; i++) printf " %7s", r[i]; printf " %7d %9d %7d\n", sp, sm, st }
-  }
-  $1 != k { flush(); k = $1; n = 0; sp = 0; sm = 0; st = 0 }
-  { r[++n] = $3; if ($4 > sp) sp = $4; if ($5 > sm) sm = $5; if ($6 > st) st = $6 }
-  END { flush() }'
 echo "($n_kernels kernels × ${#TARGETS[@]} targets; registers per thread per target; spills = spill store + load bytes)"
 
 if [ "$CHECK" = 1 ]; then
