@@ -182,9 +182,9 @@ struct Launch {
         return -1;
     }
 
-    // Releases the warps whose named lanes all wait at one operation; then the block barrier if
-    // every thread waits at it. Called by the thread holding the turn when no thread is ready.
-    void release() {
+    // Releases the warps whose named lanes all wait at one operation (at once: the warp then runs
+    // ahead of the others, being the lowest ready threads). Called by the thread holding the turn.
+    void release_warps() {
         for (unsigned w = 0; w * 32 < n_threads; ++w) {
             unsigned first = w * 32, lanes = n_threads - first < 32 ? n_threads - first : 32;
             long lead = -1;
@@ -230,7 +230,10 @@ struct Launch {
             for (unsigned l = 0; l < 32; ++l)
                 if (mask >> l & 1u) th[first + l].st = St::Ready;
         }
-        if (pick() >= 0) return;
+    }
+
+    // Releases the block barrier if every thread waits at it (when no thread is ready).
+    void release_barrier() {
         long lead = -1;
         for (unsigned t = 0; t < n_threads; ++t)
             if (th[t].st == St::Barrier) {
@@ -252,9 +255,11 @@ struct Launch {
     // The calling thread `t` has set its state; hands the turn over, then (unless it exited)
     // waits until it comes back.
     void yield(unsigned t) {
+        if (th[t].st == St::Warp) release_warps();
         long next = pick();
         if (next < 0) {
-            release();
+            release_warps();  // a lane's exit can complete nothing, but can make a mask invalid
+            release_barrier();
             next = pick();
         }
         progress.store(now_ns());
