@@ -121,7 +121,6 @@ mod emulate {
         "-fno-sanitize-recover=all",
         "-Wall",
         "-Wextra",
-        "-Werror",
         "-Wno-unknown-pragmas",
         "-pthread",
     ];
