@@ -1,9 +1,10 @@
 // The emulation harness's launcher: a grid runs block after block; a block runs one OS thread per
-// CUDA thread (a pool of threads kept across launches), and those threads take turns (one runs at a time; it runs until it reaches
-// __syncthreads, a warp shuffle or vote, or the end of the kernel, then hands over to the lowest
-// ready thread, or the highest with QLORA_EMU_ORDER=reverse). The order is one that a GPU may
-// pick too, and it is deterministic: a warp runs ahead of the others up to the next barrier, so a
-// missing barrier shows up as a read of poisoned or stale shared memory, every run the same.
+// CUDA thread (from a pool of threads kept across launches), and those threads take turns: one
+// runs at a time, until it reaches __syncthreads, a warp shuffle or vote, or the end of the kernel,
+// then hands over to the lowest ready thread (the highest with QLORA_EMU_ORDER=reverse). A warp is
+// released as soon as all its lanes reach a warp operation, so it runs ahead of the other warps up
+// to the next barrier: an order a GPU may pick too, deterministic, in which a missing barrier shows
+// up as a read of poisoned or stale shared memory, every run the same.
 //
 // A barrier is released when every thread of the block waits at the same __syncthreads; a warp
 // operation when every lane its mask names waits at the same operation with the same mask. When no
