@@ -8,7 +8,7 @@ use crate::fused::cuda::{input, output};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
-use candle_core::{Layout, Result, Tensor, bail};
+use candle_core::{Layout, Result, Tensor};
 
 /// PTX of quant/kernels/attention.cu.
 pub const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
