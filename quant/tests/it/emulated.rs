@@ -157,9 +157,9 @@ fn a_divergent_syncthreads_fails_naming_the_kernel_and_block() {
     assert_reported(
         "emu_selftest_shuffle_exited_lane",
         &[
-            "names an exited lane",
-            "threads 5 exited",
-            "threads 0-4, 6 wait at __shfl_xor_sync",
+            "kernel emu_selftest_shuffle_exited_lane, block (0, 0, 0)",
+            "a warp operation's mask names an exited lane",
+            "wait at __shfl_xor_sync (mask 0xffffffff)",
         ],
     );
 }
