@@ -24,11 +24,19 @@ pub const DEQUANT_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dequant.pt
 /// Module name under which candle caches the loaded PTX.
 const DEQUANT_MODULE: &str = "qlora_quant_dequant";
 /// Elements per thread (16 packed bytes = one 16-byte load); `RUN_ELEMS` in dequant.cu.
-pub const RUN_ELEMS: usize = 32;
-/// Threads per CUDA block.
-const THREADS: usize = 256;
+pub const RUN_ELEMS: usize = crate::launch::DEQUANT_RUN_ELEMS;
 /// Entries of the kernels' table buffer: 16 code values, then the 256-entry dynamic map.
 const TABLE_LEN: usize = 16 + 256;
+
+impl From<crate::launch::LaunchDims> for LaunchConfig {
+    fn from(d: crate::launch::LaunchDims) -> Self {
+        LaunchConfig {
+            grid_dim: d.grid,
+            block_dim: d.block,
+            shared_mem_bytes: d.shared_mem_bytes,
+        }
+    }
+}
 
 /// The device buffer of code values + dynamic map for `qt`, uploaded once per device.
 fn tables(dev: &CudaDevice, qt: QuantType) -> Result<Arc<CudaSlice<f32>>> {
@@ -101,9 +109,7 @@ fn launch<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
 ) -> Result<CudaStorage> {
     let n_elems = w.n_elems();
-    if n_elems == 0 {
-        bail!("qlora-quant: cannot dequantize an empty weight on CUDA");
-    }
+    let cfg: LaunchConfig = crate::launch::dequant(n_elems)?.into();
     if packed.len() < n_elems.div_ceil(2) {
         bail!(
             "qlora-quant: {} packed bytes cannot hold {n_elems} elements",
@@ -123,11 +129,6 @@ fn launch<T: CudaDType + DeviceRepr>(
         u32::from(p % 16 == 0 && o % 16 == 0)
     };
     let n = n_elems as u64;
-    let cfg = LaunchConfig {
-        grid_dim: (n_elems.div_ceil(RUN_ELEMS).div_ceil(THREADS) as u32, 1, 1),
-        block_dim: (THREADS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
     let (absmax_guard, absmax_layout);
     let (codes_guard, codes_layout, nested_guard, nested_layout);
     let (absmax, codes, nested, offset, kind) = match w.absmax() {

@@ -13,16 +13,22 @@
 //! - [`fused`]: differentiable RMSNorm, RoPE, SwiGLU, softmax, attention and cross-entropy for
 //!   training on the GPU (the candle composition on the CPU, fused kernels with a backward on
 //!   CUDA), and dropout with a counter-based mask that is the same on every device.
+//! - [`launch`]: the kernels' grid and block sizes, as pure functions of the shapes.
 //! - `cuda` (feature `cuda`): the dequantization kernels (quant/kernels/*.cu, PTX built by build.rs)
 //!   and the GPU paths of the ops.
+//! - `emu` (feature `emulate`): the same kernels run on the CPU device in the emulation harness
+//!   (quant/emu), for testing them without a GPU.
 
 pub mod backend;
 pub mod bnb;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "emulate")]
+pub mod emu;
 pub mod format;
 pub mod fused;
+pub mod launch;
 pub mod nested;
 pub mod op;
 pub mod quantized;

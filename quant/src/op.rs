@@ -349,6 +349,11 @@ impl CustomOp1 for Dequantize {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        #[cfg(feature = "emulate")]
+        if crate::emu::active() {
+            let out = crate::emu::dequant::dequantize(&self.w, self.dtype)?;
+            return Ok((out, self.w.shape().clone()));
+        }
         let storage = self
             .w
             .with_cpu(|view| match self.dtype {

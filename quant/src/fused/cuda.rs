@@ -1,10 +1,14 @@
 //! Launches of the fused kernels of `quant/kernels/fused.cu` on candle's stream: one block of
-//! [`ROW_THREADS`] per row for the row ops (RMSNorm, softmax, cross-entropy), one thread per
-//! element for the elementwise ones (RoPE, SwiGLU), a grid-stride loop for dropout.
+//! [`launch::ROW_THREADS`] per row for the row ops (RMSNorm, softmax, cross-entropy), one thread
+//! per element for the elementwise ones (RoPE, SwiGLU), a grid-stride loop for dropout (the
+//! configurations are `crate::launch`'s).
 
+use super::args::SoftmaxRowsArg;
+use super::args::u32_of;
 use super::cpu::{RopeGeometry, SoftmaxRows};
 use super::ops::Dropout;
 use crate::cuda::view;
+use crate::launch;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -15,13 +19,6 @@ use candle_core::{Layout, Result, Tensor, bail};
 /// PTX of quant/kernels/fused.cu.
 pub const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 const MODULE: &str = "qlora_quant_fused";
-/// Threads per row of the row kernels (a multiple of 32; block reductions assume ≤ 1024).
-const ROW_THREADS: u32 = 256;
-/// Threads per block of the elementwise kernels.
-const ELEM_THREADS: usize = 256;
-/// Most blocks of a grid-stride kernel (dropout): ~8 full waves of 256-thread blocks on a 132-SM
-/// H100/H200 (8 resident per SM); each thread's loop covers the rest.
-const MAX_STRIDE_BLOCKS: usize = 8192;
 
 /// The contiguous data of an op input.
 pub(super) fn input<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
@@ -40,27 +37,12 @@ macro_rules! func {
 
 /// One block per row.
 fn rows_cfg(rows: usize) -> Result<LaunchConfig> {
-    if rows == 0 || rows > i32::MAX as usize {
-        bail!("fused op: {rows} rows cannot be launched");
-    }
-    Ok(LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (ROW_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    })
+    Ok(launch::rows(rows)?.into())
 }
 
 /// One thread per element.
 fn elems_cfg(n: usize) -> Result<LaunchConfig> {
-    let blocks = n.div_ceil(ELEM_THREADS);
-    if n == 0 || blocks > i32::MAX as usize {
-        bail!("fused op: {n} elements cannot be launched");
-    }
-    Ok(LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (ELEM_THREADS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    })
+    Ok(launch::elems(n)?.into())
 }
 
 /// A new device buffer of `n` elements, every one written by the kernel that follows.
@@ -73,11 +55,6 @@ pub(super) fn output<T: DeviceRepr>(
     }
     // SAFETY: the kernel launched next writes every element (one thread or row per element).
     unsafe { dev.alloc::<T>(n) }
-}
-
-/// `v` as a kernel's u32 argument, or an error naming `what`.
-pub(super) fn u32_of(v: usize, what: &str) -> Result<u32> {
-    u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("fused op: {what} {v} > u32")))
 }
 
 // SAFETY (every launch below): the arguments match the kernel's signature in fused.cu (pointers,
@@ -200,33 +177,8 @@ pub(super) fn swiglu_bwd(
     })
 }
 
-/// `SoftmaxRows` of fused.cu, passed by value.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct SoftmaxRowsArg {
-    len: u32,
-    t_len: u32,
-    heads: u32,
-    mask_batch_stride: u32,
-    has_mask: u32,
-    scale: f32,
-}
-const _: () = assert!(std::mem::size_of::<SoftmaxRowsArg>() == 24);
 // SAFETY: a plain #[repr(C)] struct of 4-byte scalars, laid out as the C struct it mirrors.
 unsafe impl DeviceRepr for SoftmaxRowsArg {}
-
-impl SoftmaxRowsArg {
-    fn new(g: SoftmaxRows, has_mask: bool) -> Result<Self> {
-        Ok(Self {
-            len: u32_of(g.len, "row length")?,
-            t_len: u32_of(g.t_len, "tokens")?,
-            heads: u32_of(g.heads, "heads")?,
-            mask_batch_stride: u32_of(g.mask_batch_stride, "mask stride")?,
-            has_mask: u32::from(has_mask),
-            scale: g.scale,
-        })
-    }
-}
 
 pub(super) fn softmax_fwd(
     s: &CudaStorage,
@@ -322,18 +274,9 @@ pub(super) fn xent_bwd(
     })
 }
 
-/// Blocks of [`ELEM_THREADS`] for a grid-stride loop over `n` elements, at most
-/// [`MAX_STRIDE_BLOCKS`].
+/// A grid-stride loop over `n` elements.
 fn grid_stride_cfg(n: usize) -> Result<LaunchConfig> {
-    if n == 0 {
-        bail!("fused op: 0 elements cannot be launched");
-    }
-    let blocks = n.div_ceil(ELEM_THREADS).min(MAX_STRIDE_BLOCKS);
-    Ok(LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (ELEM_THREADS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    })
+    Ok(launch::grid_stride(n, launch::MAX_STRIDE_BLOCKS)?.into())
 }
 
 pub(super) fn dropout(s: &CudaStorage, l: &Layout, op: Dropout) -> Result<CudaStorage> {

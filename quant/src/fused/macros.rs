@@ -1,6 +1,7 @@
 //! The scaffolding every fused op shares, written once: dispatch on the element type, and the
 //! candle `CustomOp1` / `CustomOp2` impls whose forwards call `cpu::<fwd>` on the CPU and
-//! `cuda::<fwd>` on CUDA with one argument list. Declared first in [`super`], so every module of
+//! `cuda::<fwd>` on CUDA with one argument list (and `emu::<fwd>`, the emulated kernels, on the
+//! CPU with the `emulate` feature). Declared first in [`super`], so every module of
 //! `fused` sees them.
 
 /// `$body` with `$T` the element type of `$dtype` (f32, bf16 or f16) and, when named, `$sfx` its
@@ -30,7 +31,7 @@ macro_rules! by_dtype {
 
 /// `impl CustomOp1 for $op`. The forward is `cpu::$fwd(storage, layout, $args…)` on the CPU and
 /// `cuda::$fwd(storage, layout, $args…)` on CUDA (`cpu` and `cuda` as named where the macro is
-/// used), with output shape `$shape`; `$self` and `$l` name the op and the input layout inside
+/// used; with the `emulate` feature, `emu::$fwd` on the CPU: the kernels in the harness), with output shape `$shape`; `$self` and `$l` name the op and the input layout inside
 /// `$name`, `$args` and `$shape`. `bwd(x, y, dy)`, when given, is the backward (without it, candle
 /// reports that the op has none).
 macro_rules! custom_op1 {
@@ -51,6 +52,10 @@ macro_rules! custom_op1 {
                 s: &::candle_core::CpuStorage,
                 $l: &::candle_core::Layout,
             ) -> ::candle_core::Result<(::candle_core::CpuStorage, ::candle_core::Shape)> {
+                #[cfg(feature = "emulate")]
+                if $crate::emu::active() {
+                    return Ok((emu::$fwd(s, $l, $($arg),*)?, $shape));
+                }
                 Ok((cpu::$fwd(s, $l, $($arg),*)?, $shape))
             }
             #[cfg(feature = "cuda")]
@@ -96,6 +101,10 @@ macro_rules! custom_op2 {
                 s2: &::candle_core::CpuStorage,
                 l2: &::candle_core::Layout,
             ) -> ::candle_core::Result<(::candle_core::CpuStorage, ::candle_core::Shape)> {
+                #[cfg(feature = "emulate")]
+                if $crate::emu::active() {
+                    return Ok((emu::$fwd(s1, $l1, s2, l2, $($arg),*)?, $l1.shape().clone()));
+                }
                 Ok((cpu::$fwd(s1, $l1, s2, l2, $($arg),*)?, $l1.shape().clone()))
             }
             #[cfg(feature = "cuda")]

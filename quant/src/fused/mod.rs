@@ -51,10 +51,14 @@
 
 #[macro_use]
 mod macros;
+#[cfg(any(feature = "cuda", feature = "emulate"))]
+mod args;
 mod attention;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "emulate")]
+mod emu;
 mod gemm;
 mod head;
 mod lora;

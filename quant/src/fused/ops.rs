@@ -6,6 +6,8 @@
 use super::cpu;
 #[cfg(feature = "cuda")]
 use super::cuda;
+#[cfg(feature = "emulate")]
+use super::emu;
 use candle_core::{CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// `dx` of a forward op: `op` applied to `(x, dy)`.

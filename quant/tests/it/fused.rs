@@ -125,18 +125,21 @@ const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
 
 #[test]
 fn rms_norm_fused_matches_the_composition() {
-    let x = uniform(&[2, 3, 96], 1, -2.0, 2.0);
-    let w = uniform(&[96], 2, 0.5, 1.5);
-    for dev in devices() {
-        for dtype in DTYPES {
-            check(
-                &dev,
-                dtype,
-                &[x.clone(), w.clone()],
-                "rms_norm",
-                |a| fused::rms_norm_fused(&a[0], &a[1], 1e-5),
-                |a| fused::rms_norm_ref(&a[0], &a[1], 1e-5),
-            );
+    // Rows shorter than a block of 256 threads, and longer (each thread loops, with a tail).
+    for (shape, h) in [(&[2, 3, 96][..], 96), (&[3, 300][..], 300)] {
+        let x = uniform(shape, 1, -2.0, 2.0);
+        let w = uniform(&[h], 2, 0.5, 1.5);
+        for dev in devices() {
+            for dtype in DTYPES {
+                check(
+                    &dev,
+                    dtype,
+                    &[x.clone(), w.clone()],
+                    "rms_norm",
+                    |a| fused::rms_norm_fused(&a[0], &a[1], 1e-5),
+                    |a| fused::rms_norm_ref(&a[0], &a[1], 1e-5),
+                );
+            }
         }
     }
 }
@@ -273,6 +276,9 @@ fn check_attention(dev: &Device, dtype: DType, kv_heads: usize, mask: Option<&Te
     );
 }
 
+/// `(B, H, T, Tk, D)` of the attention checks: 7 keys for 5 queries (a cached prefix).
+const ATTENTION_SHAPE: (usize, usize, usize, usize, usize) = (2, 4, 5, 7, 16);
+
 fn check_attention_with(
     dev: &Device,
     dtype: DType,
@@ -281,7 +287,18 @@ fn check_attention_with(
     name: &str,
     op: &AttentionFn,
 ) {
-    let (b, h, t, tk, d) = (2, 4, 5, 7, 16);
+    check_attention_shaped(dev, dtype, ATTENTION_SHAPE, kv_heads, mask, name, op);
+}
+
+fn check_attention_shaped(
+    dev: &Device,
+    dtype: DType,
+    (b, h, t, tk, d): (usize, usize, usize, usize, usize),
+    kv_heads: usize,
+    mask: Option<&Tensor>,
+    name: &str,
+    op: &AttentionFn,
+) {
     let scale = 1.0 / (d as f64).sqrt();
     let what = format!(
         "{name} {dev:?} {dtype:?} kv_heads={kv_heads} mask={:?}",
@@ -400,20 +417,78 @@ fn blocked_attention_matches_the_composition_for_every_chunking() {
     }
 }
 
+/// Blocked attention's chunkings on a small shape (2 batches, 3 query heads, 3 queries, 5 keys,
+/// D = 8): every chunking and mask in f32, one chunking (row blocks, causal, per-batch mask) in
+/// bf16 and f16. The test above covers more; this one is sized for the emulated kernels
+/// (scripts/kernels_emulated.sh: 256 OS threads per softmax row there), and runs everywhere.
+#[test]
+fn blocked_attention_chunkings_on_a_small_shape() {
+    // 18 query rows and 30 or 10 key rows: the last block of 4 warps is partial.
+    let shape = (2, 3, 3, 5, 8);
+    // f32 bytes of [B, heads, rows, 5 keys] scores, B = 2: everything in one chunk; one key/value
+    // group (with 3 kv heads; one row with 1); two query rows (one with 1 kv head); one row.
+    let budgets = [1 << 20, 2 * 3 * 5 * 4, 2 * 2 * 5 * 4, 1];
+    let masks = [None, Some(causal_mask(1, 3, 5)), Some(causal_mask(2, 3, 5))];
+    let run = |dev: &Device, dtype, kv_heads, mask: Option<&Tensor>, chunk_bytes, causal| {
+        let blocking = fused::Blocking {
+            chunk_bytes,
+            causal,
+        };
+        check_attention_shaped(
+            dev,
+            dtype,
+            shape,
+            kv_heads,
+            mask,
+            &format!("blocked attention {shape:?} {blocking:?}"),
+            &move |q, k, v, m, s| fused::attention_blocked(q, k, v, m, s, blocking),
+        );
+    };
+    for dev in devices() {
+        for kv_heads in [3, 1] {
+            for mask in &masks {
+                for chunk_bytes in budgets {
+                    for causal in [false, true] {
+                        if !(causal && mask.is_none()) {
+                            run(
+                                &dev,
+                                DType::F32,
+                                kv_heads,
+                                mask.as_ref(),
+                                chunk_bytes,
+                                causal,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        for dtype in [DType::BF16, DType::F16] {
+            run(&dev, dtype, 1, masks[2].as_ref(), budgets[2], true);
+        }
+    }
+}
+
 #[test]
 fn cross_entropy_fused_matches_the_composition() {
-    let logits = uniform(&[5, 50], 10, -5.0, 5.0);
-    let targets = Tensor::new(&[0u32, 49, 7, 7, 23], &Device::Cpu).unwrap();
-    for dev in devices() {
-        for dtype in DTYPES {
-            check(
-                &dev,
-                dtype,
-                &[logits.clone(), targets.clone()],
-                "cross_entropy",
-                |a| fused::cross_entropy_fused(&a[0], &a[1]),
-                |a| fused::cross_entropy_ref(&a[0], &a[1]),
-            );
+    // A vocabulary under one block of 256 threads, and one over two (threads loop, with a tail).
+    let cases = [
+        (uniform(&[5, 50], 10, -5.0, 5.0), vec![0u32, 49, 7, 7, 23]),
+        (uniform(&[2, 600], 11, -5.0, 5.0), vec![599, 300]),
+    ];
+    for (logits, targets) in &cases {
+        let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+        for dev in devices() {
+            for dtype in DTYPES {
+                check(
+                    &dev,
+                    dtype,
+                    &[logits.clone(), targets.clone()],
+                    "cross_entropy",
+                    |a| fused::cross_entropy_fused(&a[0], &a[1]),
+                    |a| fused::cross_entropy_ref(&a[0], &a[1]),
+                );
+            }
         }
     }
 }

@@ -1,10 +1,14 @@
 //! qlora-quant's integration tests, one binary: goldens from real bitsandbytes, property tests,
 //! the statistical error band, the candle ops against dense references, and the per-device cases
-//! (CPU always, CUDA when built with `--features cuda` and a GPU is present).
+//! (CPU always, CUDA when built with `--features cuda` and a GPU is present; with `--features
+//! emulate` the CPU runs the CUDA kernels in the emulation harness, and `emulated` tests the
+//! harness itself).
 
 mod cpu_fast;
 mod devices;
 mod dropout;
+#[cfg(feature = "emulate")]
+mod emulated;
 mod fused;
 mod goldens;
 mod ops;

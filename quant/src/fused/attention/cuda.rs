@@ -1,63 +1,24 @@
 //! Launches of quant/kernels/attention.cu: one warp per row (query rows for the forward, the
-//! statistics and dq; key rows for dk | dv), [`WARPS_PER_BLOCK`] warps per block.
+//! statistics and dq; key rows for dk | dv), `launch::WARPS_PER_BLOCK` warps per block.
 
 use super::{AttentionBwd, Geom, Part};
 use crate::cuda::view;
-use crate::fused::cuda::{input, output, u32_of};
+use crate::fused::args::GeomArg;
+use crate::fused::cuda::{input, output};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
-use candle_core::{Layout, Result, Tensor, bail};
+use candle_core::{Layout, Result, Tensor};
 
 /// PTX of quant/kernels/attention.cu.
 pub const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 const MODULE: &str = "qlora_quant_attention";
-const WARPS_PER_BLOCK: usize = 4;
 
-/// `AttnGeom` of attention.cu, passed by value.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct GeomArg {
-    b: u32,
-    h: u32,
-    hk: u32,
-    t: u32,
-    tk: u32,
-    d: u32,
-    mask_batch_stride: u32,
-    has_mask: u32,
-    scale: f32,
-}
-const _: () = assert!(std::mem::size_of::<GeomArg>() == 36);
 // SAFETY: a plain #[repr(C)] struct of 4-byte scalars, laid out as the C struct it mirrors.
 unsafe impl DeviceRepr for GeomArg {}
 
-impl GeomArg {
-    fn new(g: Geom, has_mask: bool) -> Result<Self> {
-        Ok(Self {
-            b: u32_of(g.b, "attention batch")?,
-            h: u32_of(g.h, "attention heads")?,
-            hk: u32_of(g.hk, "attention kv heads")?,
-            t: u32_of(g.t, "attention queries")?,
-            tk: u32_of(g.tk, "attention keys")?,
-            d: u32_of(g.d, "attention head dim")?,
-            mask_batch_stride: u32_of(g.mask_batch_stride, "attention mask stride")?,
-            has_mask: u32::from(has_mask),
-            scale: g.scale,
-        })
-    }
-}
-
 fn warps_cfg(rows: usize) -> Result<LaunchConfig> {
-    let blocks = rows.div_ceil(WARPS_PER_BLOCK);
-    if rows == 0 || blocks > i32::MAX as usize {
-        bail!("attention: {rows} rows cannot be launched");
-    }
-    Ok(LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (32 * WARPS_PER_BLOCK as u32, 1, 1),
-        shared_mem_bytes: 0,
-    })
+    Ok(crate::launch::warps(rows)?.into())
 }
 
 type Input<'a> = (&'a CudaStorage, &'a Layout);

@@ -23,6 +23,8 @@ mod blocked;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "emulate")]
+mod emu;
 
 pub use blocked::{Blocking, CHUNK_BYTES, CPU_CHUNK_BYTES};
 
@@ -242,6 +244,11 @@ impl CustomOp3 for Attention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        #[cfg(feature = "emulate")]
+        if crate::emu::active() {
+            let o = emu::forward((s1, l1), (s2, l2), (s3, l3), self.mask.as_ref(), self.geom)?;
+            return Ok((o, l1.shape().clone()));
+        }
         let o = cpu::forward((s1, l1), (s2, l2), (s3, l3), self.mask.as_ref(), self.geom)?;
         Ok((o, l1.shape().clone()))
     }

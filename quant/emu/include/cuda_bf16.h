@@ -1,0 +1,4 @@
+// Stands in for the CUDA toolkit's cuda_bf16.h in the emulation harness: the types and conversions the
+// kernels use are in cuda_emu.h, which the harness force-includes.
+#pragma once
+#include "../cuda_emu.h"
