@@ -60,17 +60,35 @@ fn tiny_checkpoint(dir: &Path, vocab: &str) {
         serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
     let g = |k: &str| config[k].as_u64().unwrap() as usize;
     let (h, i, v) = (g("hidden_size"), g("intermediate_size"), g("vocab_size"));
-    assert_eq!((g("num_hidden_layers"), g("num_key_value_heads")), (1, g("num_attention_heads")));
+    assert_eq!(
+        (g("num_hidden_layers"), g("num_key_value_heads")),
+        (1, g("num_attention_heads"))
+    );
     let p = "model.layers.0";
     let tensors = vec![
-        ("model.embed_tokens.weight".to_string(), Raw::bf16(&[v, h], 1)),
+        (
+            "model.embed_tokens.weight".to_string(),
+            Raw::bf16(&[v, h], 1),
+        ),
         ("model.norm.weight".to_string(), Raw::bf16(&[h], 2)),
         ("lm_head.weight".to_string(), Raw::bf16(&[v, h], 3)),
         (format!("{p}.input_layernorm.weight"), Raw::bf16(&[h], 4)),
-        (format!("{p}.post_attention_layernorm.weight"), Raw::bf16(&[h], 5)),
-        (format!("{p}.self_attn.qkv_proj.weight"), Raw::bf16(&[3 * h, h], 6)),
-        (format!("{p}.self_attn.o_proj.weight"), Raw::bf16(&[h, h], 7)),
-        (format!("{p}.mlp.gate_up_proj.weight"), Raw::bf16(&[2 * i, h], 8)),
+        (
+            format!("{p}.post_attention_layernorm.weight"),
+            Raw::bf16(&[h], 5),
+        ),
+        (
+            format!("{p}.self_attn.qkv_proj.weight"),
+            Raw::bf16(&[3 * h, h], 6),
+        ),
+        (
+            format!("{p}.self_attn.o_proj.weight"),
+            Raw::bf16(&[h, h], 7),
+        ),
+        (
+            format!("{p}.mlp.gate_up_proj.weight"),
+            Raw::bf16(&[2 * i, h], 8),
+        ),
         (format!("{p}.mlp.down_proj.weight"), Raw::bf16(&[h, i], 9)),
     ];
     write_checkpoint(dir, &config, &tensors, 1);
@@ -83,7 +101,11 @@ fn tiny_checkpoint(dir: &Path, vocab: &str) {
             tc[k] = serde_json::Value::Null;
         }
     }
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_vec(&tc).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_vec(&tc).unwrap(),
+    )
+    .unwrap();
 }
 
 fn vocab_size_of(dir: &Path) -> usize {
