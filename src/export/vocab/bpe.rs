@@ -12,7 +12,6 @@
 
 use super::{CONTROL, NORMAL, UNUSED, USER_DEFINED, read_json};
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::Path;
