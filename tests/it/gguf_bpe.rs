@@ -4,7 +4,8 @@
 //! digits). Each vocabulary is committed pruned to what the check text and llama.cpp's 46 test
 //! strings use, ids unchanged. For each: our check hash and name equal the converter's, our GGUF's
 //! `tokenizer.ggml.*` keys equal what convert_hf_to_gguf.py writes for the same tiny checkpoint
-//! (not for the two Llama-3 copies: see the generator),
+//! (where two conversions agree: not for the Llama-3 copies and Qwen3, whose added tokens the
+//! converter renumbers from run to run once pruned; see the generator),
 //! and tokenizers' ids for the test strings equal the golden's, which llama.cpp's `llama_tokenize`
 //! reproduces except on the cases the golden lists as llama.cpp's own divergences.
 
@@ -162,7 +163,7 @@ fn bpe_vocabularies_export_the_converters_tokenizer_keys() {
         drop(file);
         std::fs::remove_file(&out).unwrap();
     }
-    assert_eq!(compared, 4, "gpt2, gpt4o, cl100k, qwen3");
+    assert_eq!(compared, 3, "gpt2, gpt4o, cl100k");
 }
 
 #[test]
