@@ -74,10 +74,10 @@ fn main() -> anyhow::Result<()> {
         .map(|_| {
             Ok(Block {
                 input_layernorm: ones.clone(),
-                qkv_proj: nf4((3 * HIDDEN, HIDDEN))?,
+                qkv: vec![("qkv_proj", nf4((3 * HIDDEN, HIDDEN))?)],
                 o_proj: nf4((HIDDEN, HIDDEN))?,
                 post_attention_layernorm: ones.clone(),
-                gate_up_proj: nf4((2 * INTERMEDIATE, HIDDEN))?,
+                gate_up: vec![("gate_up_proj", nf4((2 * INTERMEDIATE, HIDDEN))?)],
                 down_proj: nf4((HIDDEN, INTERMEDIATE))?,
             })
         })

@@ -193,7 +193,7 @@ impl TrainConfig {
         t.device
             .parse::<crate::device::DeviceSpec>()
             .context("training.device")?;
-        self.lora.target_names()?;
+        self.lora.check_targets()?;
         self.quant.quant_type.parse::<qlora_quant::QuantType>()?;
         qlora_quant::Blocksize::new(self.quant.blocksize)?;
         Ok(())

@@ -111,9 +111,12 @@ pub fn quantize_checkpoint(
             let Some((layer, target)) = names::block_linear(&name) else {
                 continue;
             };
-            let want = cfg
-                .linear_shape(target)
-                .expect("every block linear has a shape");
+            let want = cfg.linear_shape(target).with_context(|| {
+                format!(
+                    "{}: tensor `{name}` is not a linear of a `{}` checkpoint",
+                    shard.file, cfg.model_type
+                )
+            })?;
             if view.shape() != want {
                 bail!(
                     "{}: tensor `{name}` has shape {:?}, but config.json implies {want:?}",
@@ -128,13 +131,13 @@ pub fn quantize_checkpoint(
         }
     }
     for layer in 0..cfg.num_hidden_layers {
-        for (suffix, target) in names::BLOCK_LINEARS {
-            if !seen.contains_key(&(layer, target)) {
+        for (suffix, target) in cfg.layout().linears() {
+            if !seen.contains_key(&(layer, *target)) {
                 bail!(
-                    "{}: no tensor `{}{layer}.{suffix}.weight`; a Phi-3 checkpoint has fused qkv_proj and \
-                     gate_up_proj (unfused q/k/v checkpoints are not supported)",
+                    "{}: no tensor `{}{layer}.{suffix}.weight`, which config.json (model_type `{}`) implies",
                     opts.model.display(),
-                    names::LAYER_PREFIX
+                    names::LAYER_PREFIX,
+                    cfg.model_type
                 );
             }
         }

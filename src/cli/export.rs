@@ -23,8 +23,9 @@ pub struct ExportArgs {
     /// Output directory (safetensors) or file (gguf).
     #[arg(long)]
     out: PathBuf,
-    /// Output format.
-    #[arg(long, default_value = "safetensors", value_parser = ["safetensors", "gguf", "gguf-lora"])]
+    /// Output format: the merged model (safetensors, gguf), the adapter alone for llama.cpp
+    /// (gguf-lora), or the adapter as PEFT for the base's layout (peft; see --fuse).
+    #[arg(long, default_value = "safetensors", value_parser = ["safetensors", "gguf", "gguf-lora", "peft"])]
     format: String,
     /// Output dtype (safetensors).
     #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
@@ -39,6 +40,11 @@ pub struct ExportArgs {
     /// Replace an existing --out.
     #[arg(long)]
     force: bool,
+    /// From a split ("llamafied", q_proj/k_proj/v_proj, gate_proj/up_proj) checkpoint, write
+    /// Microsoft's fused names (qkv_proj, gate_up_proj): safetensors as a Phi-3 checkpoint, peft
+    /// as an adapter that loads onto Microsoft's. GGUF exports are always fused (llama.cpp's phi3).
+    #[arg(long)]
+    fuse: bool,
     /// GGUF of a BPE vocabulary: llama.cpp's pre-tokenizer name (tokenizer.ggml.pre) to write when
     /// llama.cpp's table does not know the vocabulary's check hash (by default it is looked up, as
     /// llama.cpp's converter does).
@@ -66,6 +72,44 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
         },
         _ => MergeBase::Original,
     };
+    if args.format == "peft" {
+        let a = adapter.as_ref().context("--format peft needs --adapter")?;
+        crate::export::check_output(&args.out, args.force)?;
+        let ck = crate::checkpoint::Checkpoint::open(&dir)?;
+        let origin = dir
+            .join(crate::checkpoint::CONFIG_FILE)
+            .display()
+            .to_string();
+        let cfg = crate::model::Phi3Config::from_value(&ck.config, &origin)?;
+        let layout = if args.fuse {
+            crate::model::names::Layout::Fused
+        } else {
+            cfg.layout()
+        };
+        let converted = crate::lora::convert::to_layout(a, &cfg, layout)?;
+        let weights: Vec<_> = converted
+            .weights
+            .iter()
+            .map(|(m, (a, b))| (m.clone(), a.clone(), b.clone()))
+            .collect();
+        let base_name = converted
+            .base_model_name_or_path
+            .clone()
+            .unwrap_or_else(|| dir.display().to_string());
+        peft::save(&args.out, &converted.config, &base_name, &weights)?;
+        println!(
+            "wrote {} (PEFT adapter, {} modules, {} names, r = {}, alpha = {})",
+            args.out.display(),
+            weights.len(),
+            match layout {
+                crate::model::names::Layout::Fused => "fused (qkv_proj, gate_up_proj)",
+                crate::model::names::Layout::Split => "split (q_proj … up_proj)",
+            },
+            converted.config.r,
+            converted.config.alpha
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     if args.format == "gguf-lora" {
         let a = adapter
             .as_ref()
@@ -73,10 +117,10 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
         let ty = crate::export::ftype::parse_lora_type(&args.ty)?;
         crate::export::gguf_lora::export(&dir, a, &args.out, ty, args.force)?;
         println!(
-            "wrote {} (llama.cpp LoRA GGUF, {}, alpha = scale · r = {})",
+            "wrote {} (llama.cpp LoRA GGUF, {}, scale = {}: alpha written as scale · r)",
             args.out.display(),
             args.ty,
-            a.config.scale() * a.config.r as f64
+            a.config.scale()
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -116,6 +160,7 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
         dtype,
         base,
         args.force,
+        args.fuse,
         &bar,
     )?;
     bar.finish_and_clear();

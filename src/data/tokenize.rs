@@ -2,7 +2,8 @@
 //! chat template; each assistant message's content is located in the rendering (the rendering of
 //! the messages before it, with the generation prompt, must be a prefix of the whole: true of
 //! Phi-3's template and of any template that renders turn by turn); the tokens covering that content
-//! and the `<|end|>` right after it are trained, nothing else (not the prompt, not the role headers,
+//! and the end-of-turn token right after it (`<|end|>`, Phi-4's `<|im_end|>`: the special token the
+//! template puts there) are trained, nothing else (not the prompt, not the role headers,
 //! not padding, which never masks `<|end|>` or eos because masks come from spans, not ids).
 
 use super::jsonl::{Conversation, Role};
@@ -131,7 +132,9 @@ impl TokenizerBundle {
             let is_special = self.special_ids.contains(&ids[t]);
             for &(cs, ce) in &spans {
                 let overlaps = s < ce && e > cs && !is_special;
-                let closes = Some(ids[t]) == self.end_id && s == ce;
+                // The turn's terminator: `<|end|>` (Phi-3), `<|im_end|>` (Phi-4) or whatever
+                // special token the template puts right after the content.
+                let closes = (Some(ids[t]) == self.end_id || is_special) && s == ce;
                 if overlaps || closes {
                     trained[t] = true;
                 }

@@ -8,6 +8,7 @@ use super::gguf::{GgmlType, GgufWriter, TensorSpec, Value, encode};
 use super::{check_adapter, check_output};
 use crate::checkpoint::CONFIG_FILE;
 use crate::lora::peft::PeftAdapter;
+use crate::model::names::Layout;
 use crate::model::{Phi3Config, names};
 use anyhow::{Context, Result};
 use std::path::Path;
@@ -28,7 +29,12 @@ pub fn export(
     )
     .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
     let cfg = Phi3Config::from_value(&value, &cfg_path.display().to_string())?;
-    check_adapter(adapter, &cfg)?;
+    // llama.cpp's phi3 graph has the fused tensors: a split adapter is fused first (exactly).
+    let fused = crate::lora::convert::to_layout(adapter, &cfg, Layout::Fused)?;
+    let adapter = &fused;
+    let mut fused_cfg = cfg.clone();
+    fused_cfg.model_type = crate::model::config::MODEL_TYPE.into();
+    check_adapter(adapter, &fused_cfg)?;
     let mut w = GgufWriter::default();
     w.kv("general.architecture", Value::Str("phi3".into()))?;
     w.kv("general.type", Value::Str("adapter".into()))?;

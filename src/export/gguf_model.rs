@@ -9,7 +9,7 @@ use super::{MergeBase, Source, check_output};
 use crate::lora::peft::PeftAdapter;
 use crate::model::config::RopeScaling;
 use crate::model::names;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use std::path::Path;
 
 /// Writes the merged model to `out` (a file, written under a temporary name and renamed).
@@ -134,18 +134,37 @@ pub fn export(
     // merged and encoded only when the writer reaches it, and its mapped pages are dropped then.
     for hf in &hf_names {
         let gguf = names::gguf_name(hf).context("named in the table")?;
-        let file = file_of(hf);
-        let view =
-            lookup(hf).with_context(|| format!("{}: no tensor `{hf}`", model_dir.display()))?;
-        let shape = src.shape_of(hf, &view, &file, lookup)?;
+        // A split checkpoint's parts, stacked by rows into llama.cpp's fused tensor.
+        let mut parts = Vec::new();
+        let mut shape: Vec<usize> = Vec::new();
+        for part in src.parts_of(hf) {
+            let file = file_of(&part);
+            let view = lookup(&part)
+                .with_context(|| format!("{}: no tensor `{part}`", model_dir.display()))?;
+            let s = src.shape_of(&part, &view, &file, lookup)?;
+            if shape.is_empty() {
+                shape = s;
+            } else {
+                ensure!(
+                    s.len() == 2 && s[1] == shape[1],
+                    "{file}: `{part}` has shape {s:?}, not [_, {}] as the parts before it",
+                    shape[1]
+                );
+                shape[0] += s[0];
+            }
+            parts.push((part, view, file));
+        }
         let tensor_ty = picker.pick(&gguf, &shape);
-        let (hf, shape2, src) = (hf.clone(), shape.clone(), &src);
+        let (shape2, src) = (shape.clone(), &src);
         w.tensor(TensorSpec {
             name: gguf,
             shape,
             ty: tensor_ty,
             produce: Box::new(move || {
-                let values = src.values(&hf, &view, &file, base, lookup)?;
+                let mut values = Vec::new();
+                for (part, view, file) in &parts {
+                    values.extend(src.values(part, view, file, base, lookup)?);
+                }
                 encode(&values, &shape2, tensor_ty)
             }),
         })?;

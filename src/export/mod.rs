@@ -41,16 +41,17 @@ pub enum MergeBase {
 /// and the adapter (checked against the base). Nothing here holds tensor data: each module's
 /// `scale · B · A` is computed by [`Source::delta`] when its tensor is written, and dropped with it.
 #[derive(Debug)]
-pub struct Source<'a> {
+pub struct Source {
     pub ck: crate::checkpoint::Checkpoint,
     pub cfg: Phi3Config,
     pub is_bnb: bool,
-    pub adapter: Option<&'a PeftAdapter>,
+    /// In the checkpoint's layout ([`crate::lora::convert::to_layout`]).
+    pub adapter: Option<PeftAdapter>,
 }
 
-impl<'a> Source<'a> {
+impl Source {
     /// Opens `model_dir` and checks `adapter` against it.
-    pub fn open(model_dir: &std::path::Path, adapter: Option<&'a PeftAdapter>) -> Result<Self> {
+    pub fn open(model_dir: &std::path::Path, adapter: Option<&PeftAdapter>) -> Result<Self> {
         let ck = crate::checkpoint::Checkpoint::open(model_dir)?;
         let origin = model_dir
             .join(crate::checkpoint::CONFIG_FILE)
@@ -61,7 +62,10 @@ impl<'a> Source<'a> {
             serde_json::from_value::<qlora_quant::bnb::QuantizationConfig>(q.clone())
                 .is_ok_and(|q| q.is_bnb_4bit())
         });
-        if let Some(a) = adapter {
+        let adapter = adapter
+            .map(|a| crate::lora::convert::to_layout(a, &cfg, cfg.layout()))
+            .transpose()?;
+        if let Some(a) = &adapter {
             check_adapter(a, &cfg)?;
         }
         Ok(Self {
@@ -118,10 +122,26 @@ impl<'a> Source<'a> {
         Ok(values)
     }
 
+    /// The checkpoint tensors whose rows, in order, make up Phi-3 tensor `name`: `name` itself, or
+    /// on a split checkpoint the parts of a fused linear (`qkv_proj` → `q_proj`, `k_proj`, `v_proj`).
+    pub fn parts_of(&self, name: &str) -> Vec<String> {
+        match (self.cfg.layout(), names::block_linear(name)) {
+            (names::Layout::Split, Some((layer, target))) => names::split_parts(target)
+                .iter()
+                .map(|p| {
+                    let suffix = names::Layout::Split.suffix(p).expect("a split target");
+                    format!("{}{layer}.{suffix}.weight", names::LAYER_PREFIX)
+                })
+                .collect(),
+            _ => vec![name.to_string()],
+        }
+    }
+
     /// `scale · B · A` (f32 `[out, in]`) for the block linear `weight_name` (`….weight`), or `None`
     /// when the adapter does not touch it (or there is no adapter).
     pub fn delta(&self, weight_name: &str) -> Result<Option<Tensor>> {
         self.adapter
+            .as_ref()
             .map(|a| adapter_delta(a, weight_name.trim_end_matches(".weight")))
             .transpose()
             .map(Option::flatten)
@@ -139,7 +159,12 @@ pub fn check_adapter(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<()> {
             "adapter module `{module}`: the base has {} layers",
             cfg.num_hidden_layers
         );
-        let [o, i] = cfg.linear_shape(target).expect("known target");
+        let [o, i] = cfg.linear_shape(target).with_context(|| {
+            format!(
+                "adapter module `{module}`: the base (model_type `{}`) has no `{target}`",
+                cfg.model_type
+            )
+        })?;
         ensure!(
             a.dims() == [adapter.config.r, i] && b.dims() == [o, adapter.config.r],
             "adapter module `{module}`: A {:?} and B {:?} do not fit the base's [{o}, {i}] (an adapter for another model?)",

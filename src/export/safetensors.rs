@@ -8,8 +8,9 @@ use super::{MergeBase, Source, check_output};
 use crate::checkpoint::{self, CONFIG_FILE, INDEX_FILE, ShardIndex};
 use crate::fsx::{AtomicDir, write_atomic};
 use crate::lora::peft::PeftAdapter;
+use crate::model::names;
 use ::safetensors::tensor::TensorView;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use candle_core::DType;
 use indicatif::ProgressBar;
 use qlora_quant::bnb;
@@ -62,7 +63,10 @@ impl ::safetensors::View for Lazy<'_> {
     }
 }
 
-/// Writes the merged model into `out`.
+/// Writes the merged model into `out`. With `fuse`, a split ("llamafied") checkpoint is written in
+/// Microsoft's layout: `qkv_proj` and `gate_up_proj` stacked from their parts, config.json a
+/// Phi-3 one ([`phi3_config`]).
+#[allow(clippy::too_many_arguments)]
 pub fn export(
     model_dir: &Path,
     adapter: Option<&PeftAdapter>,
@@ -70,6 +74,7 @@ pub fn export(
     dtype: DType,
     base: MergeBase,
     force: bool,
+    fuse: bool,
     progress: &ProgressBar,
 ) -> Result<()> {
     check_output(out, force)?;
@@ -84,6 +89,15 @@ pub fn export(
     let lookup = |name: &str| -> Option<TensorView<'_>> {
         headers.iter().find_map(|st| st.tensor(name).ok())
     };
+    let split = src.cfg.layout() == names::Layout::Split;
+    let file_of = |name: &str| {
+        ck.shards
+            .iter()
+            .zip(&headers)
+            .find(|(_, st)| st.tensor(name).is_ok())
+            .map(|(s, _)| s.file.clone())
+            .unwrap_or_default()
+    };
     let tmp = AtomicDir::create_replacing(out, force)?;
     let error = RefCell::new(None);
     let mut weight_map = BTreeMap::new();
@@ -96,15 +110,52 @@ pub fn export(
             if bnb::is_state_tensor(name) {
                 continue;
             }
-            let view = st.tensor(name)?;
-            let shape = src.shape_of(name, &view, &shard.file, lookup)?;
-            let (name_owned, file, src) = (name.to_string(), shard.file.clone(), &src);
+            // Fusing: a fused linear is written where its first part is, the other parts skipped.
+            let (out_name, parts) = match names::block_linear(name) {
+                Some((layer, target)) if fuse && split => {
+                    let Some(fused) = names::fused_of(target) else {
+                        unreachable!("every split target has a fused one")
+                    };
+                    if names::split_parts(fused)[0] != target {
+                        continue;
+                    }
+                    let suffix = names::Layout::Fused.suffix(fused).expect("a fused target");
+                    let out = format!("{}{layer}.{suffix}.weight", names::LAYER_PREFIX);
+                    let parts = src.parts_of(&out);
+                    (out, parts)
+                }
+                _ => (name.to_string(), vec![name.to_string()]),
+            };
+            let mut views = Vec::new();
+            let mut shape: Vec<usize> = Vec::new();
+            for part in parts {
+                let view = lookup(&part)
+                    .with_context(|| format!("{}: no tensor `{part}`", model_dir.display()))?;
+                let file = file_of(&part);
+                let s = src.shape_of(&part, &view, &file, lookup)?;
+                if shape.is_empty() {
+                    shape = s;
+                } else {
+                    ensure!(
+                        s.len() == 2 && s[1] == shape[1],
+                        "{file}: `{part}` has shape {s:?}, not [_, {}] as the parts before it",
+                        shape[1]
+                    );
+                    shape[0] += s[0];
+                }
+                views.push((part, view, file));
+            }
+            let src = &src;
             let compute: Box<dyn Fn() -> Result<Vec<f32>>> = Box::new(move || {
                 progress.inc(1);
-                src.values(&name_owned, &view, &file, base, lookup)
+                let mut values = Vec::new();
+                for (part, view, file) in &views {
+                    values.extend(src.values(part, view, file, base, lookup)?);
+                }
+                Ok(values)
             });
             tensors.push((
-                name.to_string(),
+                out_name,
                 Lazy {
                     dtype: st_dtype,
                     shape,
@@ -137,7 +188,11 @@ pub fn export(
             &serde_json::to_vec_pretty(&index)?,
         )?;
     }
-    let mut config = ck.config.clone();
+    let mut config = if fuse && split {
+        phi3_config(&ck.config)
+    } else {
+        ck.config.clone()
+    };
     if let Some(obj) = config.as_object_mut() {
         obj.remove("quantization_config");
         obj.insert(
@@ -152,4 +207,32 @@ pub fn export(
     checkpoint::copy_other_files(ck, tmp.path())?;
     tmp.commit()?;
     Ok(())
+}
+
+/// A split checkpoint's config.json as Microsoft's Phi-3 one: `model_type` phi3,
+/// `Phi3ForCausalLM`, the Llama/Mistral-only keys dropped, every other key kept (a Llama config
+/// had no sliding window: `sliding_window` null then).
+pub fn phi3_config(config: &serde_json::Value) -> serde_json::Value {
+    let mut c = config.clone();
+    if let Some(obj) = c.as_object_mut() {
+        let was_llama = obj.get("model_type").and_then(|v| v.as_str()) == Some("llama");
+        obj.insert("model_type".into(), crate::model::config::MODEL_TYPE.into());
+        obj.insert(
+            "architectures".into(),
+            serde_json::json!(["Phi3ForCausalLM"]),
+        );
+        for k in [
+            "attention_bias",
+            "mlp_bias",
+            "head_dim",
+            "pretraining_tp",
+            "auto_map",
+        ] {
+            obj.remove(k);
+        }
+        if was_llama {
+            obj.insert("sliding_window".into(), serde_json::Value::Null);
+        }
+    }
+    c
 }

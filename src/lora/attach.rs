@@ -11,7 +11,10 @@ use rand::SeedableRng;
 
 /// `model.layers.{layer}.{self_attn|mlp}.{target}`.
 pub fn module_path(layer: usize, target: &str) -> String {
-    let group = if matches!(target, "qkv_proj" | "o_proj") {
+    let group = if matches!(
+        target,
+        "qkv_proj" | "o_proj" | "q_proj" | "k_proj" | "v_proj"
+    ) {
         "self_attn"
     } else {
         "mlp"
@@ -21,7 +24,8 @@ pub fn module_path(layer: usize, target: &str) -> String {
 
 /// Fresh adapters (A kaiming-uniform from `seed`, B = 0) on every targeted linear.
 pub fn init_adapters(model: &mut Phi3, cfg: &LoraConfig, seed: u64) -> Result<()> {
-    let targets = cfg.target_names()?;
+    let targets = cfg.target_names(model.cfg.layout())?;
+    let per_layer = model.cfg.layout().linears().len();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let device = model.device.clone();
     let model_dtype = model.dtype;
@@ -30,7 +34,7 @@ pub fn init_adapters(model: &mut Phi3, cfg: &LoraConfig, seed: u64) -> Result<()
             lin.adapter = None;
             if targets.contains(&name) {
                 let (out, inp) = lin.base.dims()?;
-                let stream = (layer * 4 + t) as u64 + 1;
+                let stream = (layer * per_layer + t) as u64 + 1;
                 let master = super::master_dtype(model_dtype);
                 lin.adapter = Some(Adapter::new(
                     module_path(layer, name),
@@ -49,12 +53,16 @@ pub fn init_adapters(model: &mut Phi3, cfg: &LoraConfig, seed: u64) -> Result<()
 }
 
 /// Adapters read from a PEFT adapter; every module in the file must exist in the model with matching
-/// shapes.
+/// shapes (after [`super::convert::to_layout`] when the adapter was made for the other layout).
 pub fn load_adapters(model: &mut Phi3, peft: &PeftAdapter) -> Result<()> {
+    // An adapter trained on the other layout of the same model is converted, exactly.
+    let converted = super::convert::to_layout(peft, &model.cfg, model.cfg.layout())?;
+    let peft = &converted;
     let scale = peft.config.scale();
     let mut used = 0;
     let device = model.device.clone();
     let master = super::master_dtype(model.dtype);
+    let per_layer = model.cfg.layout().linears().len();
     for (layer, blk) in model.layers.iter_mut().enumerate() {
         for (t, (name, lin)) in blk.linears_mut().into_iter().enumerate() {
             let module = module_path(layer, name);
@@ -74,7 +82,7 @@ pub fn load_adapters(model: &mut Phi3, peft: &PeftAdapter) -> Result<()> {
                     b: Var::from_tensor(&b.to_device(&device)?.to_dtype(master)?)?,
                     scale,
                     dropout: peft.config.dropout,
-                    dropout_stream: (layer * 4 + t) as u64 + 1,
+                    dropout_stream: (layer * per_layer + t) as u64 + 1,
                 });
                 used += 1;
             }

@@ -5,12 +5,15 @@
 //! model's output unchanged. Only adapters are trainable: they alone are [`Var`]s.
 //!
 //! - [`attach`]: adapters onto a model (fresh or loaded) and back out.
+//! - [`convert`]: an adapter moved between the fused and the split layout, exactly.
 //! - [`peft`]: the adapter on disk in PEFT's format (save, and load with `strict = false`).
 
 pub mod attach;
+pub mod convert;
 pub mod peft;
 
 use crate::model::linear::BaseWeight;
+use crate::model::names::{self, Layout};
 use anyhow::{Result, bail};
 use candle_core::{DType, Tensor, Var};
 use rand::Rng;
@@ -18,6 +21,17 @@ use serde::{Deserialize, Serialize};
 
 /// Phi-3's LoRA targets (PEFT module names), in model order.
 pub const TARGETS: [&str; 4] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"];
+
+/// Every target name of either layout ([`Layout::Fused`]'s, then [`Layout::Split`]'s parts).
+pub fn all_target_names() -> Vec<&'static str> {
+    let mut all = Layout::Fused.targets();
+    for t in Layout::Split.targets() {
+        if !all.contains(&t) {
+            all.push(t);
+        }
+    }
+    all
+}
 
 /// Which linears get adapters and how big they are.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,7 +43,8 @@ pub struct LoraConfig {
     pub alpha: f64,
     /// Dropout on the adapter's input, during training only.
     pub dropout: f32,
-    /// Subset of qkv_proj, o_proj, gate_up_proj, down_proj; "all-linear" means all four.
+    /// Subset of qkv_proj, o_proj, gate_up_proj, down_proj (on a split checkpoint also q_proj,
+    /// k_proj, v_proj, gate_proj, up_proj); "all-linear" means every linear.
     pub targets: Vec<String>,
     /// rsLoRA scaling α / √r.
     pub rslora: bool,
@@ -57,32 +72,54 @@ impl LoraConfig {
         }
     }
 
-    /// The targeted module names, validated ("all-linear" expanded).
-    pub fn target_names(&self) -> Result<Vec<&'static str>> {
+    /// Checks the target names without a model: each one of either layout, or "all-linear".
+    pub fn check_targets(&self) -> Result<()> {
         if self.r == 0 {
             bail!("lora r must be at least 1");
-        }
-        if self.targets.iter().any(|t| t == "all-linear") {
-            return Ok(TARGETS.to_vec());
         }
         if self.targets.is_empty() {
             bail!("lora targets is empty: name some of {TARGETS:?} or \"all-linear\"");
         }
-        let mut out = Vec::new();
+        let all = all_target_names();
         for t in &self.targets {
-            match TARGETS.iter().find(|k| **k == t) {
-                Some(k) if !out.contains(k) => out.push(*k),
-                Some(_) => {}
-                None => {
-                    bail!("unknown lora target `{t}`: use some of {TARGETS:?} or \"all-linear\"")
+            if t != "all-linear" && !all.contains(&t.as_str()) {
+                bail!("unknown lora target `{t}`: use some of {all:?} or \"all-linear\"");
+            }
+        }
+        Ok(())
+    }
+
+    /// The targeted module names of a checkpoint of `layout`, validated, in model order:
+    /// "all-linear" is every linear; on a split checkpoint `qkv_proj` and `gate_up_proj` stand for
+    /// their parts (so the default targets mean the same on both). A split name on a fused
+    /// checkpoint is refused: part of a fused weight cannot carry its own PEFT adapter.
+    pub fn target_names(&self, layout: Layout) -> Result<Vec<&'static str>> {
+        self.check_targets()?;
+        let own = layout.targets();
+        if self.targets.iter().any(|t| t == "all-linear") {
+            return Ok(own);
+        }
+        let mut out: Vec<&'static str> = Vec::new();
+        for t in &self.targets {
+            let t = t.as_str();
+            let expanded: Vec<&'static str> = if let Some(k) = own.iter().find(|k| **k == t) {
+                vec![*k]
+            } else if layout == Layout::Split && !names::split_parts(t).is_empty() {
+                names::split_parts(t).to_vec()
+            } else {
+                let fused = names::fused_of(t).unwrap_or("?");
+                bail!(
+                    "lora target `{t}` is a module of split-layout (llamafied) checkpoints; this \
+                     checkpoint has the fused `{fused}`: target `{fused}` instead"
+                );
+            };
+            for k in expanded {
+                if !out.contains(&k) {
+                    out.push(k);
                 }
             }
         }
-        Ok(TARGETS
-            .iter()
-            .copied()
-            .filter(|t| out.contains(t))
-            .collect())
+        Ok(own.into_iter().filter(|t| out.contains(t)).collect())
     }
 }
 

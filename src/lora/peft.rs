@@ -4,7 +4,7 @@
 //! re-inserts it on load). Loading is "strict = false" towards the base: the file holds adapters
 //! only; but every adapter key must land on a module of the model, or loading fails.
 
-use super::{LoraConfig, TARGETS};
+use super::{LoraConfig, all_target_names};
 use crate::fsx::write_atomic;
 use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Device, Tensor};
@@ -20,7 +20,7 @@ pub const KEY_PREFIX: &str = "base_model.model.";
 pub type AdapterWeights = BTreeMap<String, (Tensor, Tensor)>;
 
 /// A PEFT adapter read from disk.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PeftAdapter {
     pub config: LoraConfig,
     pub base_model_name_or_path: Option<String>,
@@ -47,7 +47,17 @@ pub fn save(
             b.to_dtype(candle_core::DType::F32)?,
         ));
     }
-    let targets = cfg.target_names()?;
+    // The targets the file really holds (a split checkpoint's names on one), in model order.
+    let held: Vec<&str> = weights
+        .iter()
+        .filter_map(|(m, _, _)| crate::model::names::block_linear(&format!("{m}.weight")))
+        .map(|(_, t)| t)
+        .collect();
+    cfg.check_targets()?;
+    let targets: Vec<&str> = all_target_names()
+        .into_iter()
+        .filter(|t| held.contains(t))
+        .collect();
     let config = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -156,7 +166,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             .unwrap_or(false),
     };
     config
-        .target_names()
+        .check_targets()
         .with_context(|| format!("{origin}: target_modules"))?;
 
     let weights_path = dir.join(WEIGHTS_FILE);
@@ -210,7 +220,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             "{wfile}: `{module}` has rank {a_rank}×{b_rank} but {origin} says r = {r}"
         );
         ensure!(
-            TARGETS.iter().any(|t| module.ends_with(t)),
+            all_target_names().iter().any(|t| module.ends_with(t)),
             "{wfile}: `{module}` is not a Phi-3 linear"
         );
         weights.insert(module, (a, b));

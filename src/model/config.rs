@@ -1,13 +1,18 @@
 //! Phi-3's `config.json`, typed. Keys we don't use are ignored (Hugging Face configs carry many);
 //! the ones we use are checked, and a config that is not Phi-3 is rejected with a clear error.
 //! Both the transformers 4 layout (`rope_theta`, `rope_scaling`) and the transformers 5 layout
-//! (`rope_parameters`) are read.
+//! (`rope_parameters`) are read. The "llamafied" re-uploads of Phi checkpoints (model_type `llama`
+//! or `mistral`, split q/k/v and gate/up: [`Layout::Split`]) are the same model and read too.
 
+use super::names::{self, Layout};
 use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 
-/// The `model_type` of the Phi-3 family (Phi-3, Phi-3.5-mini and Phi-4-mini all use it).
+/// The `model_type` of the Phi-3 family (Phi-3, Phi-3.5-mini, Phi-4 and Phi-4-mini all use it).
 pub const MODEL_TYPE: &str = "phi3";
+/// The model types of the split-layout re-uploads: transformers' Llama (no sliding window) and
+/// Mistral (a sliding window, as Phi-3's).
+pub const SPLIT_MODEL_TYPES: [&str; 2] = ["llama", "mistral"];
 
 /// Token ids from a JSON value that is one id or a list of ids (`eos_token_id` in config.json and
 /// generation_config.json); anything else gives none.
@@ -89,6 +94,16 @@ pub struct Phi3Config {
     pub eos_token_id: Option<serde_json::Value>,
     #[serde(default)]
     pub pad_token_id: Option<u32>,
+    /// Llama/Mistral keys that must keep Phi-3's values: no biases, SiLU, `head_dim` equal to
+    /// `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    #[serde(default)]
+    pub mlp_bias: Option<bool>,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
 }
 
 /// Upper bound on config.json's sizes (vocab, hidden, intermediate, positions): far above any Phi
@@ -108,17 +123,31 @@ impl Phi3Config {
     pub fn from_value(value: &serde_json::Value, origin: &str) -> Result<Self> {
         match value.get("model_type").and_then(|v| v.as_str()) {
             Some(MODEL_TYPE) => {}
+            Some(t) if SPLIT_MODEL_TYPES.contains(&t) => {}
             Some(other) => bail!(
                 "{origin}: model_type is `{other}`, not `{MODEL_TYPE}`; qlora supports Phi-3 checkpoints \
-                 (e.g. microsoft/Phi-3-mini-4k-instruct)"
+                 (e.g. microsoft/Phi-3-mini-4k-instruct) and their llamafied re-uploads (`llama`, `mistral`)"
             ),
             None => bail!("{origin}: no model_type key; is this a Hugging Face config.json?"),
         }
-        let cfg: Self = serde_json::from_value(value.clone())
+        let mut cfg: Self = serde_json::from_value(value.clone())
             .with_context(|| format!("{origin}: not a valid Phi-3 config"))?;
+        // transformers' Llama has no sliding window (its config may still carry Phi-3's key).
+        if cfg.model_type == "llama" {
+            cfg.sliding_window = None;
+        }
         cfg.validate()
             .with_context(|| format!("{origin}: inconsistent Phi-3 config"))?;
         Ok(cfg)
+    }
+
+    /// Where the block's input projections are fused (`phi3`) or split (`llama`, `mistral`).
+    pub fn layout(&self) -> Layout {
+        if self.model_type == MODEL_TYPE {
+            Layout::Fused
+        } else {
+            Layout::Split
+        }
     }
 
     fn validate(&self) -> Result<()> {
@@ -156,6 +185,23 @@ impl Phi3Config {
             self.num_hidden_layers > 0 && self.vocab_size > 0 && self.intermediate_size > 0,
             "num_hidden_layers, vocab_size and intermediate_size must be positive"
         );
+        ensure!(
+            self.attention_bias != Some(true) && self.mlp_bias != Some(true),
+            "attention_bias / mlp_bias: linear layers with biases are not Phi-3's"
+        );
+        if let Some(act) = &self.hidden_act {
+            ensure!(
+                act == "silu",
+                "hidden_act `{act}`: Phi-3's MLP is SiLU-gated"
+            );
+        }
+        if let Some(d) = self.head_dim {
+            ensure!(
+                d == self.head_dim(),
+                "head_dim {d} is not hidden_size / num_attention_heads = {}",
+                self.head_dim()
+            );
+        }
         self.rope()?;
         Ok(())
     }
@@ -169,16 +215,42 @@ impl Phi3Config {
         self.hidden_size / self.num_attention_heads
     }
 
-    /// `[out, in]` of each block linear, by PEFT target name.
+    /// `[out, in]` of each block linear of this checkpoint's layout, by PEFT target name.
     pub fn linear_shape(&self, target: &str) -> Option<[usize; 2]> {
-        let (h, hd) = (self.hidden_size, self.head_dim());
+        self.layout().suffix(target)?;
+        self.any_linear_shape(target)
+    }
+
+    /// `[out, in]` of a block linear of either layout (`q_proj` of a fused checkpoint: the rows of
+    /// its `qkv_proj` that `q_proj` would be).
+    pub fn any_linear_shape(&self, target: &str) -> Option<[usize; 2]> {
+        let (h, hd, i) = (self.hidden_size, self.head_dim(), self.intermediate_size);
+        let (q, kv) = (self.num_attention_heads * hd, self.num_kv_heads() * hd);
         match target {
-            "qkv_proj" => Some([(self.num_attention_heads + 2 * self.num_kv_heads()) * hd, h]),
-            "o_proj" => Some([h, self.num_attention_heads * hd]),
-            "gate_up_proj" => Some([2 * self.intermediate_size, h]),
-            "down_proj" => Some([h, self.intermediate_size]),
+            "qkv_proj" => Some([q + 2 * kv, h]),
+            "q_proj" => Some([q, h]),
+            "k_proj" | "v_proj" => Some([kv, h]),
+            "o_proj" => Some([h, q]),
+            "gate_up_proj" => Some([2 * i, h]),
+            "gate_proj" | "up_proj" => Some([i, h]),
+            "down_proj" => Some([h, i]),
             _ => None,
         }
+    }
+
+    /// The rows `(start, len)` of split target `target` inside its fused weight
+    /// ([`names::fused_of`]): `k_proj` starts after Q's rows, `up_proj` after gate's.
+    pub fn rows_in_fused(&self, target: &str) -> Option<(usize, usize)> {
+        let fused = names::fused_of(target)?;
+        let mut start = 0;
+        for part in names::split_parts(fused) {
+            let [rows, _] = self.any_linear_shape(part)?;
+            if *part == target {
+                return Some((start, rows));
+            }
+            start += rows;
+        }
+        None
     }
 
     /// The rotary embedding: base, rotated fraction and scaling, from `rope_parameters`
@@ -322,14 +394,62 @@ mod tests {
     }
 
     #[test]
+    fn llamafied_configs_are_the_split_layout() {
+        // unsloth/Phi-3-mini-4k-instruct-bnb-4bit's keys beyond Phi-3's.
+        let mut v = mini();
+        for (k, x) in [
+            ("model_type", serde_json::json!("llama")),
+            ("attention_bias", false.into()),
+            ("mlp_bias", false.into()),
+            ("hidden_act", "silu".into()),
+            ("pretraining_tp", 1.into()),
+        ] {
+            v[k] = x;
+        }
+        let c = Phi3Config::from_value(&v, "c").unwrap();
+        assert_eq!(c.layout(), Layout::Split);
+        assert_eq!(c.sliding_window, None, "Llama has no sliding window");
+        assert_eq!(c.linear_shape("qkv_proj"), None);
+        assert_eq!(c.linear_shape("k_proj"), Some([3072, 3072]));
+        assert_eq!(c.linear_shape("up_proj"), Some([8192, 3072]));
+        assert_eq!(c.rows_in_fused("v_proj"), Some((6144, 3072)));
+        assert_eq!(c.rows_in_fused("up_proj"), Some((8192, 8192)));
+        assert_eq!(c.rows_in_fused("o_proj"), Some((0, 3072)));
+        v["model_type"] = "mistral".into();
+        let c = Phi3Config::from_value(&v, "c").unwrap();
+        assert_eq!(c.sliding_window, Some(2047), "Mistral keeps its window");
+        for (k, x, msg) in [
+            ("attention_bias", serde_json::json!(true), "biases"),
+            ("hidden_act", "gelu".into(), "gelu"),
+            ("head_dim", 128.into(), "head_dim 128"),
+        ] {
+            let mut w = v.clone();
+            w[k] = x;
+            let e = format!(
+                "{:#}",
+                Phi3Config::from_value(&w, "x/config.json").unwrap_err()
+            );
+            assert!(e.contains("x/config.json") && e.contains(msg), "{e}");
+        }
+        // Phi-3-medium: 40 heads of 128, 10 kv heads.
+        let mut m = mini();
+        m["hidden_size"] = 5120.into();
+        m["num_attention_heads"] = 40.into();
+        m["num_key_value_heads"] = 10.into();
+        let c = Phi3Config::from_value(&m, "c").unwrap();
+        assert_eq!(c.linear_shape("qkv_proj"), Some([5120 + 2 * 1280, 5120]));
+        assert_eq!(c.rows_in_fused("k_proj"), Some((5120, 1280)));
+    }
+
+    #[test]
     fn other_architectures_are_rejected_by_name() {
         let mut v = mini();
-        v["model_type"] = "llama".into();
+        v["model_type"] = "gemma".into();
         let err = Phi3Config::from_value(&v, "x/config.json")
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("x/config.json") && err.contains("`llama`"),
+            err.contains("x/config.json") && err.contains("`gemma`"),
             "{err}"
         );
         v.as_object_mut().unwrap().remove("model_type");

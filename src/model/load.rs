@@ -140,8 +140,13 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Phi3> {
             .or_else(|| view(&name).map(|v| v.shape().to_vec()));
         let shape = shape.with_context(|| {
             format!(
-                "{} (Phi-3 has fused qkv_proj and gate_up_proj)",
-                missing(&name)
+                "{} (model_type `{}`: {})",
+                missing(&name),
+                cfg.model_type,
+                match cfg.layout() {
+                    names::Layout::Fused => "fused qkv_proj and gate_up_proj",
+                    names::Layout::Split => "q_proj, k_proj, v_proj, gate_proj and up_proj apart",
+                }
             )
         })?;
         ensure!(
@@ -189,20 +194,36 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Phi3> {
         base,
         adapter: None,
     };
+    let layout = cfg.layout();
+    let named = |layer: usize, target: &'static str| -> Result<(&'static str, LoraLinear)> {
+        let suffix = layout.suffix(target).expect("a target of the layout");
+        Ok((target, plain(linear(layer, suffix, target)?)))
+    };
+    // A fused projection, or its split parts in row order.
+    let projection =
+        |layer: usize, fused: &'static str| -> Result<Vec<(&'static str, LoraLinear)>> {
+            match layout {
+                names::Layout::Fused => Ok(vec![named(layer, fused)?]),
+                names::Layout::Split => names::split_parts(fused)
+                    .iter()
+                    .map(|t| named(layer, t))
+                    .collect(),
+            }
+        };
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     let (hidden, vocab) = (cfg.hidden_size, cfg.vocab_size);
     for l in 0..cfg.num_hidden_layers {
         let p = format!("{}{l}", names::LAYER_PREFIX);
         layers.push(Block {
             input_layernorm: dense(&format!("{p}.input_layernorm.weight"), &[hidden])?,
-            qkv_proj: plain(linear(l, "self_attn.qkv_proj", "qkv_proj")?),
-            o_proj: plain(linear(l, "self_attn.o_proj", "o_proj")?),
+            qkv: projection(l, "qkv_proj")?,
+            o_proj: named(l, "o_proj")?.1,
             post_attention_layernorm: dense(
                 &format!("{p}.post_attention_layernorm.weight"),
                 &[hidden],
             )?,
-            gate_up_proj: plain(linear(l, "mlp.gate_up_proj", "gate_up_proj")?),
-            down_proj: plain(linear(l, "mlp.down_proj", "down_proj")?),
+            gate_up: projection(l, "gate_up_proj")?,
+            down_proj: named(l, "down_proj")?.1,
         });
     }
     let embed_tokens = dense("model.embed_tokens.weight", &[vocab, hidden])?;

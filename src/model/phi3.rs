@@ -4,7 +4,8 @@
 //! (transformers' arithmetic, differentiated by candle), on CUDA fused kernels with their own
 //! backward (attention in O(T) memory, grouped-query heads read without expanding k and v). Fused
 //! `qkv_proj` (rows Q | K | V) and `gate_up_proj` (rows gate | up, `up · silu(gate)`) stay fused so
-//! adapter names are PEFT's.
+//! adapter names are PEFT's; a split ("llamafied") checkpoint keeps its `q_proj` … `up_proj` apart,
+//! each with its own adapter, and their outputs are concatenated into the same rows.
 //!
 //! Shapes: `B` batch, `T` tokens, `H` hidden, `h`/`kv` query/key-value heads of `d` dims.
 
@@ -19,31 +20,40 @@ use qlora_quant::fused;
 #[derive(Debug, Clone)]
 pub struct Block {
     pub input_layernorm: Tensor,
-    pub qkv_proj: LoraLinear,
+    /// The rows Q | K | V: Phi-3's one `qkv_proj`, or a split checkpoint's `q_proj`, `k_proj`,
+    /// `v_proj` (outputs concatenated), each with its PEFT target name.
+    pub qkv: Vec<(&'static str, LoraLinear)>,
     pub o_proj: LoraLinear,
     pub post_attention_layernorm: Tensor,
-    pub gate_up_proj: LoraLinear,
+    /// The rows gate | up: `gate_up_proj`, or `gate_proj` and `up_proj`.
+    pub gate_up: Vec<(&'static str, LoraLinear)>,
     pub down_proj: LoraLinear,
 }
 
 impl Block {
-    /// The four linears with their PEFT target names, in model order.
-    pub fn linears(&self) -> [(&'static str, &LoraLinear); 4] {
-        [
-            ("qkv_proj", &self.qkv_proj),
-            ("o_proj", &self.o_proj),
-            ("gate_up_proj", &self.gate_up_proj),
-            ("down_proj", &self.down_proj),
-        ]
+    /// The block's linears with their PEFT target names, in model order.
+    pub fn linears(&self) -> Vec<(&'static str, &LoraLinear)> {
+        let mut out: Vec<_> = self.qkv.iter().map(|(n, l)| (*n, l)).collect();
+        out.push(("o_proj", &self.o_proj));
+        out.extend(self.gate_up.iter().map(|(n, l)| (*n, l)));
+        out.push(("down_proj", &self.down_proj));
+        out
     }
 
-    pub fn linears_mut(&mut self) -> [(&'static str, &mut LoraLinear); 4] {
-        [
-            ("qkv_proj", &mut self.qkv_proj),
-            ("o_proj", &mut self.o_proj),
-            ("gate_up_proj", &mut self.gate_up_proj),
-            ("down_proj", &mut self.down_proj),
-        ]
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut LoraLinear)> {
+        let mut out: Vec<_> = self.qkv.iter_mut().map(|(n, l)| (*n, l)).collect();
+        out.push(("o_proj", &mut self.o_proj));
+        out.extend(self.gate_up.iter_mut().map(|(n, l)| (*n, l)));
+        out.push(("down_proj", &mut self.down_proj));
+        out
+    }
+
+    /// The linear named `target`, if the block has it.
+    pub fn linear(&self, target: &str) -> Option<&LoraLinear> {
+        self.linears()
+            .into_iter()
+            .find(|(n, _)| *n == target)
+            .map(|(_, l)| l)
     }
 }
 
@@ -250,11 +260,30 @@ impl Phi3 {
         let attn = self.attention(layer, &h, prep, ctx, cache)?;
         let x = (x + attn)?;
         let h = self.ops.rms_norm(&x, &blk.post_attention_layernorm, eps)?;
-        let gu = self.ops.linear(&blk.gate_up_proj, &h, ctx)?;
+        let gu = self.projection(&blk.gate_up, &h, ctx)?;
         let mlp = self
             .ops
             .linear(&blk.down_proj, &self.ops.swiglu(&gu)?, ctx)?;
         x + mlp
+    }
+
+    /// A fused projection's output, or a split one's parts concatenated (the same rows).
+    fn projection(
+        &self,
+        parts: &[(&'static str, LoraLinear)],
+        x: &Tensor,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        match parts {
+            [(_, lin)] => self.ops.linear(lin, x, ctx),
+            _ => {
+                let outs = parts
+                    .iter()
+                    .map(|(_, lin)| self.ops.linear(lin, x, ctx))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&outs, D::Minus1)
+            }
+        }
     }
 
     fn attention(
@@ -272,7 +301,7 @@ impl Phi3 {
             self.cfg.num_kv_heads(),
             self.cfg.head_dim(),
         );
-        let qkv = self.ops.linear(&blk.qkv_proj, x, ctx)?;
+        let qkv = self.projection(&blk.qkv, x, ctx)?;
         let heads = |start: usize, n: usize| -> Result<Tensor> {
             qkv.narrow(D::Minus1, start * d, n * d)?
                 .reshape((b, t, n, d))?

@@ -110,10 +110,10 @@ pub fn qlora_model(
         .map(|_| {
             Ok(Block {
                 input_layernorm: ones.clone(),
-                qkv_proj: lin(0)?,
+                qkv: vec![("qkv_proj", lin(0)?)],
                 o_proj: lin(1)?,
                 post_attention_layernorm: ones.clone(),
-                gate_up_proj: lin(2)?,
+                gate_up: vec![("gate_up_proj", lin(2)?)],
                 down_proj: lin(3)?,
             })
         })

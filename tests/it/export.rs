@@ -29,6 +29,7 @@ fn merged_checkpoint_reproduces_peft_logits_and_is_base_plus_scaled_ba() {
         DType::F32,
         MergeBase::Original,
         false,
+        false,
         &ProgressBar::hidden(),
     )
     .unwrap();
@@ -39,12 +40,12 @@ fn merged_checkpoint_reproduces_peft_logits_and_is_base_plus_scaled_ba() {
     // Entrywise: W' = W + (α/r)·B·A, f32 (one rounding of the sum).
     let base = load_f32("gqa", BaseFormat::Dense);
     let (aa, bb) = &a.weights["model.layers.1.self_attn.qkv_proj"];
-    let want = (base.layers[1].qkv_proj.base.to_dense(DType::F32).unwrap()
+    let want = (base.layers[1].qkv[0].1.base.to_dense(DType::F32).unwrap()
         + (bb.matmul(aa).unwrap() * 2.0).unwrap())
     .unwrap();
     assert!(
         max_abs(
-            &merged.layers[1].qkv_proj.base.to_dense(DType::F32).unwrap(),
+            &merged.layers[1].qkv[0].1.base.to_dense(DType::F32).unwrap(),
             &want
         ) <= 1e-7
     );
@@ -68,6 +69,7 @@ fn nf4_merge_base_is_the_model_the_adapter_saw() {
         &out,
         DType::F32,
         nf4,
+        false,
         false,
         &ProgressBar::hidden(),
     )
@@ -94,6 +96,7 @@ fn a_4bit_checkpoint_converts_to_a_dense_one() {
         DType::F32,
         MergeBase::Original,
         false,
+        false,
         &ProgressBar::hidden(),
     )
     .unwrap();
@@ -117,6 +120,7 @@ fn mismatched_adapters_and_existing_outputs_are_refused() {
         DType::BF16,
         MergeBase::Original,
         false,
+        false,
         &ProgressBar::hidden(),
     )
     .unwrap_err()
@@ -135,6 +139,7 @@ fn mismatched_adapters_and_existing_outputs_are_refused() {
         DType::BF16,
         MergeBase::Original,
         false,
+        false,
         &ProgressBar::hidden(),
     )
     .unwrap_err()
@@ -147,6 +152,7 @@ fn mismatched_adapters_and_existing_outputs_are_refused() {
         DType::BF16,
         MergeBase::Original,
         true,
+        false,
         &ProgressBar::hidden(),
     )
     .unwrap();

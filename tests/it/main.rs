@@ -15,3 +15,4 @@ mod model;
 mod quantize;
 mod train;
 mod trainer;
+mod wild;

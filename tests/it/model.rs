@@ -163,7 +163,7 @@ fn a_fresh_adapter_leaves_the_output_unchanged_and_merging_is_exact() {
     let mut m = load_f32("gqa", BaseFormat::NF4);
     let a = peft::load(&fixtures().join("phi3/peft/adapter"), &Device::Cpu).unwrap();
     attach::load_adapters(&mut m, &a).unwrap();
-    let lin = &m.layers[1].gate_up_proj;
+    let lin = m.layers[1].linear("gate_up_proj").unwrap();
     let ad = lin.adapter.as_ref().unwrap();
     let want = (lin.base.to_dense(DType::F32).unwrap()
         + (ad.b.as_tensor().matmul(ad.a.as_tensor()).unwrap() * 2.0).unwrap())

@@ -8,7 +8,7 @@ use qlora_quant::{Blocksize, BnbBackend, QuantType};
 use safetensors::SafeTensors;
 use std::path::Path;
 
-fn opts(model: &Path, out: &Path) -> QuantizeOptions {
+pub fn opts(model: &Path, out: &Path) -> QuantizeOptions {
     QuantizeOptions {
         model: model.to_path_buf(),
         out: out.to_path_buf(),
@@ -117,11 +117,20 @@ fn bad_inputs_get_one_clear_error_and_leave_nothing_behind() {
     std::fs::remove_file(no_config.join("config.json")).unwrap();
     assert!(err_of(&no_config, &out).contains("config.json: cannot read"));
 
-    let llama = tmp.path().join("llama");
+    let gemma = tmp.path().join("gemma");
     let mut cfg = config.clone();
+    cfg["model_type"] = "gemma".into();
+    write_checkpoint(&gemma, &cfg, &tiny_tensors(&config), 1);
+    assert!(err_of(&gemma, &out).contains("model_type is `gemma`, not `phi3`"));
+    // A Llama config over Phi-3's fused tensors: the layouts disagree, named.
+    let llama = tmp.path().join("llama");
     cfg["model_type"] = "llama".into();
     write_checkpoint(&llama, &cfg, &tiny_tensors(&config), 1);
-    assert!(err_of(&llama, &out).contains("model_type is `llama`, not `phi3`"));
+    let e = err_of(&llama, &out);
+    assert!(
+        e.contains("qkv_proj") && e.contains("not a linear of a `llama` checkpoint"),
+        "{e}"
+    );
 
     let f64_weights = tmp.path().join("f64");
     let mut tensors = tiny_tensors(&config);
