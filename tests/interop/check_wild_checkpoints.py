@@ -8,7 +8,10 @@ and what qlora writes is loaded by the clients users run:
   loaded with BitsAndBytesConfig(load_in_4bit, nf4, double quant) and saved with save_pretrained;
 - medium: Phi-3-medium's 40 heads / 10 kv heads (Phi3ForCausalLM, the Phi-3 tokenizer);
 - phi4: microsoft/phi-4's traits: the cl100k vocabulary (tests/fixtures/bpe/cl100k plus Phi-4's
-  <|im_sep|>), 100,352 rows, rope theta 250,000, its <|im_start|>…<|im_sep|>…<|im_end|> template.
+  <|im_sep|>), 100,352 rows, rope theta 250,000, its <|im_start|>…<|im_sep|>…<|im_end|> template;
+- phi35: Phi-3.5-mini-instruct's longrope (128k positions, 4k original, short/long factors);
+- phi4-mini: tests/fixtures/phi4-mini-tiny (BPE, partial rotary 0.75, tied head, longrope); its
+  synthetic vocabulary is in no llama.cpp table, so its GGUFs are written with --gguf-pre gpt-4o.
 
 For each: (1) PEFT loads the trained adapter onto the checkpoint as-is (every key used) and its
 logits equal transformers' logits of qlora's merged f32 export (max |Δ| ≤ 1e-4); (2) llama.cpp runs
@@ -137,6 +140,22 @@ def make_phi4(tmp):
     return out
 
 
+def make_phi35(tmp, phi):
+    hd = 32
+    short = [1.0 + 0.03 * i for i in range(hd // 2)]
+    long = [1.0 + 0.4 * i for i in range(hd // 2)]
+    cfg = Phi3Config(vocab_size=32064, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=131072,
+                     original_max_position_embeddings=4096, sliding_window=262144, tie_word_embeddings=False,
+                     bos_token_id=1, eos_token_id=32000, pad_token_id=32000,
+                     rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                      "short_factor": short, "long_factor": long})
+    out = os.path.join(tmp, "phi35")
+    randomize(Phi3ForCausalLM(cfg), 9).save_pretrained(out)
+    copy_tokenizer(phi, out)
+    return out
+
+
 def llama_greedy(path, prompt_ids, n, lora=None):
     kw = {"lora_path": lora} if lora else {}
     llm = Llama(model_path=path, n_ctx=256, verbose=False, **kw)
@@ -154,7 +173,7 @@ def logits(model, ids):
     return model(input_ids=ids).logits.float()
 
 
-def check(qlora, name, model, tmp, n):
+def check(qlora, name, model, tmp, n, gguf_args=()):
     ok = True
     run = os.path.join(tmp, f"run-{name}")
     q(qlora, "train", "--4bit", "--model", model, "--data", os.path.join(REPO, "data/demo/train.jsonl"),
@@ -180,8 +199,9 @@ def check(qlora, name, model, tmp, n):
     ok &= good
 
     gguf, base_gguf, lora_gguf = (os.path.join(tmp, f"{name}-{k}.gguf") for k in ("merged", "base", "lora"))
-    q(qlora, "export", "--model", model, "--adapter", adapter, "--out", gguf, "--format", "gguf", "--type", "f32")
-    q(qlora, "export", "--model", model, "--out", base_gguf, "--format", "gguf", "--type", "f32")
+    q(qlora, "export", "--model", model, "--adapter", adapter, "--out", gguf, "--format", "gguf", "--type", "f32",
+      *gguf_args)
+    q(qlora, "export", "--model", model, "--out", base_gguf, "--format", "gguf", "--type", "f32", *gguf_args)
     q(qlora, "export", "--model", model, "--adapter", adapter, "--out", lora_gguf, "--format", "gguf-lora", "--type", "f32")
     want = ours["token_ids"]
     got = llama_greedy(gguf, ours["prompt_token_ids"], len(want))
@@ -215,9 +235,14 @@ def main(qlora, n=16):
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         llamafied, phi = make_llamafied_bnb(qlora, tmp)
-        for name, model in [("llamafied-bnb", llamafied), ("medium", make_medium(qlora, tmp, phi)),
-                            ("phi4", make_phi4(tmp))]:
-            ok &= check(qlora, name, model, tmp, n)
+        for name, model, gguf_args in [
+            ("llamafied-bnb", llamafied, ()),
+            ("medium", make_medium(qlora, tmp, phi), ()),
+            ("phi4", make_phi4(tmp), ()),
+            ("phi35", make_phi35(tmp, phi), ()),
+            ("phi4-mini", os.path.join(REPO, "tests/fixtures/phi4-mini-tiny"), ("--gguf-pre", "gpt-4o")),
+        ]:
+            ok &= check(qlora, name, model, tmp, n, gguf_args)
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 
