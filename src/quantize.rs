@@ -107,7 +107,10 @@ pub fn quantize_checkpoint(
     // config implies and a float dtype.
     let mut seen = BTreeMap::new();
     for (shard, st) in ck.shards.iter().zip(&headers) {
-        for (name, view) in st.tensors() {
+        // In name order, so that the first problem reported is the same on every run.
+        let mut tensors = st.tensors();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, view) in tensors {
             let Some((layer, target)) = names::block_linear(&name) else {
                 continue;
             };

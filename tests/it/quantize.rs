@@ -128,7 +128,9 @@ fn bad_inputs_get_one_clear_error_and_leave_nothing_behind() {
     write_checkpoint(&llama, &cfg, &tiny_tensors(&config), 1);
     let e = err_of(&llama, &out);
     assert!(
-        e.contains("qkv_proj") && e.contains("not a linear of a `llama` checkpoint"),
+        e.contains(
+            "`model.layers.0.mlp.gate_up_proj.weight` is not a linear of a `llama` checkpoint"
+        ),
         "{e}"
     );
 
