@@ -8,6 +8,7 @@
 //! - [`quantize`]: `qlora quantize`, a dense checkpoint into a bitsandbytes-4bit one.
 //! - [`train`]: the loss and LoRA gradients (gradient checkpointing).
 //! - [`export`]: the adapter merged into its base (safetensors).
+//! - [`verify`]: `qlora verify`, an export against the model it came from.
 //! - [`fsx`]: atomic writes (temp file or dir, then rename).
 //! - [`spill`]: writing a safetensors shard tensor by tensor when sizes are known only once encoded.
 //! - [`config`], [`hub`], [`builtin`], [`plot`]: `qlora train`'s settings, model resolution, the
@@ -30,3 +31,4 @@ pub mod plot;
 pub mod quantize;
 pub mod spill;
 pub mod train;
+pub mod verify;

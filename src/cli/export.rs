@@ -40,6 +40,10 @@ pub struct ExportArgs {
     /// Replace an existing --out.
     #[arg(long)]
     force: bool,
+    /// Do not check what was written (by default a quick `qlora verify` runs on it: 2 prompts, 8
+    /// tokens; a failure leaves the file in place and exits 1).
+    #[arg(long)]
+    no_verify: bool,
     /// From a split ("llamafied", q_proj/k_proj/v_proj, gate_proj/up_proj) checkpoint, write
     /// Microsoft's fused names (qkv_proj, gate_up_proj): safetensors as a Phi-3 checkpoint, peft
     /// as an adapter that loads onto Microsoft's. GGUF exports are always fused (llama.cpp's phi3).
@@ -108,7 +112,7 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
             converted.config.r,
             converted.config.alpha
         );
-        return Ok(ExitCode::SUCCESS);
+        return quick_verify(&args, &dir, adapter.as_ref(), MergeBase::Original, None);
     }
     if args.format == "gguf-lora" {
         let a = adapter
@@ -122,6 +126,12 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
             args.ty,
             a.config.scale()
         );
+        if !args.no_verify {
+            println!(
+                "verify: a LoRA GGUF runs on its base GGUF; check it with `qlora verify {} --adapter … --base-gguf BASE.gguf`",
+                args.out.display()
+            );
+        }
         return Ok(ExitCode::SUCCESS);
     }
     if args.format == "gguf" {
@@ -146,7 +156,7 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
             },
             args.merge_base
         );
-        return Ok(ExitCode::SUCCESS);
+        return quick_verify(&args, &dir, adapter.as_ref(), base, None);
     }
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("{spinner} exporting [{bar:30}] {pos}/{len}")
@@ -175,5 +185,74 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
         },
         args.merge_base
     );
-    Ok(ExitCode::SUCCESS)
+    quick_verify(&args, &dir, adapter.as_ref(), base, None)
+}
+
+/// The quick check after an export: `qlora verify` on 2 prompts × 8 tokens. Models whose f32
+/// reference and export would not fit in half the available memory are left to an explicit
+/// `qlora verify` (said so, not skipped silently).
+fn quick_verify(
+    args: &ExportArgs,
+    dir: &std::path::Path,
+    adapter: Option<&peft::PeftAdapter>,
+    base: MergeBase,
+    base_gguf: Option<&std::path::Path>,
+) -> Result<ExitCode> {
+    if args.no_verify {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let ck = crate::checkpoint::Checkpoint::open(dir)?;
+    let origin = dir
+        .join(crate::checkpoint::CONFIG_FILE)
+        .display()
+        .to_string();
+    let cfg = crate::model::Phi3Config::from_value(&ck.config, &origin)?;
+    let params = crate::verify::parameter_count(&cfg);
+    // The f32 reference (base alone too with an adapter) and the export's engine in f32.
+    let need = params * 4 * if adapter.is_some() { 3 } else { 2 };
+    let avail = crate::verify::available_memory().unwrap_or(u64::MAX);
+    if need as u64 > avail / 2 {
+        println!(
+            "verify: not run by default for a model of {:.1}B parameters (it needs ~{:.0} GiB); run `qlora verify {}` with the same --model/--adapter",
+            params as f64 / 1e9,
+            need as f64 / (1u64 << 30) as f64,
+            args.out.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let run = || -> Result<crate::verify::Report> {
+        let export = crate::verify::classify(&args.out, base_gguf)?;
+        let export_adapter = match &export {
+            crate::verify::Export::Adapter(p) => Some(peft::load(p, &Device::Cpu)?),
+            _ => None,
+        };
+        let reference = crate::verify::Reference::new(dir, adapter, base)?;
+        let ty = crate::verify::export_type(&export)?;
+        let prompts: Vec<String> = crate::verify::PROMPTS[..2]
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        crate::verify::verify(
+            &reference,
+            &export,
+            &ty,
+            &prompts,
+            8,
+            export_adapter.as_ref(),
+        )
+    };
+    // A model that cannot be run on prompts (no tokenizer, say) is reported, and the export stands.
+    let report = match run() {
+        Ok(r) => r,
+        Err(e) => {
+            println!("verify: could not run: {e:#}");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    print!("verify: ");
+    super::verify::print(&report);
+    Ok(match report.exit_code() {
+        1 => ExitCode::from(1),
+        _ => ExitCode::SUCCESS,
+    })
 }

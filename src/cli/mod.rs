@@ -8,6 +8,7 @@ mod infer;
 pub mod inspect;
 mod quantize;
 mod train;
+mod verify;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -30,6 +31,7 @@ enum Command {
     Export(export::ExportArgs),
     Inspect(inspect::InspectArgs),
     Quantize(quantize::QuantizeArgs),
+    Verify(verify::VerifyArgs),
 }
 
 /// Parses the process arguments and runs the chosen command.
@@ -43,5 +45,6 @@ pub fn run() -> Result<ExitCode> {
         Command::Export(args) => export::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Verify(args) => verify::run(args),
     }
 }

@@ -12,7 +12,7 @@ mod bpe;
 mod post_processor;
 mod special;
 
-pub use bpe::{BpeVocab, chkhsh, pre_of_chkhsh, read_bpe};
+pub use bpe::{BpeVocab, chkhsh, is_known_pre, pre_of_chkhsh, read_bpe};
 pub use special::SpecialVocab;
 
 use super::gguf::{GgufWriter, Value};

@@ -123,6 +123,54 @@ fn train_eval_generate_on_the_builtin_model() {
         );
         ids.push(tok);
     }
+
+    // Export verifies what it wrote; `qlora verify` exits 0 faithful, 1 not, 2 bad input.
+    let gguf = tmp.path().join("m.gguf").display().to_string();
+    let (code, stdout, stderr) = qlora(&[
+        "export",
+        "--adapter",
+        &adapter,
+        "--out",
+        &gguf,
+        "--format",
+        "gguf",
+        "--type",
+        "f16",
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("verify: f16 export") && stdout.contains("faithful"),
+        "{stdout}"
+    );
+    let base_gguf = tmp.path().join("base.gguf").display().to_string();
+    let (code, stdout, stderr) = qlora(&[
+        "export",
+        "--model",
+        &base,
+        "--out",
+        &base_gguf,
+        "--format",
+        "gguf",
+        "--no-verify",
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(!stdout.contains("verify"), "{stdout}");
+    let (code, stdout, _) = qlora(&["verify", &gguf, "--adapter", &adapter, "--tokens", "4"]);
+    assert_eq!(code, 0, "{stdout}");
+    let (code, stdout, _) = qlora(&["verify", &base_gguf, "--adapter", &adapter, "--json"]);
+    assert_eq!(code, 1, "the base alone is not the adapted model: {stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(
+        report["failures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f.as_str().unwrap().starts_with("adapter:")),
+        "{report}"
+    );
+    let (code, _, stderr) = qlora(&["verify", "no-such.gguf", "--adapter", &adapter]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("no-such.gguf"), "{stderr}");
 }
 
 #[test]

@@ -58,7 +58,7 @@ fn test_strings() -> Vec<String> {
 /// vocabulary's size, transformers' default special ids included), weights of those shapes, the
 /// pruned tokenizer.json, and tokenizer_config.json under Phi-4's class (llama.cpp's Phi-3 converter
 /// reads a BPE vocabulary only then) with bos/eos/unk null where absent.
-fn tiny_checkpoint(dir: &Path, vocab: &str) {
+pub fn tiny_checkpoint(dir: &Path, vocab: &str) {
     let src = fixtures().join("bpe").join(vocab);
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();

@@ -15,4 +15,5 @@ mod model;
 mod quantize;
 mod train;
 mod trainer;
+mod verify;
 mod wild;

@@ -1,0 +1,823 @@
+//! `qlora verify`: is an export the model it came from? The reference is the base plus the adapter
+//! as qlora computes it (our model, f32, merged into the base the export names: the original
+//! weights or `dequant(NF4(W))`); the candidate is the export, run by an engine of its own:
+//!
+//! - a merged Hugging Face directory, or a PEFT adapter on the base: our model (the safetensors and
+//!   the adapter are what is checked, not the arithmetic);
+//! - a GGUF, or a LoRA GGUF applied to its base GGUF (`W + alpha/r · B·A`, r from the tensor, as
+//!   llama.cpp does): candle-transformers' quantized Phi-3, an engine independent of our model
+//!   code, reading the file with candle's own GGUF reader.
+//!
+//! On a fixed set of chat prompts (or `--data`), each followed by the reference's greedy
+//! continuation, it measures teacher-forced logits (max |Δ|, mean KL(reference ‖ export), top-1
+//! agreement per position), the export's own greedy continuation against the reference's, the
+//! tokenizer (ids, special ids, chat template; for GGUF the vocabulary keys the converter writes),
+//! and whether the adapter survived: the export must be closer to base + adapter than to the base
+//! alone. Thresholds per export type are in [`Thresholds::for_type`] with their source.
+
+use crate::data::{Message, Role, TokenizerBundle};
+use crate::export::MergeBase;
+use crate::lora::{attach, peft::PeftAdapter};
+use crate::model::Phi3;
+use crate::model::load::{BaseFormat, LoadOptions, load};
+use anyhow::{Context, Result, ensure};
+use candle_core::{D, DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+
+/// What was exported.
+#[derive(Debug, Clone)]
+pub enum Export {
+    /// A merged Hugging Face checkpoint directory.
+    Merged(PathBuf),
+    /// A PEFT adapter directory, applied to the base.
+    Adapter(PathBuf),
+    /// A merged GGUF.
+    Gguf(PathBuf),
+    /// A LoRA GGUF and the base GGUF it applies to.
+    LoraGguf { lora: PathBuf, base: PathBuf },
+}
+
+/// The export's weight encoding, for its thresholds: a GGUF's file type, else the safetensors'
+/// dtype.
+pub fn export_type(export: &Export) -> Result<String> {
+    let gguf = match export {
+        Export::Gguf(p) => Some(p),
+        Export::LoraGguf { base, .. } => Some(base),
+        _ => None,
+    };
+    if let Some(p) = gguf {
+        let h = crate::export::gguf_read::read_header(p)?;
+        let ft = h
+            .get("general.file_type")
+            .and_then(|v| v.as_u64())
+            .context("no general.file_type")?;
+        // llama.cpp's LLAMA_FTYPE values.
+        return Ok(match ft {
+            0 => "f32",
+            1 => "f16",
+            2 => "q4_0",
+            7 => "q8_0",
+            15 => "q4_k_m",
+            17 => "q5_k_m",
+            18 => "q6_k",
+            32 => "bf16",
+            _ => "other",
+        }
+        .into());
+    }
+    if let Export::Merged(d) = export {
+        let c: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(d.join("config.json"))
+                .with_context(|| format!("{}: cannot read config.json", d.display()))?,
+        )?;
+        let dt = c
+            .get("torch_dtype")
+            .or_else(|| c.get("dtype"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("float32");
+        return Ok(match dt {
+            "float16" => "f16",
+            "bfloat16" => "bf16",
+            _ => "f32",
+        }
+        .into());
+    }
+    Ok("f32".into())
+}
+
+/// The export at `path` (`base_gguf` for a LoRA GGUF), by what it is.
+pub fn classify(path: &Path, base_gguf: Option<&Path>) -> Result<Export> {
+    if path.is_dir() {
+        return Ok(if path.join(crate::lora::peft::CONFIG_FILE).exists() {
+            Export::Adapter(path.to_path_buf())
+        } else {
+            Export::Merged(path.to_path_buf())
+        });
+    }
+    let h = crate::export::gguf_read::read_header(path)?;
+    let kind = h.get("general.type").map(|v| v.to_json());
+    if kind.as_ref().and_then(|k| k.as_str()) == Some("adapter") {
+        let base = base_gguf.with_context(|| {
+            format!(
+                "{} is a LoRA GGUF: pass --base-gguf with the GGUF it applies to",
+                path.display()
+            )
+        })?;
+        return Ok(Export::LoraGguf {
+            lora: path.to_path_buf(),
+            base: base.to_path_buf(),
+        });
+    }
+    Ok(Export::Gguf(path.to_path_buf()))
+}
+
+/// Parameters of the model `cfg` describes (embeddings, head, blocks).
+pub fn parameter_count(cfg: &crate::model::Phi3Config) -> usize {
+    let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+    let block: usize = crate::lora::TARGETS
+        .iter()
+        .filter_map(|t| cfg.any_linear_shape(t))
+        .map(|[o, i]| o * i)
+        .sum::<usize>()
+        + 2 * h;
+    let head = if cfg.tie_word_embeddings { 0 } else { v * h };
+    v * h + head + h + cfg.num_hidden_layers * block
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes.
+pub fn available_memory() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The built-in prompts: short chat turns of different kinds.
+pub const PROMPTS: [&str; 4] = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain in one sentence why the sky is blue.",
+    "List three prime numbers greater than 10.",
+];
+
+/// Acceptance bounds for one export type.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    /// Largest mean KL(reference ‖ export) over the teacher-forced positions, in nats.
+    pub mean_kl: f64,
+    /// Smallest fraction of positions whose top-1 token agrees.
+    pub top1: f64,
+    /// Smallest fraction of greedy tokens equal to the reference's before the first difference,
+    /// averaged over prompts.
+    pub greedy: f64,
+}
+
+impl Thresholds {
+    /// By the weights' encoding. Measured (tests/it/verify.rs with `QLORA_VERIFY_PRINT=1`, the
+    /// built-in model with a random rank-8 adapter whose KL to the base alone is 1.2e-3; 2 prompts,
+    /// 38 positions), mean KL(model ‖ export) of faithful exports: f32 (merged, GGUF, base GGUF +
+    /// LoRA GGUF) ≤ 6e-14; f16 2.0e-10; bf16 1.4e-8; q8_0 2.7e-5; q6_k 2.8e-5; q4_k_m 6.3e-4;
+    /// q4_0 5.4e-3 (top-1 79%, greedy 0%: a random model's flat distributions are all near-ties).
+    /// The bounds leave room for real models' larger logits (×10–1000 on KL) while staying below
+    /// what the faults cost: a lost adapter, a wrong scale, a transposed tensor (KL ≥ 1e-3 here),
+    /// or the other merge base (the quantization error of W). Greedy agreement is required where
+    /// rounding cannot flip a near-tie (f32, f16, bf16, q8_0); for the 4–6-bit types it is
+    /// reported.
+    pub fn for_type(ty: &str) -> Self {
+        let (mean_kl, top1, greedy) = match ty {
+            "f32" => (1e-9, 1.0, 1.0),
+            "f16" => (1e-6, 0.99, 0.75),
+            "bf16" => (1e-5, 0.97, 0.75),
+            "q8_0" => (1e-3, 0.95, 0.5),
+            "q6_k" => (1e-3, 0.9, 0.0),
+            "q5_k_m" => (5e-3, 0.85, 0.0),
+            "q4_k_m" => (1e-2, 0.8, 0.0),
+            _ => (2e-2, 0.7, 0.0),
+        };
+        Self {
+            mean_kl,
+            top1,
+            greedy,
+        }
+    }
+}
+
+/// The measures of one verification.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Measures {
+    pub positions: usize,
+    pub max_abs_logit_diff: f32,
+    pub mean_kl: f64,
+    pub top1_agreement: f64,
+    pub greedy_agreement: f64,
+    /// Mean KL(base alone ‖ export): must exceed `mean_kl` when there is an adapter.
+    pub mean_kl_to_base: Option<f64>,
+}
+
+/// The verdict.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub export_type: String,
+    pub measures: Measures,
+    /// Each failed check, one line naming the measure.
+    pub failures: Vec<String>,
+    /// What was checked beyond the numbers.
+    pub notes: Vec<String>,
+    /// Why the logits could not be checked (no engine runs this file faithfully), if so.
+    pub unchecked: Option<String>,
+}
+
+impl Report {
+    /// Every check ran and passed.
+    pub fn faithful(&self) -> bool {
+        self.failures.is_empty() && self.unchecked.is_none()
+    }
+
+    /// 0 faithful, 1 not faithful, 2 not checkable (the CLI's exit codes).
+    pub fn exit_code(&self) -> u8 {
+        if !self.failures.is_empty() {
+            1
+        } else if self.unchecked.is_some() {
+            2
+        } else {
+            0
+        }
+    }
+}
+
+/// An engine that gives logits for a token sequence.
+trait Engine {
+    /// f32 `[T, V]` logits of `ids` (a fresh sequence).
+    fn logits(&mut self, ids: &[u32]) -> Result<Tensor>;
+    /// `n` greedy tokens after `prompt`, stopping at `stops`.
+    fn greedy(&mut self, prompt: &[u32], n: usize, stops: &[u32]) -> Result<Vec<u32>>;
+}
+
+struct Ours(Phi3);
+
+impl Engine for Ours {
+    fn logits(&mut self, ids: &[u32]) -> Result<Tensor> {
+        let t = Tensor::new(ids, &self.0.device)?.unsqueeze(0)?;
+        Ok(self.0.forward(&t)?.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+
+    fn greedy(&mut self, prompt: &[u32], n: usize, stops: &[u32]) -> Result<Vec<u32>> {
+        let mut cache = crate::model::phi3::KvCache::default();
+        let mut input = Tensor::new(prompt, &self.0.device)?.unsqueeze(0)?;
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let logits = self.0.forward_cached(&input, &mut cache)?;
+            let last = logits.squeeze(0)?.get(logits.dim(1)? - 1)?;
+            let next = last.argmax(D::Minus1)?.to_scalar::<u32>()?;
+            if stops.contains(&next) {
+                break;
+            }
+            out.push(next);
+            input = Tensor::new(&[next], &self.0.device)?.unsqueeze(0)?;
+        }
+        Ok(out)
+    }
+}
+
+/// candle-transformers' quantized Phi-3 over a GGUF file (its cache restarts at position 0).
+struct Candle {
+    model: candle_transformers::models::quantized_phi3::ModelWeights,
+}
+
+impl Candle {
+    fn open(path: &Path) -> Result<Self> {
+        let mut f = std::fs::File::open(path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut f)
+            .with_context(|| format!("{}: not a GGUF file candle can read", path.display()))?;
+        let model = candle_transformers::models::quantized_phi3::ModelWeights::from_gguf(
+            false,
+            content,
+            &mut f,
+            &Device::Cpu,
+        )
+        .with_context(|| {
+            format!(
+                "{}: candle-transformers' quantized Phi-3 cannot load it",
+                path.display()
+            )
+        })?;
+        Ok(Self { model })
+    }
+
+    /// `[V]` logits after `id` at position `pos`.
+    fn step(&mut self, id: u32, pos: usize) -> Result<Tensor> {
+        let x = Tensor::new(&[id], &Device::Cpu)?.unsqueeze(0)?;
+        Ok(self.model.forward(&x, pos)?.squeeze(0)?)
+    }
+}
+
+impl Engine for Candle {
+    fn logits(&mut self, ids: &[u32]) -> Result<Tensor> {
+        // It returns the last position's logits: one token at a time through its cache.
+        let rows = ids
+            .iter()
+            .enumerate()
+            .map(|(pos, &id)| self.step(id, pos))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&rows, 0)?.to_dtype(DType::F32)?)
+    }
+
+    fn greedy(&mut self, prompt: &[u32], n: usize, stops: &[u32]) -> Result<Vec<u32>> {
+        let mut last = None;
+        for (pos, &id) in prompt.iter().enumerate() {
+            last = Some(self.step(id, pos)?);
+        }
+        let mut out = Vec::new();
+        while out.len() < n {
+            let logits = last.take().context("an empty prompt")?;
+            let next = logits.argmax(D::Minus1)?.to_scalar::<u32>()?;
+            if stops.contains(&next) {
+                break;
+            }
+            out.push(next);
+            last = Some(self.step(next, prompt.len() + out.len() - 1)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Why candle-transformers' quantized Phi-3 would compute another function than the file
+/// describes (it assumes rope base 10000, full-head rotary, no longrope factors, an output matrix),
+/// or `None` when it can run it.
+fn candle_limits(header: &crate::export::gguf_read::GgufHeader) -> Option<String> {
+    let u = |k: &str| header.get(k).and_then(|v| v.as_u64());
+    let f = |k: &str| header.get(k).map(|v| v.to_json()).and_then(|v| v.as_f64());
+    if let Some(arch) = header.get("general.architecture").map(|v| v.to_json())
+        && arch != "phi3"
+    {
+        return Some(format!("architecture {arch}, not phi3"));
+    }
+    if let Some(base) = f("phi3.rope.freq_base")
+        && base != 10000.0
+    {
+        return Some(format!("rope base {base} (it assumes 10000)"));
+    }
+    if let (Some(rot), Some(h), Some(heads)) = (
+        u("phi3.rope.dimension_count"),
+        u("phi3.embedding_length"),
+        u("phi3.attention.head_count"),
+    ) && rot != h / heads
+    {
+        return Some(format!(
+            "partial rotary ({rot} of {} dims; it rotates whole heads)",
+            h / heads
+        ));
+    }
+    let names: Vec<&str> = header.tensors.iter().map(|t| t.name.as_str()).collect();
+    if names.contains(&"rope_factors_short.weight") {
+        return Some("longrope factors (it has no rope scaling)".into());
+    }
+    if !names.contains(&"output.weight") {
+        return Some("a tied head without output.weight".into());
+    }
+    None
+}
+
+/// Everything verification needs from the model side.
+#[derive(Debug)]
+pub struct Reference {
+    pub dir: PathBuf,
+    pub tok: TokenizerBundle,
+    model: Phi3,
+    base_only: Option<Phi3>,
+    stops: Vec<u32>,
+}
+
+impl Reference {
+    /// The base in `dir` with `adapter` merged as `merge_base` says, in f32 on the CPU.
+    pub fn new(dir: &Path, adapter: Option<&PeftAdapter>, merge_base: MergeBase) -> Result<Self> {
+        let base = match merge_base {
+            MergeBase::Original => BaseFormat::Dense,
+            MergeBase::Nf4 {
+                quant_type,
+                blocksize,
+                double_quant,
+            } => BaseFormat::Quantized {
+                quant_type,
+                blocksize,
+                double_quant,
+            },
+        };
+        let opts = LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            base,
+        };
+        let plain = load(dir, &opts)?;
+        let (model, base_only) = match adapter {
+            Some(a) => {
+                let mut m = plain.clone();
+                attach::load_adapters(&mut m, a)?;
+                (m, Some(plain))
+            }
+            None => (plain, None),
+        };
+        let tok = TokenizerBundle::from_dir(dir)?;
+        let mut stops = model.cfg.eos_token_ids();
+        stops.extend(tok.end_id);
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            tok,
+            model,
+            base_only,
+            stops,
+        })
+    }
+
+    /// Token ids of each prompt rendered as one user turn with the generation prompt.
+    pub fn prompt_ids(&self, prompts: &[String]) -> Result<Vec<Vec<u32>>> {
+        prompts
+            .iter()
+            .map(|p| {
+                let text = self.tok.template.render(
+                    &[Message {
+                        role: Role::User,
+                        content: p.clone(),
+                    }],
+                    true,
+                )?;
+                Ok(self.tok.encode(&text)?.get_ids().to_vec())
+            })
+            .collect()
+    }
+}
+
+/// `softmax` rows of `[T, V]` logits, in f64 on the host.
+fn log_softmax_rows(logits: &Tensor) -> Result<Vec<Vec<f64>>> {
+    let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = m + r.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            r.iter().map(|&x| x as f64 - lse).collect()
+        })
+        .collect())
+}
+
+/// Mean over rows of KL(p ‖ q) from log-probabilities.
+fn mean_kl(lp: &[Vec<f64>], lq: &[Vec<f64>]) -> f64 {
+    let total: f64 = lp
+        .iter()
+        .zip(lq)
+        .map(|(p, q)| {
+            p.iter()
+                .zip(q)
+                .map(|(a, b)| {
+                    if a.is_finite() {
+                        a.exp() * (a - b)
+                    } else {
+                        0.0
+                    }
+                })
+                .sum::<f64>()
+                .max(0.0)
+        })
+        .sum();
+    total / lp.len().max(1) as f64
+}
+
+fn argmax(r: &[f64]) -> usize {
+    r.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap_or(0)
+}
+
+/// Runs the measures of `export` against `reference` on `prompts`, `n` continuation tokens each.
+pub fn verify(
+    reference: &Reference,
+    export: &Export,
+    export_type: &str,
+    prompts: &[String],
+    n: usize,
+    adapter_for_export: Option<&PeftAdapter>,
+) -> Result<Report> {
+    let mut notes = Vec::new();
+    let mut failures = Vec::new();
+    let mut engine: Box<dyn Engine> = match export {
+        Export::Merged(dir) => {
+            let m = load(
+                dir,
+                &LoadOptions {
+                    dtype: DType::F32,
+                    device: Device::Cpu,
+                    base: BaseFormat::Dense,
+                },
+            )?;
+            tokenizer_files(&reference.dir, dir, &mut failures, &mut notes)?;
+            Box::new(Ours(m))
+        }
+        Export::Adapter(_) => {
+            let a = adapter_for_export.context("an adapter export needs the adapter loaded")?;
+            let mut m = load(
+                &reference.dir,
+                &LoadOptions {
+                    dtype: DType::F32,
+                    device: Device::Cpu,
+                    base: BaseFormat::Dense,
+                },
+            )?;
+            attach::load_adapters(&mut m, a)?;
+            Box::new(Ours(m))
+        }
+        Export::Gguf(path) => {
+            let header = crate::export::gguf_read::read_header(path)?;
+            gguf_tokenizer(reference, &header, path, &mut failures, &mut notes)?;
+            if let Some(why) = candle_limits(&header) {
+                return Ok(unchecked(export_type, failures, notes, path, why));
+            }
+            Box::new(Candle::open(path)?)
+        }
+        Export::LoraGguf { lora, base } => {
+            let header = crate::export::gguf_read::read_header(base)?;
+            gguf_tokenizer(reference, &header, base, &mut failures, &mut notes)?;
+            if let Some(why) = candle_limits(&header) {
+                return Ok(unchecked(export_type, failures, notes, base, why));
+            }
+            let merged = merge_lora_gguf(base, lora)?;
+            notes.push(format!(
+                "{} applied to {} as llama.cpp does (W + alpha/r · B·A)",
+                lora.display(),
+                base.display()
+            ));
+            // candle has read the merged file; the temporary can go.
+            let engine = Candle::open(merged.path())?;
+            drop(merged);
+            Box::new(engine)
+        }
+    };
+    let mut ours = Ours(reference.model.clone());
+    let mut base_only = reference.base_only.clone().map(Ours);
+    let prompt_ids = reference.prompt_ids(prompts)?;
+    let mut m = Measures::default();
+    let (mut kl_sum, mut kl_base_sum, mut agree, mut greedy_sum) = (0f64, 0f64, 0usize, 0f64);
+    for ids in &prompt_ids {
+        let cont = ours.greedy(ids, n, &reference.stops)?;
+        let mut seq = ids.clone();
+        seq.extend(&cont);
+        let lr = ours.logits(&seq)?;
+        let le = engine.logits(&seq)?;
+        ensure!(
+            lr.dims() == le.dims(),
+            "the export's logits are {:?}, the model's {:?} (another vocabulary size?)",
+            le.dims(),
+            lr.dims()
+        );
+        let d = (&lr - &le)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        m.max_abs_logit_diff = m.max_abs_logit_diff.max(d);
+        let (pr, pe) = (log_softmax_rows(&lr)?, log_softmax_rows(&le)?);
+        kl_sum += mean_kl(&pr, &pe) * pr.len() as f64;
+        agree += pr
+            .iter()
+            .zip(&pe)
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count();
+        m.positions += pr.len();
+        if let Some(b) = base_only.as_mut() {
+            let pb = log_softmax_rows(&b.logits(&seq)?)?;
+            kl_base_sum += mean_kl(&pb, &pe) * pb.len() as f64;
+        }
+        let theirs = engine.greedy(ids, cont.len().max(1), &reference.stops)?;
+        let same = cont.iter().zip(&theirs).take_while(|(a, b)| a == b).count();
+        greedy_sum += if cont.is_empty() && theirs.is_empty() {
+            1.0
+        } else {
+            same as f64 / cont.len().max(theirs.len()) as f64
+        };
+    }
+    let np = m.positions.max(1) as f64;
+    m.mean_kl = kl_sum / np;
+    m.top1_agreement = agree as f64 / np;
+    m.greedy_agreement = greedy_sum / prompt_ids.len().max(1) as f64;
+    if base_only.is_some() {
+        m.mean_kl_to_base = Some(kl_base_sum / np);
+    }
+    let t = Thresholds::for_type(export_type);
+    if m.mean_kl > t.mean_kl {
+        failures.push(format!(
+            "logits: mean KL(model ‖ export) {:.3e} > {:.0e} allowed for {export_type} (max |Δlogit| {:.3e})",
+            m.mean_kl, t.mean_kl, m.max_abs_logit_diff
+        ));
+    }
+    if m.top1_agreement < t.top1 {
+        failures.push(format!(
+            "top-1: {:.1}% of positions agree, {:.0}% required for {export_type}",
+            100.0 * m.top1_agreement,
+            100.0 * t.top1
+        ));
+    }
+    if m.greedy_agreement < t.greedy {
+        failures.push(format!(
+            "greedy: {:.1}% of the continuation agrees, {:.0}% required for {export_type}",
+            100.0 * m.greedy_agreement,
+            100.0 * t.greedy
+        ));
+    }
+    match m.mean_kl_to_base {
+        Some(kb) if kb <= m.mean_kl => failures.push(format!(
+            "adapter: the export is as close to the base alone (KL {kb:.3e}) as to base + adapter \
+             (KL {:.3e}): the adapter did not survive",
+            m.mean_kl
+        )),
+        Some(_) => {}
+        None => notes.push("no adapter: only the base is compared".into()),
+    }
+    Ok(Report {
+        export_type: export_type.into(),
+        measures: m,
+        failures,
+        notes,
+        unchecked: None,
+    })
+}
+
+/// The report of a file whose logits no engine here computes faithfully.
+fn unchecked(
+    export_type: &str,
+    failures: Vec<String>,
+    notes: Vec<String>,
+    path: &Path,
+    why: String,
+) -> Report {
+    Report {
+        export_type: export_type.into(),
+        measures: Measures::default(),
+        failures,
+        notes,
+        unchecked: Some(format!(
+            "{}: candle-transformers' quantized Phi-3 would not compute this model ({why}); its \
+             logits are not checked",
+            path.display()
+        )),
+    }
+}
+
+/// A merged export carries the base's tokenizer files unchanged and its special ids.
+fn tokenizer_files(
+    base: &Path,
+    export: &Path,
+    failures: &mut Vec<String>,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+    ] {
+        match (std::fs::read(base.join(f)), std::fs::read(export.join(f))) {
+            (Ok(a), Ok(b)) if a == b => {}
+            (Ok(_), Ok(_)) => failures.push(format!("tokenizer: {f} differs from the base's")),
+            (Ok(_), Err(_)) => failures.push(format!("tokenizer: {f} is missing from the export")),
+            _ => {}
+        }
+    }
+    let cfg = |d: &Path| -> Result<serde_json::Value> {
+        Ok(serde_json::from_slice(
+            &std::fs::read(d.join("config.json"))
+                .with_context(|| format!("{}: cannot read config.json", d.display()))?,
+        )?)
+    };
+    let (a, b) = (cfg(base)?, cfg(export)?);
+    for k in ["bos_token_id", "eos_token_id", "pad_token_id", "vocab_size"] {
+        if a.get(k) != b.get(k) {
+            failures.push(format!(
+                "tokenizer: config.json {k} is {} in the export, {} in the base",
+                b.get(k).unwrap_or(&serde_json::Value::Null),
+                a.get(k).unwrap_or(&serde_json::Value::Null)
+            ));
+        }
+    }
+    notes.push("tokenizer files and special ids: compared with the base's".into());
+    Ok(())
+}
+
+/// The GGUF's tokenizer keys against what the converter writes for this model (the vocabulary,
+/// token types, merges, special ids, pre-tokenizer, chat template), and the prompts' ids read
+/// back through its token list.
+fn gguf_tokenizer(
+    reference: &Reference,
+    header: &crate::export::gguf_read::GgufHeader,
+    path: &Path,
+    failures: &mut Vec<String>,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    use crate::export::gguf::GgufWriter;
+    let cfg = &reference.model.cfg;
+    let file_pre = header
+        .get("tokenizer.ggml.pre")
+        .map(|v| v.to_json().as_str().unwrap_or_default().to_string());
+    let mut w = GgufWriter::default();
+    if let Err(e) = crate::export::vocab::write_tokenizer(&mut w, &reference.dir, cfg, None) {
+        // A vocabulary no llama.cpp table knows: the file's own name, if llama.cpp has it.
+        match &file_pre {
+            Some(p) if crate::export::vocab::is_known_pre(p) => {
+                notes.push(format!(
+                    "pre-tokenizer: the vocabulary's check hash is in no llama.cpp table ({e:#}); the \
+                     file says `{p}`, a name llama.cpp knows"
+                ));
+                w = GgufWriter::default();
+                crate::export::vocab::write_tokenizer(&mut w, &reference.dir, cfg, Some(p))?;
+            }
+            _ => {
+                failures.push(format!("tokenizer: {e:#}"));
+                return Ok(());
+            }
+        }
+    }
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    w.write(&mut bytes)?;
+    let want = crate::export::gguf_read::parse_header(bytes.get_ref())?;
+    for (k, v) in &want.metadata {
+        match header.get(k) {
+            None => failures.push(format!("tokenizer: {} has no {k}", path.display())),
+            Some(got) if got != v => {
+                let show = |x: &crate::export::gguf_read::MetaValue| {
+                    let s = x.to_json().to_string();
+                    if s.len() > 80 {
+                        format!("{}…", &s[..s.floor_char_boundary(80)])
+                    } else {
+                        s
+                    }
+                };
+                failures.push(format!(
+                    "tokenizer: {k} is {} in the file, {} for this model",
+                    show(got),
+                    show(v)
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    // The prompts' ids through the file's token list: the same strings as the tokenizer's.
+    if let Some(crate::export::gguf_read::MetaValue::Array(tokens)) =
+        header.get("tokenizer.ggml.tokens")
+    {
+        let ids = reference.prompt_ids(&PROMPTS.map(str::to_string))?;
+        let mut bad = 0;
+        for &id in ids.iter().flatten() {
+            let theirs = tokens.get(id as usize).map(|t| t.to_json());
+            let ours = reference.tok.tokenizer.id_to_token(id);
+            if theirs.as_ref().and_then(|t| t.as_str()) != ours.as_deref() {
+                bad += 1;
+            }
+        }
+        if bad > 0 {
+            failures.push(format!(
+                "tokenizer: {bad} of the prompts' ids name other tokens in the file"
+            ));
+        }
+    }
+    notes.push(format!(
+        "tokenizer: {} keys compared with what the converter writes for this model",
+        want.metadata.len()
+    ));
+    Ok(())
+}
+
+/// `base` with `lora` applied as llama.cpp applies it, `W + alpha/r · B·A` with r the rank of the
+/// tensor pair, written as a temporary f32 GGUF for candle (other tensors kept as they are).
+fn merge_lora_gguf(base: &Path, lora: &Path) -> Result<tempfile::NamedTempFile> {
+    use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+    let read = |p: &Path| -> Result<(gguf_file::Content, std::fs::File)> {
+        let mut f =
+            std::fs::File::open(p).with_context(|| format!("{}: cannot open", p.display()))?;
+        let c = gguf_file::Content::read(&mut f)
+            .with_context(|| format!("{}: not a GGUF file", p.display()))?;
+        Ok((c, f))
+    };
+    let (bc, mut bf) = read(base)?;
+    let (lc, mut lf) = read(lora)?;
+    let alpha = lc
+        .metadata
+        .get("adapter.lora.alpha")
+        .context("the LoRA GGUF has no adapter.lora.alpha")?
+        .to_f32()? as f64;
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for name in bc.tensor_infos.keys() {
+        let t = bc.tensor(&mut bf, name, &Device::Cpu)?;
+        let (a, b) = (format!("{name}.lora_a"), format!("{name}.lora_b"));
+        if lc.tensor_infos.contains_key(&a) {
+            let a = lc
+                .tensor(&mut lf, &a, &Device::Cpu)?
+                .dequantize(&Device::Cpu)?;
+            let b = lc
+                .tensor(&mut lf, &b, &Device::Cpu)?
+                .dequantize(&Device::Cpu)?;
+            let r = a.dim(0)? as f64;
+            let w = t.dequantize(&Device::Cpu)?;
+            let w = (w + (b.matmul(&a)? * (alpha / r))?)?;
+            tensors.push((name.clone(), QTensor::quantize(&w, GgmlDType::F32)?));
+        } else {
+            tensors.push((name.clone(), t));
+        }
+    }
+    let unused: Vec<&String> = lc
+        .tensor_infos
+        .keys()
+        .filter(|k| {
+            let base_name = k.trim_end_matches(".lora_a").trim_end_matches(".lora_b");
+            !bc.tensor_infos.contains_key(base_name)
+        })
+        .collect();
+    ensure!(
+        unused.is_empty(),
+        "{}: LoRA tensors for tensors the base lacks: {unused:?}",
+        lora.display()
+    );
+    let tmp = tempfile::NamedTempFile::new()?;
+    let metadata: Vec<(&str, &gguf_file::Value)> =
+        bc.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut f = std::fs::File::create(tmp.path())?;
+    gguf_file::write(&mut f, &metadata, &refs)?;
+    Ok(tmp)
+}
