@@ -722,8 +722,8 @@ fn gguf_tokenizer(
             Some(got) if got != v => {
                 let show = |x: &crate::export::gguf_read::MetaValue| {
                     let s = x.to_json().to_string();
-                    if s.len() > 80 {
-                        format!("{}…", &s[..s.floor_char_boundary(80)])
+                    if s.chars().count() > 80 {
+                        format!("{}…", s.chars().take(80).collect::<String>())
                     } else {
                         s
                     }
