@@ -40,9 +40,32 @@ pub enum Export {
 /// The export's weight encoding, for its thresholds: a GGUF's file type, else the safetensors'
 /// dtype.
 pub fn export_type(export: &Export) -> Result<String> {
+    if let Export::LoraGguf { lora, base } = export {
+        // The looser of the base's type and the LoRA tensors' (an f16 LoRA on an f32 base is
+        // an f16 export).
+        let base_ty = export_type(&Export::Gguf(base.clone()))?;
+        let h = crate::export::gguf_read::read_header(lora)?;
+        let lora_ty = h
+            .tensors
+            .iter()
+            .map(|t| t.ty.name())
+            .max_by(|a, b| {
+                Thresholds::for_type(a)
+                    .mean_kl
+                    .total_cmp(&Thresholds::for_type(b).mean_kl)
+            })
+            .unwrap_or("f32")
+            .to_string();
+        return Ok(
+            if Thresholds::for_type(&lora_ty).mean_kl > Thresholds::for_type(&base_ty).mean_kl {
+                lora_ty
+            } else {
+                base_ty
+            },
+        );
+    }
     let gguf = match export {
         Export::Gguf(p) => Some(p),
-        Export::LoraGguf { base, .. } => Some(base),
         _ => None,
     };
     if let Some(p) = gguf {

@@ -155,6 +155,19 @@ fn faithful_exports_of_every_type_pass() {
         &run(&dir, Some(&a), MergeBase::Original, &lora, Some(&base)),
         "lora gguf",
     );
+    // An f16 LoRA on the f32 base is held to f16's bounds.
+    let lora16 = tmp.path().join("lora16.gguf");
+    qlora::export::gguf_lora::export(
+        &dir,
+        &peft::load(&a, &Device::Cpu).unwrap(),
+        &lora16,
+        GgmlType::parse("f16").unwrap(),
+        false,
+    )
+    .unwrap();
+    let r = run(&dir, Some(&a), MergeBase::Original, &lora16, Some(&base));
+    assert_eq!(r.export_type, "f16");
+    assert_faithful(&r, "f16 lora gguf");
     // An adapter written back (as `export --format peft` does) is the same adapter.
     let copy = tmp.path().join("adapter-copy");
     let loaded = peft::load(&a, &Device::Cpu).unwrap();
