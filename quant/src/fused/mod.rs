@@ -65,8 +65,8 @@ mod lora;
 mod ops;
 
 pub use attention::{
-    Blocking, CHUNK_BYTES, CPU_CHUNK_BYTES, MAX_HEAD_DIM, attention_blocked, attention_fused,
-    attention_ref,
+    Blocking, CHUNK_BYTES, CPU_CHUNK_BYTES, MAX_HEAD_DIM, WAVE_BYTES, attention_blocked,
+    attention_fused, attention_ref,
 };
 use candle_core::{D, DType, Result, Tensor, bail};
 pub use head::head_cross_entropy_cpu;

@@ -398,6 +398,7 @@ fn blocked_attention_matches_the_composition_for_every_chunking() {
                             let blocking = fused::Blocking {
                                 chunk_bytes,
                                 causal,
+                                wave_bytes: fused::WAVE_BYTES,
                             };
                             check_attention_with(
                                 &dev,
@@ -433,6 +434,7 @@ fn blocked_attention_chunkings_on_a_small_shape() {
         let blocking = fused::Blocking {
             chunk_bytes,
             causal,
+            wave_bytes: fused::WAVE_BYTES,
         };
         check_attention_shaped(
             dev,
@@ -523,5 +525,58 @@ fn fused_ops_refuse_bad_input_with_errors() {
             fused::attention_fused(&x4, &kv3, &kv3, None, 1.0).is_err(),
             "3 kv heads for 2"
         );
+    }
+}
+
+/// The backward's waves (how many chunks' partial key/value gradients are held before they are
+/// summed) change no bit of the gradients: the partials are summed in chunk order either way.
+#[test]
+fn blocked_attention_backward_waves_change_no_bit() {
+    let (b, h, hk, t, d) = (2, 4, 2, 24, 8);
+    let dev = Device::Cpu;
+    let x = |n: usize, seed: u64| {
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i as u64 + 1) * 2654435761 + seed * 97) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        v
+    };
+    let q = Var::from_vec(x(b * h * t * d, 1), (b, h, t, d), &dev).unwrap();
+    let k = Var::from_vec(x(b * hk * t * d, 2), (b, hk, t, d), &dev).unwrap();
+    let v = Var::from_vec(x(b * hk * t * d, 3), (b, hk, t, d), &dev).unwrap();
+    let w = Tensor::from_vec(x(b * h * t * d, 4), (b, h, t, d), &dev).unwrap();
+    let mask = causal_mask(b, t, t);
+    let grads = |wave_bytes: usize| {
+        // Rows of 3: 8 row blocks per key/value group, 16 chunks.
+        let blocking = fused::Blocking {
+            chunk_bytes: b * (h / hk) * 3 * t * 4,
+            causal: true,
+            wave_bytes,
+        };
+        let o = fused::attention_blocked(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            Some(&mask),
+            0.35,
+            blocking,
+        )
+        .unwrap();
+        let g = (o * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        [&q, &k, &v].map(|x| {
+            g.get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|f| f.to_bits())
+                .collect::<Vec<u32>>()
+        })
+    };
+    let all_at_once = grads(usize::MAX);
+    let per_chunk_bytes = 2 * b * t * d * 4;
+    for wave_bytes in [0, per_chunk_bytes, 3 * per_chunk_bytes, fused::WAVE_BYTES] {
+        assert!(grads(wave_bytes) == all_at_once, "wave_bytes {wave_bytes}");
     }
 }

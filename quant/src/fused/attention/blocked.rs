@@ -35,6 +35,10 @@ pub const CHUNK_BYTES: usize = 64 << 20;
 /// chunks of a causal mask differ in work, so many small ones balance the threads).
 pub const CPU_CHUNK_BYTES: usize = 128 << 10;
 
+/// Bytes of the partial key/value gradients of one backward wave on the CPU (see
+/// `Ctx::backward`).
+pub const WAVE_BYTES: usize = 64 << 20;
+
 /// How a call is cut into chunks.
 #[derive(Debug, Clone, Copy)]
 pub struct Blocking {
@@ -42,6 +46,9 @@ pub struct Blocking {
     pub chunk_bytes: usize,
     /// The mask is causal: query `i` never sees key `j > i + (Tk − T)`.
     pub causal: bool,
+    /// Bytes of partial key/value gradients a CPU backward wave may hold ([`WAVE_BYTES`]; 0: one
+    /// chunk per wave). Any value gives the same bits: the partials are summed in chunk order.
+    pub wave_bytes: usize,
 }
 
 impl Blocking {
@@ -50,6 +57,7 @@ impl Blocking {
         Self {
             chunk_bytes: CHUNK_BYTES,
             causal,
+            wave_bytes: WAVE_BYTES,
         }
     }
 
@@ -62,6 +70,7 @@ impl Blocking {
                 CHUNK_BYTES
             },
             causal,
+            wave_bytes: WAVE_BYTES,
         }
     }
 }
@@ -232,36 +241,50 @@ impl Ctx {
         let (mut dq_heads, mut dk_heads, mut dv_heads) = (Vec::new(), Vec::new(), Vec::new());
         let mut dq_rows = Vec::new();
         let mut dkv: Option<(Tensor, Tensor)> = None;
-        let all = chunks(&self.s, q.dtype().size_in_bytes(), self.blocking);
+        let elem = q.dtype().size_in_bytes();
+        let all = chunks(&self.s, elem, self.blocking);
+        let cpu = q.device().is_cpu();
         // Each chunk's (dq rows, dk, dv) in parallel on the CPU; dk and dv are then summed over a
-        // group's chunks in chunk order, so the result does not depend on the thread count.
-        let parts = map_chunks(&all, q.device().is_cpu(), |c| {
-            let (qs, kc, vc) = (self.stack(q, c)?, self.heads(k, c)?, self.heads(v, c)?);
-            let (s, p, op) = self.scores(&qs, &kc, c)?;
-            let dos = self.stack(dout, c)?;
-            let dp = dos
-                .matmul(&vc.t()?)?
-                .reshape((self.s.b, c.g * self.rep(), c.n, c.keys))?;
-            let ds = s.apply_op2_no_bwd(&dp, &SoftmaxBwd(op))?;
-            let (ds, p) = (self.stack_scores(&ds, c)?, self.stack_scores(&p, c)?);
-            let dq = self.unstack(&ds.matmul(&kc)?, c)?;
-            let dk = self.pad_keys(ds.t()?.matmul(&qs)?, c)?;
-            let dv = self.pad_keys(p.t()?.matmul(&dos)?, c)?;
-            Ok((dq, dk, dv))
-        })?;
-        for ((idx, &c), (dq, dk, dv)) in all.iter().enumerate().zip(parts) {
-            dq_rows.push(dq);
-            dkv = Some(match dkv {
-                Some((pk, pv)) => ((pk + dk)?, (pv + dv)?),
-                None => (dk, dv),
-            });
-            let group_done = all.get(idx + 1).is_none_or(|next| next.g0 != c.g0);
-            if group_done {
-                dq_heads.push(Tensor::cat(&dq_rows, 2)?);
-                dq_rows.clear();
-                let (dk, dv) = dkv.take().expect("a group has chunks");
-                dk_heads.push(dk);
-                dv_heads.push(dv);
+        // group's chunks in chunk order, so the result does not depend on the thread count. The
+        // chunks go in waves whose partial dk and dv (each `[B, g, Tk, D]`) take at most
+        // WAVE_BYTES, and each wave is summed before the next: collecting every chunk's partials
+        // first would hold O(chunks × Tk × D), 1 GB for one layer at 2048 tokens.
+        let per_chunk = 2 * self.s.b * all.first().map_or(1, |c| c.g) * self.s.tk * self.s.d * elem;
+        let wave = if cpu {
+            (self.blocking.wave_bytes / per_chunk.max(1)).max(1)
+        } else {
+            1
+        };
+        for (w, part) in all.chunks(wave).enumerate() {
+            let parts = map_chunks(part, cpu, |c| {
+                let (qs, kc, vc) = (self.stack(q, c)?, self.heads(k, c)?, self.heads(v, c)?);
+                let (s, p, op) = self.scores(&qs, &kc, c)?;
+                let dos = self.stack(dout, c)?;
+                let dp =
+                    dos.matmul(&vc.t()?)?
+                        .reshape((self.s.b, c.g * self.rep(), c.n, c.keys))?;
+                let ds = s.apply_op2_no_bwd(&dp, &SoftmaxBwd(op))?;
+                let (ds, p) = (self.stack_scores(&ds, c)?, self.stack_scores(&p, c)?);
+                let dq = self.unstack(&ds.matmul(&kc)?, c)?;
+                let dk = self.pad_keys(ds.t()?.matmul(&qs)?, c)?;
+                let dv = self.pad_keys(p.t()?.matmul(&dos)?, c)?;
+                Ok((dq, dk, dv))
+            })?;
+            for (i, (&c, (dq, dk, dv))) in part.iter().zip(parts).enumerate() {
+                let idx = w * wave + i;
+                dq_rows.push(dq);
+                dkv = Some(match dkv {
+                    Some((pk, pv)) => ((pk + dk)?, (pv + dv)?),
+                    None => (dk, dv),
+                });
+                let group_done = all.get(idx + 1).is_none_or(|next| next.g0 != c.g0);
+                if group_done {
+                    dq_heads.push(Tensor::cat(&dq_rows, 2)?);
+                    dq_rows.clear();
+                    let (dk, dv) = dkv.take().expect("a group has chunks");
+                    dk_heads.push(dk);
+                    dv_heads.push(dv);
+                }
             }
         }
         Ok((
@@ -403,6 +426,7 @@ mod tests {
                 let blocking = Blocking {
                     chunk_bytes: budget,
                     causal,
+                    wave_bytes: WAVE_BYTES,
                 };
                 let mut seen = vec![0u32; s.hk * s.t];
                 for c in chunks(&s, elem, blocking) {
