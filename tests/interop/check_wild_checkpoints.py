@@ -133,6 +133,7 @@ def make_phi4(tmp):
     tj = json.load(open(os.path.join(REPO, "tests/fixtures/bpe/cl100k/tokenizer.json")))
     tj["added_tokens"].append({"id": 100266, "content": "<|im_sep|>", "single_word": False, "lstrip": False,
                                "rstrip": False, "normalized": False, "special": True})
+    tj["model"]["vocab"]["<|im_sep|>"] = 100266  # as the other added tokens are (else it is renumbered)
     json.dump(tj, open(os.path.join(out, "tokenizer.json"), "w"))
     json.dump({"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
                "model_max_length": 16384, "tokenizer_class": "GPT2Tokenizer", "chat_template": PHI4_TEMPLATE},
