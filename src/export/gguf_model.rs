@@ -9,7 +9,7 @@ use super::{MergeBase, Source, check_output};
 use crate::lora::peft::PeftAdapter;
 use crate::model::config::RopeScaling;
 use crate::model::names;
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use std::path::Path;
 
 /// Writes the merged model to `out` (a file, written under a temporary name and renamed).
@@ -29,14 +29,6 @@ pub fn export(
     let rope = cfg.rope()?;
     let headers = ck.tensors()?;
     let lookup = |name: &str| headers.iter().find_map(|st| st.tensor(name).ok());
-    let file_of = |name: &str| {
-        ck.shards
-            .iter()
-            .zip(&headers)
-            .find(|(_, st)| st.tensor(name).is_ok())
-            .map(|(s, _)| s.file.clone())
-            .unwrap_or_default()
-    };
 
     let mut w = GgufWriter::default();
     let name = model_dir
@@ -135,36 +127,16 @@ pub fn export(
     for hf in &hf_names {
         let gguf = names::gguf_name(hf).context("named in the table")?;
         // A split checkpoint's parts, stacked by rows into llama.cpp's fused tensor.
-        let mut parts = Vec::new();
-        let mut shape: Vec<usize> = Vec::new();
-        for part in src.parts_of(hf) {
-            let file = file_of(&part);
-            let view = lookup(&part)
-                .with_context(|| format!("{}: no tensor `{part}`", model_dir.display()))?;
-            let s = src.shape_of(&part, &view, &file, lookup)?;
-            if shape.is_empty() {
-                shape = s;
-            } else {
-                ensure!(
-                    s.len() == 2 && s[1] == shape[1],
-                    "{file}: `{part}` has shape {s:?}, not [_, {}] as the parts before it",
-                    shape[1]
-                );
-                shape[0] += s[0];
-            }
-            parts.push((part, view, file));
-        }
+        let stacked = src.stack(src.parts_of(hf), &headers)?;
+        let shape = stacked.shape.clone();
         let tensor_ty = picker.pick(&gguf, &shape);
-        let (shape2, src) = (shape.clone(), &src);
+        let (shape2, src, headers) = (shape.clone(), &src, &headers);
         w.tensor(TensorSpec {
             name: gguf,
             shape,
             ty: tensor_ty,
             produce: Box::new(move || {
-                let mut values = Vec::new();
-                for (part, view, file) in &parts {
-                    values.extend(src.values(part, view, file, base, lookup)?);
-                }
+                let values = src.stacked_values(&stacked, base, headers)?;
                 encode(&values, &shape2, tensor_ty)
             }),
         })?;

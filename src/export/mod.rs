@@ -137,6 +137,60 @@ impl Source {
         }
     }
 
+    /// The exported tensor stacked by rows from checkpoint tensors `parts` ([`Self::parts_of`]):
+    /// each part's view and file (from `headers`, the checkpoint's shard headers), and the total
+    /// shape. Nothing is read but headers (a 4-bit part's shape comes from its quant state).
+    pub fn stack<'v>(
+        &self,
+        parts: Vec<String>,
+        headers: &'v [::safetensors::SafeTensors<'v>],
+    ) -> Result<Stacked<'v>> {
+        let lookup = |name: &str| headers.iter().find_map(|st| st.tensor(name).ok());
+        let mut out = Stacked {
+            shape: Vec::new(),
+            parts: Vec::new(),
+        };
+        for part in parts {
+            let (shard, view) = self
+                .ck
+                .shards
+                .iter()
+                .zip(headers)
+                .find_map(|(s, st)| st.tensor(&part).ok().map(|v| (s, v)))
+                .with_context(|| format!("{}: no tensor `{part}`", self.ck.dir.display()))?;
+            let file = shard.file.clone();
+            let s = self.shape_of(&part, &view, &file, lookup)?;
+            if out.shape.is_empty() {
+                out.shape = s;
+            } else {
+                ensure!(
+                    s.len() == 2 && s[1] == out.shape[1],
+                    "{file}: `{part}` has shape {s:?}, not [_, {}] as the parts before it",
+                    out.shape[1]
+                );
+                out.shape[0] += s[0];
+            }
+            out.parts.push((part, view, file));
+        }
+        Ok(out)
+    }
+
+    /// The f32 values of a [`Stacked`] tensor as exported ([`Self::values`] of each part, in row
+    /// order).
+    pub fn stacked_values<'v>(
+        &'v self,
+        stacked: &Stacked<'v>,
+        base: MergeBase,
+        headers: &'v [::safetensors::SafeTensors<'v>],
+    ) -> Result<Vec<f32>> {
+        let lookup = |name: &str| headers.iter().find_map(|st| st.tensor(name).ok());
+        let mut values = Vec::new();
+        for (part, view, file) in &stacked.parts {
+            values.extend(self.values(part, view, file, base, lookup)?);
+        }
+        Ok(values)
+    }
+
     /// `scale · B · A` (f32 `[out, in]`) for the block linear `weight_name` (`….weight`), or `None`
     /// when the adapter does not touch it (or there is no adapter).
     pub fn delta(&self, weight_name: &str) -> Result<Option<Tensor>> {
@@ -146,6 +200,14 @@ impl Source {
             .transpose()
             .map(Option::flatten)
     }
+}
+
+/// An exported tensor and the checkpoint tensors whose rows make it (one, or a split
+/// checkpoint's parts): `(name, view, file)` each.
+#[derive(Debug)]
+pub struct Stacked<'v> {
+    pub shape: Vec<usize>,
+    parts: Vec<(String, TensorView<'v>, String)>,
 }
 
 /// Checks that `adapter` fits the model described by `cfg`: every module a Phi-3 block linear of

@@ -9,8 +9,7 @@ use crate::checkpoint::{self, CONFIG_FILE, INDEX_FILE, ShardIndex};
 use crate::fsx::{AtomicDir, write_atomic};
 use crate::lora::peft::PeftAdapter;
 use crate::model::names;
-use ::safetensors::tensor::TensorView;
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use candle_core::DType;
 use indicatif::ProgressBar;
 use qlora_quant::bnb;
@@ -86,18 +85,7 @@ pub fn export(
         _ => ::safetensors::Dtype::F32,
     };
     let headers = ck.tensors()?;
-    let lookup = |name: &str| -> Option<TensorView<'_>> {
-        headers.iter().find_map(|st| st.tensor(name).ok())
-    };
     let split = src.cfg.layout() == names::Layout::Split;
-    let file_of = |name: &str| {
-        ck.shards
-            .iter()
-            .zip(&headers)
-            .find(|(_, st)| st.tensor(name).is_ok())
-            .map(|(s, _)| s.file.clone())
-            .unwrap_or_default()
-    };
     let tmp = AtomicDir::create_replacing(out, force)?;
     let error = RefCell::new(None);
     let mut weight_map = BTreeMap::new();
@@ -126,33 +114,12 @@ pub fn export(
                 }
                 _ => (name.to_string(), vec![name.to_string()]),
             };
-            let mut views = Vec::new();
-            let mut shape: Vec<usize> = Vec::new();
-            for part in parts {
-                let view = lookup(&part)
-                    .with_context(|| format!("{}: no tensor `{part}`", model_dir.display()))?;
-                let file = file_of(&part);
-                let s = src.shape_of(&part, &view, &file, lookup)?;
-                if shape.is_empty() {
-                    shape = s;
-                } else {
-                    ensure!(
-                        s.len() == 2 && s[1] == shape[1],
-                        "{file}: `{part}` has shape {s:?}, not [_, {}] as the parts before it",
-                        shape[1]
-                    );
-                    shape[0] += s[0];
-                }
-                views.push((part, view, file));
-            }
-            let src = &src;
+            let stacked = src.stack(parts, &headers)?;
+            let shape = stacked.shape.clone();
+            let (src, headers) = (&src, &headers);
             let compute: Box<dyn Fn() -> Result<Vec<f32>>> = Box::new(move || {
                 progress.inc(1);
-                let mut values = Vec::new();
-                for (part, view, file) in &views {
-                    values.extend(src.values(part, view, file, base, lookup)?);
-                }
-                Ok(values)
+                src.stacked_values(&stacked, base, headers)
             });
             tensors.push((
                 out_name,
