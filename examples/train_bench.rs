@@ -156,6 +156,44 @@ fn bench() -> Result<()> {
     step_s.sort_by(f64::total_cmp);
     let median = step_s.get(step_s.len() / 2).copied().unwrap_or(f64::NAN);
     let (peak_used_mib, context_used_mib) = mem.peak_mib().unwrap_or((f64::NAN, f64::NAN));
+    // `qlora plan`'s prediction for this step (the phases after loading: the model here is built
+    // in memory, not read from a checkpoint).
+    let plan = qlora::plan::Inputs {
+        step: qlora::model::phi3::memory::Step {
+            batch: 1,
+            seq: a.seq,
+            elem: dtype.size_in_bytes(),
+            cpu_threads: dev.is_cpu().then(rayon::current_num_threads),
+            nf4: true,
+            adapted: model
+                .cfg
+                .layout()
+                .targets()
+                .into_iter()
+                .map(|t| (t, a.rank))
+                .collect(),
+            dropout: false,
+        },
+        target: qlora::plan::Target::of(&dev),
+        checkpointing: !a.no_checkpointing,
+        grad_accum: 1,
+        tensors: qlora::plan::inputs::synthetic_load_order(&model.cfg, true),
+        double_quant: true,
+        blocksize: 64,
+        baseline: 0,
+        tokenizer: 0,
+        rows: 0,
+        cfg: model.cfg.clone(),
+    }
+    .plan();
+    let plan_step_mib = plan
+        .phases
+        .iter()
+        .filter(|p| p.phase != qlora::plan::Phase::Load)
+        .map(|p| p.bytes)
+        .max()
+        .unwrap_or(0) as f64
+        / (1 << 20) as f64;
     println!(
         "{}",
         serde_json::json!({
@@ -168,6 +206,7 @@ fn bench() -> Result<()> {
             "tokens_per_s": a.seq as f64 / median, "loss": loss,
             "peak_used_mib": peak_used_mib, "context_used_mib": context_used_mib,
             "peak_net_mib": peak_used_mib - context_used_mib,
+            "plan_step_peak_mib": plan_step_mib,
         })
     );
     Ok(())

@@ -84,6 +84,18 @@ pub fn name(device: &Device) -> String {
     }
 }
 
+/// Free memory on `device`'s GPU (the driver's figure); `None` on the CPU.
+pub fn free_bytes(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
+        d.cuda_stream().context().bind_to_thread().ok()?;
+        return mem_get_info().ok().map(|(free, _)| free as u64);
+    }
+    let _ = device;
+    None
+}
+
 /// Peak memory in use on a CUDA device (the driver's total − free: the CUDA context, candle's
 /// allocations and the allocator's pool), sampled every 2 ms on a thread while it lives. On the
 /// CPU it measures nothing (the process' peak RSS is `VmHWM`).

@@ -9,6 +9,7 @@
 //! - [`train`]: the loss and LoRA gradients (gradient checkpointing).
 //! - [`export`]: the adapter merged into its base (safetensors).
 //! - [`verify`]: `qlora verify`, an export against the model it came from.
+//! - [`plan`]: `qlora plan`, a training run's peak memory predicted term by term before loading.
 //! - [`fsx`]: atomic writes (temp file or dir, then rename).
 //! - [`spill`]: writing a safetensors shard tensor by tensor when sizes are known only once encoded.
 //! - [`config`], [`hub`], [`builtin`], [`plot`]: `qlora train`'s settings, model resolution, the
@@ -27,6 +28,7 @@ pub mod fsx;
 pub mod hub;
 pub mod lora;
 pub mod model;
+pub mod plan;
 pub mod plot;
 pub mod quantize;
 pub mod spill;

@@ -43,10 +43,29 @@ const TILE_ALIGN: usize = 16;
 /// `TILE_MAX` and `elems / across`, a multiple of `TILE_ALIGN`, and as many tiles as a multiple
 /// of the pool's threads allows.
 pub(crate) fn tile_len(n: usize, across: usize, elems: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
+    tile_len_for(n, across, elems, rayon::current_num_threads())
+}
+
+/// [`tile_len`] for a pool of `threads`.
+fn tile_len_for(n: usize, across: usize, elems: usize, threads: usize) -> usize {
+    let threads = threads.max(1);
     let max = (elems / across.max(1)).clamp(TILE_ALIGN, TILE_MAX);
     let count = threads * n.div_ceil(threads * max).max(1);
     n.div_ceil(count).next_multiple_of(TILE_ALIGN)
+}
+
+/// Bytes of dequantized `W [out, in]` tiles that [`x_wt`] (`transposed`: the forward's
+/// `x · Wᵀ`) or [`x_w`] (the backward's `dy · W`) hold at once on a pool of `threads`: one tile
+/// buffer per worker (`for_each_init`), each `tile × across` f32 values. (`qlora plan` counts it.)
+pub fn nf4_tile_bytes(out: usize, inp: usize, transposed: bool, threads: usize) -> u64 {
+    let (n, across, elems) = if transposed {
+        (out, inp, TILE_ELEMS)
+    } else {
+        (inp, out, TILE_COLS_ELEMS)
+    };
+    let tile = tile_len_for(n, across, elems, threads).min(n);
+    let tasks = n.div_ceil(tile.max(1));
+    (threads.max(1).min(tasks) * tile * across * 4) as u64
 }
 
 /// `y = x · dequant(W)ᵀ` for `x: [.., in]`, `W: [out, in]` → `y: [.., out]`, differentiable in `x`.

@@ -6,6 +6,7 @@ mod export;
 mod generate;
 mod infer;
 pub mod inspect;
+mod plan;
 mod quantize;
 mod train;
 mod verify;
@@ -25,6 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Train(Box<train::TrainArgs>),
+    Plan(Box<plan::PlanArgs>),
     Eval(eval::EvalArgs),
     Generate(generate::GenerateArgs),
     Data(data::DataArgs),
@@ -39,6 +41,7 @@ pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Command::Train(args) => train::run(*args),
+        Command::Plan(args) => plan::run(*args),
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Data(args) => data::run(args),

@@ -1,7 +1,7 @@
 //! `qlora train`.
 
 use crate::config::TrainConfig;
-use crate::train::trainer::Trainer;
+use crate::train::trainer::{PlanCheck, Trainer};
 use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -80,6 +80,13 @@ pub struct TrainArgs {
     /// Skip and count bad data lines instead of stopping [data.skip_bad_lines].
     #[arg(long)]
     skip_bad_lines: bool,
+    /// Train even when the memory plan (`qlora plan`) says the run does not fit.
+    #[arg(long)]
+    pub force: bool,
+    /// Memory the run may use (8GiB, 512MiB, 16GB) [default: the GPU's free memory, or the
+    /// machine's available RAM].
+    #[arg(long)]
+    pub budget: Option<String>,
     /// Stop after this many steps, as if killed right after that step's checkpoint (for resume tests).
     #[arg(long, hide = true)]
     stop_after_steps: Option<u64>,
@@ -88,6 +95,17 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// The resolved config: defaults, then --config, then flags, then --set.
     pub fn resolve(&self) -> Result<TrainConfig> {
+        let cfg = self.settings()?;
+        if cfg.data.train.is_empty() {
+            anyhow::bail!(
+                "no training data: pass --data FILE.jsonl or set data.train in the config"
+            );
+        }
+        Ok(cfg)
+    }
+
+    /// [`Self::resolve`] without requiring training data (`qlora plan`).
+    pub fn settings(&self) -> Result<TrainConfig> {
         if let Some(dir) = &self.resume {
             let path = dir.join("config.resolved.toml");
             return TrainConfig::from_file(&path)
@@ -164,18 +182,23 @@ impl TrainArgs {
         for s in sets.iter().chain(&self.sets) {
             cfg.set(s)?;
         }
-        if cfg.data.train.is_empty() {
-            anyhow::bail!(
-                "no training data: pass --data FILE.jsonl or set data.train in the config"
-            );
-        }
         Ok(cfg)
     }
 }
 
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let cfg = args.resolve()?;
-    let mut trainer = Trainer::new(cfg, args.resume.is_some())?;
+    let check = if args.force {
+        PlanCheck::Skip
+    } else {
+        PlanCheck::Enforce(
+            args.budget
+                .as_deref()
+                .map(crate::plan::parse_bytes)
+                .transpose()?,
+        )
+    };
+    let mut trainer = Trainer::with_plan(cfg, args.resume.is_some(), check)?;
     let s = &trainer.stats;
     eprintln!(
         "model {} ({}, {} on {}), {} rows from {} conversations ({} tokens, {} trained; {} truncated to {}, {} dropped, {} bad lines skipped), {} steps{}",

@@ -407,3 +407,279 @@ pub fn default_positions(ids: &Tensor) -> Result<Tensor> {
     let pos: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
     Tensor::from_vec(pos, (b, t), ids.device())
 }
+
+/// The memory of [`Phi3::block`] as training runs it, for `qlora plan`: the same ops in the same
+/// order as [`Phi3::block`], [`Phi3::attention`] and [`Phi3::projection`] (on the op path
+/// [`OpPath::for_device`] picks), each with the storage it allocates and how candle's backward
+/// allocates for it (see [`crate::plan::tape`]). Change one, change the other: the plan's tests
+/// compare it with what the block allocates.
+pub mod memory {
+    use super::super::config::Phi3Config;
+    use super::super::names::Layout;
+    use crate::plan::tape::{Id, Kind, Tape};
+
+    /// What a training step runs on.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Step {
+        /// Rows and tokens per row.
+        pub batch: usize,
+        pub seq: usize,
+        /// Bytes per value of the compute dtype.
+        pub elem: usize,
+        /// On the CPU, with this many pool threads; else on a GPU.
+        pub cpu_threads: Option<usize>,
+        /// NF4 base (else dense in the compute dtype).
+        pub nf4: bool,
+        /// The rank of the adapter of each target name that has one.
+        pub adapted: Vec<(&'static str, usize)>,
+        pub dropout: bool,
+    }
+
+    impl Step {
+        fn rows(&self) -> u64 {
+            (self.batch * self.seq) as u64
+        }
+
+        /// Bytes of `[rows, width]` in the compute dtype.
+        fn act(&self, width: usize) -> u64 {
+            self.rows() * (width * self.elem) as u64
+        }
+
+        fn rank(&self, target: &str) -> Option<usize> {
+            self.adapted
+                .iter()
+                .find(|(t, _)| *t == target)
+                .map(|&(_, r)| r)
+        }
+    }
+
+    /// A block linear `target` (`[out, inp]`) on `x`, as [`super::OpPath::linear`] runs it.
+    fn linear(
+        t: &mut Tape,
+        s: &Step,
+        x: Id,
+        target: &'static str,
+        (out, inp): (usize, usize),
+    ) -> Id {
+        let f32b = |n: usize| (n * 4) as u64;
+        let m = s.batch * s.seq;
+        let r = s.rank(target);
+        let cpu_f32 = s.cpu_threads.is_some() && s.elem == 4;
+        let threads = s.cpu_threads.unwrap_or(1);
+        if s.nf4 {
+            if let (Some(r), true, true) = (r, cpu_f32, inp % 2 == 0) {
+                // qlora_quant::fused::lora_nf4_linear: one op, x, A and B its arguments.
+                let (fwd, bwd) = qlora_quant::fused::lora_nf4_linear_memory(
+                    (m, out, inp, r),
+                    s.dropout,
+                    threads,
+                );
+                let a = t.var(f32b(r * inp));
+                let b = t.var(f32b(out * r));
+                return t.op(
+                    Kind::Custom {
+                        grads: vec![Some(s.act(inp)), Some(f32b(r * inp)), Some(f32b(out * r))],
+                        bwd_transient: bwd,
+                        fwd_transient: fwd,
+                    },
+                    &[x, a, b],
+                    s.act(out),
+                );
+            }
+            // qlora_quant::nf4_linear: dequantized tiles on the CPU, the whole weight on a GPU.
+            let (fwd, bwd) = match s.cpu_threads {
+                Some(n) => (
+                    qlora_quant::op::nf4_tile_bytes(out, inp, true, n),
+                    qlora_quant::op::nf4_tile_bytes(out, inp, false, n),
+                ),
+                None => ((out * inp * s.elem) as u64, (out * inp * s.elem) as u64),
+            };
+            let y = t.op(
+                Kind::Custom {
+                    grads: vec![Some(s.act(inp))],
+                    bwd_transient: bwd,
+                    fwd_transient: fwd,
+                },
+                &[x],
+                s.act(out),
+            );
+            return match r {
+                Some(r) => adapter(t, s, x, y, (out, inp, r)),
+                None => y,
+            };
+        }
+        // Dense: x · Wᵀ through candle's matmul, which also computes (and keeps) W's gradient.
+        let w = t.constant((out * inp * s.elem) as u64);
+        let wt = t.view(Kind::Pass, w, (out * inp * s.elem) as u64);
+        let y = t.op(
+            Kind::Matmul {
+                lhs_grad: s.act(inp),
+                rhs_grad: (out * inp * s.elem) as u64,
+            },
+            &[x, wt],
+            s.act(out),
+        );
+        match r {
+            Some(r) => adapter(t, s, x, y, (out, inp, r)),
+            None => y,
+        }
+    }
+
+    /// `y + scale · (drop(x) · Aᵀ) · Bᵀ`, [`crate::lora::Adapter::forward`]'s composition.
+    fn adapter(t: &mut Tape, s: &Step, x: Id, y: Id, (out, inp, r): (usize, usize, usize)) -> Id {
+        let f32b = |n: usize| (n * 4) as u64;
+        let x = if s.dropout {
+            t.op(
+                Kind::Custom {
+                    grads: vec![Some(s.act(inp))],
+                    bwd_transient: 0,
+                    fwd_transient: 0,
+                },
+                &[x],
+                s.act(inp),
+            )
+        } else {
+            x
+        };
+        let a = t.var(f32b(r * inp));
+        let b = t.var(f32b(out * r));
+        // A and B·scale in the compute dtype (a conversion only when it is not f32).
+        let cast = |t: &mut Tape, v: Id, n: usize| {
+            if s.elem == 4 {
+                v
+            } else {
+                t.op(Kind::Affine, &[v], (n * s.elem) as u64)
+            }
+        };
+        let a = cast(t, a, r * inp);
+        let bs = t.op(Kind::Affine, &[b], f32b(out * r));
+        let bs = cast(t, bs, out * r);
+        let at = t.view(Kind::Pass, a, (r * inp * s.elem) as u64);
+        let h = t.op(
+            Kind::Matmul {
+                lhs_grad: s.act(inp),
+                rhs_grad: (inp * r * s.elem) as u64,
+            },
+            &[x, at],
+            s.act(r),
+        );
+        let bt = t.view(Kind::Pass, bs, (out * r * s.elem) as u64);
+        let p = t.op(
+            Kind::Matmul {
+                lhs_grad: s.act(r),
+                rhs_grad: (r * out * s.elem) as u64,
+            },
+            &[h, bt],
+            s.act(out),
+        );
+        t.op(Kind::Add, &[y, p], s.act(out))
+    }
+
+    /// A fused projection, or its split parts concatenated.
+    fn projection(t: &mut Tape, s: &Step, cfg: &Phi3Config, x: Id, fused: &'static str) -> Id {
+        let shape = |target: &str| {
+            let [o, i] = cfg.any_linear_shape(target).expect("a linear of the model");
+            (o, i)
+        };
+        match cfg.layout() {
+            Layout::Fused => linear(t, s, x, fused, shape(fused)),
+            Layout::Split => {
+                let parts: Vec<Id> = super::super::names::split_parts(fused)
+                    .iter()
+                    .map(|&p| linear(t, s, x, p, shape(p)))
+                    .collect();
+                let bytes = parts.iter().map(|&p| t.bytes(p)).sum();
+                t.op(Kind::Cat, &parts, bytes)
+            }
+        }
+    }
+
+    /// The block on `x` (`[batch, seq, hidden]`), its output's id.
+    pub fn block(t: &mut Tape, s: &Step, cfg: &Phi3Config, x: Id) -> Id {
+        let (hid, nh, nkv, d) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_kv_heads(),
+            cfg.head_dim(),
+        );
+        let inter = cfg.intermediate_size;
+        let norm = |t: &mut Tape, x: Id| {
+            t.op(
+                Kind::Custom {
+                    grads: vec![Some(s.act(hid))],
+                    bwd_transient: 0,
+                    fwd_transient: 0,
+                },
+                &[x],
+                s.act(hid),
+            )
+        };
+        let n1 = norm(t, x);
+        let qkv = projection(t, s, cfg, n1, "qkv_proj");
+        let full = s.act((nh + 2 * nkv) * d);
+        // heads(): narrow (a view), reshape of the strided view (a copy), transpose (a view),
+        // contiguous (a copy); q and k then through RoPE.
+        let heads = |t: &mut Tape, n: usize, rope: bool| {
+            let bytes = s.act(n * d);
+            let nar = t.view(Kind::Narrow { full }, qkv, bytes);
+            let rs = t.op(Kind::Pass, &[nar], bytes);
+            let tr = t.view(Kind::Pass, rs, bytes);
+            let c = t.op(Kind::Pass, &[tr], bytes);
+            if rope {
+                t.op(
+                    Kind::Custom {
+                        grads: vec![Some(bytes)],
+                        bwd_transient: 0,
+                        fwd_transient: 0,
+                    },
+                    &[c],
+                    bytes,
+                )
+            } else {
+                c
+            }
+        };
+        let q = heads(t, nh, true);
+        let k = heads(t, nkv, true);
+        let v = heads(t, nkv, false);
+        let (u, kv) = (s.act(nh * d), s.act(nkv * d));
+        let am = match s.cpu_threads {
+            Some(n) => qlora_quant::fused::Blocking::for_device(&candle_core::Device::Cpu, true)
+                .memory((s.batch, nh, nkv, s.seq, s.seq, d), s.elem, true, n),
+            None => qlora_quant::fused::Blocking::new(true).memory(
+                (s.batch, nh, nkv, s.seq, s.seq, d),
+                s.elem,
+                false,
+                1,
+            ),
+        };
+        // The blocked attention op keeps its output for the backward besides handing out a copy.
+        let att = t.op_holding(
+            Kind::Custom {
+                grads: vec![Some(u), Some(kv), Some(kv)],
+                bwd_transient: am.backward,
+                fwd_transient: am.forward,
+            },
+            &[q, k, v],
+            u,
+            u,
+        );
+        let tr = t.view(Kind::Pass, att, u);
+        let merged = t.op(Kind::Pass, &[tr], u);
+        let o = linear(t, s, merged, "o_proj", (hid, nh * d));
+        let x1 = t.op(Kind::Add, &[x, o], s.act(hid));
+        let n2 = norm(t, x1);
+        let gu = projection(t, s, cfg, n2, "gate_up_proj");
+        let sw = t.op(
+            Kind::Custom {
+                grads: vec![Some(s.act(2 * inter))],
+                bwd_transient: 0,
+                fwd_transient: 0,
+            },
+            &[gu],
+            s.act(inter),
+        );
+        let down = linear(t, s, sw, "down_proj", (hid, inter));
+        t.op(Kind::Add, &[x1, down], s.act(hid))
+    }
+}

@@ -142,7 +142,7 @@ impl std::fmt::Debug for Trainer {
     }
 }
 
-fn encode_rows(
+pub fn encode_rows(
     tok: &TokenizerBundle,
     path: &Path,
     cfg: &TrainConfig,
@@ -167,9 +167,25 @@ fn encode_rows(
     Ok((rows, stats, report.skipped.len()))
 }
 
+/// Whether [`Trainer::with_plan`] refuses a run its memory plan says does not fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanCheck {
+    /// Against this many bytes, or (`None`) the device's free memory / the machine's available
+    /// RAM.
+    Enforce(Option<u64>),
+    Skip,
+}
+
 impl Trainer {
     /// Sets up a run: a fresh one, or the continuation of the latest checkpoint in `output`.
     pub fn new(cfg: TrainConfig, resume: bool) -> Result<Self> {
+        Self::with_plan(cfg, resume, PlanCheck::Skip)
+    }
+
+    /// [`Self::new`], with the memory plan made after the data is read and before the model is
+    /// loaded: [`PlanCheck::Enforce`] stops with the plan and advice when the run does not fit.
+    pub fn with_plan(cfg: TrainConfig, resume: bool, check: PlanCheck) -> Result<Self> {
+        let baseline = crate::plan::inputs::resident_bytes();
         let output = PathBuf::from(&cfg.training.output);
         let model_dir = crate::hub::resolve(&cfg.training.model)?;
         let base = if cfg.training.four_bit {
@@ -189,6 +205,37 @@ impl Trainer {
             .open()?;
         let dtype = compute_dtype(&cfg.training.dtype, &device).context("training.dtype")?;
         let memory = MemorySampler::start(&device)?;
+        let heap0 = crate::plan::inputs::heap_in_use();
+        let tok = TokenizerBundle::from_dir(&model_dir)?;
+        let tokenizer_bytes = match (heap0, crate::plan::inputs::heap_in_use()) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => 0,
+        };
+        let (rows, stats, skipped_lines) = encode_rows(&tok, Path::new(&cfg.data.train), &cfg)?;
+        let eval_rows = if cfg.data.eval.is_empty() {
+            Vec::new()
+        } else {
+            encode_rows(&tok, Path::new(&cfg.data.eval), &cfg)?.0
+        };
+        let plan = crate::plan::inputs::for_run(
+            &cfg,
+            &model_dir,
+            crate::plan::Target::of(&device),
+            tokenizer_bytes,
+            crate::plan::inputs::Rows::of(&rows).and(crate::plan::inputs::Rows::of(&eval_rows)),
+            baseline,
+        )?;
+        if let PlanCheck::Enforce(budget) = check {
+            let budget = budget.or_else(|| crate::plan::budget(&device));
+            let verdict = plan.verdict(budget);
+            if !verdict.fits {
+                bail!(
+                    "{}: this run does not fit in memory; --force trains anyway\n{}",
+                    model_dir.display(),
+                    crate::plan::explain(&plan, &verdict)
+                );
+            }
+        }
         let mut model = load(
             &model_dir,
             &LoadOptions {
@@ -197,13 +244,6 @@ impl Trainer {
                 base,
             },
         )?;
-        let tok = TokenizerBundle::from_dir(&model_dir)?;
-        let (rows, stats, skipped_lines) = encode_rows(&tok, Path::new(&cfg.data.train), &cfg)?;
-        let eval_rows = if cfg.data.eval.is_empty() {
-            Vec::new()
-        } else {
-            encode_rows(&tok, Path::new(&cfg.data.eval), &cfg)?.0
-        };
         let pad_id = tok.pad_id.or(tok.eos_id).unwrap_or(0);
         let micro_per_epoch = rows.len().div_ceil(cfg.training.micro_batch_size) as u64;
         let total_steps = if cfg.training.max_steps > 0 {

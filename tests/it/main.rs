@@ -12,6 +12,7 @@ mod gguf_phi4;
 mod gpu;
 mod kquant;
 mod model;
+mod plan;
 mod quantize;
 mod train;
 mod trainer;

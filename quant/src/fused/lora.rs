@@ -73,6 +73,27 @@ pub fn lora_nf4_linear(
     )
 }
 
+/// Bytes [`lora_nf4_linear`] holds at its peak beyond its input and output (`forward`) and beyond
+/// the three gradients it returns (`backward`), for `x: [m, inp]`, `W: [out, inp]`, rank `r`, on a
+/// pool of `threads` (`qlora plan` counts them; the terms are `cpu_fwd`'s and `bwd`'s buffers).
+pub fn lora_nf4_linear_memory(
+    (m, out, inp, r): (usize, usize, usize, usize),
+    dropout: bool,
+    threads: usize,
+) -> (u64, u64) {
+    let f = |n: usize| (n * 4) as u64;
+    let dropped = if dropout { f(m * inp) } else { 0 };
+    // Forward: W's tiles while `x · Wᵀ` runs, then `h` and `drop(x)`.
+    let tiles_t = crate::op::nf4_tile_bytes(out, inp, true, threads);
+    let forward = tiles_t.max(f(m * r) + dropped);
+    // Backward: `drop(x)` and `g` throughout; W's column tiles while `dy · W` runs, with dropout
+    // the adapter's part of dx and its masked copy, and at the end `h`.
+    let tiles = crate::op::nf4_tile_bytes(out, inp, false, threads);
+    let masked = if dropout { 2 * f(m * inp) } else { 0 };
+    let backward = dropped + f(m * r) + tiles.max(masked).max(f(m * r));
+    (forward, backward)
+}
+
 #[derive(Debug, Clone)]
 struct LoraNf4 {
     w: Nf4Tensor,

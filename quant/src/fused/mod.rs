@@ -65,12 +65,12 @@ mod lora;
 mod ops;
 
 pub use attention::{
-    Blocking, CHUNK_BYTES, CPU_CHUNK_BYTES, MAX_HEAD_DIM, WAVE_BYTES, attention_blocked,
-    attention_fused, attention_ref,
+    BlockedMemory, Blocking, CHUNK_BYTES, CPU_CHUNK_BYTES, MAX_HEAD_DIM, WAVE_BYTES,
+    attention_blocked, attention_fused, attention_ref,
 };
 use candle_core::{D, DType, Result, Tensor, bail};
 pub use head::head_cross_entropy_cpu;
-pub use lora::lora_nf4_linear;
+pub use lora::{lora_nf4_linear, lora_nf4_linear_memory};
 
 fn check_float(what: &str, x: &Tensor) -> Result<()> {
     if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {

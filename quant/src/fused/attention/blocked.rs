@@ -108,6 +108,71 @@ fn plan(s: &Shapes, elem: usize, blocking: Blocking) -> (usize, usize) {
     }
 }
 
+/// Bytes a blocked attention call holds beyond its inputs, its output (and the copy of it the op
+/// keeps for the backward) and the gradients it returns, at its peak (`qlora plan` counts them;
+/// each term is what [`Ctx::forward`] and [`Ctx::backward`] allocate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockedMemory {
+    pub forward: u64,
+    pub backward: u64,
+}
+
+impl Blocking {
+    /// The peak extra memory of a call on `q [b, h, t, d]`, `k, v [b, hk, tk, d]` of `elem`-byte
+    /// values, with `workers` chunks in flight at once (the CPU's pool; 1 on a GPU stream).
+    #[allow(clippy::too_many_arguments)]
+    pub fn memory(
+        self,
+        (b, h, hk, t, tk, d): (usize, usize, usize, usize, usize, usize),
+        elem: usize,
+        cpu: bool,
+        workers: usize,
+    ) -> BlockedMemory {
+        let s = Shapes { b, h, hk, t, tk, d };
+        let all = chunks(&s, elem, self);
+        let Some(first) = all.first() else {
+            return BlockedMemory {
+                forward: 0,
+                backward: 0,
+            };
+        };
+        let rep = h / hk.max(1);
+        let inflight = if cpu { workers.max(1) } else { 1 }.min(all.len()) as u64;
+        let (g, n, keys) = (first.g as u64, first.n as u64, first.keys as u64);
+        let (b, d, tk, rep) = (b as u64, d as u64, tk as u64, rep as u64);
+        let e = elem as u64;
+        let queries = b * g * rep * n * d * e;
+        let kv_chunk = b * g * keys * d * e;
+        let scores = b * g * rep * n * keys * e;
+        let out = (b * h as u64 * t as u64 * d) * e;
+        let kv = (b * hk as u64 * tk * d) * e;
+        // Forward: per chunk in flight its stacked queries, keys and values, scores, probabilities
+        // and output; all chunk outputs (one output's worth) are collected, then concatenated per
+        // group and over groups (two outputs' worth at the last concatenation, which the op's
+        // kept output and copy match).
+        let fwd_chunk = 2 * queries + 2 * kv_chunk + 2 * scores;
+        let forward = (out + inflight * fwd_chunk).saturating_sub(2 * out);
+        // Backward: a wave's partial key/value gradients (each padded to all keys) with its query
+        // rows, the running sums (one more pair while a sum is formed), the query-gradient rows and
+        // per-group results so far (at most a whole dq, dk, dv), and per chunk in flight its
+        // scores, probabilities, their gradients, stacked inputs and unpadded partials; or, at the
+        // end, the per-group results with their concatenations.
+        let pad = b * g * tk * d * e;
+        let per_chunk = 2 * b as usize * first.g * tk as usize * d as usize * elem;
+        let wave = if cpu {
+            (self.wave_bytes / per_chunk.max(1)).max(1)
+        } else {
+            1
+        };
+        let wave = wave.min(all.len()) as u64;
+        let bwd_chunk = 4 * scores + 2 * queries + 4 * kv_chunk;
+        let during = wave * (queries + 2 * pad) + 4 * pad + out + 2 * kv + inflight * bwd_chunk;
+        let end = 2 * out + 4 * kv;
+        let backward = during.max(end).saturating_sub(out + 2 * kv);
+        BlockedMemory { forward, backward }
+    }
+}
+
 /// One chunk: key/value heads `g0..g0 + g`, query rows `i0..i0 + n`, keys `0..keys`.
 #[derive(Debug, Clone, Copy)]
 struct Chunk {

@@ -26,7 +26,7 @@ mod cuda;
 #[cfg(feature = "emulate")]
 mod emu;
 
-pub use blocked::{Blocking, CHUNK_BYTES, CPU_CHUNK_BYTES, WAVE_BYTES};
+pub use blocked::{BlockedMemory, Blocking, CHUNK_BYTES, CPU_CHUNK_BYTES, WAVE_BYTES};
 
 use super::{check_constant, check_float, softmax_last_dim_ref};
 use crate::cpu::DequantOut;

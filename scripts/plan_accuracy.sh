@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# `qlora plan`'s predicted peak against the measured peak resident set (the process's VmHWM, from
+# GNU time's %M) of `qlora train` on the same settings, over a matrix of configurations: two model
+# shapes (random bf16 Phi-3s, written under a temp dir), sequence 128-1024, batch 1-4, rank 8-64,
+# gradient checkpointing on/off, NF4 and dense bases. Prints a markdown table with the ratio.
+# Usage: scripts/plan_accuracy.sh [WORKDIR]   (CPU only; ~10 minutes on 2 cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work=${1:-$(mktemp -d)}
+mkdir -p "$work"
+cargo build --release -q --bin qlora --example phi3_mini_random
+q=target/release/qlora
+gen=target/release/examples/phi3_mini_random
+# Model A: hidden 512, 8 layers, 8 heads, intermediate 1536. Model B: hidden 1024, 6 layers, 16
+# heads, intermediate 2816. Both with Phi-3's vocabulary (32064).
+[ -d "$work/A" ] || $gen "$work/A" "$work/A-adapter" --hidden 512 --layers 8 --heads 8 --intermediate 1536 >/dev/null
+[ -d "$work/B" ] || $gen "$work/B" "$work/B-adapter" --hidden 1024 --layers 6 --heads 16 --intermediate 2816 >/dev/null
+# Conversations long enough to fill every row to max_seq_len.
+python3 - "$work/long.jsonl" <<'PY'
+import json, random, sys
+random.seed(0)
+words = "the of and to in is was for on that with as by at from this be are or an it not have".split()
+with open(sys.argv[1], "w") as f:
+    for i in range(64):
+        reply = " ".join(random.choice(words) for _ in range(3000))
+        f.write(json.dumps({"messages": [{"role": "user", "content": f"Tell me story {i}."},
+                                         {"role": "assistant", "content": reply}]}) + "\n")
+PY
+echo "| model | base | seq × batch | rank | checkpointing | dropout | predicted MiB | measured MiB | predicted / measured |"
+echo "|---|---|---|---|---|---|---|---|---|"
+run() {
+  local model=$1 base=$2 seq=$3 batch=$4 rank=$5 ckpt=$6 dropout=$7
+  local flags=(--model "$work/$model" --data "$work/long.jsonl" --max-seq-len "$seq" --batch-size "$batch"
+    --rank "$rank" --dropout "$dropout" --targets all-linear)
+  [ "$base" = nf4 ] && flags+=(--4bit)
+  [ "$ckpt" = off ] && flags+=(--no-gradient-checkpointing)
+  local pred
+  pred=$($q plan "${flags[@]}" --json | python3 -c "import json,sys; print(json.load(sys.stdin)['peak_bytes'])")
+  rm -rf "$work/out"
+  /usr/bin/time -f %M -o "$work/maxrss" $q train "${flags[@]}" --max-steps 4 --output "$work/out" \
+    --set training.save_every=0 --force >/dev/null 2>&1
+  local kb; kb=$(tail -1 "$work/maxrss")
+  python3 -c "
+p, m = $pred / 2**20, $kb / 1024
+print(f'| $model | $base | $seq × $batch | $rank | $ckpt | $dropout | {p:.0f} | {m:.0f} | {p/m:.3f} |')"
+}
+run A nf4 128 1 16 on 0.05
+run A nf4 1024 1 16 on 0
+run A nf4 512 4 64 on 0.05
+run A nf4 512 2 8 off 0
+run A dense 1024 1 16 on 0
+run A dense 512 1 16 off 0.05
+run B nf4 1024 2 16 on 0
+run B nf4 1024 1 32 off 0
+run B dense 256 4 8 on 0
+run B nf4 1024 4 16 on 0.05

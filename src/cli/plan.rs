@@ -1,0 +1,125 @@
+//! `qlora plan`.
+
+use super::train::TrainArgs;
+use crate::data::TokenizerBundle;
+use crate::plan::{self, Target, inputs};
+use anyhow::{Context, Result};
+use clap::Args;
+use std::path::Path;
+use std::process::ExitCode;
+
+/// Predict a training run's peak memory before running it: the peak, by phase and term, whether it
+/// fits, and if not what would. Takes train's settings (flags, --config, --set); --data is
+/// optional (with it, the encoded rows are counted too). Exit code 0 when it fits, 1 when not.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    train: TrainArgs,
+    /// Print one JSON object (`peak_bytes`, `fits`, `budget_bytes`, `phases`, advice).
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: PlanArgs) -> Result<ExitCode> {
+    let baseline = inputs::resident_bytes();
+    let cfg = args.train.settings()?;
+    let model_dir = crate::hub::resolve(&cfg.training.model)?;
+    // A GPU run can be planned on a machine without one (or a build without CUDA): the device is
+    // opened only to learn its free memory.
+    let spec = cfg
+        .training
+        .device
+        .parse::<crate::device::DeviceSpec>()
+        .context("training.device")?;
+    let (device, target) = match spec {
+        crate::device::DeviceSpec::Cuda(_) => match spec.open() {
+            Ok(d) => (Some(d), Target::Cuda),
+            Err(_) => (None, Target::Cuda),
+        },
+        _ => {
+            let d = spec.open()?;
+            let t = Target::of(&d);
+            (Some(d), t)
+        }
+    };
+    let heap0 = inputs::heap_in_use();
+    let tok = TokenizerBundle::from_dir(&model_dir)?;
+    let tokenizer = match (heap0, inputs::heap_in_use()) {
+        (Some(a), Some(b)) => b.saturating_sub(a),
+        _ => 0,
+    };
+    let mut rows = inputs::Rows::default();
+    for (path, what) in [
+        (&cfg.data.train, "data.train"),
+        (&cfg.data.eval, "data.eval"),
+    ] {
+        if path.is_empty() {
+            continue;
+        }
+        let encoded =
+            crate::train::trainer::encode_rows(&tok, Path::new(path), &cfg).context(what)?;
+        rows = rows.and(inputs::Rows::of(&encoded.0));
+    }
+    let p = inputs::for_run(&cfg, &model_dir, target, tokenizer, rows, baseline)?;
+    let budget = match &args.train.budget {
+        Some(b) => Some(plan::parse_bytes(b)?),
+        None => device.as_ref().and_then(plan::budget),
+    };
+    let verdict = p.verdict(budget);
+    if args.json {
+        let out = serde_json::json!({
+            "peak_bytes": verdict.peak_bytes,
+            "fits": verdict.fits,
+            "budget_bytes": verdict.budget_bytes,
+            "peak_phase": p.plan().peak_phase,
+            "phases": p.plan().phases,
+            "max_seq_len_that_fits": verdict.max_seq_len_that_fits,
+            "batch_size_that_fits": verdict.batch_size_that_fits,
+            "switches": verdict.switches.iter().map(|(s, b)| serde_json::json!({"switch": s, "peak_bytes": b})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        let s = &p.step;
+        println!(
+            "{}: {} layers, hidden {}, vocab {}; {} base, r={} on {}; {} × {} tokens{}{}, {}-byte compute on {}",
+            model_dir.display(),
+            p.cfg.num_hidden_layers,
+            p.cfg.hidden_size,
+            p.cfg.vocab_size,
+            if s.nf4 { "NF4" } else { "dense" },
+            s.adapted.first().map_or(0, |a| a.1),
+            s.adapted.iter().map(|a| a.0).collect::<Vec<_>>().join(","),
+            s.batch,
+            s.seq,
+            if s.seq < cfg.training.max_seq_len {
+                format!(
+                    " (the longest row; max_seq_len {})",
+                    cfg.training.max_seq_len
+                )
+            } else {
+                String::new()
+            },
+            if p.checkpointing {
+                ", gradient checkpointing"
+            } else {
+                ", no gradient checkpointing"
+            },
+            s.elem,
+            match target {
+                Target::Cpu { threads } => format!("the CPU ({threads} threads)"),
+                Target::Cuda => device
+                    .as_ref()
+                    .map_or_else(|| "a CUDA GPU".to_string(), crate::device::name),
+            }
+        );
+        if cfg.data.train.is_empty() {
+            println!("(no --data: the encoded rows are not counted)");
+        }
+        print!("{}", plan::explain(&p, &verdict));
+    }
+    Ok(if verdict.fits {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

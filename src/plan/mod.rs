@@ -1,0 +1,942 @@
+//! `qlora plan`: the peak memory of a training run, predicted before anything is loaded, from the
+//! model's config, the checkpoint's tensor headers, the settings and what this implementation
+//! allocates, term by term, with the phase each peak falls in.
+//!
+//! Each term is derived from the code it describes, not fitted: the block's activations and the
+//! peak of candle's backward over them come from [`crate::model::phi3::memory`] (the block's ops,
+//! beside the block) simulated by [`tape`] (candle 0.11's backward rules); the attention's chunks,
+//! the NF4 dequantization tiles and the fused LoRA linear's buffers from the functions beside
+//! those ops in `qlora-quant`; the loading transients from the order and conversions of
+//! [`crate::model::load`]; the step's bookkeeping from [`crate::train::grads`] and
+//! [`crate::train::trainer`] (which tensors each keeps while the next phase runs). Two terms are
+//! measured instead, in this process, because they belong to other code: the resident size of the
+//! running binary (`baseline`) and the tokenizer's heap.
+//!
+//! On the CPU the prediction is the process's peak resident set (`VmHWM`). On a GPU it is the
+//! device's peak use: the CUDA context, the same terms in the compute dtype, and the caching
+//! allocator's slack.
+
+pub mod inputs;
+pub mod tape;
+
+/// The embedding's and the head's tensor names.
+pub const EMBED: &str = "model.embed_tokens.weight";
+pub const LM_HEAD: &str = "lm_head.weight";
+
+use crate::model::Phi3Config;
+use crate::model::phi3::memory::{self, Step};
+use tape::{Id, Kind, Memory, Tape};
+
+/// Where the run trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The CPU with this many pool threads.
+    Cpu { threads: usize },
+    /// A CUDA GPU.
+    Cuda,
+}
+
+impl Target {
+    /// Where `device` trains: the CPU with the compute pool's threads, or a GPU.
+    pub fn of(device: &candle_core::Device) -> Self {
+        if device.is_cpu() {
+            Self::Cpu {
+                threads: rayon::current_num_threads(),
+            }
+        } else {
+            Self::Cuda
+        }
+    }
+}
+
+/// How a checkpoint tensor is loaded ([`crate::model::load`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadKind {
+    /// Copied, converted to the compute dtype (norms, embeddings, head, dense linears).
+    Dense,
+    /// A dense linear quantized to NF4 while loading.
+    Quantize,
+    /// A bitsandbytes 4-bit linear kept in 4 bits (its codes and state copied).
+    Bnb4,
+    /// A bitsandbytes 4-bit linear dequantized (a dense run on a 4-bit checkpoint).
+    Bnb4Dense,
+}
+
+/// One tensor of the load, in load order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadTensor {
+    pub name: String,
+    /// Values of the (logical) weight.
+    pub elements: u64,
+    /// Bytes of the tensor in the file (for 4-bit: its packed codes and state).
+    pub file_bytes: u64,
+    pub kind: LoadKind,
+}
+
+/// Everything a plan depends on.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub cfg: Phi3Config,
+    pub step: Step,
+    pub target: Target,
+    pub checkpointing: bool,
+    pub grad_accum: usize,
+    /// The checkpoint's tensors in the order [`crate::model::load`] reads them.
+    pub tensors: Vec<LoadTensor>,
+    /// NF4 double quantization (absmax in 8 bits) and block size.
+    pub double_quant: bool,
+    pub blocksize: usize,
+    /// Resident bytes of the process before it loads anything (binary, libraries, thread stacks).
+    pub baseline: u64,
+    /// Heap of the loaded tokenizer.
+    pub tokenizer: u64,
+    /// Bytes of the encoded training and evaluation rows the trainer keeps.
+    pub rows: u64,
+}
+
+/// The phases of a run whose peaks are compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Load,
+    Forward,
+    Head,
+    Backward,
+    Optimizer,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Load => "load",
+            Self::Forward => "forward",
+            Self::Head => "head",
+            Self::Backward => "backward",
+            Self::Optimizer => "optimizer",
+        }
+    }
+}
+
+/// One term of a phase's peak.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Term {
+    pub name: String,
+    pub bytes: u64,
+}
+
+/// A phase's peak and what it consists of.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PhasePeak {
+    pub phase: Phase,
+    pub bytes: u64,
+    pub terms: Vec<Term>,
+}
+
+/// The prediction.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Plan {
+    /// The whole process's peak (CPU: resident set; GPU: device memory).
+    pub peak_bytes: u64,
+    pub peak_phase: Phase,
+    pub phases: Vec<PhasePeak>,
+}
+
+/// glibc's heap: the chunk header of each allocation and the top of the heap it grows (measured
+/// per allocation, not fitted: 16 bytes of header, and the arena's pad at every growth).
+const HEAP_PAD: u64 = 128 << 10;
+
+/// What the CUDA context and cuBLAS workspace take on the device before the first tensor (the
+/// figure gpu_check.sh measures on the first GPU run).
+pub const CUDA_CONTEXT: u64 = 600 << 20;
+
+fn f32b(n: usize) -> u64 {
+    (n * 4) as u64
+}
+
+/// Bytes of a Phi-3's weights as trained, by term.
+struct Weights {
+    nf4: u64,
+    dense_linears: u64,
+    embed: u64,
+    head: u64,
+    norms: u64,
+}
+
+impl Inputs {
+    fn elem(&self) -> u64 {
+        self.step.elem as u64
+    }
+
+    fn hidden(&self) -> u64 {
+        self.cfg.hidden_size as u64
+    }
+
+    /// `[batch · seq, width]` in the compute dtype.
+    fn act(&self, width: u64) -> u64 {
+        (self.step.batch * self.step.seq) as u64 * width * self.elem()
+    }
+
+    /// Bytes of an NF4 weight of `n` values: packed codes, absmax (u8 codes plus an f32 per 256
+    /// blocks and its offset with double quantization, else f32 per block).
+    fn nf4_bytes(&self, n: u64) -> u64 {
+        let blocks = n.div_ceil(self.blocksize as u64);
+        let absmax = if self.double_quant {
+            blocks + 4 * blocks.div_ceil(256) + 4
+        } else {
+            4 * blocks
+        };
+        n.div_ceil(2) + absmax
+    }
+
+    fn weights(&self) -> Weights {
+        let mut w = Weights {
+            nf4: 0,
+            dense_linears: 0,
+            embed: 0,
+            head: 0,
+            norms: 0,
+        };
+        for t in &self.tensors {
+            let dense = t.elements * self.elem();
+            match t.kind {
+                LoadKind::Quantize | LoadKind::Bnb4 => w.nf4 += self.nf4_bytes(t.elements),
+                LoadKind::Bnb4Dense => w.dense_linears += dense,
+                LoadKind::Dense if t.name == EMBED => w.embed += dense,
+                LoadKind::Dense if t.name == LM_HEAD => w.head += dense,
+                LoadKind::Dense if t.name.ends_with("norm.weight") => w.norms += dense,
+                LoadKind::Dense => w.dense_linears += dense,
+            }
+        }
+        w
+    }
+
+    /// Bytes held after loading `t`, and the extra its loading holds at its peak.
+    fn load_step(&self, t: &LoadTensor) -> (u64, u64) {
+        let e = self.elem();
+        let n = t.elements;
+        let cpu = matches!(self.target, Target::Cpu { .. });
+        match t.kind {
+            // The file's pages and a copy of them; the copy converted (the pages dropped first).
+            LoadKind::Dense => {
+                let kept = n * e;
+                let file = t.file_bytes;
+                let peak = if cpu {
+                    (2 * file).max(file + kept)
+                } else {
+                    kept
+                };
+                (kept, peak.saturating_sub(kept))
+            }
+            // The file's pages while the values are read into f32, then the codes.
+            LoadKind::Quantize => {
+                let kept = self.nf4_bytes(n);
+                let values = 4 * n;
+                (kept, (t.file_bytes + values).max(values + 2 * kept) - kept)
+            }
+            // Codes and state copied out of the file, then into the weight.
+            LoadKind::Bnb4 => {
+                let kept = self.nf4_bytes(n);
+                (kept, t.file_bytes + kept)
+            }
+            LoadKind::Bnb4Dense => {
+                let kept = n * e;
+                (kept, t.file_bytes + 4 * n)
+            }
+        }
+    }
+
+    fn adapter_bytes(&self) -> (u64, u64) {
+        let mut total = 0u64;
+        let mut largest = 0u64;
+        for (target, r) in &self.step.adapted {
+            let Some([out, inp]) = self.cfg.any_linear_shape(target) else {
+                continue;
+            };
+            let (a, b) = (f32b(r * inp), f32b(out * r));
+            total += a + b;
+            largest = largest.max(a).max(b);
+        }
+        (total * self.cfg.num_hidden_layers as u64, largest)
+    }
+
+    /// The head's loss on `m` selected rows: its chunk buffers beyond the selected rows.
+    fn head_transient(&self, m: u64) -> u64 {
+        let v = self.cfg.vocab_size as u64;
+        match self.target {
+            // head_cross_entropy_cpu: a copy of h, dh, and 64 rows of logits.
+            Target::Cpu { .. } if self.elem() == 4 => 2 * m * self.hidden() * 4 + 64 * v * 4,
+            // grads::head: per chunk of 256 rows its logits, f32 loss pass and gradient, the
+            // per-chunk dh collected and concatenated.
+            _ => {
+                let rows = m.min(crate::train::grads::HEAD_CHUNK_ROWS as u64);
+                3 * rows * v * 4 + 2 * m * self.hidden() * self.elem()
+            }
+        }
+    }
+
+    /// The head's graph on the trunk's output `x`: select, final norm, `h · dh`.
+    fn head_tape(&self, t: &mut Tape, x: Id, m: u64) -> Id {
+        let h = self.hidden() * self.elem();
+        let flat = t.view(Kind::Pass, x, self.act(self.hidden()));
+        let sel = t.op(Kind::Pass, &[flat], m * h);
+        let norm = t.op(
+            Kind::Custom {
+                grads: vec![Some(m * h)],
+                bwd_transient: 0,
+                fwd_transient: 0,
+            },
+            &[sel],
+            m * h,
+        );
+        let dh = t.constant(m * h);
+        let prod = t.op(Kind::MulConst, &[norm, dh], m * h);
+        t.op(Kind::Pass, &[prod], self.elem())
+    }
+
+    /// The prediction.
+    pub fn plan(&self) -> Plan {
+        let cpu = matches!(self.target, Target::Cpu { .. });
+        let n_layers = self.cfg.num_hidden_layers as u64;
+        let (b, s) = (self.step.batch as u64, self.step.seq as u64);
+        let nh = self.act(self.hidden());
+        // Every position is a target at worst (the plan cannot know the data's mask).
+        let m = b * s;
+        let w = self.weights();
+        let (adapters, largest_param) = self.adapter_bytes();
+        let mut common: Vec<Term> = Vec::new();
+        let add = |v: &mut Vec<Term>, name: &str, bytes: u64| {
+            if bytes > 0 {
+                v.push(Term {
+                    name: name.to_string(),
+                    bytes,
+                })
+            }
+        };
+        if cpu {
+            add(
+                &mut common,
+                "runtime: binary, libraries, threads",
+                self.baseline + RUNTIME_PAGES,
+            );
+            add(&mut common, "tokenizer", self.tokenizer);
+            add(&mut common, "encoded data rows", self.rows);
+        } else {
+            add(
+                &mut common,
+                "CUDA context and cuBLAS workspace",
+                CUDA_CONTEXT,
+            );
+        }
+        let mut load_terms = common.clone();
+        // Load: the weights so far plus the tensor being loaded.
+        let (mut held, mut worst, mut worst_at) = (0u64, 0u64, String::new());
+        for t in &self.tensors {
+            let (kept, extra) = self.load_step(t);
+            if held + extra > worst {
+                worst = held + extra;
+                worst_at = t.name.clone();
+            }
+            held += kept;
+        }
+        let loaded_before_worst = worst.saturating_sub(
+            self.tensors
+                .iter()
+                .find(|t| t.name == worst_at)
+                .map_or(0, |t| self.load_step(t).1),
+        );
+        add(
+            &mut load_terms,
+            "weights loaded before the largest transient",
+            loaded_before_worst,
+        );
+        add(
+            &mut load_terms,
+            &format!("loading `{worst_at}` (file pages, copy, conversion)"),
+            worst - loaded_before_worst,
+        );
+
+        // Resident through training.
+        add(&mut common, "NF4 weights (codes + absmax)", w.nf4);
+        add(&mut common, "dense linear weights", w.dense_linears);
+        add(&mut common, "token embeddings", w.embed);
+        add(&mut common, "lm_head", w.head);
+        add(&mut common, "norm weights", w.norms);
+        add(&mut common, "adapters A, B (f32)", adapters);
+        add(&mut common, "AdamW moments (2 × f32)", 2 * adapters);
+        // The batch: ids, positions, segments (u32) and targets (i64) on the host; the mask
+        // [B, 1, T, T] and the rotary tables.
+        let rot = self.cfg.head_dim() as u64;
+        let prep = b * s * s * self.elem()
+            + 2 * b * s * rot * self.elem()
+            + if cpu { 0 } else { b * s * s * 4 };
+        add(&mut common, "batch: mask, rotary tables", prep);
+        if cpu {
+            add(
+                &mut common,
+                "batch: ids, positions, targets",
+                b * s * 20 + m * 12,
+            );
+        }
+
+        let mut phases = vec![PhasePeak {
+            phase: Phase::Load,
+            bytes: 0,
+            terms: load_terms,
+        }];
+        let block_tape = |x_var: bool| -> (Tape, Id, Memory) {
+            let mut t = Tape::new();
+            let x = if x_var { t.var(nh) } else { t.constant(nh) };
+            let out = memory::block(&mut t, &self.step, &self.cfg, x);
+            let g = t.constant(nh);
+            let prod = t.op(Kind::MulConst, &[out, g], nh);
+            let root = t.op(Kind::Pass, &[prod], self.elem());
+            let mem = t.simulate(root);
+            (t, out, mem)
+        };
+        // The step's gradients: the accumulated per-adapter gradients while the last block's
+        // backward runs, then the step's copies (the sum, its mean, the clipped copy).
+        let accum = if self.grad_accum > 1 { adapters } else { 0 };
+        if self.checkpointing {
+            let (_, _, blk) = block_tape(true);
+            let mut fwd = common.clone();
+            add(&mut fwd, "block inputs kept (checkpoints)", n_layers * nh);
+            add(&mut fwd, "one block's forward", blk.forward_peak);
+            add(&mut fwd, "gradients of earlier micro-batches", accum);
+            phases.push(PhasePeak {
+                phase: Phase::Forward,
+                bytes: 0,
+                terms: fwd,
+            });
+            let mut ht = Tape::new();
+            let xv = ht.var(nh);
+            let root = self.head_tape(&mut ht, xv, m);
+            let head = ht.simulate(root);
+            let mut hd = common.clone();
+            add(
+                &mut hd,
+                "block inputs kept (checkpoints)",
+                (n_layers + 2) * nh,
+            );
+            add(
+                &mut hd,
+                "head: selected rows, loss chunks",
+                head.kept + self.head_transient(m).max(head.backward_peak),
+            );
+            add(&mut hd, "gradients of earlier micro-batches", accum);
+            phases.push(PhasePeak {
+                phase: Phase::Head,
+                bytes: 0,
+                terms: hd,
+            });
+            let mut bw = common.clone();
+            // grads::loss_and_grads: the inputs, the trunk output, its variable copy, the head's
+            // gradient store (the trunk's gradient and dh's), the running gradient `g` and the
+            // block input's variable copy.
+            add(&mut bw, "block inputs kept (checkpoints)", n_layers * nh);
+            // The head's store also keeps, through the op of `grad · h` it holds for the
+            // constant dh, h and the selected rows h was normed from.
+            let running = if n_layers > 1 { nh } else { 0 };
+            add(
+                &mut bw,
+                "trunk output, head gradient store, running gradient",
+                3 * nh + running + head.store + 2 * m * self.hidden() * self.elem(),
+            );
+            add(
+                &mut bw,
+                "one block's recompute (kept activations)",
+                blk.kept,
+            );
+            add(
+                &mut bw,
+                "one block's backward (gradients, attention waves, dequantized tiles)",
+                blk.backward_peak,
+            );
+            add(
+                &mut bw,
+                "adapter gradients of later blocks",
+                adapters * (n_layers - 1) / n_layers.max(1) + accum,
+            );
+            phases.push(PhasePeak {
+                phase: Phase::Backward,
+                bytes: 0,
+                terms: bw,
+            });
+        } else {
+            // One graph over every block and the head.
+            let mut t = Tape::new();
+            let mut x = t.constant(nh);
+            for _ in 0..n_layers {
+                x = memory::block(&mut t, &self.step, &self.cfg, x);
+            }
+            let root = self.head_tape(&mut t, x, m);
+            let all = t.simulate(root);
+            let mut hd = common.clone();
+            add(&mut hd, "embeddings' output", nh);
+            add(
+                &mut hd,
+                "every block's activations and the head's",
+                all.kept,
+            );
+            add(&mut hd, "head: loss chunks", self.head_transient(m));
+            add(&mut hd, "gradients of earlier micro-batches", accum);
+            phases.push(PhasePeak {
+                phase: Phase::Head,
+                bytes: 0,
+                terms: hd,
+            });
+            let mut bw = common.clone();
+            add(&mut bw, "embeddings' output", nh);
+            add(
+                &mut bw,
+                "every block's activations and the head's",
+                all.kept,
+            );
+            add(
+                &mut bw,
+                "backward (gradients, attention waves, dequantized tiles)",
+                all.backward_peak,
+            );
+            add(&mut bw, "gradients of earlier micro-batches", accum);
+            phases.push(PhasePeak {
+                phase: Phase::Backward,
+                bytes: 0,
+                terms: bw,
+            });
+        }
+        let mut opt = common.clone();
+        add(
+            &mut opt,
+            "gradients: sum, mean, clipped copy",
+            2 * adapters + accum,
+        );
+        add(&mut opt, "AdamW update temporaries", 5 * largest_param);
+        phases.push(PhasePeak {
+            phase: Phase::Optimizer,
+            bytes: 0,
+            terms: opt,
+        });
+        for p in &mut phases {
+            let sum: u64 = p.terms.iter().map(|t| t.bytes).sum();
+            let slack = if cpu {
+                HEAP_PAD
+            } else {
+                // The caching allocator rounds every block up (2 MiB segments for large ones)
+                // and keeps freed blocks: an eighth of what the phase allocates.
+                sum / 8
+            };
+            p.terms.push(Term {
+                name: if cpu {
+                    "heap headers and top pad".into()
+                } else {
+                    "caching allocator slack".into()
+                },
+                bytes: slack,
+            });
+            p.bytes = sum + slack;
+        }
+        let top = phases
+            .iter()
+            .max_by_key(|p| p.bytes)
+            .expect("phases are never empty");
+        Plan {
+            peak_bytes: top.bytes,
+            peak_phase: top.phase,
+            phases,
+        }
+    }
+}
+
+/// Code and library pages a training run touches beyond those resident when the plan is made
+/// (measured on Linux x86-64: `RssFile` 4 MiB at the start of `qlora train`, 11 MiB at the end of
+/// a step: candle's, gemm's and the kernels' code).
+pub const RUNTIME_PAGES: u64 = 8 << 20;
+
+/// Whether a plan fits its budget, and what would fit when it does not.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Verdict {
+    pub peak_bytes: u64,
+    /// `None` when the budget is unknown (a GPU this build cannot query).
+    pub budget_bytes: Option<u64>,
+    pub fits: bool,
+    /// Where it does not fit: the largest `max_seq_len` (multiple of 64) with this batch size,
+    /// and the largest batch size with this length, that fit (0: none).
+    pub max_seq_len_that_fits: Option<usize>,
+    pub batch_size_that_fits: Option<usize>,
+    /// The switches that lower the peak, the most helpful first, with their peaks.
+    pub switches: Vec<(String, u64)>,
+}
+
+impl Inputs {
+    /// These inputs with `max_seq_len = seq` and `micro_batch_size = batch`.
+    fn with_shape(&self, batch: usize, seq: usize) -> Self {
+        let mut i = self.clone();
+        i.step.batch = batch;
+        i.step.seq = seq;
+        i
+    }
+
+    /// The plan's verdict against `budget`, with advice when it does not fit.
+    pub fn verdict(&self, budget: Option<u64>) -> Verdict {
+        let peak = self.plan().peak_bytes;
+        let fits = budget.is_none_or(|b| peak <= b);
+        let mut v = Verdict {
+            peak_bytes: peak,
+            budget_bytes: budget,
+            fits,
+            max_seq_len_that_fits: None,
+            batch_size_that_fits: None,
+            switches: Vec::new(),
+        };
+        let Some(budget) = budget else { return v };
+        if fits {
+            return v;
+        }
+        let fit = |i: &Inputs| i.plan().peak_bytes <= budget;
+        // Peaks grow with the length: the largest multiple of 64 below it that fits.
+        let (mut lo, mut hi) = (0usize, self.step.seq / 64);
+        while lo < hi {
+            let mid = (lo + hi).div_ceil(2);
+            if fit(&self.with_shape(self.step.batch, mid * 64)) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        v.max_seq_len_that_fits = Some(lo * 64);
+        v.batch_size_that_fits = Some(
+            (1..self.step.batch)
+                .rev()
+                .find(|&b| fit(&self.with_shape(b, self.step.seq)))
+                .unwrap_or(0),
+        );
+        let mut switches: Vec<(String, Inputs)> = Vec::new();
+        if !self.checkpointing {
+            let mut i = self.clone();
+            i.checkpointing = true;
+            switches.push((
+                "gradient checkpointing on (drop --no-gradient-checkpointing)".into(),
+                i,
+            ));
+        }
+        if !self.step.nf4 {
+            let mut i = self.clone();
+            i.step.nf4 = true;
+            for t in &mut i.tensors {
+                if t.kind == LoadKind::Dense
+                    && t.name.starts_with(crate::model::names::LAYER_PREFIX)
+                    && !t.name.ends_with("norm.weight")
+                {
+                    t.kind = LoadKind::Quantize;
+                }
+                if t.kind == LoadKind::Bnb4Dense {
+                    t.kind = LoadKind::Bnb4;
+                }
+            }
+            switches.push(("--4bit (an NF4 base)".into(), i));
+        }
+        if self.step.batch > 1 {
+            let mut i = self.with_shape(1, self.step.seq);
+            i.grad_accum = self.grad_accum * self.step.batch;
+            switches.push((
+                format!(
+                    "--batch-size 1 --grad-accum {} (the same batch per step)",
+                    self.grad_accum * self.step.batch
+                ),
+                i,
+            ));
+        }
+        if self.step.seq > 64 {
+            let half = (self.step.seq / 2)
+                .next_multiple_of(64)
+                .min(self.step.seq - 1);
+            switches.push((
+                format!("--max-seq-len {half}"),
+                self.with_shape(self.step.batch, half),
+            ));
+        }
+        let r = self.step.adapted.first().map_or(0, |a| a.1);
+        if r > 1 {
+            let mut i = self.clone();
+            for a in &mut i.step.adapted {
+                a.1 = (a.1 / 2).max(1);
+            }
+            switches.push((format!("--rank {}", r / 2), i));
+        }
+        let mut scored: Vec<(String, u64)> = switches
+            .into_iter()
+            .map(|(s, i)| (s, i.plan().peak_bytes))
+            .filter(|(_, p)| *p < peak)
+            .collect();
+        scored.sort_by_key(|(_, p)| *p);
+        v.switches = scored;
+        v
+    }
+}
+
+/// The memory a run may use on the CPU: what the kernel says is available (`MemAvailable`) plus
+/// what this process already holds (which the plan counts).
+pub fn cpu_budget() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024 + inputs::resident_bytes())
+}
+
+/// `8GiB`, `512MiB`, `1.5GB`, `2000000000` as bytes.
+pub fn parse_bytes(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.trim().parse().map_err(|_| {
+        anyhow::anyhow!("budget `{s}`: not a size; write it like 8GiB, 512MiB or 16GB")
+    })?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => (1u64 << 20) as f64,
+        "gib" => (1u64 << 30) as f64,
+        "tib" => (1u64 << 40) as f64,
+        other => anyhow::bail!(
+            "budget `{s}`: unknown unit `{other}`; use B, KiB, MiB, GiB, KB, MB or GB"
+        ),
+    };
+    if !(value >= 0.0 && value.is_finite()) {
+        anyhow::bail!("budget `{s}`: must be a non-negative size, like 8GiB or 512MiB");
+    }
+    Ok((value * scale) as u64)
+}
+
+/// `bytes` as MiB or GiB for people.
+pub fn human(bytes: u64) -> String {
+    let mib = bytes as f64 / (1u64 << 20) as f64;
+    if mib >= 10240.0 {
+        format!("{:.1} GiB", mib / 1024.0)
+    } else {
+        format!("{mib:.0} MiB")
+    }
+}
+
+impl Plan {
+    /// The plan as a table: the peak phase's terms, then every phase's total.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let top = self
+            .phases
+            .iter()
+            .find(|p| p.phase == self.peak_phase)
+            .expect("the peak phase is a phase");
+        let _ = writeln!(
+            s,
+            "predicted peak: {} in the {} phase",
+            human(self.peak_bytes),
+            self.peak_phase.name()
+        );
+        for t in &top.terms {
+            let _ = writeln!(s, "  {:>10}  {}", human(t.bytes), t.name);
+        }
+        let others: Vec<String> = self
+            .phases
+            .iter()
+            .map(|p| format!("{} {}", p.phase.name(), human(p.bytes)))
+            .collect();
+        let _ = writeln!(s, "phases: {}", others.join(", "));
+        s
+    }
+}
+
+/// The memory a run on `device` may use: [`cpu_budget`] on the CPU; on a GPU its free memory
+/// plus the context this process already made there (which the plan counts).
+pub fn budget(device: &candle_core::Device) -> Option<u64> {
+    if device.is_cpu() {
+        cpu_budget()
+    } else {
+        crate::device::free_bytes(device).map(|free| free + CUDA_CONTEXT)
+    }
+}
+
+/// The plan and the verdict for people: the table, the budget and what would fit.
+pub fn explain(plan: &Inputs, v: &Verdict) -> String {
+    use std::fmt::Write;
+    let p = plan.plan();
+    let mut s = p.render();
+    match v.budget_bytes {
+        Some(b) => {
+            let _ = writeln!(
+                s,
+                "budget: {} ({})",
+                human(b),
+                if v.fits { "fits" } else { "does NOT fit" }
+            );
+        }
+        None => {
+            let _ = writeln!(s, "budget: unknown (pass --budget)");
+        }
+    }
+    if !v.fits {
+        let shape = |what: &str, n: Option<usize>| match n {
+            Some(0) | None => format!("no {what} fits"),
+            Some(n) => format!("{what} {n} fits"),
+        };
+        let _ = writeln!(
+            s,
+            "with {} rows a micro-batch: {}; with {} tokens a row: {}",
+            plan.step.batch,
+            shape("max_seq_len", v.max_seq_len_that_fits),
+            plan.step.seq,
+            shape("batch size", v.batch_size_that_fits)
+        );
+        for (i, (switch, peak)) in v.switches.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "{} {switch}: peak {}",
+                if i == 0 {
+                    "most helpful:"
+                } else {
+                    "          or:"
+                },
+                human(*peak)
+            );
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Phi-3 of `layers` × hidden 512 (8 heads, intermediate 1536, vocab 32064) loaded from bf16,
+    /// r = 16 on every linear.
+    fn inputs(layers: usize, batch: usize, seq: usize, nf4: bool, ckpt: bool) -> Inputs {
+        let cfg = Phi3Config::from_value(
+            &serde_json::json!({
+                "model_type": "phi3", "vocab_size": 32064, "hidden_size": 512,
+                "intermediate_size": 1536, "num_hidden_layers": layers,
+                "num_attention_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                "max_position_embeddings": 4096
+            }),
+            "test",
+        )
+        .unwrap();
+        let mut tensors = Vec::new();
+        let dense = |name: String, n: u64| LoadTensor {
+            name,
+            elements: n,
+            file_bytes: 2 * n,
+            kind: LoadKind::Dense,
+        };
+        for l in 0..layers {
+            let p = format!("model.layers.{l}");
+            tensors.push(dense(format!("{p}.input_layernorm.weight"), 512));
+            for t in cfg.layout().targets() {
+                let [o, i] = cfg.any_linear_shape(t).unwrap();
+                let n = (o * i) as u64;
+                tensors.push(LoadTensor {
+                    name: format!("{p}.{t}.weight"),
+                    elements: n,
+                    file_bytes: 2 * n,
+                    kind: if nf4 {
+                        LoadKind::Quantize
+                    } else {
+                        LoadKind::Dense
+                    },
+                });
+            }
+        }
+        tensors.push(dense(EMBED.into(), 32064 * 512));
+        tensors.push(dense(LM_HEAD.into(), 32064 * 512));
+        Inputs {
+            step: Step {
+                batch,
+                seq,
+                elem: 4,
+                cpu_threads: Some(2),
+                nf4,
+                adapted: cfg
+                    .layout()
+                    .targets()
+                    .into_iter()
+                    .map(|t| (t, 16))
+                    .collect(),
+                dropout: false,
+            },
+            cfg,
+            target: Target::Cpu { threads: 2 },
+            checkpointing: ckpt,
+            grad_accum: 1,
+            tensors,
+            double_quant: true,
+            blocksize: 64,
+            baseline: 4 << 20,
+            tokenizer: 8 << 20,
+            rows: 0,
+        }
+    }
+
+    #[test]
+    fn the_peak_grows_with_tokens_and_checkpointing_and_nf4_lower_it() {
+        let base = inputs(8, 1, 1024, true, true).plan().peak_bytes;
+        assert!(inputs(8, 1, 2048, true, true).plan().peak_bytes > base);
+        assert!(inputs(8, 2, 1024, true, true).plan().peak_bytes > base);
+        // Without checkpointing every block's activations stay: 8 blocks of ~60 MiB at 1024.
+        let plain = inputs(8, 1, 1024, true, false).plan();
+        assert!(plain.peak_bytes > base + (300 << 20), "{}", plain.render());
+        // Dense f32 linears: 3.4M values a layer, 4 bytes instead of ~0.53.
+        let dense = inputs(8, 1, 1024, false, true).plan().peak_bytes;
+        assert!(dense > base + 8 * 3_400_000 * 3, "{dense} vs {base}");
+    }
+
+    #[test]
+    fn the_nf4_term_is_codes_and_double_quantized_absmax() {
+        let i = inputs(1, 1, 128, true, true);
+        // 4096 values: 2048 bytes of codes, 64 u8 absmax codes, one f32 scale per 256 blocks
+        // and the offset.
+        assert_eq!(i.nf4_bytes(4096), 2048 + 64 + 4 + 4);
+        let mut single = i.clone();
+        single.double_quant = false;
+        assert_eq!(single.nf4_bytes(4096), 2048 + 64 * 4);
+    }
+
+    #[test]
+    fn advice_names_the_largest_shapes_that_fit() {
+        let i = inputs(8, 4, 1024, true, true);
+        let peak = i.plan().peak_bytes;
+        let small = i.with_shape(1, 256).plan().peak_bytes;
+        let budget = (peak + small) / 2;
+        let v = i.verdict(Some(budget));
+        assert!(!v.fits);
+        let seq = v.max_seq_len_that_fits.unwrap();
+        assert!(seq > 0 && seq < 1024 && seq % 64 == 0, "{seq}");
+        assert!(i.with_shape(4, seq).plan().peak_bytes <= budget);
+        assert!(i.with_shape(4, seq + 64).plan().peak_bytes > budget);
+        let b = v.batch_size_that_fits.unwrap();
+        assert!(i.with_shape(b.max(1), 1024).plan().peak_bytes <= budget || b == 0);
+        assert!(!v.switches.is_empty());
+        assert!(v.switches.windows(2).all(|w| w[0].1 <= w[1].1));
+        assert!(i.verdict(Some(peak)).fits);
+        assert!(i.verdict(None).fits);
+    }
+
+    #[test]
+    fn budgets_parse_with_units_and_bad_ones_say_how_to_write_them() {
+        assert_eq!(parse_bytes("8GiB").unwrap(), 8 << 30);
+        assert_eq!(parse_bytes("512 MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1.5GB").unwrap(), 1_500_000_000);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        for bad in ["lots", "8XB", "-1GB"] {
+            let e = parse_bytes(bad).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("GiB"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! `qlora plan` and the plan `qlora train` runs first: the verdict, the advice, the refusal before
+//! anything is loaded, `--force`, and the prediction against the peak the OS reports for the run.
+
+use std::process::Command;
+
+fn qlora(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_qlora"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// The demo's data packed into rows of up to 512 tokens, 4 a micro-batch (the activations, not
+/// the runtime and the weights, make most of the peak).
+const DEMO: [&str; 8] = [
+    "--4bit",
+    "--config",
+    "configs/demo.toml",
+    "--max-seq-len",
+    "512",
+    "--batch-size",
+    "4",
+    "--no-gradient-checkpointing",
+];
+
+#[test]
+fn plan_predicts_the_peak_train_then_measures() {
+    let (code, stdout, stderr) = qlora(&[&["plan", "--json"][..], &DEMO[..]].concat());
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(plan["fits"], true);
+    let predicted = plan["peak_bytes"].as_u64().unwrap() as f64 / (1 << 20) as f64;
+    let phases: Vec<&str> = plan["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(phases, ["load", "head", "backward", "optimizer"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let (code, stdout, stderr) = qlora(
+        &[
+            &[
+                "train",
+                "--max-steps",
+                "4",
+                "--output",
+                out.to_str().unwrap(),
+            ][..],
+            &DEMO[..],
+            &[
+                "--set",
+                "training.save_every=0",
+                "--set",
+                "training.eval_every=0",
+            ][..],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    // The process's own VmHWM after each step, as the kernel reports it.
+    let measured = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|m| m["peak_rss_mib"].as_f64())
+        .fold(0f64, f64::max);
+    assert!(
+        (predicted - measured).abs() <= 0.10 * measured,
+        "predicted {predicted:.1} MiB, measured {measured:.1} MiB"
+    );
+}
+
+#[test]
+fn a_run_that_does_not_fit_is_refused_before_loading_with_advice() {
+    let (code, stdout, stderr) = qlora(&[&["plan", "--budget", "30MiB"][..], &DEMO[..]].concat());
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stdout.contains("does NOT fit"), "{stdout}");
+    assert!(stdout.contains("most helpful:"), "{stdout}");
+    let (code, stdout, _) =
+        qlora(&[&["plan", "--json", "--budget", "30MiB"][..], &DEMO[..]].concat());
+    assert_eq!(code, 1);
+    let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(plan["fits"], false);
+    assert_eq!(plan["budget_bytes"], 30 << 20);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let train = |extra: &[&str]| {
+        qlora(
+            &[
+                &[
+                    "train",
+                    "--max-steps",
+                    "1",
+                    "--output",
+                    out.to_str().unwrap(),
+                ][..],
+                &DEMO[..],
+                &["--budget", "30MiB", "--set", "training.save_every=0"][..],
+                extra,
+            ]
+            .concat(),
+        )
+    };
+    let (code, stdout, stderr) = train(&[]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("does not fit")
+            && stderr.contains("--force")
+            && stderr.contains("predicted peak"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "nothing is written for a refused run");
+    let (code, stdout, stderr) = train(&["--force"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+}
+
+#[test]
+fn a_bad_budget_names_itself() {
+    let (code, _, stderr) = qlora(&[&["plan", "--budget", "lots"][..], &DEMO[..]].concat());
+    assert_eq!(code, 2);
+    assert!(stderr.contains("budget `lots`"), "{stderr}");
+}
