@@ -155,7 +155,8 @@ fn f32b(n: usize) -> u64 {
 
 /// Bytes of a Phi-3's weights as trained, by term.
 struct Weights {
-    nf4: u64,
+    codes: u64,
+    absmax: u64,
     dense_linears: u64,
     embed: u64,
     head: u64,
@@ -176,21 +177,26 @@ impl Inputs {
         (self.step.batch * self.step.seq) as u64 * width * self.elem()
     }
 
-    /// Bytes of an NF4 weight of `n` values: packed codes, absmax (u8 codes plus an f32 per 256
-    /// blocks and its offset with double quantization, else f32 per block).
+    /// Bytes of an NF4 weight of `n` values: packed codes and absmax.
     fn nf4_bytes(&self, n: u64) -> u64 {
+        n.div_ceil(2) + self.absmax_bytes(n)
+    }
+
+    /// Bytes of the absmax of `n` values: u8 codes plus an f32 per 256 blocks and its offset with
+    /// double quantization, else an f32 per block.
+    fn absmax_bytes(&self, n: u64) -> u64 {
         let blocks = n.div_ceil(self.blocksize as u64);
-        let absmax = if self.double_quant {
+        if self.double_quant {
             blocks + 4 * blocks.div_ceil(256) + 4
         } else {
             4 * blocks
-        };
-        n.div_ceil(2) + absmax
+        }
     }
 
     fn weights(&self) -> Weights {
         let mut w = Weights {
-            nf4: 0,
+            codes: 0,
+            absmax: 0,
             dense_linears: 0,
             embed: 0,
             head: 0,
@@ -199,7 +205,10 @@ impl Inputs {
         for t in &self.tensors {
             let dense = t.elements * self.elem();
             match t.kind {
-                LoadKind::Quantize | LoadKind::Bnb4 => w.nf4 += self.nf4_bytes(t.elements),
+                LoadKind::Quantize | LoadKind::Bnb4 => {
+                    w.codes += t.elements.div_ceil(2);
+                    w.absmax += self.absmax_bytes(t.elements);
+                }
                 LoadKind::Bnb4Dense => w.dense_linears += dense,
                 LoadKind::Dense if t.name == EMBED => w.embed += dense,
                 LoadKind::Dense if t.name == LM_HEAD => w.head += dense,
@@ -356,7 +365,8 @@ impl Inputs {
         );
 
         // Resident through training.
-        add(&mut common, "NF4 weights (codes + absmax)", w.nf4);
+        add(&mut common, "NF4 codes (4 bits a weight)", w.codes);
+        add(&mut common, "NF4 absmax (double-quantized)", w.absmax);
         add(&mut common, "dense linear weights", w.dense_linears);
         add(&mut common, "token embeddings", w.embed);
         add(&mut common, "lm_head", w.head);
@@ -742,8 +752,16 @@ impl Plan {
             human(self.peak_bytes),
             self.peak_phase.name()
         );
-        for t in &top.terms {
+        let shown = |t: &&Term| t.bytes >= 1 << 19;
+        for t in top.terms.iter().filter(shown) {
             let _ = writeln!(s, "  {:>10}  {}", human(t.bytes), t.name);
+        }
+        let hidden = top.terms.iter().filter(|t| !shown(t)).count();
+        if hidden > 0 {
+            let _ = writeln!(
+                s,
+                "  (and {hidden} terms under 1 MiB; --json lists them all)"
+            );
         }
         let others: Vec<String> = self
             .phases
