@@ -439,17 +439,14 @@ impl Inputs {
                 terms: hd,
             });
             let mut bw = common.clone();
-            // grads::loss_and_grads: the inputs, the trunk output, its variable copy, the head's
-            // gradient store (the trunk's gradient and dh's), the running gradient `g` and the
+            // grads::loss_and_grads: the inputs, the running gradient `g` (the head's store,
+            // the trunk output and its variable copy are dropped once `g` is taken) and the
             // block input's variable copy.
             add(&mut bw, "block inputs kept (checkpoints)", n_layers * nh);
-            // The head's store also keeps, through the op of `grad · h` it holds for the
-            // constant dh, h and the selected rows h was normed from.
-            let running = if n_layers > 1 { nh } else { 0 };
             add(
                 &mut bw,
-                "trunk output, head gradient store, running gradient",
-                3 * nh + running + head.store + 2 * m * self.hidden() * self.elem(),
+                "running gradient, the block input's variable copy",
+                2 * nh,
             );
             add(
                 &mut bw,

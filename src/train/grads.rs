@@ -201,6 +201,7 @@ pub fn loss_and_grads(
             x = out;
         }
         let xv = Var::from_tensor(&x)?;
+        drop(x);
         let h = select(model, xv.as_tensor(), &idx)?;
         let (loss, dh) = head(model, &h.detach(), &targets, true)?;
         let store = (h * dh.expect("asked for the gradient"))?
@@ -210,6 +211,10 @@ pub fn loss_and_grads(
             .get(xv.as_tensor())
             .expect("the head depends on the trunk")
             .clone();
+        // Only g is needed from here: the store also holds dh's gradient and, through the op
+        // candle recorded for it, h and the selected rows (`plan` counts what stays).
+        drop(store);
+        drop(xv);
         for layer in (0..model.layers.len()).rev() {
             let xin = Var::from_tensor(&inputs[layer])?;
             let out = model.block(layer, xin.as_tensor(), &prep, ctx, None)?;
