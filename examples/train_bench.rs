@@ -183,6 +183,7 @@ fn bench() -> Result<()> {
         baseline: 0,
         tokenizer: 0,
         rows: 0,
+        eval: false,
         cfg: model.cfg.clone(),
     }
     .plan();

@@ -246,5 +246,6 @@ pub fn for_run(
         baseline,
         tokenizer,
         rows: rows.bytes,
+        eval: !cfg.data.eval.is_empty(),
     })
 }

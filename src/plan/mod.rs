@@ -92,6 +92,8 @@ pub struct Inputs {
     pub tokenizer: u64,
     /// Bytes of the encoded training and evaluation rows the trainer keeps.
     pub rows: u64,
+    /// The run evaluates (`data.eval` is set).
+    pub eval: bool,
 }
 
 /// The phases of a run whose peaks are compared.
@@ -103,6 +105,7 @@ pub enum Phase {
     Head,
     Backward,
     Optimizer,
+    Eval,
 }
 
 impl Phase {
@@ -113,6 +116,7 @@ impl Phase {
             Self::Head => "head",
             Self::Backward => "backward",
             Self::Optimizer => "optimizer",
+            Self::Eval => "eval",
         }
     }
 }
@@ -510,6 +514,27 @@ impl Inputs {
                 terms: bw,
             });
         }
+        if self.eval {
+            // grads::loss: each block's forward (its graph, over the adapters' variables, kept
+            // until its output is detached), then the head without gradients: the selected rows,
+            // their norm, and 256 rows of logits at a time.
+            let (_, _, blk) = block_tape(false);
+            let rows = m.min(crate::train::grads::HEAD_CHUNK_ROWS as u64);
+            let head = 2 * m * self.hidden() * self.elem()
+                + rows * self.cfg.vocab_size as u64 * self.elem();
+            let mut ev = common.clone();
+            add(&mut ev, "trunk activations", nh);
+            add(
+                &mut ev,
+                "one block's forward, or the head's 256-row logits",
+                blk.forward_peak.max(head),
+            );
+            phases.push(PhasePeak {
+                phase: Phase::Eval,
+                bytes: 0,
+                terms: ev,
+            });
+        }
         let mut opt = common.clone();
         add(
             &mut opt,
@@ -896,6 +921,7 @@ mod tests {
             baseline: 4 << 20,
             tokenizer: 8 << 20,
             rows: 0,
+            eval: false,
         }
     }
 

@@ -42,7 +42,7 @@ fn plan_predicts_the_peak_train_then_measures() {
         .iter()
         .map(|p| p["phase"].as_str().unwrap())
         .collect();
-    assert_eq!(phases, ["load", "head", "backward", "optimizer"]);
+    assert_eq!(phases, ["load", "head", "backward", "eval", "optimizer"]);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let (code, stdout, stderr) = qlora(
