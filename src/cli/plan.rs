@@ -1,7 +1,6 @@
 //! `qlora plan`.
 
 use super::train::TrainArgs;
-use crate::data::TokenizerBundle;
 use crate::plan::{self, Target, inputs};
 use anyhow::{Context, Result};
 use clap::Args;
@@ -42,12 +41,7 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
             (Some(d), t)
         }
     };
-    let heap0 = inputs::heap_in_use();
-    let tok = TokenizerBundle::from_dir(&model_dir)?;
-    let tokenizer = match (heap0, inputs::heap_in_use()) {
-        (Some(a), Some(b)) => b.saturating_sub(a),
-        _ => 0,
-    };
+    let (tok, tokenizer) = inputs::load_tokenizer(&model_dir)?;
     let mut rows = inputs::Rows::default();
     for (path, what) in [
         (&cfg.data.train, "data.train"),
@@ -67,12 +61,13 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
     };
     let verdict = p.verdict(budget);
     if args.json {
+        let planned = p.plan();
         let out = serde_json::json!({
             "peak_bytes": verdict.peak_bytes,
             "fits": verdict.fits,
             "budget_bytes": verdict.budget_bytes,
-            "peak_phase": p.plan().peak_phase,
-            "phases": p.plan().phases,
+            "peak_phase": planned.peak_phase,
+            "phases": planned.phases,
             "max_seq_len_that_fits": verdict.max_seq_len_that_fits,
             "batch_size_that_fits": verdict.batch_size_that_fits,
             "switches": verdict.switches.iter().map(|(s, b)| serde_json::json!({"switch": s, "peak_bytes": b})).collect::<Vec<_>>(),

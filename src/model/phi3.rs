@@ -510,34 +510,32 @@ pub mod memory {
         }
         // Dense: x · Wᵀ through candle's matmul, which also computes (and keeps) W's gradient.
         let w = t.constant((out * inp * s.elem) as u64);
-        let wt = t.view(Kind::Pass, w, (out * inp * s.elem) as u64);
-        let y = t.op(
-            Kind::Matmul {
-                lhs_grad: s.act(inp),
-                rhs_grad: (out * inp * s.elem) as u64,
-            },
-            &[x, wt],
-            s.act(out),
-        );
+        let y = matmul_t(t, s, x, w, (out, inp));
         match r {
             Some(r) => adapter(t, s, x, y, (out, inp, r)),
             None => y,
         }
     }
 
+    /// `x · Wᵀ` through candle's matmul for `x: [rows, inp]` and `w: [out, inp]` (a transposed view,
+    /// then the product; both gradients computed).
+    fn matmul_t(t: &mut Tape, s: &Step, x: Id, w: Id, (out, inp): (usize, usize)) -> Id {
+        let wt = t.view(Kind::Pass, w, (out * inp * s.elem) as u64);
+        t.op(
+            Kind::Matmul {
+                lhs_grad: s.act(inp),
+                rhs_grad: (out * inp * s.elem) as u64,
+            },
+            &[x, wt],
+            s.act(out),
+        )
+    }
+
     /// `y + scale · (drop(x) · Aᵀ) · Bᵀ`, [`crate::lora::Adapter::forward`]'s composition.
     fn adapter(t: &mut Tape, s: &Step, x: Id, y: Id, (out, inp, r): (usize, usize, usize)) -> Id {
         let f32b = |n: usize| (n * 4) as u64;
         let x = if s.dropout {
-            t.op(
-                Kind::Custom {
-                    grads: vec![Some(s.act(inp))],
-                    bwd_transient: 0,
-                    fwd_transient: 0,
-                },
-                &[x],
-                s.act(inp),
-            )
+            t.unary(x, s.act(inp), s.act(inp))
         } else {
             x
         };
@@ -554,24 +552,8 @@ pub mod memory {
         let a = cast(t, a, r * inp);
         let bs = t.op(Kind::Affine, &[b], f32b(out * r));
         let bs = cast(t, bs, out * r);
-        let at = t.view(Kind::Pass, a, (r * inp * s.elem) as u64);
-        let h = t.op(
-            Kind::Matmul {
-                lhs_grad: s.act(inp),
-                rhs_grad: (inp * r * s.elem) as u64,
-            },
-            &[x, at],
-            s.act(r),
-        );
-        let bt = t.view(Kind::Pass, bs, (out * r * s.elem) as u64);
-        let p = t.op(
-            Kind::Matmul {
-                lhs_grad: s.act(r),
-                rhs_grad: (r * out * s.elem) as u64,
-            },
-            &[h, bt],
-            s.act(out),
-        );
+        let h = matmul_t(t, s, x, a, (r, inp));
+        let p = matmul_t(t, s, h, bs, (out, r));
         t.op(Kind::Add, &[y, p], s.act(out))
     }
 
@@ -603,17 +585,7 @@ pub mod memory {
             cfg.head_dim(),
         );
         let inter = cfg.intermediate_size;
-        let norm = |t: &mut Tape, x: Id| {
-            t.op(
-                Kind::Custom {
-                    grads: vec![Some(s.act(hid))],
-                    bwd_transient: 0,
-                    fwd_transient: 0,
-                },
-                &[x],
-                s.act(hid),
-            )
-        };
+        let norm = |t: &mut Tape, x: Id| t.unary(x, s.act(hid), s.act(hid));
         let n1 = norm(t, x);
         let qkv = projection(t, s, cfg, n1, "qkv_proj");
         let full = s.act((nh + 2 * nkv) * d);
@@ -625,19 +597,7 @@ pub mod memory {
             let rs = t.op(Kind::Pass, &[nar], bytes);
             let tr = t.view(Kind::Pass, rs, bytes);
             let c = t.op(Kind::Pass, &[tr], bytes);
-            if rope {
-                t.op(
-                    Kind::Custom {
-                        grads: vec![Some(bytes)],
-                        bwd_transient: 0,
-                        fwd_transient: 0,
-                    },
-                    &[c],
-                    bytes,
-                )
-            } else {
-                c
-            }
+            if rope { t.unary(c, bytes, bytes) } else { c }
         };
         let q = heads(t, nh, true);
         let k = heads(t, nkv, true);
@@ -670,15 +630,7 @@ pub mod memory {
         let x1 = t.op(Kind::Add, &[x, o], s.act(hid));
         let n2 = norm(t, x1);
         let gu = projection(t, s, cfg, n2, "gate_up_proj");
-        let sw = t.op(
-            Kind::Custom {
-                grads: vec![Some(s.act(2 * inter))],
-                bwd_transient: 0,
-                fwd_transient: 0,
-            },
-            &[gu],
-            s.act(inter),
-        );
+        let sw = t.unary(gu, s.act(inter), s.act(2 * inter));
         let down = linear(t, s, sw, "down_proj", (hid, inter));
         t.op(Kind::Add, &[x1, down], s.act(hid))
     }

@@ -46,6 +46,17 @@ pub fn heap_in_use() -> Option<u64> {
     None
 }
 
+/// The tokenizer of `dir`, loaded, with the heap it took (0 where the allocator cannot say).
+pub fn load_tokenizer(dir: &Path) -> Result<(crate::data::TokenizerBundle, u64)> {
+    let before = heap_in_use();
+    let tok = crate::data::TokenizerBundle::from_dir(dir)?;
+    let bytes = match (before, heap_in_use()) {
+        (Some(a), Some(b)) => b.saturating_sub(a),
+        _ => 0,
+    };
+    Ok((tok, bytes))
+}
+
 /// Bytes of the rows the trainer keeps: ids, positions, segments (u32) and targets (i64) per
 /// token, and each row's four vectors.
 pub fn rows_bytes(rows: &[crate::data::batch::Row]) -> u64 {

@@ -136,6 +136,17 @@ pub struct PhasePeak {
     pub terms: Vec<Term>,
 }
 
+impl PhasePeak {
+    /// A phase of these terms (its total is summed once every phase is listed).
+    fn of(phase: Phase, terms: Vec<Term>) -> Self {
+        Self {
+            phase,
+            bytes: 0,
+            terms,
+        }
+    }
+}
+
 /// The prediction.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Plan {
@@ -392,11 +403,7 @@ impl Inputs {
             );
         }
 
-        let mut phases = vec![PhasePeak {
-            phase: Phase::Load,
-            bytes: 0,
-            terms: load_terms,
-        }];
+        let mut phases = vec![PhasePeak::of(Phase::Load, load_terms)];
         let block_tape = |x_var: bool| -> (Tape, Id, Memory) {
             let mut t = Tape::new();
             let x = if x_var { t.var(nh) } else { t.constant(nh) };
@@ -416,11 +423,7 @@ impl Inputs {
             add(&mut fwd, "block inputs kept (checkpoints)", n_layers * nh);
             add(&mut fwd, "one block's forward", blk.forward_peak);
             add(&mut fwd, "gradients of earlier micro-batches", accum);
-            phases.push(PhasePeak {
-                phase: Phase::Forward,
-                bytes: 0,
-                terms: fwd,
-            });
+            phases.push(PhasePeak::of(Phase::Forward, fwd));
             let mut ht = Tape::new();
             let xv = ht.var(nh);
             let root = self.head_tape(&mut ht, xv, m);
@@ -437,11 +440,7 @@ impl Inputs {
                 head.kept + self.head_transient(m).max(head.backward_peak),
             );
             add(&mut hd, "gradients of earlier micro-batches", accum);
-            phases.push(PhasePeak {
-                phase: Phase::Head,
-                bytes: 0,
-                terms: hd,
-            });
+            phases.push(PhasePeak::of(Phase::Head, hd));
             let mut bw = common.clone();
             // grads::loss_and_grads: the inputs, the running gradient `g` (the head's store,
             // the trunk output and its variable copy are dropped once `g` is taken) and the
@@ -467,11 +466,7 @@ impl Inputs {
                 "adapter gradients of later blocks",
                 adapters * (n_layers - 1) / n_layers.max(1) + accum,
             );
-            phases.push(PhasePeak {
-                phase: Phase::Backward,
-                bytes: 0,
-                terms: bw,
-            });
+            phases.push(PhasePeak::of(Phase::Backward, bw));
         } else {
             // One graph over every block and the head.
             let mut t = Tape::new();
@@ -490,11 +485,7 @@ impl Inputs {
             );
             add(&mut hd, "head: loss chunks", self.head_transient(m));
             add(&mut hd, "gradients of earlier micro-batches", accum);
-            phases.push(PhasePeak {
-                phase: Phase::Head,
-                bytes: 0,
-                terms: hd,
-            });
+            phases.push(PhasePeak::of(Phase::Head, hd));
             let mut bw = common.clone();
             add(&mut bw, "embeddings' output", nh);
             add(
@@ -508,11 +499,7 @@ impl Inputs {
                 all.backward_peak,
             );
             add(&mut bw, "gradients of earlier micro-batches", accum);
-            phases.push(PhasePeak {
-                phase: Phase::Backward,
-                bytes: 0,
-                terms: bw,
-            });
+            phases.push(PhasePeak::of(Phase::Backward, bw));
         }
         if self.eval {
             // grads::loss: each block's forward (its graph, over the adapters' variables, kept
@@ -529,11 +516,7 @@ impl Inputs {
                 "one block's forward, or the head's 256-row logits",
                 blk.forward_peak.max(head),
             );
-            phases.push(PhasePeak {
-                phase: Phase::Eval,
-                bytes: 0,
-                terms: ev,
-            });
+            phases.push(PhasePeak::of(Phase::Eval, ev));
         }
         let mut opt = common.clone();
         add(
@@ -542,11 +525,7 @@ impl Inputs {
             2 * adapters + accum,
         );
         add(&mut opt, "AdamW update temporaries", 5 * largest_param);
-        phases.push(PhasePeak {
-            phase: Phase::Optimizer,
-            bytes: 0,
-            terms: opt,
-        });
+        phases.push(PhasePeak::of(Phase::Optimizer, opt));
         for p in &mut phases {
             let sum: u64 = p.terms.iter().map(|t| t.bytes).sum();
             let slack = if cpu {

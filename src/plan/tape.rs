@@ -125,6 +125,20 @@ impl Tape {
         self.push(kind, args, bytes, true, holds)
     }
 
+    /// A custom op on `x` alone that allocates its output and returns x's gradient (RMSNorm,
+    /// RoPE, SwiGLU, dropout), with no buffers beyond those.
+    pub fn unary(&mut self, x: Id, bytes: u64, grad: u64) -> Id {
+        self.op(
+            Kind::Custom {
+                grads: vec![Some(grad)],
+                bwd_transient: 0,
+                fwd_transient: 0,
+            },
+            &[x],
+            bytes,
+        )
+    }
+
     /// A view of `arg` (reshape of a contiguous tensor, transpose, narrow, broadcast).
     pub fn view(&mut self, kind: Kind, arg: Id, bytes: u64) -> Id {
         self.push(kind, &[arg], bytes, false, 0)

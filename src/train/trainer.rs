@@ -205,12 +205,7 @@ impl Trainer {
             .open()?;
         let dtype = compute_dtype(&cfg.training.dtype, &device).context("training.dtype")?;
         let memory = MemorySampler::start(&device)?;
-        let heap0 = crate::plan::inputs::heap_in_use();
-        let tok = TokenizerBundle::from_dir(&model_dir)?;
-        let tokenizer_bytes = match (heap0, crate::plan::inputs::heap_in_use()) {
-            (Some(a), Some(b)) => b.saturating_sub(a),
-            _ => 0,
-        };
+        let (tok, tokenizer_bytes) = crate::plan::inputs::load_tokenizer(&model_dir)?;
         let (rows, stats, skipped_lines) = encode_rows(&tok, Path::new(&cfg.data.train), &cfg)?;
         let eval_rows = if cfg.data.eval.is_empty() {
             Vec::new()

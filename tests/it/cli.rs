@@ -1,22 +1,9 @@
 //! The binary end to end on the built-in model: train → eval → generate, and generate's greedy
 //! tokens equal the argmax of the plain forward (the training numerics) at every step.
 
+use crate::common::qlora;
 use candle_core::{D, Device, Tensor};
 use std::path::Path;
-use std::process::Command;
-
-fn qlora(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qlora"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
 
 #[test]
 fn train_eval_generate_on_the_builtin_model() {

@@ -216,3 +216,17 @@ pub fn write_checkpoint(
         .unwrap();
     }
 }
+
+/// Runs the `qlora` binary in the repository: `(exit code, stdout, stderr)`.
+pub fn qlora(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qlora"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}

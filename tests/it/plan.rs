@@ -1,20 +1,7 @@
 //! `qlora plan` and the plan `qlora train` runs first: the verdict, the advice, the refusal before
 //! anything is loaded, `--force`, and the prediction against the peak the OS reports for the run.
 
-use std::process::Command;
-
-fn qlora(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qlora"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
+use crate::common::qlora;
 
 /// The demo's data packed into rows of up to 512 tokens, 4 a micro-batch (the activations, not
 /// the runtime and the weights, make most of the peak).
