@@ -212,15 +212,16 @@ impl Trainer {
         } else {
             encode_rows(&tok, Path::new(&cfg.data.eval), &cfg)?.0
         };
-        let plan = crate::plan::inputs::for_run(
-            &cfg,
-            &model_dir,
-            crate::plan::Target::of(&device),
-            tokenizer_bytes,
-            crate::plan::inputs::Rows::of(&rows).and(crate::plan::inputs::Rows::of(&eval_rows)),
-            baseline,
-        )?;
+        // The plan only where it is enforced (it reads the checkpoint's headers once more).
         if let PlanCheck::Enforce(budget) = check {
+            let plan = crate::plan::inputs::for_run(
+                &cfg,
+                &model_dir,
+                crate::plan::Target::of(&device),
+                tokenizer_bytes,
+                crate::plan::inputs::Rows::of(&rows).and(crate::plan::inputs::Rows::of(&eval_rows)),
+                baseline,
+            )?;
             let budget = budget.or_else(|| crate::plan::budget(&device));
             let verdict = plan.verdict(budget);
             if !verdict.fits {
