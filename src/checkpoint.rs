@@ -251,15 +251,14 @@ fn check_data_offsets(bytes: &[u8]) -> std::result::Result<(), String> {
     };
     for (name, info) in &entries {
         let offsets = info.get("data_offsets").and_then(|o| o.as_array());
-        if let Some([start, end]) = offsets.map(Vec::as_slice) {
-            if let (Some(start), Some(end)) = (start.as_u64(), end.as_u64()) {
-                if start > end || end > data_len {
-                    return Err(format!(
-                        "tensor `{name}` has data_offsets [{start}, {end}], outside the \
+        if let Some([start, end]) = offsets.map(Vec::as_slice)
+            && let (Some(start), Some(end)) = (start.as_u64(), end.as_u64())
+            && (start > end || end > data_len)
+        {
+            return Err(format!(
+                "tensor `{name}` has data_offsets [{start}, {end}], outside the \
                          {data_len} data bytes that follow the header"
-                    ));
-                }
-            }
+            ));
         }
     }
     Ok(())

@@ -141,6 +141,7 @@ fn measure(m: &Phi3, batch: usize, seq: usize, r: usize, nf4: bool) -> ((f64, f6
     let g = x.ones_like().unwrap();
     let ctx = ForwardCtx {
         dropout_seed: Some(7),
+        ..Default::default()
     };
     // A first pass so that one-time buffers (gemm's per-thread packing space) exist before.
     {

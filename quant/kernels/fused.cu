@@ -246,8 +246,10 @@ __device__ void xent_bwd(const T* __restrict__ x, const uint32_t* __restrict__ t
 
 // ---------------------------------------------------------------------------------------------
 // Inverted dropout with a counter-based mask (the contract is in quant/src/fused/mod.rs; the CPU
-// loop in quant/src/fused/cpu.rs computes the same bits): element i is kept iff
-//   (splitmix64(seed ^ i * 0x9E3779B97F4A7C15) >> 40) < threshold,
+// loop in quant/src/fused/cpu.rs computes the same bits): element i = b * len + j (row b of rows
+// of len elements, global row first + b * step) has the counter c = ((first + b * step) << 40) + j
+// and is kept iff
+//   (splitmix64(seed ^ c * 0x9E3779B97F4A7C15) >> 40) < threshold,
 // and is then T(x * scale) (scale = 1 / keep in f32), else +0. Grid-stride, one hash per element.
 
 __device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
@@ -259,10 +261,13 @@ __device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
 
 template <typename T>
 __device__ void dropout(const T* __restrict__ x, T* __restrict__ y, uint64_t n, uint64_t seed,
-                        uint32_t threshold, float scale) {
+                        uint32_t threshold, float scale, uint64_t len, uint64_t first,
+                        uint64_t step) {
     uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        uint32_t u = (uint32_t)(splitmix64(seed ^ (i * 0x9E3779B97F4A7C15ull)) >> 40);
+        uint64_t b = i / len;
+        uint64_t c = ((first + b * step) << 40) + (i - b * len);
+        uint32_t u = (uint32_t)(splitmix64(seed ^ (c * 0x9E3779B97F4A7C15ull)) >> 40);
         y[i] = u < threshold ? from_f32<T>(__fmul_rn(to_f32(x[i]), scale)) : from_f32<T>(0.f);
     }
 }
@@ -313,8 +318,9 @@ __device__ void dropout(const T* __restrict__ x, T* __restrict__ y, uint64_t n, 
         xent_bwd<T>(x, t, g, dx, vocab);                                                       \
     }                                                                                          \
     extern "C" __global__ void dropout_##SUFFIX(const T* x, T* y, uint64_t n, uint64_t seed,   \
-                                                uint32_t threshold, float scale) {             \
-        dropout<T>(x, y, n, seed, threshold, scale);                                           \
+                                                uint32_t threshold, float scale, uint64_t len, \
+                                                uint64_t first, uint64_t step) {               \
+        dropout<T>(x, y, n, seed, threshold, scale, len, first, step);                         \
     }
 
 FOR_EACH_TYPE(KERNELS)

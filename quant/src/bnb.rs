@@ -208,7 +208,7 @@ pub fn to_tensors(
 ) -> Result<Vec<(String, RawTensor)>> {
     q.validate()?;
     let size = storage.dtype().bitsize() / 8;
-    if q.packed.len() % size != 0 {
+    if !q.packed.len().is_multiple_of(size) {
         return Err(bnb_err(
             weight_name,
             format!(

@@ -34,6 +34,7 @@ pub mod op;
 pub mod quantized;
 pub mod runtime;
 pub mod tensor;
+pub mod vmath;
 
 pub use backend::BnbBackend;
 pub use format::{Blocksize, QuantType};

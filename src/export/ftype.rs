@@ -142,7 +142,7 @@ impl TypePicker {
         let more_bits = mix != Mix::Q6K;
         let is_head = name == "output.weight" || (!self.has_output && name == "token_embd.weight");
         let chosen = if is_head {
-            if ncols % base.block_elems() != 0 {
+            if !ncols.is_multiple_of(base.block_elems()) {
                 ty("q8_0")
             } else {
                 ty("q6_k")
@@ -166,7 +166,7 @@ impl TypePicker {
         } else {
             base
         };
-        if ncols % chosen.block_elems() == 0 {
+        if ncols.is_multiple_of(chosen.block_elems()) {
             return chosen;
         }
         let fallback = match chosen.name() {
@@ -175,7 +175,7 @@ impl TypePicker {
             "q6_k" => ty("q8_0"),
             _ => chosen,
         };
-        if ncols % fallback.block_elems() == 0 {
+        if ncols.is_multiple_of(fallback.block_elems()) {
             fallback
         } else {
             ty("f16")

@@ -210,7 +210,7 @@ impl<'a> GgufWriter<'a> {
         let n: usize = spec.shape.iter().product();
         let inner = *spec.shape.last().unwrap_or(&1);
         ensure!(
-            inner % spec.ty.block_elems() == 0,
+            inner.is_multiple_of(spec.ty.block_elems()),
             "`{}`: rows of {inner} are not a multiple of {}'s block of {}",
             spec.name,
             spec.ty.name(),

@@ -352,7 +352,7 @@ impl KQuant {
 /// blocks never straddle rows) as `ty`, super-blocks in parallel.
 pub fn encode(values: &[f32], ty: KQuant) -> Vec<u8> {
     assert!(
-        values.len() % QK_K == 0,
+        values.len().is_multiple_of(QK_K),
         "k-quants need whole super-blocks (checked by the caller)"
     );
     let block: fn(&[f32], &mut Vec<u8>) = match ty {

@@ -191,21 +191,21 @@ pub fn phi3_vocab(dir: &Path, vocab_size: usize) -> Result<Vocab> {
             added(id as usize, content, false);
         }
     }
-    if let Some(cfg) = read_json(&dir.join("tokenizer_config.json"))? {
-        if let Some(dec) = cfg.get("added_tokens_decoder").and_then(|d| d.as_object()) {
-            for (id, data) in dec {
-                if let (Ok(id), Some(content)) = (
-                    id.parse::<usize>(),
-                    data.get("content").and_then(|c| c.as_str()),
-                ) {
-                    added(
-                        id,
-                        content,
-                        data.get("special")
-                            .and_then(|s| s.as_bool())
-                            .unwrap_or(false),
-                    );
-                }
+    if let Some(cfg) = read_json(&dir.join("tokenizer_config.json"))?
+        && let Some(dec) = cfg.get("added_tokens_decoder").and_then(|d| d.as_object())
+    {
+        for (id, data) in dec {
+            if let (Ok(id), Some(content)) = (
+                id.parse::<usize>(),
+                data.get("content").and_then(|c| c.as_str()),
+            ) {
+                added(
+                    id,
+                    content,
+                    data.get("special")
+                        .and_then(|s| s.as_bool())
+                        .unwrap_or(false),
+                );
             }
         }
     }

@@ -16,6 +16,7 @@ use crate::model::linear::BaseWeight;
 use crate::model::names::{self, Layout};
 use anyhow::{Result, bail};
 use candle_core::{DType, Tensor, Var};
+pub use qlora_quant::fused::{DropoutSpec, MaskRows};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -166,13 +167,16 @@ impl Adapter {
         })
     }
 
-    /// `(p, mask seed)` of this adapter's dropout in a training forward (`ctx` has a seed and
-    /// `p > 0`), else `None`. The stream is mixed, not xored, into the seed: the mask hashes
-    /// `seed ^ i·φ` per element i, so streams xored with multiples of φ would share mask bits at
-    /// shifted indices.
-    pub fn dropout_for(&self, ctx: &ForwardCtx) -> Option<(f32, u64)> {
+    /// This adapter's dropout in a training forward (`ctx` has a seed and `p > 0`), else `None`.
+    /// The stream is mixed, not xored, into the seed: the mask hashes `seed ^ c·φ` per counter
+    /// c, so streams xored with multiples of φ would share mask bits at shifted counters.
+    pub fn dropout_for(&self, ctx: &ForwardCtx) -> Option<DropoutSpec> {
         match (ctx.dropout_seed, self.dropout > 0.0) {
-            (Some(seed), true) => Some((self.dropout, mix_seed(seed, self.dropout_stream))),
+            (Some(seed), true) => Some(DropoutSpec {
+                p: self.dropout,
+                seed: mix_seed(seed, self.dropout_stream),
+                rows: ctx.mask_rows,
+            }),
             _ => None,
         }
     }
@@ -183,7 +187,7 @@ impl Adapter {
         let (r, inp) = self.a.dims2()?;
         let out = self.b.dim(0)?;
         let x = match self.dropout_for(ctx) {
-            Some((p, seed)) => qlora_quant::fused::dropout(x, p, seed)?,
+            Some(d) => qlora_quant::fused::dropout_rows(x, d.p, d.seed, d.rows)?,
             None => x.clone(),
         };
         let mut out_dims = x.dims().to_vec();
@@ -222,6 +226,10 @@ pub struct ForwardCtx {
     /// where the activations live (the same bits on the CPU and on CUDA), so a recomputed forward
     /// (gradient checkpointing) draws the same masks.
     pub dropout_seed: Option<u64>,
+    /// Where the batch's rows sit among the step's global rows (dim 0 of the activations): the
+    /// dropout masks are numbered by global row, so they do not depend on the batch a row is in,
+    /// its padding, or the number of data-parallel ranks.
+    pub mask_rows: MaskRows,
 }
 
 /// Two seeds into one (a bijection in `a` for each `b`; distinct `b` land far apart).

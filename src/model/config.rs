@@ -170,14 +170,15 @@ impl Phi3Config {
             self.rms_norm_eps
         );
         ensure!(
-            self.num_attention_heads > 0 && self.hidden_size % self.num_attention_heads == 0,
+            self.num_attention_heads > 0
+                && self.hidden_size.is_multiple_of(self.num_attention_heads),
             "hidden_size {} is not a multiple of num_attention_heads {}",
             self.hidden_size,
             self.num_attention_heads
         );
         let kv = self.num_kv_heads();
         ensure!(
-            kv > 0 && self.num_attention_heads % kv == 0,
+            kv > 0 && self.num_attention_heads.is_multiple_of(kv),
             "num_attention_heads {} is not a multiple of num_key_value_heads {kv}",
             self.num_attention_heads
         );
@@ -281,7 +282,7 @@ impl Phi3Config {
         // transformers: dim = int(head_dim * partial_rotary_factor).
         let rotary_dim = (self.head_dim() as f64 * partial) as usize;
         ensure!(
-            rotary_dim >= 2 && rotary_dim % 2 == 0,
+            rotary_dim >= 2 && rotary_dim.is_multiple_of(2),
             "partial_rotary_factor {partial} of head_dim {} rotates {rotary_dim} dims; rotate-half \
              RoPE needs an even, nonzero number",
             self.head_dim()

@@ -937,7 +937,7 @@ mod tests {
         let v = i.verdict(Some(budget));
         assert!(!v.fits);
         let seq = v.max_seq_len_that_fits.unwrap();
-        assert!(seq > 0 && seq < 1024 && seq % 64 == 0, "{seq}");
+        assert!(seq > 0 && seq < 1024 && seq.is_multiple_of(64), "{seq}");
         assert!(i.with_shape(4, seq).plan().peak_bytes <= budget);
         assert!(i.with_shape(4, seq + 64).plan().peak_bytes > budget);
         let b = v.batch_size_that_fits.unwrap();

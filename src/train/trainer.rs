@@ -385,6 +385,7 @@ impl Trainer {
                     mix_seed(self.cfg.training.seed, step),
                     micro as u64,
                 )),
+                mask_rows: Default::default(),
             };
             let lg = loss_and_grads(
                 &self.model,
@@ -575,17 +576,19 @@ impl Trainer {
             }
             bar.set_position(self.state.step);
             let every = self.cfg.training.eval_every;
-            if every > 0 && self.state.step % every == 0 && self.state.step < self.total_steps {
-                if let Some(l) = self.evaluate()? {
-                    writeln!(
-                        metrics,
-                        "{}",
-                        serde_json::to_string(&self.eval_metric(self.state.step, l))?
-                    )?;
-                }
+            if every > 0
+                && self.state.step.is_multiple_of(every)
+                && self.state.step < self.total_steps
+                && let Some(l) = self.evaluate()?
+            {
+                writeln!(
+                    metrics,
+                    "{}",
+                    serde_json::to_string(&self.eval_metric(self.state.step, l))?
+                )?;
             }
             let save = self.cfg.training.save_every;
-            if save > 0 && self.state.step % save == 0 {
+            if save > 0 && self.state.step.is_multiple_of(save) {
                 metrics.flush()?;
                 self.save_checkpoint()?;
             }

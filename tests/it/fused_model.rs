@@ -103,6 +103,7 @@ fn fused_and_composed_loss_and_lora_gradients_agree() {
     let b = packed_batch(&golden_ids(), &Device::Cpu);
     let ctx = ForwardCtx {
         dropout_seed: Some(77),
+        ..Default::default()
     };
     let want = loss_and_grads(&reference, &b, &ctx, false).unwrap();
     for attention in ATTENTIONS {

@@ -92,6 +92,7 @@ fn cuda_loss_and_lora_gradients_match_the_cpu() {
     randomize_b(&cpu, 20);
     let ctx = ForwardCtx {
         dropout_seed: Some(77),
+        ..Default::default()
     };
     let want = loss_and_grads(
         &cpu,

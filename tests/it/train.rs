@@ -183,6 +183,7 @@ fn checkpointed_and_plain_backprop_agree() {
     let b = packed_batch(&golden_ids(), &Device::Cpu);
     let ctx = ForwardCtx {
         dropout_seed: Some(77),
+        ..Default::default()
     };
     let plain = loss_and_grads(&m, &b, &ctx, false).unwrap();
     let ckpt = loss_and_grads(&m, &b, &ctx, true).unwrap();
@@ -196,6 +197,7 @@ fn checkpointed_and_plain_backprop_agree() {
         &b,
         &ForwardCtx {
             dropout_seed: Some(78),
+            ..Default::default()
         },
         true,
     )

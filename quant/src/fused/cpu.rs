@@ -7,6 +7,7 @@
 
 use super::ops::Dropout;
 use crate::cpu::DequantOut;
+use crate::vmath;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor, WithDType, bail};
 use rayon::prelude::*;
@@ -154,7 +155,7 @@ pub(super) fn rope(
 }
 
 fn silu_parts(gate: f32) -> (f32, f32) {
-    let s = 1.0 / (1.0 + (-gate).exp());
+    let s = 1.0 / (1.0 + vmath::exp(-gate));
     (s, gate * s)
 }
 
@@ -164,9 +165,13 @@ pub(super) fn swiglu_fwd(s: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
         let gu = data::<T>(s, l)?;
         let y = map_rows(gu.len() / (2 * inter).max(1), inter, |r, out: &mut [T]| {
             let (gate, up) = gu[2 * r * inter..2 * (r + 1) * inter].split_at(inter);
+            if let (Some(gate), Some(up)) = (T::as_f32(gate), T::as_f32(up)) {
+                let out = T::as_f32_mut(out).expect("T is f32");
+                return vmath::silu_mul_row(gate, up, out);
+            }
             for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
                 let g = g.to_f32();
-                *o = T::from_f32(u.to_f32() * round::<T>(g / (1.0 + (-g).exp())));
+                *o = T::from_f32(u.to_f32() * round::<T>(g / (1.0 + vmath::exp(-g))));
             }
         });
         Ok(T::to_cpu_storage_owned(y))
@@ -185,6 +190,12 @@ pub(super) fn swiglu_bwd(
         let dgu = map_rows(gu.len() / (2 * inter).max(1), 2 * inter, |r, out: &mut [T]| {
             let (gate, up) = gu[2 * r * inter..2 * (r + 1) * inter].split_at(inter);
             let drow = &dy[r * inter..(r + 1) * inter];
+            if let (Some(gate), Some(up), Some(drow), Some(out)) =
+                (T::as_f32(gate), T::as_f32(up), T::as_f32(drow), T::as_f32_mut(out))
+            {
+                let (d_gate, d_up) = out.split_at_mut(inter);
+                return vmath::silu_mul_bwd_row(gate, up, drow, d_gate, d_up);
+            }
             let (d_gate, d_up) = out.split_at_mut(inter);
             for i in 0..inter {
                 let (g, u, grad) = (gate[i].to_f32(), up[i].to_f32(), drow[i].to_f32());
@@ -199,10 +210,11 @@ pub(super) fn swiglu_bwd(
     })
 }
 
-/// `(max, Σ exp(x − max))` of a row, in f32.
-fn max_sum<T: DequantOut>(row: &[T]) -> (f32, f32) {
-    let m = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(v.to_f32()));
-    (m, row.iter().map(|v| (v.to_f32() - m).exp()).sum())
+/// `(max, Σ exp(x − max))` of a row, in f32, and the `exp(x − max)` (as [`exp_sum_in_place`]).
+fn max_sum<T: DequantOut>(row: &[T]) -> (f32, f32, Vec<f32>) {
+    let mut e: Vec<f32> = row.iter().map(|v| v.to_f32()).collect();
+    let (m, sum) = exp_sum_in_place(&mut e);
+    (m, sum, e)
 }
 
 /// Rows of a (scaled, masked) softmax: `x [.., len]` whose rows are `(b, head, t)` when masked.
@@ -239,17 +251,7 @@ fn softmax_inputs<T: DequantOut>(
     }
 }
 
-/// `(max(v), Σ exp(v − max))` of a row, each `exp(v − max)` left in `v` (one `exp` per element,
-/// the same values and summation order as computing them twice).
-pub(super) fn exp_sum_in_place(v: &mut [f32]) -> (f32, f32) {
-    let m = v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let mut sum = 0f32;
-    for x in v.iter_mut() {
-        *x = (*x - m).exp();
-        sum += *x;
-    }
-    (m, sum)
-}
+pub(super) use crate::vmath::exp_sum_in_place;
 
 /// Runs `f` on the host data of an optional mask.
 pub(super) fn with_mask<T: WithDType, R>(
@@ -318,7 +320,7 @@ pub(super) fn xent_fwd(s: &CpuStorage, l: &Layout, targets: &Tensor) -> Result<C
                 .par_chunks_exact(vocab)
                 .zip(targets.par_iter())
                 .map(|(row, &t)| {
-                    let (m, sum) = max_sum(row);
+                    let (m, sum, _) = max_sum(row);
                     match row.get(t as usize) {
                         Some(xt) => sum.ln() + m - xt.to_f32(),
                         None => f32::NAN,
@@ -344,9 +346,9 @@ pub(super) fn xent_bwd(
         with_host::<u32, _>(targets, |targets| {
             let dx = map_rows(x.len() / vocab, vocab, |r, out: &mut [T]| {
                 let (row, t, gr) = (&x[r * vocab..(r + 1) * vocab], targets[r] as usize, g[r]);
-                let (m, sum) = max_sum(row);
-                for (i, (o, v)) in out.iter_mut().zip(row).enumerate() {
-                    let p = (v.to_f32() - m).exp() / sum;
+                let (_, sum, e) = max_sum(row);
+                for (i, (o, e)) in out.iter_mut().zip(e).enumerate() {
+                    let p = e / sum;
                     let onehot = if i == t { 1.0 } else { 0.0 };
                     *o = T::from_f32(gr * (p - onehot));
                 }
@@ -365,9 +367,9 @@ pub(super) fn splitmix64(z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Whether element `i` survives [`Dropout`] (the mask of [`super`]).
-pub(super) fn dropout_keeps(op: Dropout, i: u64) -> bool {
-    let h = splitmix64(op.seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+/// Whether the element with mask counter `c` survives [`Dropout`] (the mask of [`super`]).
+pub(super) fn dropout_keeps(op: Dropout, c: u64) -> bool {
+    let h = splitmix64(op.seed ^ c.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     ((h >> 40) as u32) < op.threshold
 }
 
@@ -384,10 +386,19 @@ pub(super) fn dropout_slice<T: WithDType>(
         .zip(x.par_chunks(DROPOUT_CHUNK))
         .enumerate()
         .for_each(|(chunk, (ys, xs))| {
-            let first = (chunk * DROPOUT_CHUNK) as u64;
-            for (j, (y, &x)) in ys.iter_mut().zip(xs).enumerate() {
-                if dropout_keeps(op, first + j as u64) {
+            // Counters stepped along the chunk: a division at the chunk's start and at each row
+            // start, not per element.
+            let mut i = (chunk * DROPOUT_CHUNK) as u64;
+            let (mut c, mut j) = (op.counter(i), i % op.len);
+            for (y, &x) in ys.iter_mut().zip(xs) {
+                if dropout_keeps(op, c) {
                     *y = kept(x);
+                }
+                (i, j) = (i + 1, j + 1);
+                if j == op.len {
+                    (c, j) = (op.counter(i), 0);
+                } else {
+                    c = c.wrapping_add(1);
                 }
             }
         });

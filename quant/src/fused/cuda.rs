@@ -289,6 +289,7 @@ pub(super) fn dropout(s: &CudaStorage, l: &Layout, op: Dropout) -> Result<CudaSt
         let f = func!(dev, "dropout", sfx)?;
         let mut b = f.builder();
         b.arg(&x).arg(&mut y).arg(&n64).arg(&op.seed).arg(&op.threshold).arg(&op.scale);
+        b.arg(&op.len).arg(&op.rows.first).arg(&op.rows.step);
         unsafe { b.launch(grid_stride_cfg(n)?) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     })

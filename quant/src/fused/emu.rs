@@ -222,6 +222,9 @@ pub(super) fn dropout(s: &CpuStorage, l: &Layout, op: Dropout) -> Result<CpuStor
             Arg::U64(op.seed),
             Arg::U32(op.threshold),
             Arg::F32(op.scale),
+            Arg::U64(op.len),
+            Arg::U64(op.rows.first),
+            Arg::U64(op.rows.step),
         ];
         let dims = cfg::grid_stride(n, cfg::MAX_STRIDE_BLOCKS)?;
         Ok(T::to_cpu_storage_owned(run::<T>("dropout", sfx, dims, &args)?))

@@ -34,15 +34,16 @@ fn host<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
-/// `x · dequant(W)ᵀ + scale · drop(x) · Aᵀ · Bᵀ` with dropout probability `p` and mask seed `seed`
-/// (the mask of [`super::dropout`]), as one op. `x` f32 on the CPU, `in` even.
+/// `x · dequant(W)ᵀ + scale · drop(x) · Aᵀ · Bᵀ` with `dropout` (the mask of
+/// [`super::dropout_rows`], rows being `x`'s first dimension), as one op. `x` f32 on the CPU, `in`
+/// even.
 pub fn lora_nf4_linear(
     x: &Tensor,
     w: &Nf4Tensor,
     a: &Tensor,
     b: &Tensor,
     scale: f32,
-    dropout: Option<(f32, u64)>,
+    dropout: Option<super::DropoutSpec>,
 ) -> Result<Tensor> {
     let (out, inp) = w.dims2().map_err(to_candle)?;
     let (r, a_in) = a.dims2()?;
@@ -58,8 +59,10 @@ pub fn lora_nf4_linear(
             b.dims()
         );
     }
+    // Rows are x's first dimension, as `dropout_rows` takes them.
+    let row_len = (x.elem_count() / x.dims().first().copied().unwrap_or(1).max(1)).max(1);
     let dropout = match dropout {
-        Some((p, seed)) if p > 0.0 => Some(Dropout::new(p, seed)?),
+        Some(d) if d.p > 0.0 => Some(Dropout::new(d.p, d.seed, row_len as u64, d.rows)?),
         _ => None,
     };
     x.contiguous()?.apply_op3(

@@ -30,7 +30,9 @@
 //! - [`cross_entropy_fused`]: per-row loss of `logits [N, V]` against u32 `targets [N]`:
 //!   `log Σ exp(x − max) + max − x_t`; `dx = g · (softmax(x) − onehot(t))`.
 //! - [`dropout`]: inverted dropout with a counter-based mask, the same on every device (below);
-//!   linear in `x`, so `dx = dropout(dy)` with the same `p` and seed.
+//!   linear in `x`, so `dx = dropout(dy)` with the same `p` and seed. [`dropout_rows`] numbers
+//!   the mask by global row, so a row's mask does not depend on its batch, its place in it or
+//!   its padding (data-parallel ranks draw the masks one process would).
 //!
 //! ## The dropout mask (a contract: the model relies on it, every device computes it bit-exactly)
 //!
@@ -38,7 +40,7 @@
 //! `u < threshold`, where
 //!
 //! ```text
-//! h = splitmix64(seed ^ i.wrapping_mul(0x9E3779B97F4A7C15))
+//! h = splitmix64(seed ^ c.wrapping_mul(0x9E3779B97F4A7C15))     c = i for `dropout`
 //! u = (h >> 40) as u32                                   (the top 24 bits)
 //! keep = 1 − p (f32),  threshold = (keep · 2^24).round() as u32
 //! splitmix64(z): z += 0x9E3779B97F4A7C15; z = (z ^ (z >> 30)) · 0xBF58476D1CE4E5B9;
@@ -46,8 +48,19 @@
 //! ```
 //!
 //! A kept element is `x · (1.0f32 / keep)`, multiplied in f32 (f64 for f64 `x`) and rounded to
-//! `x`'s dtype once; a dropped one is `+0`. The mask depends on `(seed, i, p)` alone, so the caller
+//! `x`'s dtype once; a dropped one is `+0`. The mask depends on `(seed, c, p)` alone, so the caller
 //! picks a fresh seed per application (per step, layer and adapter) and the backward replays it.
+//!
+//! `dropout_rows(x, p, seed, MaskRows { first, step })` splits `x` along its first dimension into
+//! rows of `len = x.elem_count() / x.dim(0)` elements; element `j` of row `b` (`i = b·len + j`)
+//! belongs to global row `g = first + b·step` and takes the counter
+//!
+//! ```text
+//! c = (g << 40) + j                                                  (wrapping u64)
+//! ```
+//!
+//! so rows up to 2⁴⁰ elements long never share a counter, and a single row starting at global row
+//! 0 is exactly `dropout`'s mask (`c = i`).
 
 #[macro_use]
 mod macros;
@@ -272,7 +285,43 @@ pub fn attention_softmax_fused(
 /// module docs: differentiable, identical on every device. `p == 0` returns `x` itself; `p` must
 /// lie in `[0, 1)`.
 pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
-    let op = ops::Dropout::new(p, seed)?;
+    let n = x.elem_count() as u64;
+    dropout_with(x, ops::Dropout::new(p, seed, n, MaskRows::default())?)
+}
+
+/// Where the rows of [`dropout_rows`] sit among the global rows: row `b` of `x` is global row
+/// `first + b·step` (a data-parallel rank `r` of `w` taking every `w`-th row: `first = r`,
+/// `step = w`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaskRows {
+    pub first: u64,
+    pub step: u64,
+}
+
+impl Default for MaskRows {
+    /// Row `b` is global row `b`.
+    fn default() -> Self {
+        Self { first: 0, step: 1 }
+    }
+}
+
+/// A dropout as the fused ops take it: drop probability, mask seed and where `x`'s rows sit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DropoutSpec {
+    pub p: f32,
+    pub seed: u64,
+    pub rows: MaskRows,
+}
+
+/// [`dropout`] with the mask numbered by global row (the module docs): rows are `x`'s first
+/// dimension, and a row's mask depends on the seed, its global row and the position in it alone.
+pub fn dropout_rows(x: &Tensor, p: f32, seed: u64, rows: MaskRows) -> Result<Tensor> {
+    let b = x.dims().first().copied().unwrap_or(1).max(1);
+    let len = (x.elem_count() / b).max(1) as u64;
+    dropout_with(x, ops::Dropout::new(p, seed, len, rows)?)
+}
+
+fn dropout_with(x: &Tensor, op: ops::Dropout) -> Result<Tensor> {
     let dtypes: &[DType] = if x.device().is_cpu() {
         &[DType::F32, DType::BF16, DType::F16, DType::F64]
     } else {
@@ -285,7 +334,7 @@ pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
             x.device()
         );
     }
-    if p == 0.0 || x.elem_count() == 0 {
+    if op.p == 0.0 || x.elem_count() == 0 {
         return Ok(x.clone());
     }
     x.contiguous()?.apply_op1(op)
@@ -301,6 +350,18 @@ pub fn dropout_mask(
 ) -> Result<Tensor> {
     let ones = Tensor::ones(shape, DType::F32, device)?;
     dropout(&ones, p, seed)?.ne(0f32)
+}
+
+/// The keep mask of [`dropout_rows`] (as [`dropout_mask`]).
+pub fn dropout_rows_mask(
+    shape: impl Into<candle_core::Shape>,
+    p: f32,
+    seed: u64,
+    rows: MaskRows,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let ones = Tensor::ones(shape, DType::F32, device)?;
+    dropout_rows(&ones, p, seed, rows)?.ne(0f32)
 }
 
 // ----- Cross-entropy ------------------------------------------------------------------------------

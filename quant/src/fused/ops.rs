@@ -168,28 +168,45 @@ custom_op2!(CrossEntropyBwd, |self, l1| {
 
 // ----- Dropout ------------------------------------------------------------------------------------
 /// Inverted dropout with the counter-based mask of [`super`]; its own backward (it is linear and
-/// the mask depends on `(seed, index, p)` alone).
+/// the mask depends on `(seed, counter, p)` alone).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Dropout {
+    pub(super) p: f32,
     pub(super) seed: u64,
-    /// Element `i` is kept iff the top 24 bits of its hash are below this.
+    /// Element `i` is kept iff the top 24 bits of its counter's hash are below this.
     pub(super) threshold: u32,
     /// `1 / keep` in f32, the factor of the kept elements.
     pub(super) scale: f32,
+    /// Elements per row (the counter of element `j` of row `b` is `(first + b·step) << 40 + j`).
+    pub(super) len: u64,
+    pub(super) rows: super::MaskRows,
 }
 
 impl Dropout {
-    /// The op for drop probability `p ∈ [0, 1)`.
-    pub(super) fn new(p: f32, seed: u64) -> Result<Self> {
+    /// The op for drop probability `p ∈ [0, 1)` on rows of `len` elements placed at `rows`.
+    pub(super) fn new(p: f32, seed: u64, len: u64, rows: super::MaskRows) -> Result<Self> {
         if !(0.0..1.0).contains(&p) {
             candle_core::bail!("dropout: p = {p} is outside [0, 1); use 0 for no dropout");
         }
+        if len >= 1 << 40 {
+            candle_core::bail!("dropout: rows of {len} elements exceed the mask's 2^40 per row");
+        }
         let keep = 1.0f32 - p;
         Ok(Self {
+            p,
             seed,
             threshold: (keep * (1u32 << 24) as f32).round() as u32,
             scale: 1.0f32 / keep,
+            len: len.max(1),
+            rows,
         })
+    }
+
+    /// The mask counter of element `i` (the contract of [`super`]).
+    #[inline(always)]
+    pub(super) fn counter(&self, i: u64) -> u64 {
+        let (b, j) = (i / self.len, i % self.len);
+        (self.rows.first.wrapping_add(b.wrapping_mul(self.rows.step)) << 40).wrapping_add(j)
     }
 }
 

@@ -25,10 +25,10 @@ fn lora_composed(
     a: &Tensor,
     b: &Tensor,
     scale: f32,
-    dropout: Option<(f32, u64)>,
+    dropout: Option<fused::DropoutSpec>,
 ) -> Tensor {
     let xd = match dropout {
-        Some((p, seed)) => fused::dropout(x, p, seed).unwrap(),
+        Some(d) => fused::dropout_rows(x, d.p, d.seed, d.rows).unwrap(),
         None => x.clone(),
     };
     let inp = a.dim(1).unwrap();
@@ -65,7 +65,13 @@ fn lora_nf4_linear_matches_the_composition_forward_and_gradients() {
     let b0 = uniform(&[out, r], 4, -0.05, 0.05);
     let ry = uniform(&[2, 160, out], 5, -1.0, 1.0);
     let scale = 2.5f32;
-    for dropout in [None, Some((0.1f32, 77u64))] {
+    // Rows 3 and 7 of a rank's interleaved share: the op numbers the mask as `dropout_rows` does.
+    let spec = |first, step| fused::DropoutSpec {
+        p: 0.1,
+        seed: 77,
+        rows: fused::MaskRows { first, step },
+    };
+    for dropout in [None, Some(spec(0, 1)), Some(spec(3, 4))] {
         let run = |fused_op: bool| {
             let (x, a, b) = (
                 Var::from_tensor(&x0).unwrap(),

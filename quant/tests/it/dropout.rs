@@ -123,6 +123,148 @@ fn dropout_mask_matches_the_contract_bit_for_bit_on_every_device() {
     }
 }
 
+/// The contract's counter of element `i` of `dropout_rows` with rows of `len` elements placed at
+/// `first + b·step`.
+fn row_counter(i: u64, len: u64, first: u64, step: u64) -> u64 {
+    let (b, j) = (i / len, i % len);
+    (first.wrapping_add(b.wrapping_mul(step)) << 40).wrapping_add(j)
+}
+
+#[test]
+fn dropout_rows_matches_the_contract_bit_for_bit_on_every_device() {
+    // 3 rows of 5 × 67; rows longer than the CPU loop's 64 Ki chunks, so counters restart at row
+    // boundaries inside a chunk and chunks start inside rows.
+    for (dims, rows) in [
+        (vec![3, 5, 67], (0u64, 1u64)),
+        (vec![3, 5, 67], (5, 2)),
+        (vec![4, 40_000], (1, 3)),
+        (vec![2, 70_001], (u64::MAX - 1, 1)),
+    ] {
+        let x = uniform(&dims, 32, -2.0, 2.0);
+        let len = (x.elem_count() / dims[0]) as u64;
+        let mask_rows = fused::MaskRows {
+            first: rows.0,
+            step: rows.1,
+        };
+        for dev in devices() {
+            for dtype in [DType::F32, DType::BF16] {
+                let xd = x.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+                let y = fused::dropout_rows(&xd, 0.3, 19, mask_rows).unwrap();
+                let m = fused::dropout_rows_mask(x.shape(), 0.3, 19, mask_rows, &dev).unwrap();
+                let want: Vec<u8> = (0..x.elem_count() as u64)
+                    .map(|i| u8::from(keeps(19, row_counter(i, len, rows.0, rows.1), 0.3)))
+                    .collect();
+                let got: Vec<u8> = m
+                    .flatten_all()
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let what = format!("{dev:?} {dtype:?} {dims:?} rows {rows:?}");
+                assert_eq!(
+                    got.iter().zip(&want).position(|(a, b)| a != b),
+                    None,
+                    "{what}: first mismatch"
+                );
+                // The values: the kept ones scaled, the others +0.
+                let scale = 1.0f32 / 0.7;
+                let xs: Vec<f32> = xd
+                    .flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let want_y: Vec<f32> = xs
+                    .iter()
+                    .zip(&want)
+                    .map(|(&v, &k)| if k == 1 { v * scale } else { 0.0 })
+                    .collect();
+                let want_y = Tensor::from_vec(want_y, x.shape(), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                assert_bits_eq(&y, &want_y, &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_rows_mask_depends_on_its_global_row_alone() {
+    // One batch of 4 rows × 6 positions × 10 features against: each row alone at its global row,
+    // two ranks taking every other row, and a row padded to 9 positions (its first 6 positions'
+    // mask unchanged).
+    let (b, t, d) = (4usize, 6usize, 10usize);
+    let (p, seed) = (0.5f32, 1234u64);
+    for dev in devices() {
+        let whole = fused::dropout_rows_mask((b, t, d), p, seed, Default::default(), &dev).unwrap();
+        let row = |i: usize| {
+            whole
+                .narrow(0, i, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u8>()
+                .unwrap()
+        };
+        for i in 0..b {
+            let rows = fused::MaskRows {
+                first: i as u64,
+                step: 1,
+            };
+            let alone = fused::dropout_rows_mask((1, t, d), p, seed, rows, &dev).unwrap();
+            assert_eq!(
+                alone.flatten_all().unwrap().to_vec1::<u8>().unwrap(),
+                row(i),
+                "{dev:?}: row {i} alone"
+            );
+            let padded = fused::dropout_rows_mask((1, t + 3, d), p, seed, rows, &dev).unwrap();
+            assert_eq!(
+                padded
+                    .narrow(1, 0, t)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<u8>()
+                    .unwrap(),
+                row(i),
+                "{dev:?}: row {i} padded"
+            );
+        }
+        for rank in 0..2 {
+            let rows = fused::MaskRows {
+                first: rank,
+                step: 2,
+            };
+            let share = fused::dropout_rows_mask((b / 2, t, d), p, seed, rows, &dev).unwrap();
+            for k in 0..b / 2 {
+                let got = share
+                    .narrow(0, k, 1)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<u8>()
+                    .unwrap();
+                assert_eq!(
+                    got,
+                    row(rank as usize + 2 * k),
+                    "{dev:?}: rank {rank} row {k}"
+                );
+            }
+        }
+        // A single row at global row 0 is exactly `dropout`'s mask.
+        let flat = fused::dropout_mask(t * d, p, seed, &dev)
+            .unwrap()
+            .to_vec1::<u8>()
+            .unwrap();
+        assert_eq!(flat, row(0), "{dev:?}: row 0 is dropout's mask");
+    }
+}
+
 #[test]
 fn dropout_keeps_its_fraction_within_five_sigma() {
     let n = 1_000_000;

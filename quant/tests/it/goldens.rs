@@ -370,7 +370,7 @@ fn blockwise_input(n: usize, block: usize) -> Vec<f32> {
             let frac24 = field(h, 8, 0xFF_FFFF) as f32 / 16_777_216.0;
             let sign = if field(h, 1, 1) == 1 { -1.0f32 } else { 1.0 };
             let d = field(h, 16, 0xFFFF) % 7 - 3;
-            if b % 97 == 0 {
+            if b.is_multiple_of(97) {
                 return 0.0;
             }
             if i % block == 0 {

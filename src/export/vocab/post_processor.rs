@@ -162,31 +162,28 @@ pub(super) fn read_post_processor(
                     } else {
                         &[][..]
                     };
-                    if let (Some(a), Some(b)) = (pair.first(), pair.last()) {
-                        if sequence_id(a) == Some("A")
-                            && sequence_id(b) == Some("B")
-                            && pair.len() > 2
+                    if let (Some(a), Some(b)) = (pair.first(), pair.last())
+                        && sequence_id(a) == Some("A")
+                        && sequence_id(b) == Some("B")
+                        && pair.len() > 2
+                    {
+                        let middle = &pair[1..pair.len() - 1];
+                        let mut add_sep = false;
+                        if let Some(entry) = special_id(middle.first())
+                            && is_one_of(&entry, [&special_sep, &special_eos])
+                            && special_last.is_none()
                         {
-                            let middle = &pair[1..pair.len() - 1];
-                            let mut add_sep = false;
-                            if let Some(entry) = special_id(middle.first()) {
-                                if is_one_of(&entry, [&special_sep, &special_eos])
-                                    && special_last.is_none()
-                                {
-                                    add_sep = true;
-                                }
-                            }
-                            if middle.len() == 2 {
-                                if let Some(entry) = special_id(middle.get(1)) {
-                                    if is_one_of(&entry, [&special_sep, &special_eos]) {
-                                        add_sep = true;
-                                    }
-                                }
-                            }
-                            sv.set_add("sep", add_sep);
-                            if add_sep && !truthy(special_sep.as_ref()) && tc_truthy(tc) {
-                                set(tc, "sep_token", &special_eos.clone().unwrap_or(Json::Null));
-                            }
+                            add_sep = true;
+                        }
+                        if middle.len() == 2
+                            && let Some(entry) = special_id(middle.get(1))
+                            && is_one_of(&entry, [&special_sep, &special_eos])
+                        {
+                            add_sep = true;
+                        }
+                        sv.set_add("sep", add_sep);
+                        if add_sep && !truthy(special_sep.as_ref()) && tc_truthy(tc) {
+                            set(tc, "sep_token", &special_eos.clone().unwrap_or(Json::Null));
                         }
                     }
                 }

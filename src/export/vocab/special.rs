@@ -104,10 +104,10 @@ impl SpecialVocab {
             );
         }
         for &typ in &types {
-            if let Some(Json::Bool(b)) = tc.get(&format!("add_{typ}_token")) {
-                if !sv.add.iter().any(|(t, _)| *t == typ) {
-                    sv.add.push((typ, *b));
-                }
+            if let Some(Json::Bool(b)) = tc.get(&format!("add_{typ}_token"))
+                && !sv.add.iter().any(|(t, _)| *t == typ)
+            {
+                sv.add.push((typ, *b));
             }
             let content = match tc.get(&format!("{typ}_token")) {
                 Some(Json::String(s)) => s.as_str(),
