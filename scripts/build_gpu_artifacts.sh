@@ -23,6 +23,11 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target-cuda}"
 ART=gpu-artifacts
 start=$(date +%s)
 
+# qlora with NCCL as well, for gpu_check.sh's `--dist nccl` stage alone (it needs libnccl.so.2 to
+# start, which a machine without NCCL lacks; the plain binary does not).
+cargo build --release --features cuda,nccl --bin qlora
+nccl_bin=$(mktemp)
+cp "$CARGO_TARGET_DIR/release/qlora" "$nccl_bin"
 cargo build --release --features cuda --bin qlora --example train_bench
 cargo build --release -p qlora-quant --features cuda --example kernel_bench
 # The integration-test binary ("it") of package $1.
@@ -43,8 +48,9 @@ root_test=$(test_binary qlora)
 test -x "$quant_test" && test -x "$root_test"
 
 stage=$(mktemp -d)
-trap 'rm -rf "$stage"' EXIT
+trap 'rm -rf "$stage" "$nccl_bin"' EXIT
 cp "$CARGO_TARGET_DIR/release/qlora" "$stage/qlora"
+cp "$nccl_bin" "$stage/qlora-nccl"
 cp "$CARGO_TARGET_DIR/release/examples/train_bench" "$stage/train_bench"
 cp "$CARGO_TARGET_DIR/release/examples/kernel_bench" "$stage/kernel_bench"
 cp "$quant_test" "$stage/quant-it"
@@ -54,7 +60,7 @@ strip "$stage"/*
   echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ) from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- quant src examples Cargo.toml Cargo.lock || echo '+dirty')"
   echo "nvcc: $(nvcc --version | grep release)"
   echo "CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP"
-  for f in "$stage"/qlora "$stage"/train_bench "$stage"/kernel_bench "$stage"/quant-it "$stage"/qlora-it; do
+  for f in "$stage"/qlora "$stage"/qlora-nccl "$stage"/train_bench "$stage"/kernel_bench "$stage"/quant-it "$stage"/qlora-it; do
     echo "$(basename "$f"): $(stat -c %s "$f") bytes; needs: $(readelf -d "$f" | sed -n 's/.*NEEDED.*\[\(.*\)\]/\1/p' | tr '\n' ' ')"
   done
 } > "$stage/MANIFEST"

@@ -8,7 +8,8 @@
 _qlora_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CUDA_TOOLCHAIN="${CUDA_TOOLCHAIN:-$HOME/.cache/cuda13-pypi}"
 _qlora_cuda="$CUDA_TOOLCHAIN/site/nvidia/cu13"
-if [ ! -x "$_qlora_cuda/bin/nvcc" ] || [ ! -e "$_qlora_cuda/lib/stubs/libcuda.so" ]; then
+if [ ! -x "$_qlora_cuda/bin/nvcc" ] || [ ! -e "$_qlora_cuda/lib/stubs/libcuda.so" ] \
+  || [ ! -e "$_qlora_cuda/lib/stubs/libnccl.so" ]; then
   echo "installing the CUDA 13.0 build toolchain into $CUDA_TOOLCHAIN (once)" >&2
   (cd "$_qlora_root" && cargo fetch --locked >/dev/null) || return 1
   "$_qlora_root/scripts/install-cuda-toolchain.sh" "$CUDA_TOOLCHAIN" --minimal >/dev/null || return 1

@@ -218,6 +218,34 @@ else
   skip demo_eval_cpu "no adapter from demo_train"
 fi
 
+# --- (a4) data parallelism over NCCL, world size 1: the whole path (the communicator's start, the
+# all-reduces of each step, rank 0's writes); its loss curve must be the plain GPU run's ----------
+nccl_missing=""
+command -v ldd >/dev/null 2>&1 && [ -x "$BIN/qlora-nccl" ] \
+  && nccl_missing=$(ldd "$BIN/qlora-nccl" | awk '/not found/ {print $1}' | tr '\n' ' ')
+if [ ! -x "$BIN/qlora-nccl" ]; then
+  skip demo_nccl "no qlora-nccl in the bundle (scripts/build_gpu_artifacts.sh builds it)"
+elif [ -n "$nccl_missing" ]; then
+  skip demo_nccl "qlora-nccl cannot start: $nccl_missing(pip install nvidia-nccl-cu13)"
+elif [ -e "$OUT/demo-cuda/metrics.jsonl" ]; then
+  RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 TAIL_ERR=2 stage demo_nccl 60 250 "$BIN/qlora-nccl" train --4bit \
+    --config configs/demo.toml --device "$DEV" --dist nccl --output "$OUT/demo-nccl"
+  rm -rf "$OUT/demo-nccl/checkpoints"
+  t0=$SECONDS
+  # Losses of every train/eval line, compared exactly: a sum over one rank changes no bit.
+  if [ -e "$OUT/demo-nccl/metrics.jsonl" ] && cmp -s \
+      <(grep -o '"loss":[^,]*' "$OUT/demo-cuda/metrics.jsonl") \
+      <(grep -o '"loss":[^,]*' "$OUT/demo-nccl/metrics.jsonl"); then
+    say "demo_nccl_curve: the --dist nccl losses equal the plain GPU run's"
+    record demo_nccl_curve 0 $(( SECONDS - t0 )) "-"
+  else
+    say "demo_nccl_curve: the --dist nccl losses differ from the plain GPU run's (or are missing)"
+    record demo_nccl_curve 1 $(( SECONDS - t0 )) "-"
+  fi
+else
+  skip demo_nccl "no plain GPU demo run to compare with"
+fi
+
 # --- (b) dequantization bandwidth; fused ops against their compositions --------------------------
 stage kernel_bench 90 250 "$BIN/kernel_bench"
 

@@ -78,6 +78,9 @@ if [ "$MODE" = "--minimal" ]; then
   mkstub cublasLt libcublasLt.so.13 'cublasLt[A-Z][A-Za-z0-9_]*' "$CUDARC_SRC/src/cublaslt/sys/mod.rs"
   mkstub curand   libcurand.so.10   'curand[A-Z][A-Za-z0-9_]*'   "$CUDARC_SRC/src/curand/sys/mod.rs"
   mkstub nvrtc    libnvrtc.so.13    'nvrtc[A-Z][A-Za-z0-9_]*'    "$CUDARC_SRC/src/nvrtc/sys/mod.rs"
+  # libnccl (`--features nccl`): PyPI's nvidia-nccl-cu13 ships libnccl.so.2 only; at run time
+  # that one is found (gpu_check.sh puts every nvidia/*/lib of the Python install on the path).
+  mkstub nccl     libnccl.so.2      'nccl[A-Z][A-Za-z0-9_]*'     "$CUDARC_SRC/src/nccl/sys/mod.rs"
 fi
 
 "$CUDA_ROOT/bin/nvcc" --version | tail -2 >&2

@@ -23,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod export;
 pub mod fsx;
 pub mod hub;

@@ -87,6 +87,11 @@ pub struct TrainArgs {
     /// machine's available RAM].
     #[arg(long)]
     pub budget: Option<String>,
+    /// Data-parallel backend: auto (from the launcher's environment: mpirun → mpi, torchrun →
+    /// nccl, else none), none, mpi (CPU ranks under mpirun; build with --features mpi) or nccl
+    /// (one GPU per rank; --features cuda,nccl).
+    #[arg(long, default_value = "auto")]
+    pub dist: String,
     /// Stop after this many steps, as if killed right after that step's checkpoint (for resume tests).
     #[arg(long, hide = true)]
     stop_after_steps: Option<u64>,
@@ -198,34 +203,48 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
                 .transpose()?,
         )
     };
-    let mut trainer = Trainer::with_plan(cfg, args.resume.is_some(), check)?;
+    let backend: crate::dist::Backend = args.dist.parse().context("--dist")?;
+    let mut trainer = Trainer::launch(cfg, args.resume.is_some(), check, backend)?;
+    let (rank, world) = trainer.rank_world();
     let s = &trainer.stats;
-    eprintln!(
-        "model {} ({}, {} on {}), {} rows from {} conversations ({} tokens, {} trained; {} truncated to {}, {} dropped, {} bad lines skipped), {} steps{}",
-        trainer.model_dir.display(),
-        if trainer.cfg.training.four_bit {
-            "4-bit base"
-        } else {
-            "dense base"
-        },
-        trainer.model.dtype.as_str(),
-        crate::device::name(&trainer.model.device),
-        trainer.rows.len(),
-        s.conversations,
-        s.tokens,
-        s.trained_tokens,
-        s.truncated,
-        trainer.cfg.training.max_seq_len,
-        s.dropped,
-        trainer.skipped_lines,
-        trainer.total_steps,
-        if trainer.state.step > 0 {
-            format!(", resuming at step {}", trainer.state.step)
-        } else {
-            String::new()
-        }
-    );
+    if world > 1 && rank == 0 {
+        eprintln!(
+            "data-parallel: {world} ranks ({}), a global micro-batch of {} rows",
+            args.dist,
+            world * trainer.cfg.training.micro_batch_size
+        );
+    }
+    if rank == 0 {
+        eprintln!(
+            "model {} ({}, {} on {}), {} rows from {} conversations ({} tokens, {} trained; {} truncated to {}, {} dropped, {} bad lines skipped), {} steps{}",
+            trainer.model_dir.display(),
+            if trainer.cfg.training.four_bit {
+                "4-bit base"
+            } else {
+                "dense base"
+            },
+            trainer.model.dtype.as_str(),
+            crate::device::name(&trainer.model.device),
+            trainer.rows.len(),
+            s.conversations,
+            s.tokens,
+            s.trained_tokens,
+            s.truncated,
+            trainer.cfg.training.max_seq_len,
+            s.dropped,
+            trainer.skipped_lines,
+            trainer.total_steps,
+            if trainer.state.step > 0 {
+                format!(", resuming at step {}", trainer.state.step)
+            } else {
+                String::new()
+            }
+        );
+    }
     let summary = trainer.run(args.stop_after_steps)?;
+    if rank > 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
     let out = &trainer.output;
     if summary.finished {
         println!(

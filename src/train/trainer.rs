@@ -6,6 +6,12 @@
 //! seed of a micro-batch is drawn from `seed`, the step and the micro-batch index. So the whole RNG
 //! state is the data cursor, and a checkpoint (adapter + AdamW moments + step + cursor) resumes into
 //! exactly the loss curve an uninterrupted run produces.
+//!
+//! Data parallelism ([`crate::dist`]): a micro-batch is a *global* one of `world × micro_batch_size`
+//! rows (the same rows in any world size), rank `r` taking its rows `r, r + world, …`; each rank
+//! sums its loss and gradients, the sums are all-reduced and divided by the global count of trained
+//! tokens, and everything after (clipping, AdamW, the schedule) runs identically on every rank.
+//! Dropout masks are numbered by global row. Rank 0 alone writes files.
 
 use super::grads::{Batch, loss, loss_and_grads};
 use super::optim::{AdamW, AdamWConfig};
@@ -13,8 +19,9 @@ use crate::config::{Schedule, TrainConfig};
 use crate::data::batch::{Row, RowStats, build_rows, collate};
 use crate::data::{TokenizerBundle, read_jsonl};
 use crate::device::{DeviceSpec, MemorySampler, compute_dtype};
+use crate::dist::{self, Backend, Communicator};
 use crate::fsx::{AtomicDir, write_atomic};
-use crate::lora::{ForwardCtx, attach, mix_seed, peft};
+use crate::lora::{ForwardCtx, MaskRows, attach, mix_seed, peft};
 use crate::model::Phi3;
 use crate::model::load::{BaseFormat, LoadOptions, load};
 use anyhow::{Context, Result, bail};
@@ -25,6 +32,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 
 /// Consecutive non-finite steps after which training stops.
@@ -41,6 +49,10 @@ pub struct TrainState {
     pub nonfinite_streak: u64,
     /// Input tokens of the steps taken (padding excluded).
     pub tokens_seen: u64,
+    /// Rows per global micro-batch (`world × micro_batch_size`) that `cursor` counts in; 0 in
+    /// checkpoints written before data parallelism (then `micro_batch_size`).
+    #[serde(default)]
+    pub global_micro_batch: usize,
 }
 
 /// One line of metrics.jsonl.
@@ -121,6 +133,7 @@ pub struct Trainer {
     /// `(epoch, permutation)`: the data order, drawn once per epoch.
     order: (u64, Vec<usize>),
     memory: MemorySampler,
+    comm: Rc<dyn Communicator>,
 }
 
 /// The data order of `epoch`: a permutation drawn from the seed and the epoch alone, so a resumed
@@ -185,7 +198,56 @@ impl Trainer {
     /// [`Self::new`], with the memory plan made after the data is read and before the model is
     /// loaded: [`PlanCheck::Enforce`] stops with the plan and advice when the run does not fit.
     pub fn with_plan(cfg: TrainConfig, resume: bool, check: PlanCheck) -> Result<Self> {
+        Self::launch(cfg, resume, check, Backend::None)
+    }
+
+    /// [`Self::with_plan`] as one rank of a data-parallel job over `backend` (`Backend::None`: a
+    /// single process). Past the communicator's start, an error on any rank ends every rank
+    /// ([`dist::fail`]).
+    pub fn launch(
+        mut cfg: TrainConfig,
+        resume: bool,
+        check: PlanCheck,
+        backend: Backend,
+    ) -> Result<Self> {
         let baseline = crate::plan::inputs::resident_bytes();
+        if backend == Backend::Nccl {
+            // One GPU per rank: the launcher's LOCAL_RANK.
+            cfg.training.device = dist::rank_device(&cfg.training.device)?;
+        }
+        let device = cfg
+            .training
+            .device
+            .parse::<DeviceSpec>()
+            .context("training.device")?
+            .open()?;
+        let comm: Rc<dyn Communicator> = Rc::from(dist::open(
+            backend,
+            &device,
+            Path::new(&cfg.training.output),
+        )?);
+        Self::setup(cfg, resume, check, device, comm.clone(), baseline)
+            .map_err(|e| dist::fail(&*comm, e))
+    }
+
+    fn setup(
+        mut cfg: TrainConfig,
+        resume: bool,
+        check: PlanCheck,
+        device: candle_core::Device,
+        comm: Rc<dyn Communicator>,
+        baseline: u64,
+    ) -> Result<Self> {
+        if resume {
+            // Another world size continues the same curve: the global micro-batch stays, each
+            // rank's share changes.
+            let output = Path::new(&cfg.training.output);
+            if let Some(ck) = latest_checkpoint(output)? {
+                let state = read_state(&ck.join("state.json"))?;
+                cfg.training.micro_batch_size =
+                    rank_micro_batch(&state, cfg.training.micro_batch_size, comm.world())?;
+            }
+        }
         let output = PathBuf::from(&cfg.training.output);
         let model_dir = crate::hub::resolve(&cfg.training.model)?;
         let base = if cfg.training.four_bit {
@@ -197,12 +259,6 @@ impl Trainer {
         } else {
             BaseFormat::Dense
         };
-        let device = cfg
-            .training
-            .device
-            .parse::<DeviceSpec>()
-            .context("training.device")?
-            .open()?;
         let dtype = compute_dtype(&cfg.training.dtype, &device).context("training.dtype")?;
         let memory = MemorySampler::start(&device)?;
         let (tok, tokenizer_bytes) = crate::plan::inputs::load_tokenizer(&model_dir)?;
@@ -241,7 +297,8 @@ impl Trainer {
             },
         )?;
         let pad_id = tok.pad_id.or(tok.eos_id).unwrap_or(0);
-        let micro_per_epoch = rows.len().div_ceil(cfg.training.micro_batch_size) as u64;
+        let global_micro_batch = comm.world() * cfg.training.micro_batch_size;
+        let micro_per_epoch = rows.len().div_ceil(global_micro_batch) as u64;
         let total_steps = if cfg.training.max_steps > 0 {
             cfg.training.max_steps
         } else {
@@ -285,15 +342,13 @@ impl Trainer {
             for (i, m) in opt.moments.iter_mut().enumerate() {
                 *m = (take(format!("m.{i}"))?, take(format!("v.{i}"))?);
             }
-            let state_path = ck.join("state.json");
-            state = std::fs::read(&state_path)
-                .map_err(anyhow::Error::from)
-                .and_then(|b| Ok(serde_json::from_slice(&b)?))
-                .with_context(|| {
-                    format!("{}: cannot read the training state", state_path.display())
-                })?;
+            state = read_state(&ck.join("state.json"))?;
             opt.step = state.step;
-            truncate_metrics(&output.join("metrics.jsonl"), state.step)?;
+            state.cursor = resume_cursor(&state, cfg.training.micro_batch_size, global_micro_batch)
+                .with_context(|| format!("resuming {}", ck.display()))?;
+            if comm.rank() == 0 {
+                truncate_metrics(&output.join("metrics.jsonl"), state.step)?;
+            }
         } else if output.join("checkpoints").exists() || output.join("adapter").exists() {
             bail!(
                 "{} already holds a run; pass --resume {} to continue it, or choose another --output",
@@ -301,12 +356,36 @@ impl Trainer {
                 output.display()
             );
         }
-        std::fs::create_dir_all(&output)
-            .with_context(|| format!("creating {}", output.display()))?;
-        write_atomic(
-            &output.join("config.resolved.toml"),
-            cfg.to_toml().as_bytes(),
-        )?;
+        state.global_micro_batch = global_micro_batch;
+        if !comm.is_single() {
+            // Every rank must train the same thing: config, data and initial adapters.
+            dist::check_same(&*comm, "config", dist::fnv1a(cfg.to_toml().into_bytes()))?;
+            let ids = rows.iter().flat_map(|r| {
+                r.ids
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .chain(r.targets.iter().flat_map(|v| v.to_le_bytes()))
+            });
+            dist::check_same(&*comm, "training data", dist::fnv1a(ids))?;
+            let mut bytes = Vec::new();
+            for p in &opt.params {
+                let v: Vec<f32> = p
+                    .as_tensor()
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+            }
+            dist::check_same(&*comm, "initial adapter", dist::fnv1a(bytes))?;
+        }
+        if comm.rank() == 0 {
+            std::fs::create_dir_all(&output)
+                .with_context(|| format!("creating {}", output.display()))?;
+            write_atomic(
+                &output.join("config.resolved.toml"),
+                cfg.to_toml().as_bytes(),
+            )?;
+        }
         Ok(Self {
             model_ref: cfg.training.model.clone(),
             cfg,
@@ -324,13 +403,21 @@ impl Trainer {
             pad_id,
             order: (0, Vec::new()),
             memory,
+            comm,
         })
     }
 
-    /// The next micro-batch, advancing the cursor (and the epoch).
-    /// The next micro-batch and its input tokens (padding excluded).
-    fn next_micro_batch(&mut self) -> Result<(Batch, usize)> {
-        let mb = self.cfg.training.micro_batch_size;
+    /// This process's rank and the world size.
+    pub fn rank_world(&self) -> (usize, usize) {
+        (self.comm.rank(), self.comm.world())
+    }
+
+    /// This rank's share of the next global micro-batch (`None` when the epoch's last global
+    /// micro-batch has no row for it) and its input tokens (padding excluded), advancing the
+    /// cursor (and the epoch).
+    fn next_micro_batch(&mut self) -> Result<(Option<Batch>, usize)> {
+        let (rank, world) = (self.comm.rank(), self.comm.world());
+        let mb = world * self.cfg.training.micro_batch_size;
         let per_epoch = self.rows.len().div_ceil(mb);
         if self.state.cursor >= per_epoch {
             self.state.epoch += 1;
@@ -346,11 +433,19 @@ impl Trainer {
         let start = self.state.cursor * mb;
         let rows: Vec<&Row> = order[start..(start + mb).min(order.len())]
             .iter()
+            .skip(rank)
+            .step_by(world)
             .map(|&i| &self.rows[i])
             .collect();
         self.state.cursor += 1;
         let inputs = rows.iter().map(|r| r.ids.len()).sum();
-        Ok((collate(&rows, self.pad_id, &self.model.device)?, inputs))
+        if rows.is_empty() {
+            return Ok((None, 0));
+        }
+        Ok((
+            Some(collate(&rows, self.pad_id, &self.model.device)?),
+            inputs,
+        ))
     }
 
     /// Mean loss over the eval rows' target tokens.
@@ -358,8 +453,15 @@ impl Trainer {
         if self.eval_rows.is_empty() {
             return Ok(None);
         }
+        let (rank, world) = (self.comm.rank(), self.comm.world());
         let (mut sum, mut n) = (0f64, 0usize);
-        for chunk in self.eval_rows.chunks(self.cfg.training.micro_batch_size) {
+        // Rank r evaluates chunks r, r + world, …; the sums are then summed over ranks.
+        for chunk in self
+            .eval_rows
+            .chunks(self.cfg.training.micro_batch_size)
+            .skip(rank)
+            .step_by(world)
+        {
             let rows: Vec<&Row> = chunk.iter().collect();
             let (s, k) = loss(
                 &self.model,
@@ -368,7 +470,11 @@ impl Trainer {
             sum += s;
             n += k;
         }
-        Ok(Some(sum / n.max(1) as f64))
+        let mut v = [sum, n as f64];
+        if !self.comm.is_single() {
+            self.comm.all_reduce_scalars(&mut v)?;
+        }
+        Ok(Some(v[0] / v[1].max(1.0)))
     }
 
     /// One optimizer step; `None` when it was skipped for non-finite values.
@@ -377,15 +483,21 @@ impl Trainer {
         let step = self.state.step;
         let mut sums: Option<Vec<Tensor>> = None;
         let (mut loss_sum, mut n_tokens, mut n_input) = (0f64, 0usize, 0usize);
+        let (rank, world) = (self.comm.rank(), self.comm.world());
         for micro in 0..self.cfg.training.grad_accum {
             let (batch, inputs) = self.next_micro_batch()?;
             n_input += inputs;
+            let Some(batch) = batch else { continue };
             let ctx = ForwardCtx {
                 dropout_seed: Some(mix_seed(
                     mix_seed(self.cfg.training.seed, step),
                     micro as u64,
                 )),
-                mask_rows: Default::default(),
+                // Local row b is global row rank + b·world of the global micro-batch.
+                mask_rows: MaskRows {
+                    first: rank as u64,
+                    step: world as u64,
+                },
             };
             let lg = loss_and_grads(
                 &self.model,
@@ -405,9 +517,29 @@ impl Trainer {
                     .collect::<candle_core::Result<_>>()?,
             });
         }
+        let like: Vec<Tensor> = self
+            .opt
+            .params
+            .iter()
+            .map(|p| p.as_tensor().clone())
+            .collect();
+        let mut sums = match sums {
+            Some(s) => s,
+            // No row of this step fell to this rank: it adds zeros.
+            None => like
+                .iter()
+                .map(|p| p.zeros_like())
+                .collect::<candle_core::Result<_>>()?,
+        };
+        if !self.comm.is_single() {
+            let flat = self.comm.all_reduce_sum(&dist::flatten(&sums)?)?;
+            sums = dist::unflatten(&flat, &sums)?;
+            let mut v = [loss_sum, n_tokens as f64, n_input as f64];
+            self.comm.all_reduce_scalars(&mut v)?;
+            (loss_sum, n_tokens, n_input) = (v[0], v[1] as usize, v[2] as usize);
+        }
         let n = n_tokens.max(1) as f64;
         let grads: Vec<Tensor> = sums
-            .unwrap_or_default()
             .iter()
             .map(|g| g / n)
             .collect::<candle_core::Result<_>>()?;
@@ -533,13 +665,40 @@ impl Trainer {
     }
 
     /// Runs to the end (or to `stop_after` steps, as if killed right after that step's checkpoint).
+    /// On a data-parallel job, an error on any rank ends every rank ([`dist::fail`]).
     pub fn run(&mut self, stop_after: Option<u64>) -> Result<RunSummary> {
+        let comm = self.comm.clone();
+        self.run_rank(stop_after).map_err(|e| dist::fail(&*comm, e))
+    }
+
+    /// Writes a checkpoint (rank 0), then waits for every rank.
+    fn checkpoint_all(&self) -> Result<()> {
+        if self.comm.rank() == 0 {
+            self.save_checkpoint()?;
+        }
+        self.comm.barrier()
+    }
+
+    fn run_rank(&mut self, stop_after: Option<u64>) -> Result<RunSummary> {
+        let lead = self.comm.rank() == 0;
         let metrics_path = self.output.join("metrics.jsonl");
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)?;
-        let bar = ProgressBar::new(self.total_steps).with_style(
+        // Rank 0 alone writes: the others' metrics go nowhere and their progress is hidden.
+        let mut metrics: Box<dyn Write> = if lead {
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&metrics_path)?,
+            )
+        } else {
+            Box::new(std::io::sink())
+        };
+        let bar = if lead {
+            ProgressBar::new(self.total_steps)
+        } else {
+            ProgressBar::hidden()
+        }
+        .with_style(
             ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} eta {eta}")
                 .expect("valid template")
                 .progress_chars("=> "),
@@ -568,7 +727,8 @@ impl Trainer {
                     m.loss, m.lr, m.tokens_per_s, m.trained_tokens_per_s, m.peak_rss_mib
                 );
                 bar.set_message(line.clone());
-                if bar.is_hidden()
+                if lead
+                    && bar.is_hidden()
                     && (m.step % self.cfg.training.log_every.max(1) == 0 || m.step == 1)
                 {
                     eprintln!("step {}/{} {line}", m.step, self.total_steps);
@@ -590,7 +750,7 @@ impl Trainer {
             let save = self.cfg.training.save_every;
             if save > 0 && self.state.step.is_multiple_of(save) {
                 metrics.flush()?;
-                self.save_checkpoint()?;
+                self.checkpoint_all()?;
             }
             if stop_after.is_some_and(|s| self.state.step >= s) {
                 bar.finish_and_clear();
@@ -616,8 +776,11 @@ impl Trainer {
             )?;
         }
         metrics.flush()?;
-        self.save_adapter(&self.output.join("adapter"))?;
-        crate::plot::loss_curve(&metrics_path, &self.output.join("loss.svg"))?;
+        if lead {
+            self.save_adapter(&self.output.join("adapter"))?;
+            crate::plot::loss_curve(&metrics_path, &self.output.join("loss.svg"))?;
+        }
+        self.comm.barrier()?;
         Ok(RunSummary {
             finished: true,
             last_loss,
@@ -645,6 +808,49 @@ pub struct RunSummary {
     pub tokens: u64,
     /// Tokens the loss was taken on.
     pub trained_tokens: u64,
+}
+
+fn read_state(path: &Path) -> Result<TrainState> {
+    std::fs::read(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|b| Ok(serde_json::from_slice(&b)?))
+        .with_context(|| format!("{}: cannot read the training state", path.display()))
+}
+
+/// Each rank's micro-batch when a checkpoint is resumed on `world` ranks: the checkpoint's global
+/// micro-batch split evenly (a checkpoint from before data parallelism keeps `micro_batch_size`).
+fn rank_micro_batch(state: &TrainState, micro_batch_size: usize, world: usize) -> Result<usize> {
+    let global = state.global_micro_batch;
+    if global == 0 || global == world * micro_batch_size {
+        return Ok(micro_batch_size);
+    }
+    if !global.is_multiple_of(world) {
+        bail!(
+            "the checkpoint's global micro-batch is {global} rows, which {world} ranks cannot split evenly; resume with a world size that divides {global}"
+        );
+    }
+    Ok(global / world)
+}
+
+/// The cursor of a resumed run in global micro-batches of `global` rows: a checkpoint counts in
+/// its own run's (`state.global_micro_batch`, or `micro_batch_size` for a checkpoint from before
+/// data parallelism). A different world size keeps the data position when the rows consumed in the
+/// epoch fill whole new micro-batches (the same loss curve needs the same global batch:
+/// `world × batch size`).
+fn resume_cursor(state: &TrainState, micro_batch_size: usize, global: usize) -> Result<usize> {
+    let saved = if state.global_micro_batch == 0 {
+        micro_batch_size
+    } else {
+        state.global_micro_batch
+    };
+    let rows = state.cursor * saved;
+    if !rows.is_multiple_of(global) {
+        bail!(
+            "the checkpoint stands {rows} rows into epoch {}, which is not a whole number of global micro-batches of {global} rows (world size × batch size); resume with a world size × batch size that divides it (the checkpoint's was {saved})",
+            state.epoch
+        );
+    }
+    Ok(rows / global)
 }
 
 /// Checkpoint directories of a run, oldest first.
@@ -683,4 +889,42 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         out.push('\n');
     }
     write_atomic(path, out.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(cursor: usize, global_micro_batch: usize) -> TrainState {
+        TrainState {
+            cursor,
+            global_micro_batch,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_resumed_world_splits_the_checkpoints_global_micro_batch() {
+        // 2 ranks × 1 resumed on 1 process: batch 2; on 2 again: 1.
+        assert_eq!(rank_micro_batch(&state(3, 2), 1, 1).unwrap(), 2);
+        assert_eq!(rank_micro_batch(&state(3, 2), 1, 2).unwrap(), 1);
+        // 1 × 4 on 4 ranks: 1 each.
+        assert_eq!(rank_micro_batch(&state(3, 4), 4, 4).unwrap(), 1);
+        // A checkpoint from before data parallelism keeps the configured batch.
+        assert_eq!(rank_micro_batch(&state(3, 0), 3, 2).unwrap(), 3);
+        // 3 rows cannot be split over 2 ranks.
+        let err = rank_micro_batch(&state(3, 3), 3, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot split evenly"), "{err}");
+    }
+
+    #[test]
+    fn the_cursor_keeps_the_rows_consumed() {
+        assert_eq!(resume_cursor(&state(3, 2), 1, 2).unwrap(), 3);
+        // An old checkpoint (no global batch recorded) counted in micro_batch_size rows.
+        assert_eq!(resume_cursor(&state(3, 0), 2, 1).unwrap(), 6);
+        assert_eq!(resume_cursor(&state(3, 0), 2, 2).unwrap(), 3);
+        assert!(resume_cursor(&state(3, 0), 1, 2).is_err());
+    }
 }
