@@ -17,6 +17,9 @@ pub struct ExportArgs {
     /// base_model_name_or_path.
     #[arg(long)]
     model: Option<String>,
+    /// The Hub revision of the base (a branch, tag or commit).
+    #[arg(long)]
+    revision: Option<String>,
     /// PEFT adapter directory; without it the base is converted alone.
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -62,7 +65,11 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
         .as_ref()
         .map(|a| peft::load(a, &Device::Cpu))
         .transpose()?;
-    let dir = super::infer::resolve_model(args.model.as_deref(), adapter.as_ref())?;
+    let dir = super::infer::resolve_model_at(
+        args.model.as_deref(),
+        args.revision.as_deref(),
+        adapter.as_ref(),
+    )?;
     let dtype = match args.dtype.as_str() {
         "f16" => DType::F16,
         "f32" => DType::F32,

@@ -12,6 +12,15 @@ use std::path::PathBuf;
 
 /// The model directory: `--model` when given, else the adapter's `base_model_name_or_path`.
 pub fn resolve_model(model: Option<&str>, adapter: Option<&peft::PeftAdapter>) -> Result<PathBuf> {
+    resolve_model_at(model, None, adapter)
+}
+
+/// [`resolve_model`] at a Hub `revision` (of `--model`, or of the adapter's base).
+pub fn resolve_model_at(
+    model: Option<&str>,
+    revision: Option<&str>,
+    adapter: Option<&peft::PeftAdapter>,
+) -> Result<PathBuf> {
     let model_ref = match (model, adapter) {
         (Some(m), _) => m.to_string(),
         (None, Some(a)) => a
@@ -20,7 +29,7 @@ pub fn resolve_model(model: Option<&str>, adapter: Option<&peft::PeftAdapter>) -
             .context("the adapter names no base_model_name_or_path; pass --model")?,
         (None, None) => bail!("pass --model (or --adapter, whose base model is used)"),
     };
-    crate::hub::resolve(&model_ref)
+    crate::hub::resolve(&crate::hub::with_revision(&model_ref, revision))
 }
 
 /// Model selection flags.

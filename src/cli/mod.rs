@@ -1,6 +1,7 @@
 //! The command line: clap definitions (their doc comments are the `--help`) and dispatch.
 
 mod data;
+mod download;
 mod eval;
 mod export;
 mod generate;
@@ -34,6 +35,7 @@ enum Command {
     Inspect(inspect::InspectArgs),
     Quantize(quantize::QuantizeArgs),
     Verify(verify::VerifyArgs),
+    Download(download::DownloadArgs),
 }
 
 /// Parses the process arguments and runs the chosen command.
@@ -49,5 +51,6 @@ pub fn run() -> Result<ExitCode> {
         Command::Inspect(args) => inspect::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Verify(args) => verify::run(args),
+        Command::Download(args) => download::run(args),
     }
 }

@@ -12,9 +12,13 @@ use std::process::ExitCode;
 /// writes with load_in_4bit): block linears to NF4/FP4, embeddings, lm_head and norms kept.
 #[derive(Debug, Args)]
 pub struct QuantizeArgs {
-    /// Checkpoint directory (config.json + model.safetensors or sharded safetensors with index).
+    /// Checkpoint directory (config.json + model.safetensors or sharded safetensors with index), or
+    /// a Hub id (HF cache, else downloaded).
     #[arg(long)]
-    model: PathBuf,
+    model: String,
+    /// The Hub revision of --model (a branch, tag or commit).
+    #[arg(long)]
+    revision: Option<String>,
     /// Output directory; must not exist (it appears only once complete).
     #[arg(long)]
     out: PathBuf,
@@ -41,7 +45,10 @@ pub fn run(args: QuantizeArgs) -> Result<ExitCode> {
         Err(e) => bail!("--blocksize: {e}"),
     };
     let opts = QuantizeOptions {
-        model: args.model,
+        model: crate::hub::resolve(&crate::hub::with_revision(
+            &args.model,
+            args.revision.as_deref(),
+        ))?,
         out: args.out,
         quant_type,
         blocksize,

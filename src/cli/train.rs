@@ -38,6 +38,9 @@ pub struct TrainArgs {
     /// [training.epochs]
     #[arg(long)]
     epochs: Option<u64>,
+    /// The Hub revision of --model (a branch, tag or commit; `owner/name@rev` says the same).
+    #[arg(long)]
+    revision: Option<String>,
     /// [training.max_steps]
     #[arg(long)]
     max_steps: Option<u64>,
@@ -186,6 +189,9 @@ impl TrainArgs {
         }
         for s in sets.iter().chain(&self.sets) {
             cfg.set(s)?;
+        }
+        if let Some(r) = &self.revision {
+            cfg.training.model = crate::hub::with_revision(&cfg.training.model, Some(r));
         }
         Ok(cfg)
     }

@@ -10,6 +10,7 @@ mod gguf;
 mod gguf_bpe;
 mod gguf_phi4;
 mod gpu;
+mod hub;
 mod kquant;
 mod model;
 mod plan;
