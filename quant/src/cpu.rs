@@ -73,17 +73,10 @@ mod simd {
         // SAFETY: 16 floats from a 16-float array.
         let table = unsafe { _mm512_loadu_ps(qt.code().as_ptr()) };
         let nibble = _mm_set1_epi16(0xF);
-        let block_elems = bs.elems();
-        let mut elem = first_elem;
-        let mut rest = out;
-        while !rest.is_empty() {
-            let block = elem / block_elems;
-            let take = ((block + 1) * block_elems - elem).min(rest.len());
-            let (now, later) = rest.split_at_mut(take);
+        super::for_each_block(packed, bs, first_elem, out, |block, bytes, now| {
             let scale = absmax(block);
             let s = _mm512_set1_ps(scale);
-            let bytes = &packed[elem / 2..(elem + take).div_ceil(2)];
-            let vec = take / 16;
+            let vec = now.len() / 16;
             assert!(bytes.len() >= 8 * vec && now.len() >= 16 * vec);
             for i in 0..vec {
                 // SAFETY: bytes 8i..8i+8 and out 16i..16i+16 are in bounds (asserted above).
@@ -105,9 +98,7 @@ mod simd {
                 let byte = bytes[j / 2] as usize;
                 *o = lut[byte][j % 2] * scale;
             }
-            elem += take;
-            rest = later;
-        }
+        });
     }
 }
 
@@ -362,6 +353,29 @@ pub fn dequantize_slice<T: DequantOut>(
     dequantize_slice_scalar(packed, absmax, qt, bs, first_elem, out);
 }
 
+/// Walks `out` (the elements `first_elem..` of a tensor, `first_elem` even) block by block:
+/// `f(block, its packed bytes, its part of out)`.
+#[inline(always)]
+fn for_each_block<T>(
+    packed: &[u8],
+    bs: Blocksize,
+    first_elem: usize,
+    out: &mut [T],
+    mut f: impl FnMut(usize, &[u8], &mut [T]),
+) {
+    let block_elems = bs.elems();
+    let mut elem = first_elem;
+    let mut rest = out;
+    while !rest.is_empty() {
+        let block = elem / block_elems;
+        let take = ((block + 1) * block_elems - elem).min(rest.len());
+        let (now, later) = std::mem::take(&mut rest).split_at_mut(take);
+        f(block, &packed[elem / 2..(elem + take).div_ceil(2)], now);
+        elem += take;
+        rest = later;
+    }
+}
+
 /// [`dequantize_slice`]'s portable loop (every output type; f32 on CPUs without AVX-512).
 fn dequantize_slice_scalar<T: DequantOut>(
     packed: &[u8],
@@ -372,15 +386,8 @@ fn dequantize_slice_scalar<T: DequantOut>(
     out: &mut [T],
 ) {
     let lut = pair_lut(qt);
-    let block_elems = bs.elems();
-    let mut elem = first_elem;
-    let mut rest = out;
-    while !rest.is_empty() {
-        let block = elem / block_elems;
-        let take = ((block + 1) * block_elems - elem).min(rest.len());
-        let (now, later) = rest.split_at_mut(take);
+    for_each_block(packed, bs, first_elem, out, |block, bytes, now| {
         let scale = absmax(block);
-        let bytes = &packed[elem / 2..(elem + take).div_ceil(2)];
         let mut pairs = now.chunks_exact_mut(2);
         for (o, &byte) in (&mut pairs).zip(bytes) {
             let [a, b] = lut[byte as usize];
@@ -390,9 +397,7 @@ fn dequantize_slice_scalar<T: DequantOut>(
         if let [o] = pairs.into_remainder() {
             *o = T::from_f32(lut[bytes[bytes.len() - 1] as usize][0] * scale);
         }
-        elem += take;
-        rest = later;
-    }
+    });
 }
 
 /// Elements per parallel task of [`dequantize`]: large enough to amortize scheduling, a multiple

@@ -357,11 +357,28 @@ fn fetch_file(
 
 /// The etag and size of a file (the resolve endpoint's own answer, its redirect not followed).
 fn metadata(client: &Client<'_>, url: &str, file: &str, id: &str) -> Attempt<FileMeta> {
-    let resp = client.call(
-        client.get(&client.direct, url).set("Range", "bytes=0-0"),
+    let mut url = url.to_string();
+    let mut resp = client.call(
+        client.get(&client.direct, &url).set("Range", "bytes=0-0"),
         file,
         id,
     )?;
+    // A relative redirect (a renamed repo) stays on the Hub and is followed; an absolute one (the
+    // CDN of an LFS file) is not: its headers are the answer.
+    for _ in 0..5 {
+        let Some(loc) = resp
+            .header("location")
+            .filter(|l| (300..400).contains(&resp.status()) && l.starts_with('/'))
+        else {
+            break;
+        };
+        url = format!("{}{loc}", client.env.endpoint);
+        resp = client.call(
+            client.get(&client.direct, &url).set("Range", "bytes=0-0"),
+            file,
+            id,
+        )?;
+    }
     let header = |k: &str| {
         resp.header(k)
             .map(|v| v.trim().trim_matches('"').to_string())

@@ -34,6 +34,8 @@ struct State {
     log: Vec<(String, Option<String>)>,
     /// A status for every request (401 for a gated repo).
     all: Option<u16>,
+    /// `http://127.0.0.1:<port>`: the "CDN" of the redirects is an absolute URL, as the Hub's.
+    base: String,
 }
 
 /// A repo's files, and the server.
@@ -61,7 +63,10 @@ impl FakeHub {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = format!("http://{}", listener.local_addr().unwrap());
         let files = Arc::new(files);
-        let state = Arc::new(Mutex::new(State::default()));
+        let state = Arc::new(Mutex::new(State {
+            base: addr.clone(),
+            ..Default::default()
+        }));
         let (f, s) = (files.clone(), state.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -133,6 +138,17 @@ fn serve(
         respond(&c, code, &[], b"{\"error\":\"gated\"}");
         return Ok(());
     }
+    // A renamed repo: `old/m` answers with a relative redirect to `o/m`, as the Hub does.
+    for (from, to) in [
+        ("/old/m/", "/o/m/"),
+        ("/api/models/old/m/", "/api/models/o/m/"),
+    ] {
+        if let Some(rest) = path.strip_prefix(from) {
+            drop(st);
+            respond(&c, 307, &[("Location", format!("{to}{rest}"))], b"");
+            return Ok(());
+        }
+    }
     // /api/models/<o>/<n>/revision/<rev>
     if let Some(rest) = path.strip_prefix("/api/models/") {
         drop(st);
@@ -191,12 +207,13 @@ fn serve(
     let is_probe = range.as_deref() == Some("bytes=0-0");
     // LFS files redirect to the CDN, as the Hub does, with their etag and size on the redirect.
     if is_lfs(&file) && !cdn {
+        let base = st.base.clone();
         drop(st);
         respond(
             &c,
             302,
             &[
-                ("Location", format!("/cdn/{file}")),
+                ("Location", format!("{base}/cdn/{file}")),
                 ("X-Repo-Commit", COMMIT.into()),
                 ("X-Linked-Etag", format!("\"{tag}\"")),
                 ("X-Linked-Size", total.to_string()),
@@ -587,6 +604,19 @@ fn two_processes_download_the_same_model_at_once() {
         })
         .count();
     assert_eq!(bodies, 1);
+}
+
+#[test]
+fn a_renamed_repo_is_followed_through_its_relative_redirects() {
+    let hub = FakeHub::start(single_repo());
+    let cache = tempfile::tempdir().unwrap();
+    let snap = resolve_with("old/m", &hub.env(cache.path())).unwrap();
+    assert_files(&snap, &hub, &["config.json", "model.safetensors"]);
+    assert!(
+        hub.log()
+            .iter()
+            .any(|(p, _)| p.starts_with("/old/m/resolve/"))
+    );
 }
 
 #[test]

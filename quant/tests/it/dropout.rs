@@ -4,7 +4,7 @@
 //! seeds, and the probabilities it refuses.
 
 use crate::devices::devices;
-use crate::fused::uniform;
+use crate::fused::{host_f32, uniform};
 use candle_core::{DType, Device, Tensor, Var};
 use qlora_quant::fused;
 
@@ -169,15 +169,7 @@ fn dropout_rows_matches_the_contract_bit_for_bit_on_every_device() {
                 );
                 // The values: the kept ones scaled, the others +0.
                 let scale = 1.0f32 / 0.7;
-                let xs: Vec<f32> = xd
-                    .flatten_all()
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .to_device(&Device::Cpu)
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let xs = host_f32(&xd);
                 let want_y: Vec<f32> = xs
                     .iter()
                     .zip(&want)

@@ -38,7 +38,7 @@ pub(crate) fn uniform(shape: &[usize], seed: u64, lo: f32, hi: f32) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-fn host_f32(t: &Tensor) -> Vec<f32> {
+pub(crate) fn host_f32(t: &Tensor) -> Vec<f32> {
     t.flatten_all()
         .unwrap()
         .to_dtype(DType::F32)
