@@ -393,3 +393,37 @@ fn a_rank_that_fails_ends_every_rank_with_a_message_naming_it() {
     );
     assert!(!out.join("adapter").exists());
 }
+
+#[test]
+fn accumulation_and_an_epochs_short_last_batch_match_too() {
+    // 21 demo rows in global micro-batches of 4: each epoch's last one has a single row, so rank 1
+    // has none and adds zeros; two micro-batches per step.
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    let extra = |b: &'static str, dist: &'static str| {
+        vec![
+            "--batch-size",
+            b,
+            "--grad-accum",
+            "2",
+            "--max-steps",
+            "8",
+            "--dist",
+            dist,
+        ]
+    };
+    ok(
+        &single(&train_args(&one, &extra("4", "none"))),
+        "1 process × batch 4",
+    );
+    ok(
+        &mpirun_cmd(&train_args(&two, &extra("2", "mpi")))
+            .output()
+            .unwrap(),
+        "2 ranks × batch 2",
+    );
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!(a.len(), 8);
+    assert_curves_close(&b, &a, "2 ranks vs 1 process, accumulated");
+    assert_adapters_close(&two.join("adapter"), &one.join("adapter"));
+}
