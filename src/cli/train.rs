@@ -90,9 +90,9 @@ pub struct TrainArgs {
     /// machine's available RAM].
     #[arg(long)]
     pub budget: Option<String>,
-    /// Data-parallel backend: auto (from the launcher's environment: mpirun → mpi, torchrun →
-    /// nccl, else none), none, mpi (CPU ranks under mpirun; build with --features mpi) or nccl
-    /// (one GPU per rank; --features cuda,nccl).
+    /// Data-parallel backend: auto (from the launcher's environment: several ranks under mpirun →
+    /// mpi, under torchrun → nccl, else none), none, mpi (CPU ranks under mpirun; build with
+    /// --features mpi) or nccl (one GPU per rank; --features cuda,nccl).
     #[arg(long, default_value = "auto")]
     pub dist: String,
     /// Stop after this many steps, as if killed right after that step's checkpoint (for resume tests).

@@ -109,21 +109,23 @@ impl std::str::FromStr for Backend {
     }
 }
 
-/// The launcher's environment → a backend: `mpirun` (OpenMPI's `OMPI_COMM_WORLD_SIZE`, or PMI's
-/// `PMI_SIZE` / PMIx's `PMIX_RANK`) gives MPI; `torchrun` (`WORLD_SIZE` with `LOCAL_RANK`) gives
-/// NCCL; nothing (or a world of 1 under torchrun) gives none. `--dist auto` under `mpirun` on a
-/// GPU means NCCL: pass `--dist nccl` there.
+/// The launcher's environment → a backend: a world of more than one process under `mpirun`
+/// (OpenMPI's `OMPI_COMM_WORLD_SIZE`, PMI's `PMI_SIZE`, as Slurm's srun sets it) gives MPI; under
+/// `torchrun` (`WORLD_SIZE` with `LOCAL_RANK`) NCCL; anything else, a world of one included (a
+/// single process in a Slurm step), none. Under `mpirun` on GPUs pass `--dist nccl`.
 pub fn detect(env: &dyn Fn(&str) -> Option<String>) -> Backend {
-    if env("OMPI_COMM_WORLD_SIZE").is_some()
-        || env("PMI_SIZE").is_some()
-        || env("PMIX_RANK").is_some()
-    {
+    let many = |k: &str| {
+        env(k)
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .is_some_and(|n| n > 1)
+    };
+    if many("OMPI_COMM_WORLD_SIZE") || many("PMI_SIZE") {
         return Backend::Mpi;
     }
-    match (env("WORLD_SIZE"), env("LOCAL_RANK")) {
-        (Some(w), Some(_)) if w.trim() != "1" => Backend::Nccl,
-        _ => Backend::None,
+    if many("WORLD_SIZE") && env("LOCAL_RANK").is_some() {
+        return Backend::Nccl;
     }
+    Backend::None
 }
 
 /// Opens the communicator of `backend` for a run on `device` (NCCL: the GPU of this rank's
@@ -259,6 +261,12 @@ mod tests {
         assert_eq!(detect(&env(&[])), Backend::None);
         assert_eq!(detect(&env(&[("OMPI_COMM_WORLD_SIZE", "2")])), Backend::Mpi);
         assert_eq!(detect(&env(&[("PMI_SIZE", "4")])), Backend::Mpi);
+        // One process under a launcher trains alone.
+        assert_eq!(
+            detect(&env(&[("OMPI_COMM_WORLD_SIZE", "1")])),
+            Backend::None
+        );
+        assert_eq!(detect(&env(&[("PMI_SIZE", "1")])), Backend::None);
         assert_eq!(
             detect(&env(&[("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")])),
             Backend::Nccl
