@@ -153,35 +153,43 @@ fn assert_adapters_close(got: &Path, want: &Path) {
     }
 }
 
+/// Trains `extra` on one process of batch `one_batch` and on 2 ranks of `rank_batch` each, and
+/// asserts that both give the same loss curve and adapter (to summation order); returns the two
+/// outputs and mpirun's output.
+fn two_ranks_against_one(
+    tmp: &Path,
+    one_batch: &str,
+    rank_batch: &str,
+    extra: &[&str],
+) -> (PathBuf, PathBuf, Output) {
+    let (one, two) = (tmp.join("one"), tmp.join("two"));
+    let args = |out: &Path, b: &str, dist: &str| {
+        let mut v = vec!["--batch-size", b, "--dist", dist];
+        v.extend_from_slice(extra);
+        train_args(out, &v)
+    };
+    ok(&single(&args(&one, one_batch, "none")), "1 process");
+    let o = mpirun_cmd(&args(&two, rank_batch, "mpi")).output().unwrap();
+    ok(&o, "2 ranks");
+    let (a, b) = (losses(&one), losses(&two));
+    assert_curves_close(&b, &a, "2 ranks vs 1 process");
+    assert_adapters_close(&two.join("adapter"), &one.join("adapter"));
+    (one, two, o)
+}
+
 #[test]
 fn two_ranks_of_batch_one_train_what_one_process_of_batch_two_does() {
     let tmp = tempfile::tempdir().unwrap();
-    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    ok(
-        &single(&train_args(
-            &one,
-            &["--batch-size", "2", "--max-steps", "6", "--dist", "none"],
-        )),
-        "1 process × batch 2",
-    );
-    let o = mpirun_cmd(&train_args(
-        &two,
-        &["--batch-size", "1", "--max-steps", "6", "--dist", "mpi"],
-    ))
-    .output()
-    .unwrap();
-    ok(&o, "2 ranks × batch 1");
+    // Dropout is on (train_args): masks drawn for the wrong rows would fail the loss bound.
+    let (one, two, o) = two_ranks_against_one(tmp.path(), "2", "1", &["--max-steps", "6"]);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert_eq!(
         stdout.matches("done: 6 steps").count(),
         1,
         "rank 0 alone reports: {stdout}"
     );
-    let (a, b) = (losses(&one), losses(&two));
+    let a = losses(&one);
     assert_eq!(a.len(), 6);
-    assert_curves_close(&b, &a, "2 ranks vs 1 process");
-    // Dropout is on: the curve differs from a run without it, so masks were drawn and matched.
-    assert_adapters_close(&two.join("adapter"), &one.join("adapter"));
     // One rank under mpirun runs every collective of the step and changes no bit: a sum over one
     // rank is the value itself.
     let solo = tmp.path().join("solo");
@@ -399,31 +407,11 @@ fn accumulation_and_an_epochs_short_last_batch_match_too() {
     // 21 demo rows in global micro-batches of 4: each epoch's last one has a single row, so rank 1
     // has none and adds zeros; two micro-batches per step.
     let tmp = tempfile::tempdir().unwrap();
-    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    let extra = |b: &'static str, dist: &'static str| {
-        vec![
-            "--batch-size",
-            b,
-            "--grad-accum",
-            "2",
-            "--max-steps",
-            "8",
-            "--dist",
-            dist,
-        ]
-    };
-    ok(
-        &single(&train_args(&one, &extra("4", "none"))),
-        "1 process × batch 4",
+    let (one, _, _) = two_ranks_against_one(
+        tmp.path(),
+        "4",
+        "2",
+        &["--grad-accum", "2", "--max-steps", "8"],
     );
-    ok(
-        &mpirun_cmd(&train_args(&two, &extra("2", "mpi")))
-            .output()
-            .unwrap(),
-        "2 ranks × batch 2",
-    );
-    let (a, b) = (losses(&one), losses(&two));
-    assert_eq!(a.len(), 8);
-    assert_curves_close(&b, &a, "2 ranks vs 1 process, accumulated");
-    assert_adapters_close(&two.join("adapter"), &one.join("adapter"));
+    assert_eq!(losses(&one).len(), 8);
 }

@@ -107,8 +107,7 @@ fn lane_sum(v: &[f32]) -> f32 {
     lanes.iter().sum()
 }
 
-/// SwiGLU's forward on one row: `out[i] = up[i] · round(silu(gate[i]))`, with `round` the output
-/// type's rounding (identity for f32) given as `round`.
+/// SwiGLU's forward on one f32 row: `out[i] = up[i] · silu(gate[i])`, `silu(g) = g / (1 + e⁻ᵍ)`.
 #[multiversion(targets(
     "x86_64+avx512f+avx512vl+avx512bw+avx512dq",
     "x86_64+avx2+fma",

@@ -517,18 +517,14 @@ impl Trainer {
                     .collect::<candle_core::Result<_>>()?,
             });
         }
-        let like: Vec<Tensor> = self
-            .opt
-            .params
-            .iter()
-            .map(|p| p.as_tensor().clone())
-            .collect();
         let mut sums = match sums {
             Some(s) => s,
             // No row of this step fell to this rank: it adds zeros.
-            None => like
+            None => self
+                .opt
+                .params
                 .iter()
-                .map(|p| p.zeros_like())
+                .map(|p| p.as_tensor().zeros_like())
                 .collect::<candle_core::Result<_>>()?,
         };
         if !self.comm.is_single() {
