@@ -115,9 +115,14 @@ impl Checkpoint {
                 .with_context(|| format!("{}: cannot read", index_path.display()))?;
             let index: ShardIndex = serde_json::from_slice(&bytes)
                 .with_context(|| format!("{}: invalid shard index", index_path.display()))?;
-            if let Some(bad) = index.weight_map.values().find(|f| !is_plain_file_name(f)) {
+            // Shards are files of this directory (every writer of the format puts them there).
+            if let Some(e) = index
+                .weight_map
+                .values()
+                .find_map(|f| crate::pathsafe::file_name(f).err())
+            {
                 bail!(
-                    "{}: weight_map names `{bad}`, not a file of this directory",
+                    "{}: weight_map: {e}; a shard must be a file of this directory",
                     index_path.display()
                 );
             }
@@ -212,10 +217,6 @@ impl Checkpoint {
 
 /// Whether `name` is a bare file name (no directory part, not `.` or `..`): what an index's
 /// `weight_map` may list.
-fn is_plain_file_name(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
-}
-
 /// Parses a whole safetensors file, `bytes`, read from `path`: any defect is one error naming
 /// `path`. Every tensor's byte range is checked against the file before the safetensors crate
 /// validates the header, since the crate sums the ranges unchecked: ranges adding up past
@@ -333,9 +334,15 @@ pub fn copy_other_files(ck: &Checkpoint, dest: &Path) -> Result<()> {
             || name == INDEX_FILE
             || name.ends_with(".safetensors")
             || name.starts_with('.');
+        // A regular file, not a link (which could lead anywhere), under a name that stays in
+        // `dest`.
         if entry.file_type()?.is_file() && !skip {
-            std::fs::copy(entry.path(), dest.join(&name))
-                .with_context(|| format!("copying {name}"))?;
+            match crate::pathsafe::join_under(dest, &name) {
+                Ok(to) => {
+                    std::fs::copy(entry.path(), &to).with_context(|| format!("copying {name}"))?;
+                }
+                Err(e) => eprintln!("warning: {}: not copied: {e}", ck.dir.display()),
+            }
         }
     }
     Ok(())

@@ -137,7 +137,7 @@ impl TrainConfig {
     /// Reads a TOML file over the defaults (a file may set only some keys).
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read the config", path.display()))?;
+            .with_context(|| format!("{}: cannot read the config", crate::fsx::shown(path)))?;
         let file: toml::Table =
             toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
         let mut base = toml::Table::try_from(Self::default()).expect("defaults serialize");

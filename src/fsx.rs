@@ -1,5 +1,6 @@
 //! Atomic writes: every artifact is written under a temporary name beside its destination and
-//! renamed into place, so a killed run never leaves a half-written file or directory behind.
+//! renamed into place, so a killed run never leaves a half-written file or directory behind. Also
+//! [`shown`], how a path appears in a message.
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -107,6 +108,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+/// `path` for a message: a relative path says what it is relative to (`data/train.jsonl (relative
+/// to /home/me)`), since a config's paths resolve against the working directory, not the config's.
+pub fn shown(path: &Path) -> String {
+    match std::env::current_dir() {
+        Ok(cwd) if path.is_relative() => {
+            format!("{} (relative to {})", path.display(), cwd.display())
+        }
+        _ => path.display().to_string(),
+    }
 }
 
 /// `dir/.name.tmp-<pid>-<n>` for `dir/name`.

@@ -11,6 +11,7 @@
 //! - [`verify`]: `qlora verify`, an export against the model it came from.
 //! - [`plan`]: `qlora plan`, a training run's peak memory predicted term by term before loading.
 //! - [`fsx`]: atomic writes (temp file or dir, then rename).
+//! - [`pathsafe`]: names from outside (Hub file lists, shard indexes) joined under a root, or refused.
 //! - [`spill`]: writing a safetensors shard tensor by tensor when sizes are known only once encoded.
 //! - [`config`], [`hub`], [`builtin`], [`plot`]: `qlora train`'s settings, model resolution, the
 //!   built-in tiny model and the loss plot.
@@ -29,6 +30,7 @@ pub mod fsx;
 pub mod hub;
 pub mod lora;
 pub mod model;
+pub mod pathsafe;
 pub mod plan;
 pub mod plot;
 pub mod quantize;

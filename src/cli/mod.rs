@@ -13,7 +13,7 @@ mod train;
 mod verify;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 /// Fine-tune Phi-3 with QLoRA: NF4 base byte-identical to bitsandbytes, LoRA adapters in PEFT format.
@@ -38,9 +38,25 @@ enum Command {
     Download(download::DownloadArgs),
 }
 
+/// The clap command, with negative numbers taken as values in every subcommand (`--lr -1` gets
+/// the range check's error, not clap's "unexpected argument").
+pub fn command() -> clap::Command {
+    fn negatives(c: clap::Command) -> clap::Command {
+        c.mut_args(|a| {
+            if a.get_action().takes_values() {
+                a.allow_negative_numbers(true)
+            } else {
+                a
+            }
+        })
+        .mut_subcommands(negatives)
+    }
+    negatives(Cli::command())
+}
+
 /// Parses the process arguments and runs the chosen command.
 pub fn run() -> Result<ExitCode> {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Train(args) => train::run(*args),
         Command::Plan(args) => plan::run(*args),

@@ -45,7 +45,7 @@ pub struct TrainArgs {
     #[arg(long)]
     max_steps: Option<u64>,
     /// [training.learning_rate]
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     lr: Option<f64>,
     /// [training.micro_batch_size]
     #[arg(long)]
@@ -60,10 +60,10 @@ pub struct TrainArgs {
     #[arg(long)]
     rank: Option<usize>,
     /// [lora.alpha]
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     alpha: Option<f64>,
     /// [lora.dropout]
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     dropout: Option<f32>,
     /// Comma-separated LoRA targets or all-linear [lora.targets].
     #[arg(long)]

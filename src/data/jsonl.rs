@@ -103,7 +103,7 @@ fn parse_line(text: &str) -> std::result::Result<Vec<Message>, String> {
 /// Reads a JSONL file; blank lines are ignored.
 pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<ReadReport> {
     let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read the data file", path.display()))?;
+        .with_context(|| format!("{}: cannot read the data file", crate::fsx::shown(path)))?;
     let mut report = ReadReport::default();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

@@ -109,7 +109,8 @@ impl<'a> Client<'a> {
                 Err(Failure::Transient(e)) if tries < self.env.retries => {
                     let wait = Duration::from_millis(self.env.backoff_ms << tries.min(5));
                     eprintln!(
-                        "{what}: {e:#}; retrying in {:.1} s ({}/{})",
+                        "{what}: {}; retrying in {:.1} s ({}/{})",
+                        self.env.redact(&format!("{e:#}")),
                         wait.as_secs_f64(),
                         tries + 1,
                         self.env.retries
@@ -199,7 +200,10 @@ pub fn download(r: &ModelRef, env: &HubEnv) -> Result<PathBuf> {
     let names: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let plan = select_files(&names, id)?;
     let repo = repo_dir(cache, id);
-    let snapshot = repo.join("snapshots").join(&info.sha);
+    // The commit becomes a directory name: one plain component or nothing.
+    let commit = crate::pathsafe::file_name(&info.sha)
+        .with_context(|| format!("{id}: the Hub's commit id for `{}`", r.revision))?;
+    let snapshot = repo.join("snapshots").join(commit);
     let progress = super::progress::Progress::new();
     let fetch = |file: &str| fetch_file(&client, &repo, &snapshot, id, &info.sha, file, &progress);
     for f in &plan.first {
@@ -212,10 +216,15 @@ pub fn download(r: &ModelRef, env: &HubEnv) -> Result<PathBuf> {
         let mut shards: Vec<&String> = parsed.weight_map.values().collect();
         shards.sort();
         shards.dedup();
-        for s in shards {
+        // Every name checked before any is fetched: a hostile index gets nothing written.
+        for s in &shards {
+            crate::pathsafe::join_under(&snapshot, s)
+                .with_context(|| format!("{id}: {index} names a shard"))?;
             if !names.contains(&s.as_str()) {
                 bail!("{id}: the index names {s}, which the repo does not have");
             }
+        }
+        for s in shards {
             fetch(s)?;
         }
     }
@@ -226,11 +235,15 @@ pub fn download(r: &ModelRef, env: &HubEnv) -> Result<PathBuf> {
             missing.join(", ")
         );
     }
-    // The ref last: a snapshot is named by a ref only when complete.
+    // The ref last: a snapshot is named by a ref only when complete. A revision such as
+    // `refs/pr/1` is a path under refs/, as huggingface_hub stores it.
     if r.revision != info.sha {
-        let refs = repo.join("refs");
-        std::fs::create_dir_all(&refs)?;
-        crate::fsx::write_atomic(&refs.join(&r.revision), info.sha.as_bytes())?;
+        let ref_path = crate::pathsafe::join_under(&repo.join("refs"), &r.revision)
+            .with_context(|| format!("{id}: the revision"))?;
+        if let Some(dir) = ref_path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        crate::fsx::write_atomic(&ref_path, info.sha.as_bytes())?;
     }
     Ok(snapshot)
 }
@@ -313,13 +326,21 @@ fn fetch_file(
     file: &str,
     progress: &super::progress::Progress,
 ) -> Result<()> {
-    let pointer = snapshot.join(file);
-    if pointer.exists() {
-        return Ok(());
+    let pointer = crate::pathsafe::join_under(snapshot, file)
+        .with_context(|| format!("{id}: a file of the repo"))?;
+    let blobs = repo.join("blobs");
+    match super::snapshot_entry(&pointer, &blobs, snapshot) {
+        super::Entry::Complete => return Ok(()),
+        super::Entry::Absent => {}
+        super::Entry::Outside(why) => bail!(
+            "{}: {why}, so it is not taken as downloaded; remove it and run the command again \
+             (qlora fetches the file into {})",
+            pointer.display(),
+            blobs.display()
+        ),
     }
     let url = format!("{}/{id}/resolve/{commit}/{file}", client.env.endpoint);
     let meta = client.retrying(file, || metadata(client, &url, file, id))?;
-    let blobs = repo.join("blobs");
     std::fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
     let blob = blobs.join(&meta.etag);
     if !blob.exists() {
@@ -387,7 +408,8 @@ fn metadata(client: &Client<'_>, url: &str, file: &str, id: &str) -> Attempt<Fil
         .or_else(|| header("etag"))
         .ok_or_else(|| Failure::Fatal(anyhow::anyhow!("{file}: the Hub sent no ETag")))?;
     let etag = etag.trim_start_matches("W/").trim_matches('"').to_string();
-    if etag.is_empty() || etag.contains(['/', '\\', '.']) {
+    // The etag names the blob file.
+    if crate::pathsafe::file_name(&etag).is_err() || etag.contains('.') {
         return Err(Failure::Fatal(anyhow::anyhow!(
             "{file}: unusable ETag `{etag}`"
         )));
@@ -496,6 +518,14 @@ fn verify(part: &Path, meta: &FileMeta, file: &str) -> Result<()> {
 fn link(blob: &Path, pointer: &Path) -> Result<()> {
     let dir = pointer.parent().context("a snapshot file has a parent")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let repo = blob.parent().and_then(Path::parent).unwrap_or(blob);
+    if !crate::pathsafe::resolves_under(dir, repo) {
+        bail!(
+            "{}: resolves outside the cache's repo directory {}; remove the link in its path",
+            dir.display(),
+            repo.display()
+        );
+    }
     let tmp = dir.join(format!(
         ".{}.{}.tmp",
         pointer.file_name().unwrap_or_default().to_string_lossy(),

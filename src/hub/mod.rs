@@ -76,6 +76,15 @@ impl HubEnv {
         }
     }
 
+    /// `text` with the token replaced by `hf_***`: whatever a server or a library puts in an
+    /// error or a log line (a hostile server can echo the Authorization header back).
+    pub fn redact(&self, text: &str) -> String {
+        match &self.token {
+            Some(t) if !t.is_empty() => text.replace(t.as_str(), "hf_***"),
+            _ => text.to_string(),
+        }
+    }
+
     /// Offline settings over `cache` (tests).
     pub fn offline_at(cache: &Path) -> Self {
         Self {
@@ -138,7 +147,10 @@ pub fn resolve(model: &str) -> Result<PathBuf> {
 /// Whether `model` looks like `owner/name`.
 fn is_hub_id(model: &str) -> bool {
     let parts: Vec<&str> = model.split('/').collect();
-    parts.len() == 2 && parts.iter().all(|s| !s.is_empty() && !s.starts_with('.'))
+    parts.len() == 2
+        && parts
+            .iter()
+            .all(|s| !s.starts_with('.') && crate::pathsafe::file_name(s).is_ok())
 }
 
 /// The cached snapshot of a model reference, complete or not: `refs/<revision>` names its commit
@@ -146,13 +158,18 @@ fn is_hub_id(model: &str) -> bool {
 pub fn cached_snapshot(cache: &Path, r: &ModelRef) -> Option<PathBuf> {
     let repo = repo_dir(cache, &r.id);
     let snapshots = repo.join("snapshots");
-    if let Ok(commit) = std::fs::read_to_string(repo.join("refs").join(&r.revision)) {
-        let s = snapshots.join(commit.trim());
+    // The revision and the commit a ref holds become paths: only names that stay in the repo.
+    let ref_path = crate::pathsafe::join_under(&repo.join("refs"), &r.revision).ok()?;
+    if let Ok(commit) = std::fs::read_to_string(ref_path) {
+        let commit = crate::pathsafe::file_name(commit.trim()).ok()?;
+        let s = snapshots.join(commit);
         return s.is_dir().then_some(s);
     }
-    let s = snapshots.join(&r.revision);
-    if s.is_dir() {
-        return Some(s);
+    if let Ok(commit) = crate::pathsafe::file_name(&r.revision) {
+        let s = snapshots.join(commit);
+        if s.is_dir() {
+            return Some(s);
+        }
     }
     // Without a ref (a download cut short before its ref was written), the one snapshot there is.
     let mut all: Vec<PathBuf> = std::fs::read_dir(&snapshots)
@@ -164,18 +181,92 @@ pub fn cached_snapshot(cache: &Path, r: &ModelRef) -> Option<PathBuf> {
     (all.len() == 1 && r.revision == "main").then(|| all.remove(0))
 }
 
+/// What is at a snapshot path.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Entry {
+    /// A link into the repo's blobs (as huggingface_hub and qlora make), or a regular file in the
+    /// snapshot itself (huggingface_hub's layout where symlinks are unsupported).
+    Complete,
+    /// Nothing, or a link to a blob not there (yet): to be fetched.
+    Absent,
+    /// Anything else, with what it is: never taken as downloaded.
+    Outside(String),
+}
+
+/// Classifies `pointer`, a path under `snapshot`, against the repo's `blobs` directory.
+pub(crate) fn snapshot_entry(pointer: &Path, blobs: &Path, snapshot: &Path) -> Entry {
+    let Ok(meta) = std::fs::symlink_metadata(pointer) else {
+        return Entry::Absent;
+    };
+    if meta.file_type().is_symlink() {
+        if crate::pathsafe::resolves_under(pointer, blobs) {
+            return if std::fs::metadata(pointer).is_ok_and(|m| m.is_file()) {
+                Entry::Complete
+            } else {
+                Entry::Outside("a link to something that is not a file".into())
+            };
+        }
+        let target = std::fs::read_link(pointer).unwrap_or_default();
+        if pointer.canonicalize().is_err() && dangling_into(pointer, &target, blobs) {
+            return Entry::Absent;
+        }
+        return Entry::Outside(format!(
+            "a link to {}, outside the repo's blobs",
+            target.display()
+        ));
+    }
+    if meta.is_file() && crate::pathsafe::resolves_under(pointer, snapshot) {
+        Entry::Complete
+    } else {
+        Entry::Outside("not a file or a link into the repo's blobs".into())
+    }
+}
+
+/// Whether a dangling link's `target` (relative to the link's directory, or absolute) names a file
+/// directly in `blobs`, lexically: a blob deleted from the cache, to be fetched again.
+fn dangling_into(pointer: &Path, target: &Path, blobs: &Path) -> bool {
+    let mut p = pointer.parent().map(Path::to_path_buf).unwrap_or_default();
+    for c in target.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                p.pop();
+            }
+            std::path::Component::Normal(n) => p.push(n),
+            std::path::Component::CurDir => {}
+            std::path::Component::RootDir | std::path::Component::Prefix(_) => {
+                p = PathBuf::from(c.as_os_str());
+            }
+        }
+    }
+    p.parent() == Some(blobs)
+}
+
 /// What a snapshot lacks to be loaded: `config.json`, a tokenizer (`tokenizer.json` or
 /// `tokenizer.model`), and the weights (`model.safetensors`, or the index and every shard it
 /// names). A file counts when it is there whole (downloads write `.part` files beside the blobs
-/// and move them into place complete; a link to a missing blob does not count).
+/// and move them into place complete; a link to a missing blob does not count) and in the cache: a
+/// link out of the repo's blobs, or a name that would leave the snapshot, is listed with why.
 pub fn missing_files(snapshot: &Path) -> Vec<String> {
-    let present = |f: &str| std::fs::metadata(snapshot.join(f)).is_ok_and(|m| m.is_file());
+    let blobs = snapshot
+        .parent()
+        .and_then(Path::parent)
+        .map_or_else(|| snapshot.join("blobs"), |repo| repo.join("blobs"));
+    let entry = |f: &str| match crate::pathsafe::join_under(snapshot, f) {
+        Ok(p) => snapshot_entry(&p, &blobs, snapshot),
+        Err(e) => Entry::Outside(e.why.to_string()),
+    };
+    let present = |f: &str| entry(f) == Entry::Complete;
+    // A missing file's name, with why when something not to be trusted stands there.
+    let named = |f: &str, alt: &str| match entry(f) {
+        Entry::Outside(why) => format!("{f} ({why})"),
+        _ => format!("{f}{alt}"),
+    };
     let mut missing = Vec::new();
     if !present("config.json") {
-        missing.push("config.json".to_string());
+        missing.push(named("config.json", ""));
     }
     if !present("tokenizer.json") && !present("tokenizer.model") {
-        missing.push("tokenizer.json".to_string());
+        missing.push(named("tokenizer.json", ""));
     }
     let index = crate::checkpoint::INDEX_FILE;
     if present(index) {
@@ -187,14 +278,19 @@ pub fn missing_files(snapshot: &Path) -> Vec<String> {
                 let mut shards: Vec<&String> = idx.weight_map.values().collect();
                 shards.sort();
                 shards.dedup();
-                missing.extend(shards.into_iter().filter(|s| !present(s)).cloned());
+                missing.extend(
+                    shards
+                        .into_iter()
+                        .filter(|s| !present(s))
+                        .map(|s| named(s, "")),
+                );
             }
             None => missing.push(format!("{index} (unreadable)")),
         }
     } else if !present(crate::checkpoint::SINGLE_FILE) {
-        missing.push(format!(
-            "{} (or {index} and its shards)",
-            crate::checkpoint::SINGLE_FILE
+        missing.push(named(
+            crate::checkpoint::SINGLE_FILE,
+            &format!(" (or {index} and its shards)"),
         ));
     }
     missing
@@ -245,12 +341,20 @@ pub fn resolve_with(model: &str, env: &HubEnv) -> Result<PathBuf> {
 pub fn download(model: &str, env: &HubEnv) -> Result<PathBuf> {
     let r = ModelRef::parse(model)
         .with_context(|| format!("`{model}` is not a Hub id (owner/name[@revision])"))?;
-    download::download(&r, env).with_context(|| {
-        format!(
-            "downloading `{model}` from {} (set HF_HUB_OFFLINE=1 to stay offline)",
-            env.endpoint
-        )
-    })
+    download::download(&r, env)
+        .with_context(|| {
+            format!(
+                "downloading `{model}` from {} (set HF_HUB_OFFLINE=1 to stay offline)",
+                env.endpoint
+            )
+        })
+        // The token never reaches an error: a server may echo it in a body we quote.
+        .map_err(|e| match &env.token {
+            Some(t) if format!("{e:?}").contains(t.as_str()) => {
+                anyhow::anyhow!("{}", env.redact(&format!("{e:#}")))
+            }
+            _ => e,
+        })
 }
 
 #[cfg(test)]

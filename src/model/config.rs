@@ -254,6 +254,36 @@ impl Phi3Config {
         None
     }
 
+    /// A warning when `max_seq_len` exceeds the context the checkpoint was built for
+    /// (`max_position_embeddings`), saying what rope scaling it has.
+    pub fn context_warning(&self, max_seq_len: usize) -> Option<String> {
+        let context = self.max_position_embeddings;
+        if max_seq_len <= context {
+            return None;
+        }
+        let scaling = match self.rope() {
+            Ok(RopeConfig {
+                scaling: RopeScaling::None,
+                theta,
+                ..
+            }) => format!("no rope scaling (rope_theta {theta})"),
+            Ok(RopeConfig {
+                scaling: RopeScaling::LongRope { original_max, .. },
+                ..
+            }) => format!(
+                "longrope scaling from its original {original_max} tokens to {context}, and none \
+                 beyond"
+            ),
+            Err(e) => format!("a rope configuration qlora cannot read ({e})"),
+        };
+        Some(format!(
+            "training.max_seq_len {max_seq_len} exceeds the model's context length {context} \
+             (max_position_embeddings in config.json); the checkpoint has {scaling}, so positions \
+             past {context} were never trained and rotary angles are extrapolated there. Set \
+             max_seq_len to {context} or less unless you mean to extend the context"
+        ))
+    }
+
     /// The rotary embedding: base, rotated fraction and scaling, from `rope_parameters`
     /// (transformers 5) or `rope_theta` + `rope_scaling` (transformers 4 and Microsoft's configs).
     pub fn rope(&self) -> Result<RopeConfig> {
@@ -464,6 +494,30 @@ mod tests {
         v["num_key_value_heads"] = 5.into();
         let err = format!("{:#}", Phi3Config::from_value(&v, "c").unwrap_err());
         assert!(err.contains("num_key_value_heads 5"), "{err}");
+    }
+
+    #[test]
+    fn a_max_seq_len_past_the_context_is_warned_with_the_rope_scaling() {
+        let c = Phi3Config::from_value(&mini(), "config.json").unwrap();
+        assert_eq!(c.context_warning(4096), None);
+        let w = c.context_warning(4097).unwrap();
+        assert!(
+            w.contains("4097 exceeds the model's context length 4096") && w.contains("no rope"),
+            "{w}"
+        );
+        // Phi-3-mini-128k: longrope from 4096 to 131072.
+        let mut v = mini();
+        v["max_position_embeddings"] = 131072.into();
+        v["original_max_position_embeddings"] = 4096.into();
+        v["rope_scaling"] = serde_json::json!({"type": "longrope", "short_factor": vec![1.0; 48],
+                                               "long_factor": vec![1.0; 48]});
+        let c = Phi3Config::from_value(&v, "config.json").unwrap();
+        assert_eq!(c.context_warning(8192), None);
+        let w = c.context_warning(200_000).unwrap();
+        assert!(
+            w.contains("longrope scaling from its original 4096 tokens to 131072"),
+            "{w}"
+        );
     }
 
     #[test]

@@ -296,6 +296,11 @@ impl Trainer {
                 base,
             },
         )?;
+        if let Some(w) = model.cfg.context_warning(cfg.training.max_seq_len)
+            && comm.rank() == 0
+        {
+            eprintln!("warning: {w}");
+        }
         let pad_id = tok.pad_id.or(tok.eos_id).unwrap_or(0);
         let global_micro_batch = comm.world() * cfg.training.micro_batch_size;
         let micro_per_epoch = rows.len().div_ceil(global_micro_batch) as u64;

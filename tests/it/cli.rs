@@ -177,6 +177,77 @@ fn train_flag_errors_are_clear() {
     let (code, _, stderr) = qlora(&["train", "--model", "builtin:tiny-phi3"]);
     assert_eq!(code, 2);
     assert!(stderr.contains("no training data"), "{stderr}");
+    // A negative number is a value (then out of range), not clap's "unexpected argument".
+    for lr in [["--lr", "-1"], ["--lr", "-1e-4"]] {
+        let (code, _, stderr) = qlora(&["train", "--config", "configs/demo.toml", lr[0], lr[1]]);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(
+            stderr.contains("training.learning_rate must be a positive number")
+                && !stderr.contains("unexpected argument"),
+            "{stderr}"
+        );
+    }
+    // A relative data path says what it is relative to.
+    let (code, _, stderr) = qlora(&[
+        "train",
+        "--config",
+        "configs/demo.toml",
+        "--data",
+        "data/demo/no-such.jsonl",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "data/demo/no-such.jsonl (relative to {}): cannot read the data file",
+            env!("CARGO_MANIFEST_DIR")
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_max_seq_len_past_the_context_is_warned_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run").display().to_string();
+    let (code, stdout, stderr) = qlora(&[
+        "train",
+        "--config",
+        "configs/demo.toml",
+        "--max-steps",
+        "1",
+        "--max-seq-len",
+        "5000",
+        "--output",
+        &out,
+        "--set",
+        "training.save_every=0",
+        "--set",
+        "training.eval_every=0",
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stderr
+            .contains("warning: training.max_seq_len 5000 exceeds the model's context length 4096")
+            && stderr.contains("no rope scaling (rope_theta 10000)"),
+        "{stderr}"
+    );
+    // Within the context: no warning.
+    let out2 = tmp.path().join("run2").display().to_string();
+    let (code, _, stderr) = qlora(&[
+        "train",
+        "--config",
+        "configs/demo.toml",
+        "--max-steps",
+        "1",
+        "--output",
+        &out2,
+        "--set",
+        "training.save_every=0",
+        "--set",
+        "training.eval_every=0",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("context length"), "{stderr}");
 }
 
 #[test]

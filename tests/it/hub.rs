@@ -12,23 +12,26 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+pub(crate) const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
 /// What the server does to one file's requests.
 #[derive(Debug, Clone, Default)]
-struct Fault {
+pub(crate) struct Fault {
     /// Close the connection after this many body bytes, for the next `times` body requests.
-    drop_after: Option<(usize, usize)>,
+    pub drop_after: Option<(usize, usize)>,
     /// Flip a byte of the body, for the next `times` body requests.
-    corrupt: usize,
+    pub corrupt: usize,
     /// Answer this status, for the next `times` requests of any kind.
-    status: Option<(u16, usize)>,
+    pub status: Option<(u16, usize)>,
     /// Sleep this long per 64 KiB of body.
-    slow_ms: u64,
+    pub slow_ms: u64,
+    /// Answer 500 with the request's Authorization header in the body, for the next `times`
+    /// requests (a server that echoes the token).
+    pub echo_auth: usize,
 }
 
 #[derive(Debug, Default)]
-struct State {
+pub(crate) struct State {
     faults: HashMap<String, Fault>,
     /// Every request: (path, Range header).
     log: Vec<(String, Option<String>)>,
@@ -36,13 +39,15 @@ struct State {
     all: Option<u16>,
     /// `http://127.0.0.1:<port>`: the "CDN" of the redirects is an absolute URL, as the Hub's.
     base: String,
+    /// The commit the revision API answers (default [`COMMIT`]).
+    pub commit: Option<String>,
 }
 
 /// A repo's files, and the server.
-struct FakeHub {
-    addr: String,
-    files: Arc<HashMap<String, Vec<u8>>>,
-    state: Arc<Mutex<State>>,
+pub(crate) struct FakeHub {
+    pub addr: String,
+    pub files: Arc<HashMap<String, Vec<u8>>>,
+    pub state: Arc<Mutex<State>>,
 }
 
 fn is_lfs(name: &str) -> bool {
@@ -59,7 +64,7 @@ fn etag(name: &str, data: &[u8]) -> String {
 }
 
 impl FakeHub {
-    fn start(files: HashMap<String, Vec<u8>>) -> Self {
+    pub(crate) fn start(files: HashMap<String, Vec<u8>>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = format!("http://{}", listener.local_addr().unwrap());
         let files = Arc::new(files);
@@ -80,15 +85,15 @@ impl FakeHub {
         Self { addr, files, state }
     }
 
-    fn fault(&self, file: &str, f: Fault) {
+    pub(crate) fn fault(&self, file: &str, f: Fault) {
         self.state.lock().unwrap().faults.insert(file.into(), f);
     }
 
-    fn log(&self) -> Vec<(String, Option<String>)> {
+    pub(crate) fn log(&self) -> Vec<(String, Option<String>)> {
         self.state.lock().unwrap().log.clone()
     }
 
-    fn env(&self, cache: &Path) -> HubEnv {
+    pub(crate) fn env(&self, cache: &Path) -> HubEnv {
         HubEnv {
             cache: Some(cache.to_path_buf()),
             offline: false,
@@ -120,15 +125,18 @@ fn serve(
     r.read_line(&mut line)?;
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let mut range = None;
+    let mut auth = String::new();
     loop {
         let mut h = String::new();
         if r.read_line(&mut h)? == 0 || h.trim().is_empty() {
             break;
         }
-        if let Some((k, v)) = h.split_once(':')
-            && k.eq_ignore_ascii_case("range")
-        {
-            range = Some(v.trim().to_string());
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("range") {
+                range = Some(v.trim().to_string());
+            } else if k.eq_ignore_ascii_case("authorization") {
+                auth = v.trim().to_string();
+            }
         }
     }
     let mut st = state.lock().unwrap();
@@ -150,14 +158,14 @@ fn serve(
         }
     }
     // /api/models/<o>/<n>/revision/<rev>
-    if let Some(rest) = path.strip_prefix("/api/models/") {
-        drop(st);
-        let _ = rest;
+    if path.starts_with("/api/models/") {
         let siblings: Vec<serde_json::Value> = files
             .keys()
             .map(|k| serde_json::json!({ "rfilename": k }))
             .collect();
-        let body = serde_json::json!({ "sha": COMMIT, "siblings": siblings }).to_string();
+        let commit = st.commit.clone().unwrap_or_else(|| COMMIT.into());
+        drop(st);
+        let body = serde_json::json!({ "sha": commit, "siblings": siblings }).to_string();
         respond(&c, 200, &[], body.as_bytes());
         return Ok(());
     }
@@ -171,6 +179,17 @@ fn serve(
         }
     };
     let fault = st.faults.entry(file.clone()).or_default();
+    if fault.echo_auth > 0 {
+        fault.echo_auth -= 1;
+        drop(st);
+        respond(
+            &c,
+            500,
+            &[],
+            format!("bad request from `{auth}`").as_bytes(),
+        );
+        return Ok(());
+    }
     if let Some((code, n)) = fault.status
         && n > 0
     {
@@ -265,7 +284,7 @@ fn serve(
     Ok(())
 }
 
-fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {
@@ -278,7 +297,7 @@ fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
 }
 
 /// A single-file repo: config, tokenizer, model.safetensors (3 MB), plus files never fetched.
-fn single_repo() -> HashMap<String, Vec<u8>> {
+pub(crate) fn single_repo() -> HashMap<String, Vec<u8>> {
     HashMap::from([
         ("config.json".into(), br#"{"model_type":"phi3"}"#.to_vec()),
         ("tokenizer.json".into(), br#"{"version":"1.0"}"#.to_vec()),
@@ -291,7 +310,7 @@ fn single_repo() -> HashMap<String, Vec<u8>> {
 }
 
 /// A sharded repo: the index and two shards.
-fn sharded_repo() -> HashMap<String, Vec<u8>> {
+pub(crate) fn sharded_repo() -> HashMap<String, Vec<u8>> {
     let index = serde_json::json!({
         "metadata": {"total_size": 4_000_000},
         "weight_map": {
@@ -326,7 +345,7 @@ fn assert_files(snapshot: &Path, hub: &FakeHub, names: &[&str]) {
     }
 }
 
-fn repo_of(cache: &Path) -> PathBuf {
+pub(crate) fn repo_of(cache: &Path) -> PathBuf {
     cache.join("models--o--m")
 }
 

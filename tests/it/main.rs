@@ -11,6 +11,7 @@ mod gguf_bpe;
 mod gguf_phi4;
 mod gpu;
 mod hub;
+mod hub_hostile;
 mod kquant;
 mod model;
 mod plan;
