@@ -284,7 +284,7 @@ fn serve(
     Ok(())
 }
 
-pub(crate) fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {

@@ -2,7 +2,7 @@
 //! `../` commit id, links planted in a snapshot, a server that echoes the token. Each gets one
 //! clear error; nothing is created, changed or read outside the cache; the token never shows.
 
-use crate::hub::{COMMIT, FakeHub, Fault, random_bytes, repo_of, single_repo};
+use crate::hub::{COMMIT, FakeHub, Fault, repo_of, sharded_repo, single_repo};
 use qlora::hub::{download, missing_files, resolve_with};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -28,8 +28,12 @@ fn files_outside(dir: &Path, skip: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
-/// A sharded repo whose index names `shard` (listed and served under that name too).
+/// The sharded repo of `hub.rs` with its second shard renamed `shard` in the index, the file list
+/// and the files served.
 fn repo_naming(shard: &str) -> HashMap<String, Vec<u8>> {
+    let mut files = sharded_repo();
+    let second = files.remove("model-00002-of-00002.safetensors").unwrap();
+    files.insert(shard.to_string(), second);
     let index = serde_json::json!({
         "metadata": {},
         "weight_map": {
@@ -37,19 +41,11 @@ fn repo_naming(shard: &str) -> HashMap<String, Vec<u8>> {
             "lm_head.weight": shard,
         }
     });
-    HashMap::from([
-        ("config.json".into(), br#"{"model_type":"phi3"}"#.to_vec()),
-        ("tokenizer.json".into(), br#"{"version":"1.0"}"#.to_vec()),
-        (
-            "model.safetensors.index.json".into(),
-            index.to_string().into_bytes(),
-        ),
-        (
-            "model-00001-of-00002.safetensors".into(),
-            random_bytes(10_000, 2),
-        ),
-        (shard.to_string(), random_bytes(10_000, 3)),
-    ])
+    files.insert(
+        "model.safetensors.index.json".into(),
+        index.to_string().into_bytes(),
+    );
+    files
 }
 
 #[test]
