@@ -18,4 +18,5 @@ mod quantize;
 mod train;
 mod trainer;
 mod verify;
+mod verify_gguf;
 mod wild;
