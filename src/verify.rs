@@ -33,6 +33,12 @@ use candle_core::{D, DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
 mod gguf;
+mod thresholds;
+mod tokenizer;
+
+pub use thresholds::{Thresholds, export_type};
+
+use tokenizer::{gguf_tokenizer, tokenizer_files};
 
 /// What was exported.
 #[derive(Debug, Clone)]
@@ -45,77 +51,6 @@ pub enum Export {
     Gguf(PathBuf),
     /// A LoRA GGUF and the base GGUF it applies to.
     LoraGguf { lora: PathBuf, base: PathBuf },
-}
-
-/// The export's weight encoding, for its thresholds: a GGUF's file type, else the safetensors'
-/// dtype.
-pub fn export_type(export: &Export) -> Result<String> {
-    if let Export::LoraGguf { lora, base } = export {
-        // The looser of the base's type and the LoRA tensors' (an f16 LoRA on an f32 base is
-        // an f16 export).
-        let base_ty = export_type(&Export::Gguf(base.clone()))?;
-        let h = crate::export::gguf_read::read_header(lora)?;
-        let lora_ty = h
-            .tensors
-            .iter()
-            .map(|t| t.ty.name())
-            .max_by(|a, b| {
-                Thresholds::for_type(a)
-                    .mean_kl
-                    .total_cmp(&Thresholds::for_type(b).mean_kl)
-            })
-            .unwrap_or("f32")
-            .to_string();
-        return Ok(
-            if Thresholds::for_type(&lora_ty).mean_kl > Thresholds::for_type(&base_ty).mean_kl {
-                lora_ty
-            } else {
-                base_ty
-            },
-        );
-    }
-    let gguf = match export {
-        Export::Gguf(p) => Some(p),
-        _ => None,
-    };
-    if let Some(p) = gguf {
-        let h = crate::export::gguf_read::read_header(p)?;
-        let ft = h
-            .get("general.file_type")
-            .and_then(|v| v.as_u64())
-            .context("no general.file_type")?;
-        // llama.cpp's LLAMA_FTYPE values.
-        return Ok(match ft {
-            0 => "f32",
-            1 => "f16",
-            2 => "q4_0",
-            7 => "q8_0",
-            15 => "q4_k_m",
-            17 => "q5_k_m",
-            18 => "q6_k",
-            32 => "bf16",
-            _ => "other",
-        }
-        .into());
-    }
-    if let Export::Merged(d) = export {
-        let c: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(d.join("config.json"))
-                .with_context(|| format!("{}: cannot read config.json", d.display()))?,
-        )?;
-        let dt = c
-            .get("torch_dtype")
-            .or_else(|| c.get("dtype"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("float32");
-        return Ok(match dt {
-            "float16" => "f16",
-            "bfloat16" => "bf16",
-            _ => "f32",
-        }
-        .into());
-    }
-    Ok("f32".into())
 }
 
 /// The export at `path` (`base_gguf` for a LoRA GGUF), by what it is.
@@ -172,51 +107,6 @@ pub const PROMPTS: [&str; 4] = [
     "Explain in one sentence why the sky is blue.",
     "List three prime numbers greater than 10.",
 ];
-
-/// Acceptance bounds for one export type.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Thresholds {
-    /// Largest mean KL(reference ‖ export) over the teacher-forced positions, in nats.
-    pub mean_kl: f64,
-    /// Smallest fraction of positions whose top-1 token agrees.
-    pub top1: f64,
-    /// Smallest fraction of greedy tokens equal to the reference's before the first difference,
-    /// averaged over prompts.
-    pub greedy: f64,
-}
-
-impl Thresholds {
-    /// By the weights' encoding, from measurements of faithful exports on two models: the built-in
-    /// one with a random rank-8 adapter (tests/it/verify.rs with `QLORA_VERIFY_PRINT=1`; its
-    /// 128-wide rows take k-quants' fallback types) and the 256-wide pattern model of
-    /// tests/fixtures/gen_kquant_goldens.py (`qlora verify` on its exports, 4 prompts × 16 tokens:
-    /// real k-quants everywhere). Worst mean KL(model ‖ export), top-1: f32 (merged, GGUF, base
-    /// GGUF + LoRA GGUF) 6e-14, 100%; f16 2.0e-10, 100%; bf16 1.4e-8, 100%; q8_0 5.4e-4, 98.2%;
-    /// q6_k 2.7e-3, 89.4%; q5_k_m 6.5e-3, 85.8%; q4_k_m 2.3e-2, 81.4%; q4_0 5.6e-2, 77.0%. Random
-    /// models' flat distributions are near-ties everywhere, the worst case for top-1 and greedy.
-    /// The bounds sit 3–5× above the worst KL (more for the exact types, for real models' larger
-    /// logits) and far below what the faults cost: a lost adapter (KL 1.2e-3 for the random
-    /// adapter, 1.4 for the demo one), a wrong scale or a transposed tensor, the other merge base.
-    /// Greedy agreement is required where rounding rarely flips a near-tie (f32 to q8_0); below 8
-    /// bits it is reported.
-    pub fn for_type(ty: &str) -> Self {
-        let (mean_kl, top1, greedy) = match ty {
-            "f32" => (1e-9, 1.0, 1.0),
-            "f16" => (1e-6, 0.99, 0.75),
-            "bf16" => (1e-5, 0.97, 0.75),
-            "q8_0" => (2e-3, 0.9, 0.5),
-            "q6_k" => (1e-2, 0.8, 0.0),
-            "q5_k_m" => (2e-2, 0.75, 0.0),
-            "q4_k_m" => (7e-2, 0.7, 0.0),
-            _ => (0.15, 0.6, 0.0),
-        };
-        Self {
-            mean_kl,
-            top1,
-            greedy,
-        }
-    }
-}
 
 /// The measures of one verification.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -567,127 +457,4 @@ pub fn verify(
         failures,
         notes,
     })
-}
-
-/// A merged export carries the base's tokenizer files unchanged and its special ids.
-fn tokenizer_files(
-    base: &Path,
-    export: &Path,
-    failures: &mut Vec<String>,
-    notes: &mut Vec<String>,
-) -> Result<()> {
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "tokenizer.model",
-    ] {
-        match (std::fs::read(base.join(f)), std::fs::read(export.join(f))) {
-            (Ok(a), Ok(b)) if a == b => {}
-            (Ok(_), Ok(_)) => failures.push(format!("tokenizer: {f} differs from the base's")),
-            (Ok(_), Err(_)) => failures.push(format!("tokenizer: {f} is missing from the export")),
-            _ => {}
-        }
-    }
-    let cfg = |d: &Path| -> Result<serde_json::Value> {
-        Ok(serde_json::from_slice(
-            &std::fs::read(d.join("config.json"))
-                .with_context(|| format!("{}: cannot read config.json", d.display()))?,
-        )?)
-    };
-    let (a, b) = (cfg(base)?, cfg(export)?);
-    for k in ["bos_token_id", "eos_token_id", "pad_token_id", "vocab_size"] {
-        if a.get(k) != b.get(k) {
-            failures.push(format!(
-                "tokenizer: config.json {k} is {} in the export, {} in the base",
-                b.get(k).unwrap_or(&serde_json::Value::Null),
-                a.get(k).unwrap_or(&serde_json::Value::Null)
-            ));
-        }
-    }
-    notes.push("tokenizer files and special ids: compared with the base's".into());
-    Ok(())
-}
-
-/// The GGUF's tokenizer keys against what the converter writes for this model (the vocabulary,
-/// token types, merges, special ids, pre-tokenizer, chat template), and the prompts' ids read
-/// back through its token list.
-fn gguf_tokenizer(
-    reference: &Reference,
-    header: &crate::export::gguf_read::GgufHeader,
-    path: &Path,
-    failures: &mut Vec<String>,
-    notes: &mut Vec<String>,
-) -> Result<()> {
-    use crate::export::gguf::GgufWriter;
-    let cfg = &reference.model.cfg;
-    let file_pre = header
-        .get("tokenizer.ggml.pre")
-        .map(|v| v.to_json().as_str().unwrap_or_default().to_string());
-    let mut w = GgufWriter::default();
-    if let Err(e) = crate::export::vocab::write_tokenizer(&mut w, &reference.dir, cfg, None) {
-        // A vocabulary no llama.cpp table knows: the file's own name, if llama.cpp has it.
-        match &file_pre {
-            Some(p) if crate::export::vocab::is_known_pre(p) => {
-                notes.push(format!(
-                    "pre-tokenizer: the vocabulary's check hash is in no llama.cpp table ({e:#}); the \
-                     file says `{p}`, a name llama.cpp knows"
-                ));
-                w = GgufWriter::default();
-                crate::export::vocab::write_tokenizer(&mut w, &reference.dir, cfg, Some(p))?;
-            }
-            _ => {
-                failures.push(format!("tokenizer: {e:#}"));
-                return Ok(());
-            }
-        }
-    }
-    let mut bytes = std::io::Cursor::new(Vec::new());
-    w.write(&mut bytes)?;
-    let want = crate::export::gguf_read::parse_header(bytes.get_ref())?;
-    for (k, v) in &want.metadata {
-        match header.get(k) {
-            None => failures.push(format!("tokenizer: {} has no {k}", path.display())),
-            Some(got) if got != v => {
-                let show = |x: &crate::export::gguf_read::MetaValue| {
-                    let s = x.to_json().to_string();
-                    if s.chars().count() > 80 {
-                        format!("{}…", s.chars().take(80).collect::<String>())
-                    } else {
-                        s
-                    }
-                };
-                failures.push(format!(
-                    "tokenizer: {k} is {} in the file, {} for this model",
-                    show(got),
-                    show(v)
-                ))
-            }
-            Some(_) => {}
-        }
-    }
-    // The prompts' ids through the file's token list: the same strings as the tokenizer's.
-    if let Some(crate::export::gguf_read::MetaValue::Array(tokens)) =
-        header.get("tokenizer.ggml.tokens")
-    {
-        let ids = reference.prompt_ids(&PROMPTS.map(str::to_string))?;
-        let mut bad = 0;
-        for &id in ids.iter().flatten() {
-            let theirs = tokens.get(id as usize).map(|t| t.to_json());
-            let ours = reference.tok.tokenizer.id_to_token(id);
-            if theirs.as_ref().and_then(|t| t.as_str()) != ours.as_deref() {
-                bad += 1;
-            }
-        }
-        if bad > 0 {
-            failures.push(format!(
-                "tokenizer: {bad} of the prompts' ids name other tokens in the file"
-            ));
-        }
-    }
-    notes.push(format!(
-        "tokenizer: {} keys compared with what the converter writes for this model",
-        want.metadata.len()
-    ));
-    Ok(())
 }
