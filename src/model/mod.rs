@@ -1,6 +1,7 @@
 //! The Phi-3 model family: configuration, tensor names, the model itself and its loading.
 
 pub mod config;
+pub mod gguf;
 pub mod linear;
 pub mod load;
 pub mod names;

@@ -126,6 +126,21 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         .map(|(_, g)| format!("blk.{layer}.{g}"))
 }
 
+/// The Hugging Face name of a GGUF tensor that [`gguf_name`] writes (its inverse): `blk.7.ffn_up.weight`
+/// → `model.layers.7.mlp.gate_up_proj.weight`.
+pub fn hf_name(gguf: &str) -> Option<String> {
+    if let Some((h, _)) = GGUF_TOP_NAMES.iter().find(|(_, g)| *g == gguf) {
+        return Some(h.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, suffix) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    GGUF_BLOCK_NAMES
+        .iter()
+        .find(|(_, g)| *g == suffix)
+        .map(|(h, _)| format!("{LAYER_PREFIX}{layer}.{h}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,5 +197,15 @@ mod tests {
             Some("output.weight")
         );
         assert_eq!(gguf_name("model.layers.0.self_attn.q_proj.weight"), None);
+        // Every name of the table maps back.
+        for (h, _) in GGUF_TOP_NAMES {
+            assert_eq!(hf_name(&gguf_name(h).unwrap()).as_deref(), Some(h));
+        }
+        for (h, _) in GGUF_BLOCK_NAMES {
+            let hf = format!("{LAYER_PREFIX}12.{h}");
+            assert_eq!(hf_name(&gguf_name(&hf).unwrap()), Some(hf));
+        }
+        assert_eq!(hf_name("blk.0.attn_q.weight"), None);
+        assert_eq!(hf_name("rope_factors_long.weight"), None);
     }
 }

@@ -19,4 +19,5 @@ mod quantize;
 mod train;
 mod trainer;
 mod verify;
+mod verify_gguf;
 mod wild;

@@ -39,11 +39,11 @@ fn model_and_adapter(tmp: &Path, rslora: bool) -> (PathBuf, PathBuf) {
     (dir, a)
 }
 
-fn prompts() -> Vec<String> {
+pub fn prompts() -> Vec<String> {
     PROMPTS[..2].iter().map(|p| p.to_string()).collect()
 }
 
-fn run(
+pub fn run(
     dir: &Path,
     adapter: Option<&Path>,
     base: MergeBase,
@@ -90,24 +90,37 @@ fn merged(dir: &Path, adapter: &Path, out: &Path, dtype: candle_core::DType, bas
     .unwrap();
 }
 
-fn assert_faithful(r: &Report, what: &str) {
-    if std::env::var("QLORA_VERIFY_PRINT").is_ok() {
-        let m = &r.measures;
-        eprintln!(
-            "MEASURE {what}: kl {:.3e} top1 {:.3} greedy {:.3} maxabs {:.3e} kl_base {:?}",
-            m.mean_kl,
-            m.top1_agreement,
-            m.greedy_agreement,
-            m.max_abs_logit_diff,
-            m.mean_kl_to_base
-        );
+/// With `QLORA_VERIFY_PRINT` set, prints the measures of `r` and returns true (the caller then
+/// asserts nothing: the thresholds' calibration mode).
+fn print_measures(r: &Report, what: &str) -> bool {
+    if std::env::var("QLORA_VERIFY_PRINT").is_err() {
+        return false;
+    }
+    let m = &r.measures;
+    eprintln!(
+        "MEASURE {what}: kl {:.3e} top1 {:.3} greedy {:.3} maxabs {:.3e} kl_base {:?} second {:?}",
+        m.mean_kl,
+        m.top1_agreement,
+        m.greedy_agreement,
+        m.max_abs_logit_diff,
+        m.mean_kl_to_base,
+        m.second_engine_kl
+    );
+    true
+}
+
+pub fn assert_faithful(r: &Report, what: &str) {
+    if print_measures(r, what) {
         return;
     }
     assert!(r.faithful(), "{what}: {r:#?}");
 }
 
 /// Fails, and only on checks whose line starts with `measure`.
-fn assert_fails_on(r: &Report, measure: &str, what: &str) {
+pub fn assert_fails_on(r: &Report, measure: &str, what: &str) {
+    if print_measures(r, what) {
+        return;
+    }
     assert!(!r.faithful(), "{what} passed: {r:#?}");
     assert!(
         r.failures.iter().any(|f| f.starts_with(measure)),
@@ -373,29 +386,4 @@ fn the_wrong_merge_base_is_a_small_nonzero_difference() {
             r.failures
         );
     }
-}
-
-#[test]
-fn what_candle_cannot_run_is_reported_not_skipped() {
-    // Phi-4-mini's traits (partial rotary, tied head, longrope): candle-transformers' quantized
-    // Phi-3 would compute another model.
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = crate::common::fixtures().join("phi4-mini-tiny");
-    let out = tmp.path().join("p.gguf");
-    qlora::export::gguf_model::export(
-        &dir,
-        None,
-        &out,
-        GgmlType::parse("f32").unwrap(),
-        MergeBase::Original,
-        false,
-        Some("gpt-4o"),
-    )
-    .unwrap();
-    let r = run(&dir, None, MergeBase::Original, &out, None);
-    assert_eq!(r.exit_code(), 2, "{r:#?}");
-    assert!(
-        r.unchecked.as_ref().unwrap().contains("partial rotary"),
-        "{r:#?}"
-    );
 }

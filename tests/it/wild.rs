@@ -439,14 +439,9 @@ fn a_llamafied_4bit_checkpoint_trains_under_its_own_module_names() {
     assert!(d <= 1e-4, "split vs fused: {d:e}");
 }
 
-/// Phi-4 (microsoft/phi-4: Phi3ForCausalLM with the cl100k vocabulary, 100,352 rows, rope θ
-/// 250,000, 40 heads / 10 kv heads, its `<|im_start|>role<|im_sep|>…<|im_end|>` template), tiny:
-/// the assistant turn and its `<|im_end|>` are trained, training runs, and the GGUF export names
-/// llama.cpp's pre-tokenizer from the vocabulary's check hash, as the converter does (`dbrx`).
-#[test]
-fn a_phi4_like_checkpoint_trains_and_exports_with_its_cl100k_vocabulary() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("phi4");
+/// A tiny Phi-4 checkpoint in `dir`: microsoft/phi-4's config (cl100k vocabulary of 100,352 rows,
+/// rope θ 250,000, 8 heads / 2 kv heads, no window), random bf16 weights, its tokenizer files.
+pub fn phi4_checkpoint(dir: &Path) {
     let config = serde_json::json!({
         "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 100352,
         "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -456,7 +451,7 @@ fn a_phi4_like_checkpoint_trains_and_exports_with_its_cl100k_vocabulary() {
         "tie_word_embeddings": false, "bos_token_id": 100257, "eos_token_id": 100265,
         "pad_token_id": 100349, "torch_dtype": "bfloat16"
     });
-    write_checkpoint(&dir, &config, &tiny_tensors(&config), 2);
+    write_checkpoint(dir, &config, &tiny_tensors(&config), 2);
     // The cl100k vocabulary (tests/fixtures/bpe/cl100k, pruned from GPT-4's, ids unchanged) with
     // Phi-4's added <|im_sep|> and tokenizer_config.json.
     let mut tj: serde_json::Value = serde_json::from_slice(
@@ -470,6 +465,9 @@ fn a_phi4_like_checkpoint_trains_and_exports_with_its_cl100k_vocabulary() {
             "id": 100266, "content": "<|im_sep|>", "single_word": false, "lstrip": false,
             "rstrip": false, "normalized": false, "special": true
         }));
+    // In the model's vocabulary too, as the fixture's other specials are: an added token that
+    // is not gets the next free id from the tokenizers crate (503 here), not its declared one.
+    tj["model"]["vocab"]["<|im_sep|>"] = 100266.into();
     std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec(&tj).unwrap()).unwrap();
     let template = "{% for message in messages %}{% if (message['role'] == 'system') %}{{'<|im_start|>system<|im_sep|>' + message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'user') %}{{'<|im_start|>user<|im_sep|>' + message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'assistant') %}{{'<|im_start|>assistant<|im_sep|>' + message['content'] + '<|im_end|>'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}";
     std::fs::write(
@@ -482,7 +480,17 @@ fn a_phi4_like_checkpoint_trains_and_exports_with_its_cl100k_vocabulary() {
         .unwrap(),
     )
     .unwrap();
+}
 
+/// Phi-4 (microsoft/phi-4: Phi3ForCausalLM with the cl100k vocabulary, 100,352 rows, rope θ
+/// 250,000, 40 heads / 10 kv heads, its `<|im_start|>role<|im_sep|>…<|im_end|>` template), tiny:
+/// the assistant turn and its `<|im_end|>` are trained, training runs, and the GGUF export names
+/// llama.cpp's pre-tokenizer from the vocabulary's check hash, as the converter does (`dbrx`).
+#[test]
+fn a_phi4_like_checkpoint_trains_and_exports_with_its_cl100k_vocabulary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("phi4");
+    phi4_checkpoint(&dir);
     let bundle = qlora::data::tokenize::TokenizerBundle::from_dir(&dir).unwrap();
     let conv = qlora::data::jsonl::Conversation {
         messages: vec![
