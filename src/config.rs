@@ -41,6 +41,8 @@ pub struct Training {
     /// Global gradient-norm clipping; 0 disables.
     pub max_grad_norm: f64,
     pub weight_decay: f64,
+    /// `adamw` (f32 moments) or `adamw_8bit` (bitsandbytes' block-wise 8-bit moments).
+    pub optimizer: String,
     pub seed: u64,
     /// Log every N steps.
     pub log_every: u64,
@@ -108,6 +110,7 @@ impl Default for TrainConfig {
                 max_seq_len: 2048,
                 max_grad_norm: 1.0,
                 weight_decay: 0.0,
+                optimizer: "adamw".into(),
                 seed: 42,
                 log_every: 1,
                 eval_every: 0,
@@ -187,6 +190,7 @@ impl TrainConfig {
         if t.epochs == 0 && t.max_steps == 0 {
             bail!("set training.epochs or training.max_steps");
         }
+        t.optimizer.parse::<crate::train::optim::OptimizerKind>()?;
         if !matches!(t.dtype.as_str(), "auto" | "f32" | "bf16" | "f16") {
             bail!("training.dtype `{}`: use auto, f32, bf16 or f16", t.dtype);
         }

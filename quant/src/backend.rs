@@ -111,8 +111,9 @@ pub fn code4_cuda(qt: QuantType, x: f32) -> u8 {
 
 /// The lookup table bitsandbytes 0.50's CPU 8-bit quantizer builds for a 256-entry code
 /// (`build_quantize_lut`): entry `i` is the number of midpoints `0.5·(c[k] + c[k+1])` strictly
-/// below the grid point `-1 + 2i/65535`, all in f32.
-fn build_cpu_lut(code: &[f32; 256]) -> Box<[u8; 65536]> {
+/// below the grid point `-1 + 2i/65535`, all in f32. Built for any sorted map (the 8-bit optimizers
+/// quantize their second moment over the unsigned map with the same table construction).
+pub fn build_cpu_lut(code: &[f32; 256]) -> Box<[u8; 65536]> {
     let mids: Vec<f32> = code.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect();
     let mut lut = Box::new([0u8; 65536]);
     let mut k = 0usize;
@@ -140,9 +141,19 @@ fn cpu_lut_index(v: f32) -> usize {
     t.mul_add(65535.0, 0.5) as u16 as usize
 }
 
+/// The code bitsandbytes' CPU quantizer gives `v` (already multiplied by `1/absmax`) from `lut`,
+/// the [`build_cpu_lut`] table of its map.
+#[inline(always)]
+pub fn code8_cpu(lut: &[u8; 65536], v: f32) -> u8 {
+    lut[cpu_lut_index(v)]
+}
+
 /// bitsandbytes' CUDA `dQuantize<0>` over the dynamic map: a 7-step binary search from entry 127,
 /// then the value goes to the neighbour on its side when it lies beyond the midpoint with the last
-/// pivot passed on that side (`(a + b)·0.5` in f32).
+/// pivot passed on that side (`(a + b)·0.5` in f32). The 8-bit optimizers' `quantize_2D<SIGNED>`
+/// (`kOptimizerStatic8bit2StateBlockwise`) is the same search over `code` (its first pivots read
+/// from a copy of entries 63/127/191, its outer bounds ±1 or 0 and 1, which equal the map's ends
+/// where they matter), so this serves both the signed and the unsigned map.
 pub fn code8_cuda(code: &[f32; 256], x: f32) -> u8 {
     let (mut pivot, mut upper_pivot, mut lower_pivot) = (127usize, 255usize, 0usize);
     let (mut lower, mut upper) = (-1.0f32, 1.0f32);
@@ -186,7 +197,7 @@ pub fn code8_cuda(code: &[f32; 256], x: f32) -> u8 {
 pub fn code8(backend: BnbBackend, v: f32) -> u8 {
     match backend {
         BnbBackend::Cuda => code8_cuda(dynamic_map(), v),
-        BnbBackend::Cpu => cpu_lut()[cpu_lut_index(v)],
+        BnbBackend::Cpu => code8_cpu(cpu_lut(), v),
     }
 }
 

@@ -208,21 +208,34 @@ pub const ABSMAX_FLOOR: f32 = 1e-38;
 /// (the Python float cast to f32, then an f32 multiply); then appends 0 and 1 and sorts.
 pub fn dynamic_map() -> &'static [f32; 256] {
     static MAP: OnceLock<[f32; 256]> = OnceLock::new();
-    MAP.get_or_init(|| {
-        const SCALES: [f64; 7] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0];
-        let mut data = Vec::with_capacity(256);
-        for (i, &scale) in SCALES.iter().enumerate() {
-            let bounds = linspace_f32(0.1, 1.0, (1 << i) + 1);
-            let means: Vec<f32> = bounds.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
-            let scale = scale as f32;
-            data.extend(means.iter().map(|m| scale * m));
+    MAP.get_or_init(|| build_dynamic_map(true))
+}
+
+/// bitsandbytes' unsigned 8-bit dynamic map, `create_dynamic_map(signed=False)`: 256 sorted values
+/// in [0, 1], the map of 8-bit optimizers' second moment (`qmap2`). As [`dynamic_map`], but
+/// `2^(i+1) + 1` boundaries per exponent and no negative half: 254 means, 0 and 1.
+pub fn dynamic_map_unsigned() -> &'static [f32; 256] {
+    static MAP: OnceLock<[f32; 256]> = OnceLock::new();
+    MAP.get_or_init(|| build_dynamic_map(false))
+}
+
+fn build_dynamic_map(signed: bool) -> [f32; 256] {
+    const SCALES: [f64; 7] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0];
+    let mut data = Vec::with_capacity(256);
+    for (i, &scale) in SCALES.iter().enumerate() {
+        let items = if signed { 1 << i } else { 1 << (i + 1) };
+        let bounds = linspace_f32(0.1, 1.0, items + 1);
+        let means: Vec<f32> = bounds.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+        let scale = scale as f32;
+        data.extend(means.iter().map(|m| scale * m));
+        if signed {
             data.extend(means.iter().map(|m| -scale * m));
         }
-        data.push(0.0);
-        data.push(1.0);
-        data.sort_by(|a, b| cmp_finite(*a, *b));
-        data.try_into().expect("the dynamic map has 256 entries")
-    })
+    }
+    data.push(0.0);
+    data.push(1.0);
+    data.sort_by(|a, b| cmp_finite(*a, *b));
+    data.try_into().expect("a dynamic map has 256 entries")
 }
 
 /// `torch.linspace(start, end, steps, dtype=float32)` on the CPU, bit-exact.
@@ -272,6 +285,9 @@ mod tests {
         assert_eq!(map[255], 1.0);
         assert_eq!(map[0], -0.992_968_75);
         assert_eq!(map.iter().filter(|v| **v == 0.0).count(), 1);
+        let u = dynamic_map_unsigned();
+        assert!(u.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!((u[0], u[255]), (0.0, 1.0));
     }
 
     #[test]

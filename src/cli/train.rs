@@ -246,6 +246,13 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
                 String::new()
             }
         );
+        let n_params: usize = trainer.opt.params().iter().map(|p| p.elem_count()).sum();
+        let bytes = trainer.opt.state_bytes();
+        eprintln!(
+            "optimizer {}: {n_params} trainable parameters, {bytes} bytes of state ({:.3} per parameter)",
+            trainer.opt.kind().as_str(),
+            bytes as f64 / n_params.max(1) as f64
+        );
     }
     let summary = trainer.run(args.stop_after_steps)?;
     if rank > 0 {

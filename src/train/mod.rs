@@ -1,8 +1,9 @@
 //! Training: the loss and its LoRA gradients (with per-block gradient checkpointing behind a
-//! switch, in [`grads`]) and the AdamW optimizer ([`optim`]).
+//! switch, in [`grads`]), the AdamW optimizer ([`optim`]) and bitsandbytes' 8-bit AdamW ([`optim8`]).
 
 pub mod grads;
 pub mod optim;
+pub mod optim8;
 pub mod trainer;
 
 pub use grads::{Batch, LossAndGrads, loss, loss_and_grads};

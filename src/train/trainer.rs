@@ -14,7 +14,7 @@
 //! Dropout masks are numbered by global row. Rank 0 alone writes files.
 
 use super::grads::{Batch, loss, loss_and_grads};
-use super::optim::{AdamW, AdamWConfig};
+use super::optim::{AdamWConfig, Optimizer, OptimizerKind};
 use crate::config::{Schedule, TrainConfig};
 use crate::data::batch::{Row, RowStats, build_rows, collate};
 use crate::data::{TokenizerBundle, read_jsonl};
@@ -126,7 +126,7 @@ pub struct Trainer {
     pub eval_rows: Vec<Row>,
     pub stats: RowStats,
     pub skipped_lines: usize,
-    pub opt: AdamW,
+    pub opt: Optimizer,
     pub state: TrainState,
     pub total_steps: u64,
     pad_id: u32,
@@ -315,7 +315,9 @@ impl Trainer {
             .iter()
             .flat_map(|a| [a.a.clone(), a.b.clone()])
             .collect();
-        let mut opt = AdamW::new(
+        let kind: OptimizerKind = cfg.training.optimizer.parse()?;
+        let mut opt = Optimizer::new(
+            kind,
             params,
             AdamWConfig {
                 weight_decay: cfg.training.weight_decay,
@@ -333,22 +335,13 @@ impl Trainer {
                 .iter()
                 .flat_map(|a| [a.a.clone(), a.b.clone()])
                 .collect();
-            opt = AdamW::new(params, opt.cfg)?;
+            opt = Optimizer::new(kind, params, opt.cfg())?;
             let opt_path = ck.join("optimizer.safetensors");
-            let mut moments = crate::checkpoint::load_safetensors(&opt_path, &device)?;
-            let mut take = |name: String| {
-                moments.remove(&name).with_context(|| {
-                    format!(
-                        "{}: no optimizer moment `{name}` (a checkpoint of another run?)",
-                        opt_path.display()
-                    )
-                })
-            };
-            for (i, m) in opt.moments.iter_mut().enumerate() {
-                *m = (take(format!("m.{i}"))?, take(format!("v.{i}"))?);
-            }
+            let mut saved = crate::checkpoint::load_safetensors(&opt_path, &device)?;
+            opt.load_state(&mut saved)
+                .with_context(|| opt_path.display().to_string())?;
             state = read_state(&ck.join("state.json"))?;
-            opt.step = state.step;
+            opt.set_step(state.step);
             state.cursor = resume_cursor(&state, cfg.training.micro_batch_size, global_micro_batch)
                 .with_context(|| format!("resuming {}", ck.display()))?;
             if comm.rank() == 0 {
@@ -373,7 +366,7 @@ impl Trainer {
             });
             dist::check_same(&*comm, "training data", dist::fnv1a(ids))?;
             let mut bytes = Vec::new();
-            for p in &opt.params {
+            for p in opt.params() {
                 let v: Vec<f32> = p
                     .as_tensor()
                     .to_dtype(DType::F32)?
@@ -527,7 +520,7 @@ impl Trainer {
             // No row of this step fell to this rank: it adds zeros.
             None => self
                 .opt
-                .params
+                .params()
                 .iter()
                 .map(|p| p.as_tensor().zeros_like())
                 .collect::<candle_core::Result<_>>()?,
@@ -630,11 +623,8 @@ impl Trainer {
         }
         let tmp = AtomicDir::create(&dir)?;
         self.save_adapter(&tmp.path().join("adapter"))?;
-        let mut moments = std::collections::HashMap::new();
-        for (i, (m, v)) in self.opt.moments.iter().enumerate() {
-            moments.insert(format!("m.{i}"), m.clone());
-            moments.insert(format!("v.{i}"), v.clone());
-        }
+        let moments: std::collections::HashMap<_, _> =
+            self.opt.state_tensors().into_iter().collect();
         candle_core::safetensors::save(&moments, tmp.path().join("optimizer.safetensors"))?;
         std::fs::write(
             tmp.path().join("state.json"),

@@ -14,6 +14,7 @@ mod hub;
 mod hub_hostile;
 mod kquant;
 mod model;
+mod optim8;
 mod plan;
 mod quantize;
 mod train;
