@@ -177,6 +177,7 @@ fn bench() -> Result<()> {
         target: qlora::plan::Target::of(&dev),
         checkpointing: !a.no_checkpointing,
         grad_accum: 1,
+        optimizer: qlora::train::optim::OptimizerKind::AdamW,
         tensors: qlora::plan::inputs::synthetic_load_order(&model.cfg, true),
         double_quant: true,
         blocksize: 64,

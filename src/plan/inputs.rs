@@ -251,6 +251,7 @@ pub fn for_run(
         target,
         checkpointing: cfg.training.gradient_checkpointing,
         grad_accum: cfg.training.grad_accum,
+        optimizer: cfg.training.optimizer.parse()?,
         tensors,
         double_quant: cfg.quant.double_quant,
         blocksize: cfg.quant.blocksize,

@@ -25,6 +25,8 @@ pub const LM_HEAD: &str = "lm_head.weight";
 
 use crate::model::Phi3Config;
 use crate::model::phi3::memory::{self, Step};
+use crate::train::optim::OptimizerKind;
+use crate::train::optim8;
 use tape::{Id, Kind, Memory, Tape};
 
 /// Where the run trains.
@@ -81,6 +83,8 @@ pub struct Inputs {
     pub target: Target,
     pub checkpointing: bool,
     pub grad_accum: usize,
+    /// `training.optimizer`: its state and its step's temporaries.
+    pub optimizer: OptimizerKind,
     /// The checkpoint's tensors in the order [`crate::model::load`] reads them.
     pub tensors: Vec<LoadTensor>,
     /// NF4 double quantization (absmax in 8 bits) and block size.
@@ -269,18 +273,38 @@ impl Inputs {
         }
     }
 
-    fn adapter_bytes(&self) -> (u64, u64) {
+    fn adapter_bytes(&self) -> u64 {
         let mut total = 0u64;
-        let mut largest = 0u64;
         for (target, r) in &self.step.adapted {
             let Some([out, inp]) = self.cfg.any_linear_shape(target) else {
                 continue;
             };
-            let (a, b) = (f32b(r * inp), f32b(out * r));
-            total += a + b;
-            largest = largest.max(a).max(b);
+            total += f32b(r * inp) + f32b(out * r);
         }
-        (total * self.cfg.num_hidden_layers as u64, largest)
+        total * self.cfg.num_hidden_layers as u64
+    }
+
+    /// The optimizer's state over every adapter matrix, and its step's temporaries for the
+    /// largest ([`optim8::step_temporaries`]; AdamW: five f32 copies, its tensor ops' results).
+    fn optimizer_bytes(&self) -> (u64, u64) {
+        let (mut state, mut temps) = (0u64, 0u64);
+        let on_host = matches!(self.target, Target::Cpu { .. });
+        for (target, r) in &self.step.adapted {
+            let Some([out, inp]) = self.cfg.any_linear_shape(target) else {
+                continue;
+            };
+            for n in [r * inp, out * r] {
+                let (s, t) = match self.optimizer {
+                    OptimizerKind::AdamW => (2 * f32b(n), 5 * f32b(n)),
+                    OptimizerKind::AdamW8bit => {
+                        (optim8::state_bytes(n), optim8::step_temporaries(n, on_host))
+                    }
+                };
+                state += s * self.cfg.num_hidden_layers as u64;
+                temps = temps.max(t);
+            }
+        }
+        (state, temps)
     }
 
     /// The head's loss on `m` selected rows: its chunk buffers beyond the selected rows.
@@ -326,7 +350,8 @@ impl Inputs {
         // Every position is a target at worst (the plan cannot know the data's mask).
         let m = b * s;
         let w = self.weights();
-        let (adapters, largest_param) = self.adapter_bytes();
+        let adapters = self.adapter_bytes();
+        let (opt_state, opt_temps) = self.optimizer_bytes();
         let mut common: Vec<Term> = Vec::new();
         let add = |v: &mut Vec<Term>, name: &str, bytes: u64| {
             if bytes > 0 {
@@ -387,7 +412,13 @@ impl Inputs {
         add(&mut common, "lm_head", w.head);
         add(&mut common, "norm weights", w.norms);
         add(&mut common, "adapters A, B (f32)", adapters);
-        add(&mut common, "AdamW moments (2 × f32)", 2 * adapters);
+        let state_name = match self.optimizer {
+            OptimizerKind::AdamW => "AdamW moments (2 × f32)",
+            OptimizerKind::AdamW8bit => {
+                "8-bit AdamW state (2 codes a weight + 2 f32 absmax a 256-block; f32 under 4096)"
+            }
+        };
+        add(&mut common, state_name, opt_state);
         // The batch: ids, positions, segments (u32) and targets (i64) on the host; the mask
         // [B, 1, T, T] and the rotary tables.
         let rot = self.cfg.head_dim() as u64;
@@ -524,7 +555,11 @@ impl Inputs {
             "gradients: sum, mean, clipped copy",
             2 * adapters + accum,
         );
-        add(&mut opt, "AdamW update temporaries", 5 * largest_param);
+        let temps_name = match self.optimizer {
+            OptimizerKind::AdamW => "AdamW update temporaries",
+            OptimizerKind::AdamW8bit => "8-bit AdamW step: the largest matrix's copies",
+        };
+        add(&mut opt, temps_name, opt_temps);
         phases.push(PhasePeak::of(Phase::Optimizer, opt));
         for p in &mut phases {
             let sum: u64 = p.terms.iter().map(|t| t.bytes).sum();
@@ -663,6 +698,14 @@ impl Inputs {
             switches.push((
                 format!("--max-seq-len {half}"),
                 self.with_shape(self.step.batch, half),
+            ));
+        }
+        if self.optimizer == OptimizerKind::AdamW {
+            let mut i = self.clone();
+            i.optimizer = OptimizerKind::AdamW8bit;
+            switches.push((
+                "--set training.optimizer=adamw_8bit (8-bit optimizer state)".into(),
+                i,
             ));
         }
         let r = self.step.adapted.first().map_or(0, |a| a.1);
@@ -894,6 +937,7 @@ mod tests {
             target: Target::Cpu { threads: 2 },
             checkpointing: ckpt,
             grad_accum: 1,
+            optimizer: OptimizerKind::AdamW,
             tensors,
             double_quant: true,
             blocksize: 64,
@@ -946,6 +990,41 @@ mod tests {
         assert!(v.switches.windows(2).all(|w| w[0].1 <= w[1].1));
         assert!(i.verdict(Some(peak)).fits);
         assert!(i.verdict(None).fits);
+    }
+
+    /// The 8-bit state term is bitsandbytes' layout over every adapter matrix (here hidden 512,
+    /// r 16: A [16, 512] and every B ≥ 4096 elements, 8-bit), the rest of the plan unchanged but
+    /// the step's temporaries; and the advice offers the switch.
+    #[test]
+    fn eight_bit_adamw_state_is_codes_and_block_absmax() {
+        let a = inputs(2, 1, 256, true, true);
+        let mut b = a.clone();
+        b.optimizer = OptimizerKind::AdamW8bit;
+        let term = |i: &Inputs, prefix: &str| -> u64 {
+            let p = i.plan();
+            let t = p.phases[1]
+                .terms
+                .iter()
+                .find(|t| t.name.starts_with(prefix));
+            t.map_or(0, |t| t.bytes)
+        };
+        let (mut n_f32, mut n_8bit) = (0u64, 0u64);
+        for t in a.cfg.layout().targets() {
+            let [out, inp] = a.cfg.any_linear_shape(t).unwrap();
+            for n in [16 * inp as u64, out as u64 * 16] {
+                n_f32 += 8 * n;
+                n_8bit += 2 * n + 8 * n.div_ceil(256);
+            }
+        }
+        assert_eq!(term(&a, "AdamW moments"), 2 * n_f32);
+        assert_eq!(term(&b, "8-bit AdamW state"), 2 * n_8bit);
+        assert!(b.plan().peak_bytes < a.plan().peak_bytes);
+        let v = a.verdict(Some(b.plan().peak_bytes));
+        assert!(
+            v.switches.iter().any(|(s, _)| s.contains("adamw_8bit")),
+            "{:?}",
+            v.switches
+        );
     }
 
     #[test]

@@ -19,19 +19,43 @@
 //! A non-finite gradient element zeroes both its moments and leaves its parameter alone.
 //!
 //! Weight decay: bitsandbytes' CUDA kernel decays after the Adam step (as above), its CPU path
-//! (`backends/cpu/ops.py`) before, as `torch.optim.AdamW` does; the two differ by `lr²·λ` terms.
-//! Training follows the CUDA kernel ([`BnbBackend::Cuda`], the default). [`BnbBackend::Cpu`]
-//! reproduces bitsandbytes 0.50.2's CPU arithmetic instead, bit for bit on the states for finite
-//! gradients (tests/fixtures/gen_adamw8bit_goldens.py): decay first, moments with torch's fused
-//! multiply-adds (`m·β₁ + fma`), `p + (−lr/(1 − β₁ᵗ))·m / (√v/√(1 − β₂ᵗ) + ε)`, codes from its 65,536-entry
-//! lookup table (not always the nearest code, see `qlora_quant::backend`) and no sign fix. With
-//! `weight_decay = 0` the two modes apply the same update up to f32 rounding.
+//! before, as `torch.optim.AdamW` does; the two differ by `lr²·λ` terms. Training follows the
+//! CUDA kernel ([`BnbBackend::Cuda`], the default). [`BnbBackend::Cpu`] reproduces bitsandbytes
+//! 0.50.2's CPU arithmetic instead, bit for bit on the states for finite gradients. With
+//! `weight_decay = 0` both compute the same update from the same states, but round the states
+//! differently (the CPU's lookup table cannot reach the codes nearest 0), so their parameters
+//! drift apart a little (after 100 steps, by under 1% of how far they moved).
 //!
 //! The states live as tensors on the parameters' device (`u8` codes, `f32` absmax), so a checkpoint
 //! holds exactly them; the update itself runs on the host, block by block ([`step_block`], the
 //! scalar reference, mapped over blocks in parallel — blocks are independent, so the parallel
 //! pass is the same arithmetic). On a GPU that is a copy of each parameter, its gradient and its
 //! states to the host and back per step: correct, not fast.
+//!
+//! Facts, with their sources (bitsandbytes 0.50.2 as installed by `shared/tools/reference-venv.sh`;
+//! its CPU backend is identical at commit 95f9af30 of bitsandbytes-foundation/bitsandbytes):
+//! - `optim/optimizer.py`, `Optimizer2State.init_state`: `p.numel() < min_8bit_size` (4096) keeps
+//!   f32 `state1`/`state2`; otherwise `uint8` ones over `qmap1 = create_dynamic_map(signed=True)`
+//!   and `qmap2 = create_dynamic_map(signed=False)`, `blocksize = 256`, `absmax1`/`absmax2` f32 of
+//!   `ceil(n/256)` blocks, all zeros. Golden: 4,095 elements stay f32, 4,096 go 8-bit.
+//! - `functional.py::create_dynamic_map`: both maps, regenerated bit for bit
+//!   (`qlora_quant::format`; golden `map.signed`, `map.unsigned`).
+//! - `csrc/kernels.cu::kOptimizerStatic8bit2StateBlockwise<T, ADAM, 256, 1>` (read, not run here):
+//!   the update above; the parameter from the f32 `s1`, `s2` before they are requantized;
+//!   `quantize_2D` a binary search then a midpoint test (the nearest code); the sign fix for `m`
+//!   only; a NaN/inf gradient zeroes `s1`, `s2` and skips the parameter, decay included.
+//!   `kOptimizer32bit2State` (the f32 state) also decays after, but has no such guard: here the
+//!   guard covers both.
+//! - `backends/cpu/ops.py::_optimizer_update_8bit_blockwise_cpu` (the goldens' path): dequantize
+//!   (`code[c]·absmax`, `csrc/cpu_ops.cpp`), `m.mul_(β₁).add_(g, alpha=1−β₁)` and
+//!   `v.mul_(β₂).addcmul_(g, g, value=1−β₂)` in f32 with the Python constants cast to f32, decay
+//!   first, `p.addcdiv_(m, √v/√(1−β₂ᵗ) + ε, value=−lr/(1−β₁ᵗ))`, then `quantize_blockwise`: the
+//!   block's max |·|, `x·(1/absmax)` looked up in a 65,536-entry table (a zero block: absmax 0,
+//!   codes 0); no sign fix, no non-finite guard. torch 2.15 on AVX-512 fuses both updates into
+//!   multiply-adds (`fma(g, 1−β₁, m·β₁)`, `fma((1−β₂)·g, g, v·β₂)`): the unfused forms differ in
+//!   `absmax2`'s last bit within 10 steps (tests/fixtures/gen_adamw8bit_goldens.py).
+//!   `_optimizer_update_32bit_cpu` (f32 state): the same moments, decay first, then
+//!   `p += (−lr·√(1−β₂ᵗ)/(1−β₁ᵗ))·m/(√v + ε·√(1−β₂ᵗ))` as one multiply-add.
 
 use candle_core::{DType, Result, Tensor, Var};
 use qlora_quant::BnbBackend;
@@ -59,6 +83,19 @@ pub fn state_bytes(n_elems: usize) -> u64 {
         2 * n_elems as u64 + 2 * 4 * n_blocks(n_elems, BLOCK_ELEMS) as u64
     } else {
         2 * 4 * n_elems as u64
+    }
+}
+
+/// Bytes [`AdamW8bit::step`] allocates for a parameter of `n_elems` elements beyond its state:
+/// on the host the parameter and gradient as f32 and the two code vectors (f32 moments: four
+/// f32 vectors); on a GPU, where those host copies are not device memory, the new parameter,
+/// codes and absmax uploaded while the old ones live.
+pub fn step_temporaries(n_elems: usize, on_host: bool) -> u64 {
+    let n = n_elems as u64;
+    match (on_host, is_8bit(n_elems)) {
+        (true, true) => 4 * n + 4 * n + 2 * n,
+        (true, false) => 4 * 4 * n,
+        (false, _) => 4 * n + state_bytes(n_elems),
     }
 }
 

@@ -15,6 +15,7 @@ mod hub_hostile;
 mod kquant;
 mod model;
 mod optim8;
+mod optim8_train;
 mod plan;
 mod quantize;
 mod train;
