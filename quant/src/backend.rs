@@ -154,37 +154,26 @@ pub fn code8_cpu(lut: &[u8; 65536], v: f32) -> u8 {
 /// (`kOptimizerStatic8bit2StateBlockwise`) is the same search over `code` (its first pivots read
 /// from a copy of entries 63/127/191, its outer bounds ±1 or 0 and 1, which equal the map's ends
 /// where they matter), so this serves both the signed and the unsigned map.
+///
+/// Written with selects instead of branches (the search's direction is a coin flip per value, so
+/// branches mispredict): the same pivots, and `lower`/`upper` are always `code[lower_pivot]` /
+/// `code[upper_pivot]` once the kernel's ±1 start values are replaced by the map's ends, as it
+/// does. [`tests::code8_cuda_branchy`] transcribes the kernel's branches; a test holds them equal.
+#[inline]
 pub fn code8_cuda(code: &[f32; 256], x: f32) -> u8 {
     let (mut pivot, mut upper_pivot, mut lower_pivot) = (127usize, 255usize, 0usize);
-    let (mut lower, mut upper) = (-1.0f32, 1.0f32);
-    let mut val = code[pivot];
-    let mut step = 64;
-    while step > 0 {
-        if x > val {
-            lower_pivot = pivot;
-            lower = val;
-            pivot += step;
-        } else {
-            upper_pivot = pivot;
-            upper = val;
-            pivot -= step;
-        }
-        val = code[pivot];
-        step >>= 1;
+    for step in [64, 32, 16, 8, 4, 2, 1] {
+        let gt = x > code[pivot];
+        lower_pivot = if gt { pivot } else { lower_pivot };
+        upper_pivot = if gt { upper_pivot } else { pivot };
+        pivot = if gt { pivot + step } else { pivot - step };
     }
-    if upper_pivot == 255 {
-        upper = code[255];
-    }
-    if lower_pivot == 0 {
-        lower = code[0];
-    }
+    let val = code[pivot];
+    let above = x > (code[upper_pivot] + val) * 0.5;
+    let below = x < (code[lower_pivot] + val) * 0.5;
     let chosen = if x > val {
-        if x > (upper + val) * 0.5 {
-            upper_pivot
-        } else {
-            pivot
-        }
-    } else if x < (lower + val) * 0.5 {
+        if above { upper_pivot } else { pivot }
+    } else if below {
         lower_pivot
     } else {
         pivot
@@ -313,6 +302,73 @@ mod tests {
         }
         v.extend((-2000..=2000).map(|i| i as f32 / 1000.0));
         v
+    }
+
+    /// `dQuantize<0>` / `quantize_2D`, transcribed branch by branch.
+    pub(super) fn code8_cuda_branchy(code: &[f32; 256], x: f32) -> u8 {
+        let (mut pivot, mut upper_pivot, mut lower_pivot) = (127usize, 255usize, 0usize);
+        let (mut lower, mut upper) = (-1.0f32, 1.0f32);
+        let mut val = code[pivot];
+        let mut step = 64;
+        while step > 0 {
+            if x > val {
+                lower_pivot = pivot;
+                lower = val;
+                pivot += step;
+            } else {
+                upper_pivot = pivot;
+                upper = val;
+                pivot -= step;
+            }
+            val = code[pivot];
+            step >>= 1;
+        }
+        if upper_pivot == 255 {
+            upper = code[255];
+        }
+        if lower_pivot == 0 {
+            lower = code[0];
+        }
+        let chosen = if x > val {
+            if x > (upper + val) * 0.5 {
+                upper_pivot
+            } else {
+                pivot
+            }
+        } else if x < (lower + val) * 0.5 {
+            lower_pivot
+        } else {
+            pivot
+        };
+        chosen as u8
+    }
+
+    /// Every entry, every midpoint ±3 ulps, both ends, zeros, NaN, ±∞ and a fine sweep, on the
+    /// signed and the unsigned map.
+    #[test]
+    fn select_search_equals_the_branchy_transcription() {
+        for map in [dynamic_map(), crate::format::dynamic_map_unsigned()] {
+            let mut xs: Vec<f32> = (-200_000..=200_000).map(|i| i as f32 / 200_000.0).collect();
+            xs.extend([
+                0.0,
+                -0.0,
+                f32::NAN,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                1.5,
+                -1.5,
+            ]);
+            for w in map.windows(2) {
+                for m in [w[0], 0.5 * (w[0] + w[1])] {
+                    for d in -3i32..=3 {
+                        xs.push(f32::from_bits((m.to_bits() as i32 + d) as u32));
+                    }
+                }
+            }
+            for x in xs {
+                assert_eq!(code8_cuda(map, x), code8_cuda_branchy(map, x), "{x:e}");
+            }
+        }
     }
 
     #[test]
