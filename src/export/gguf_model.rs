@@ -146,19 +146,5 @@ pub fn export(
 
 /// Writes `w` to `out` through a temporary sibling and a rename (nothing half-written remains).
 pub fn write_file(w: GgufWriter<'_>, out: &Path) -> Result<()> {
-    let tmp = crate::fsx::tmp_sibling(out);
-    let result = (|| {
-        let mut f = std::io::BufWriter::new(
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
-        );
-        w.write(&mut f)?;
-        std::io::Write::flush(&mut f)?;
-        Ok::<(), anyhow::Error>(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, out)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+    crate::fsx::disk::write_with(out, None, |f| w.write(f))
 }

@@ -9,7 +9,7 @@ use crate::checkpoint::{self, CONFIG_FILE, INDEX_FILE, ShardIndex};
 use crate::fsx::{AtomicDir, write_atomic};
 use crate::lora::peft::PeftAdapter;
 use crate::model::names;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::DType;
 use indicatif::ProgressBar;
 use qlora_quant::bnb;
@@ -139,8 +139,7 @@ pub fn export(
             "pt".to_string(),
         )]));
         let path = tmp.path().join(&shard.file);
-        ::safetensors::serialize_to_file(tensors, metadata, &path)
-            .with_context(|| format!("writing {}", path.display()))?;
+        crate::fsx::st::save(&path, tensors, metadata)?;
         if let Some(e) = error.borrow_mut().take() {
             return Err(e.context(format!("computing tensors of {}", shard.file)));
         }

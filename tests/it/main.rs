@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod data;
+mod diskfull;
 mod export;
 mod fused_model;
 mod fuzz;
@@ -14,6 +15,7 @@ mod hub;
 mod kquant;
 mod model;
 mod plan;
+mod preempt;
 mod quantize;
 mod train;
 mod trainer;
