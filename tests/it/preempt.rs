@@ -397,3 +397,40 @@ fn a_disk_too_small_for_the_plan_is_refused_unless_forced() {
         "checkpoint {one} vs planned {ck}"
     );
 }
+
+#[test]
+fn a_failed_export_write_names_the_file_and_leaves_nothing_behind() {
+    let adapter = reference().join("run/adapter").display().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    for (format, out, fault) in [
+        ("safetensors", "merged", "2"),
+        ("gguf", "merged.gguf", "1:erofs"),
+    ] {
+        let path = tmp.path().join(out);
+        let args: Vec<String> = [
+            "export",
+            "--adapter",
+            &adapter,
+            "--format",
+            format,
+            "--no-verify",
+            "--out",
+            path.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        let o = command(&args, &[("QLORA_FAULT_WRITE", fault)])
+            .output()
+            .unwrap();
+        let msg = text(&o);
+        assert_eq!(o.status.code(), Some(74), "{format}: {msg}");
+        assert!(
+            msg.contains(&tmp.path().display().to_string())
+                && (msg.contains("no space left on device; the file needs")
+                    || msg.contains("the filesystem is read-only")),
+            "{format}: {msg}"
+        );
+        let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().collect();
+        assert!(left.is_empty(), "{format}: {left:?} left behind");
+    }
+}
