@@ -252,8 +252,10 @@ pub fn write_with(
     fill: impl FnOnce(&mut BufWriter<OutFile>) -> Result<()>,
 ) -> Result<()> {
     let tmp = super::tmp_sibling(path);
-    let mut w =
-        BufWriter::with_capacity(1 << 20, OutFile::create(&tmp).map_err(|e| rename(e, path))?);
+    // A buffer of up to 1 MiB (larger writes go straight through), no larger than the file.
+    let capacity = needed_bytes.map_or(1 << 20, |n| n.clamp(64, 1 << 20) as usize);
+    let file = OutFile::create(&tmp).map_err(|e| rename(e, path))?;
+    let mut w = BufWriter::with_capacity(capacity, file);
     let filled = fill(&mut w).and_then(|()| Ok(w.flush()?));
     let out = w.get_ref();
     if let Err(e) = filled {

@@ -182,36 +182,50 @@ fn signals_at_random_moments_stop_cleanly_and_the_resumed_adapter_is_byte_identi
 #[test]
 fn a_second_ctrl_c_exits_at_once_without_a_checkpoint() {
     // A long run (steps of 8 micro-batches, no periodic checkpoints): the second SIGINT lands
-    // while the first one's step is still running.
+    // while the first one's step is still running. On a machine so loaded that the first lands
+    // at a step's very end, that step's stop completes first (exit 75): tried again, up to 3 times.
     let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("run");
-    let mut args = train_args(&out);
-    for (flag, value) in [("--max-steps", "1000"), ("--grad-accum", "8")] {
-        let at = args.iter().position(|a| a == flag).unwrap();
-        args[at + 1] = value.into();
-    }
-    args.extend(["--set", "training.save_every=0"].map(String::from));
-    let (mut child, lines) = spawn(&args);
-    let mut log = Vec::new();
-    for l in lines.iter() {
-        let step = l.starts_with("step ");
-        log.push(l);
-        if step {
-            break;
+    for attempt in 0..3 {
+        let out = tmp.path().join(format!("run{attempt}"));
+        let mut args = train_args(&out);
+        for (flag, value) in [("--max-steps", "1000"), ("--grad-accum", "8")] {
+            let at = args.iter().position(|a| a == flag).unwrap();
+            args[at + 1] = value.into();
+        }
+        args.extend(["--set", "training.save_every=0"].map(String::from));
+        let (mut child, lines) = spawn(&args);
+        let mut log = Vec::new();
+        for l in lines.iter() {
+            let step = l.starts_with("step ");
+            log.push(l);
+            if step {
+                break;
+            }
+        }
+        // Into step 2 (about 0.6 s of 8 micro-batches here), then twice 20 ms apart.
+        std::thread::sleep(Duration::from_millis(100));
+        kill(&child, libc::SIGINT);
+        std::thread::sleep(Duration::from_millis(20));
+        kill(&child, libc::SIGINT);
+        let status = child.wait().unwrap();
+        log.extend(lines.iter());
+        let log = log.join("\n");
+        match status.code() {
+            Some(130) => {
+                assert!(
+                    qlora::train::trainer::list_checkpoints(&out)
+                        .unwrap()
+                        .is_empty(),
+                    "no checkpoint after a forced exit"
+                );
+                assert!(!log.contains("stopped by"), "{log}");
+                return;
+            }
+            Some(75) => eprintln!("attempt {attempt}: the first SIGINT's stop finished first"),
+            other => panic!("exit {other:?}: {log}"),
         }
     }
-    // Into step 2 (about 0.6 s of 8 micro-batches here), then twice 20 ms apart.
-    std::thread::sleep(Duration::from_millis(100));
-    kill(&child, libc::SIGINT);
-    std::thread::sleep(Duration::from_millis(20));
-    kill(&child, libc::SIGINT);
-    let status = child.wait().unwrap();
-    log.extend(lines.iter());
-    assert_eq!(status.code(), Some(130), "{}", log.join("\n"));
-    assert!(
-        std::fs::read_dir(out.join("checkpoints")).map_or(true, |d| d.count() == 0),
-        "no checkpoint after a forced exit"
-    );
+    panic!("a second SIGINT never exited at once");
 }
 
 /// Every file under `dir`, recursively.
