@@ -150,3 +150,28 @@ fn unique_suffix() -> String {
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("{}-{n}", std::process::id())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftover_temporaries_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join(".step-000004.tmp-77-0/adapter")).unwrap();
+        std::fs::write(d.join(".step-000004.tmp-77-0/state.json"), "{").unwrap();
+        std::fs::write(d.join(".optimizer.safetensors.tmp-77-1"), "x").unwrap();
+        std::fs::create_dir(d.join("step-000003")).unwrap();
+        std::fs::write(d.join(".hidden"), "kept").unwrap();
+        remove_temps(d).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".hidden", "step-000003"]);
+        remove_temps(&d.join("missing")).unwrap();
+    }
+}
