@@ -1,8 +1,10 @@
 //! Training: the loss and its LoRA gradients (with per-block gradient checkpointing behind a
-//! switch, in [`grads`]) and the AdamW optimizer ([`optim`]).
+//! switch, in [`grads`]), the AdamW optimizer ([`optim`]), the loop ([`trainer`]) and its clean
+//! stop on a signal ([`stop`]).
 
 pub mod grads;
 pub mod optim;
+pub mod stop;
 pub mod trainer;
 
 pub use grads::{Batch, LossAndGrads, loss, loss_and_grads};

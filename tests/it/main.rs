@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod data;
+mod diskfull;
 mod export;
 mod fused_model;
 mod fuzz;
@@ -15,6 +16,7 @@ mod hub_hostile;
 mod kquant;
 mod model;
 mod plan;
+mod preempt;
 mod quantize;
 mod train;
 mod trainer;
