@@ -412,6 +412,22 @@ fn a_disk_too_small_for_the_plan_is_refused_unless_forced() {
     );
 }
 
+/// `qlora export` of `adapter` merged as `format` into `out`, without the quick verify.
+fn export_args(adapter: &str, format: &str, out: &Path) -> Vec<String> {
+    [
+        "export",
+        "--adapter",
+        adapter,
+        "--format",
+        format,
+        "--no-verify",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 #[test]
 fn a_failed_export_write_names_the_file_and_leaves_nothing_behind() {
     let adapter = reference().join("run/adapter").display().to_string();
@@ -421,18 +437,7 @@ fn a_failed_export_write_names_the_file_and_leaves_nothing_behind() {
         ("gguf", "merged.gguf", "1:erofs"),
     ] {
         let path = tmp.path().join(out);
-        let args: Vec<String> = [
-            "export",
-            "--adapter",
-            &adapter,
-            "--format",
-            format,
-            "--no-verify",
-            "--out",
-            path.to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec();
+        let args = export_args(&adapter, format, &path);
         let o = command(&args, &[("QLORA_FAULT_WRITE", fault)])
             .output()
             .unwrap();
@@ -457,20 +462,7 @@ fn an_export_that_cannot_fit_is_not_started_and_names_its_exact_size() {
     let tmp = tempfile::tempdir().unwrap();
     for (format, out) in [("safetensors", "merged"), ("gguf", "merged.gguf")] {
         let path = tmp.path().join(out);
-        let args = |p: &Path| -> Vec<String> {
-            [
-                "export",
-                "--adapter",
-                &adapter,
-                "--format",
-                format,
-                "--no-verify",
-                "--out",
-                p.to_str().unwrap(),
-            ]
-            .map(String::from)
-            .to_vec()
-        };
+        let args = |p: &Path| export_args(&adapter, format, p);
         let o = command(&args(&path), &[("QLORA_FAULT_FREE_BYTES", "1000")])
             .output()
             .unwrap();
