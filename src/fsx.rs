@@ -1,6 +1,10 @@
 //! Atomic writes: every artifact is written under a temporary name beside its destination and
-//! renamed into place, so a killed run never leaves a half-written file or directory behind. Also
-//! [`shown`], how a path appears in a message.
+//! renamed into place, so a killed run never leaves a half-written file or directory behind.
+//! Every byte goes through [`disk`] (write errors named, faults injectable); [`st`] writes
+//! safetensors files through it. Also [`shown`], how a path appears in a message.
+
+pub mod disk;
+pub mod st;
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -40,8 +44,7 @@ impl AtomicDir {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
+        disk::create_dir_all(parent)?;
         let tmp = parent.join(format!(
             ".{}.tmp-{}",
             name.to_string_lossy(),
@@ -51,7 +54,7 @@ impl AtomicDir {
             std::fs::remove_dir_all(&tmp)
                 .with_context(|| format!("removing stale {}", tmp.display()))?;
         }
-        std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        std::fs::create_dir(&tmp).map_err(|e| disk::DiskError::classify(dest, &e, None, 0))?;
         Ok(Self {
             tmp,
             dest: dest.to_path_buf(),
@@ -102,12 +105,34 @@ impl Drop for AtomicDir {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary sibling file and a rename.
+/// Writes `bytes` to `path` through a temporary sibling file and a rename ([`disk::write_with`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_sibling(path);
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    disk::write_with(path, Some(bytes.len() as u64), |w| {
+        std::io::Write::write_all(w, bytes)?;
+        Ok(())
+    })
+}
+
+/// Removes the temporaries (`.name.tmp-<pid>-<n>`) that a process killed while writing left in
+/// `dir`; call it only where no other process writes.
+pub fn remove_temps(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.contains(".tmp-") {
+            let p = e.path();
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            }
+            .with_context(|| format!("removing the leftover {}", p.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// `path` for a message: a relative path says what it is relative to (`data/train.jsonl (relative
@@ -135,4 +160,29 @@ fn unique_suffix() -> String {
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("{}-{n}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftover_temporaries_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join(".step-000004.tmp-77-0/adapter")).unwrap();
+        std::fs::write(d.join(".step-000004.tmp-77-0/state.json"), "{").unwrap();
+        std::fs::write(d.join(".optimizer.safetensors.tmp-77-1"), "x").unwrap();
+        std::fs::create_dir(d.join("step-000003")).unwrap();
+        std::fs::write(d.join(".hidden"), "kept").unwrap();
+        remove_temps(d).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".hidden", "step-000003"]);
+        remove_temps(&d.join("missing")).unwrap();
+    }
 }

@@ -10,7 +10,8 @@
 //! - [`export`]: the adapter merged into its base (safetensors).
 //! - [`verify`]: `qlora verify`, an export against the model it came from.
 //! - [`plan`]: `qlora plan`, a training run's peak memory predicted term by term before loading.
-//! - [`fsx`]: atomic writes (temp file or dir, then rename).
+//! - [`fsx`]: atomic writes (temp file or dir, then rename), every artifact byte through one door
+//!   ([`fsx::disk`]: a full disk or read-only output named with the bytes needed, fault injection).
 //! - [`pathsafe`]: names from outside (Hub file lists, shard indexes) joined under a root, or refused.
 //! - [`spill`]: writing a safetensors shard tensor by tensor when sizes are known only once encoded.
 //! - [`config`], [`hub`], [`builtin`], [`plot`]: `qlora train`'s settings, model resolution, the

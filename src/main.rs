@@ -1,4 +1,5 @@
-//! The `qlora` binary: parse, run, print the error chain and exit 2 on failure.
+//! The `qlora` binary: parse, run, print the error chain and exit 2 on failure (74 when a write
+//! failed: a full disk, a read-only output).
 
 use std::process::ExitCode;
 
@@ -18,7 +19,12 @@ fn main() -> ExitCode {
             for cause in err.chain().skip(1) {
                 eprintln!("  caused by: {cause}");
             }
-            ExitCode::from(2)
+            // A full disk or a read-only output: 74 (EX_IOERR), apart from other failures.
+            if err.chain().any(|c| c.is::<qlora::fsx::disk::DiskError>()) {
+                ExitCode::from(74)
+            } else {
+                ExitCode::from(2)
+            }
         }
     }
 }

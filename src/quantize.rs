@@ -216,8 +216,7 @@ pub fn quantize_checkpoint(
             "pt".to_string(),
         )]));
         let path = out.path().join(&shard.file);
-        safetensors::serialize_to_file(tensors, metadata, &path)
-            .with_context(|| format!("writing {}", path.display()))?;
+        crate::fsx::st::save(&path, tensors, metadata)?;
         if let Some(e) = error.borrow_mut().take() {
             return Err(e.context(format!("writing {}", path.display())));
         }

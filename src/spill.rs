@@ -11,6 +11,7 @@
 //! are exactly what it writes for in-memory tensors), reading each tensor back from the spill when
 //! the writer reaches it. Memory: one tensor; disk: the shard's quantized data twice, briefly.
 
+use crate::fsx::disk::OutFile;
 use anyhow::{Context, Result};
 use qlora_quant::bnb::RawTensor;
 use std::borrow::Cow;
@@ -24,7 +25,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug)]
 pub struct Spill {
     path: PathBuf,
-    file: File,
+    file: OutFile,
     n_bytes: u64,
 }
 
@@ -40,12 +41,11 @@ pub struct Spilled {
 impl Spill {
     /// Creates `path` (which must not exist).
     pub fn create(path: &Path) -> Result<Self> {
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .with_context(|| format!("creating the spill file {}", path.display()))?;
+        let file = OutFile::open(
+            path,
+            File::options().read(true).write(true).create_new(true),
+        )
+        .context("creating a spill file")?;
         Ok(Self {
             path: path.to_path_buf(),
             file,
@@ -55,9 +55,14 @@ impl Spill {
 
     /// Appends `t`'s bytes (then dropped by the caller) and returns where they are.
     pub fn push(&mut self, t: &RawTensor) -> Result<Spilled> {
-        (&self.file)
-            .write_all(&t.data)
-            .with_context(|| format!("writing the spill file {}", self.path.display()))?;
+        if self.file.write_all(&t.data).is_err() {
+            let needed = self.n_bytes + t.data.len() as u64;
+            let e = self.file.failure(&self.path, Some(needed));
+            return Err(
+                anyhow::Error::new(e.expect("a failed write keeps its error"))
+                    .context("writing a spill file (the quantized shard's data, once more)"),
+            );
+        }
         let spilled = Spilled {
             dtype: t.dtype,
             shape: t.shape.clone(),
@@ -72,6 +77,7 @@ impl Spill {
     pub fn read(&self, t: &Spilled) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; t.n_bytes];
         self.file
+            .file()
             .read_exact_at(&mut buf, t.offset)
             .with_context(|| format!("reading back the spill file {}", self.path.display()))?;
         Ok(buf)

@@ -465,3 +465,83 @@ fn eight_bit_adamw_trains_the_same_on_two_ranks() {
     assert!(a.keys().any(|k| k.starts_with("m8.")), "{:?}", a.keys());
     assert_eq!(a.len(), b.len());
 }
+
+#[test]
+fn a_signal_to_one_rank_stops_every_rank_after_the_same_step_and_the_job_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (full, cut) = (tmp.path().join("full"), tmp.path().join("cut"));
+    // No periodic checkpoint: the one the signal writes is the only one.
+    let extra = [
+        "--batch-size",
+        "1",
+        "--max-steps",
+        "10",
+        "--dist",
+        "mpi",
+        "--set",
+        "training.save_every=0",
+        "--set",
+        "training.log_every=1",
+    ];
+    ok(
+        &mpirun_cmd(&train_args(&full, &extra)).output().unwrap(),
+        "2 ranks, uninterrupted",
+    );
+    let mut child = mpirun_cmd(&train_args(&cut, &extra))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let _ = tx.send(line.unwrap_or_default());
+        }
+    });
+    let mut log: Vec<String> = Vec::new();
+    while !log.iter().any(|l| l.starts_with("step 2/")) {
+        let l = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("no step 2 logged: {log:?}"));
+        log.push(l);
+    }
+    // Rank 1 alone is signalled (as Slurm's --signal may reach one task first).
+    let pid = rank_pid(&cut, 1).expect("rank 1's process");
+    // SAFETY: kill(2) on a pid this test found.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGUSR1) }, 0);
+    let status = child.wait().unwrap();
+    log.extend(rx.iter());
+    let log = log.join("\n");
+    assert_eq!(status.code(), Some(75), "{log}");
+    let step_of = |needle: &str| -> u64 {
+        let at = log
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle}: {log}"));
+        log[at + needle.len()..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{log}"))
+    };
+    // Rank 0 learned of rank 1's signal through the step's all-reduce; both stopped after it.
+    let step0 = step_of("stopped by a signal to another rank after step ");
+    let step1 = step_of("rank 1 of 2: stopped by SIGUSR1 after step ");
+    assert_eq!(step0, step1, "{log}");
+    assert!((2..10).contains(&step0), "{log}");
+    assert!(log.contains("resume with: mpirun -np 2 "), "{log}");
+    assert!(
+        cut.join(format!("checkpoints/step-{step0:06}/state.json"))
+            .exists()
+    );
+    let mut resume = vec![
+        "train".to_string(),
+        "--resume".into(),
+        cut.display().to_string(),
+    ];
+    resume.extend(["--dist".to_string(), "mpi".into()]);
+    ok(&mpirun_cmd(&resume).output().unwrap(), "resumed on 2 ranks");
+    assert_curves_close(&losses(&cut), &losses(&full), "resumed vs uninterrupted");
+    assert_adapters_close(&cut.join("adapter"), &full.join("adapter"));
+}

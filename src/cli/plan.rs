@@ -8,8 +8,9 @@ use std::path::Path;
 use std::process::ExitCode;
 
 /// Predict a training run's peak memory before running it: the peak, by phase and term, whether it
-/// fits, and if not what would. Takes train's settings (flags, --config, --set); --data is
-/// optional (with it, the encoded rows are counted too). Exit code 0 when it fits, 1 when not.
+/// fits, and if not what would; and the disk it writes (checkpoints, adapter, metrics, plot)
+/// against the output's free space. Takes train's settings (flags, --config, --set); --data is
+/// optional (with it, the encoded rows are counted too). Exit code 0 when both fit, 1 when not.
 #[derive(Debug, Args)]
 pub struct PlanArgs {
     #[command(flatten)]
@@ -43,6 +44,7 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
     };
     let (tok, tokenizer) = inputs::load_tokenizer(&model_dir)?;
     let mut rows = inputs::Rows::default();
+    let mut train_rows = 0;
     for (path, what) in [
         (&cfg.data.train, "data.train"),
         (&cfg.data.eval, "data.eval"),
@@ -52,6 +54,9 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
         }
         let encoded =
             crate::train::trainer::encode_rows(&tok, Path::new(path), &cfg).context(what)?;
+        if what == "data.train" {
+            train_rows = encoded.0.len();
+        }
         rows = rows.and(inputs::Rows::of(&encoded.0));
     }
     let p = inputs::for_run(&cfg, &model_dir, target, tokenizer, rows, baseline)?;
@@ -60,6 +65,10 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
         None => device.as_ref().and_then(plan::budget),
     };
     let verdict = p.verdict(budget);
+    let output = Path::new(&cfg.training.output);
+    let steps = plan::disk::total_steps(&cfg, train_rows, 1);
+    let disk = plan::disk::plan(&cfg, &p.cfg, steps)?;
+    let disk_verdict = disk.verdict(output);
     if args.json {
         let planned = p.plan();
         let out = serde_json::json!({
@@ -71,6 +80,10 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
             "max_seq_len_that_fits": verdict.max_seq_len_that_fits,
             "batch_size_that_fits": verdict.batch_size_that_fits,
             "switches": verdict.switches.iter().map(|(s, b)| serde_json::json!({"switch": s, "peak_bytes": b})).collect::<Vec<_>>(),
+            "disk": disk,
+            "disk_needed_bytes": disk_verdict.needed_bytes,
+            "disk_free_bytes": disk_verdict.free_bytes,
+            "disk_fits": disk_verdict.fits,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -111,8 +124,9 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
             println!("(no --data: the encoded rows are not counted)");
         }
         print!("{}", plan::explain(&p, &verdict));
+        print!("{}", disk.explain(output, &disk_verdict));
     }
-    Ok(if verdict.fits {
+    Ok(if verdict.fits && disk_verdict.fits {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

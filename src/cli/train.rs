@@ -1,6 +1,7 @@
 //! `qlora train`.
 
 use crate::config::TrainConfig;
+use crate::train::stop;
 use crate::train::trainer::{PlanCheck, Trainer};
 use anyhow::{Context, Result};
 use clap::Args;
@@ -83,7 +84,7 @@ pub struct TrainArgs {
     /// Skip and count bad data lines instead of stopping [data.skip_bad_lines].
     #[arg(long)]
     skip_bad_lines: bool,
-    /// Train even when the memory plan (`qlora plan`) says the run does not fit.
+    /// Train even when the memory or disk plan (`qlora plan`) says the run does not fit.
     #[arg(long)]
     pub force: bool,
     /// Memory the run may use (8GiB, 512MiB, 16GB) [default: the GPU's free memory, or the
@@ -110,6 +111,21 @@ impl TrainArgs {
             );
         }
         Ok(cfg)
+    }
+
+    /// The flags a resumed run needs besides its saved config (`--dist`, `--force`, `--budget`).
+    pub fn resume_flags(&self) -> Vec<String> {
+        let mut f = Vec::new();
+        if self.dist != "auto" {
+            f.extend(["--dist".to_string(), self.dist.clone()]);
+        }
+        if self.force {
+            f.push("--force".into());
+        }
+        if let Some(b) = &self.budget {
+            f.extend(["--budget".to_string(), b.clone()]);
+        }
+        f
     }
 
     /// [`Self::resolve`] without requiring training data (`qlora plan`).
@@ -254,7 +270,15 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             bytes as f64 / n_params.max(1) as f64
         );
     }
-    let summary = trainer.run(args.stop_after_steps)?;
+    trainer.stop = stop::Stop::on_signals()?;
+    let flags = args.resume_flags();
+    let summary = trainer
+        .run(args.stop_after_steps)
+        .map_err(|e| stop::with_resume_hint(e, &trainer, &flags))?;
+    if !summary.finished && trainer.stopped() {
+        eprintln!("{}", stop::stopped_message(&trainer, &flags));
+        return Ok(ExitCode::from(stop::EXIT_STOPPED));
+    }
     if rank > 0 {
         return Ok(ExitCode::SUCCESS);
     }

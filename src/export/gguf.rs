@@ -221,8 +221,21 @@ impl<'a> GgufWriter<'a> {
         Ok(())
     }
 
-    /// Writes everything to `w`; each tensor's bytes are produced just before they are written.
-    pub fn write(self, w: &mut (impl Write + Seek)) -> Result<()> {
+    /// The size of the file [`GgufWriter::write`] writes, before writing it: the header padded to
+    /// [`ALIGNMENT`], then each tensor's bytes padded the same way.
+    pub fn file_bytes(&self) -> Result<u64> {
+        let mut head = std::io::Cursor::new(Vec::new());
+        let sizes = self.write_header(&mut head)?;
+        let head = head.into_inner().len() as u64;
+        Ok(head.next_multiple_of(ALIGNMENT)
+            + sizes
+                .iter()
+                .map(|s| s.next_multiple_of(ALIGNMENT))
+                .sum::<u64>())
+    }
+
+    /// The header (magic, counts, metadata, tensor infos), unpadded; returns each tensor's size.
+    fn write_header(&self, w: &mut impl Write) -> Result<Vec<u64>> {
         w.write_all(&MAGIC.to_le_bytes())?;
         w.write_all(&VERSION.to_le_bytes())?;
         w.write_all(&(self.tensors.len() as u64).to_le_bytes())?;
@@ -245,6 +258,12 @@ impl<'a> GgufWriter<'a> {
             sizes.push(size);
             offset += size.div_ceil(ALIGNMENT) * ALIGNMENT;
         }
+        Ok(sizes)
+    }
+
+    /// Writes everything to `w`; each tensor's bytes are produced just before they are written.
+    pub fn write(self, w: &mut (impl Write + Seek)) -> Result<()> {
+        let sizes = self.write_header(w)?;
         pad(w)?;
         for (t, size) in self.tensors.into_iter().zip(sizes) {
             let name = t.name.clone();

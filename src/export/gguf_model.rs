@@ -144,21 +144,10 @@ pub fn export(
     write_file(w, out)
 }
 
-/// Writes `w` to `out` through a temporary sibling and a rename (nothing half-written remains).
+/// Writes `w` to `out` through a temporary sibling and a rename (nothing half-written remains);
+/// a file its filesystem has no room for is not started (the size is known from the header).
 pub fn write_file(w: GgufWriter<'_>, out: &Path) -> Result<()> {
-    let tmp = crate::fsx::tmp_sibling(out);
-    let result = (|| {
-        let mut f = std::io::BufWriter::new(
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
-        );
-        w.write(&mut f)?;
-        std::io::Write::flush(&mut f)?;
-        Ok::<(), anyhow::Error>(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, out)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+    let n_bytes = w.file_bytes()?;
+    crate::fsx::disk::ensure_room(out, n_bytes)?;
+    crate::fsx::disk::write_with(out, Some(n_bytes), |f| w.write(f))
 }

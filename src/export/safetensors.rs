@@ -9,7 +9,7 @@ use crate::checkpoint::{self, CONFIG_FILE, INDEX_FILE, ShardIndex};
 use crate::fsx::{AtomicDir, write_atomic};
 use crate::lora::peft::PeftAdapter;
 use crate::model::names;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::DType;
 use indicatif::ProgressBar;
 use qlora_quant::bnb;
@@ -90,6 +90,9 @@ pub fn export(
     let error = RefCell::new(None);
     let mut weight_map = BTreeMap::new();
     progress.set_length(headers.iter().map(|h| h.len() as u64).sum());
+    // Every shard's tensors (lazily computed) first, so the whole export's size is known and a
+    // filesystem without room for it is told before anything is written.
+    let mut shards: Vec<(&str, Vec<(String, Lazy<'_>)>)> = Vec::new();
     for (shard, st) in ck.shards.iter().zip(&headers) {
         let mut tensors: Vec<(String, Lazy<'_>)> = Vec::new();
         let mut names_sorted: Vec<&str> = st.names().into_iter().collect();
@@ -134,15 +137,35 @@ pub fn export(
         for (n, _) in &tensors {
             weight_map.insert(n.clone(), shard.file.clone());
         }
-        let metadata = Some(std::collections::HashMap::from([(
+        shards.push((shard.file.as_str(), tensors));
+    }
+    let metadata = || {
+        Some(std::collections::HashMap::from([(
             "format".to_string(),
             "pt".to_string(),
-        )]));
-        let path = tmp.path().join(&shard.file);
-        ::safetensors::serialize_to_file(tensors, metadata, &path)
-            .with_context(|| format!("writing {}", path.display()))?;
+        )]))
+    };
+    let mut n_bytes = 0;
+    for (_, tensors) in &shards {
+        let specs: Vec<_> = tensors
+            .iter()
+            .map(|(n, t)| {
+                (
+                    n.as_str(),
+                    t.dtype,
+                    t.shape.as_slice(),
+                    ::safetensors::View::data_len(t),
+                )
+            })
+            .collect();
+        n_bytes += crate::fsx::st::header(&specs, metadata())?.2;
+    }
+    crate::fsx::disk::ensure_room(out, n_bytes)?;
+    for (file, tensors) in shards {
+        let path = tmp.path().join(file);
+        crate::fsx::st::save(&path, tensors, metadata())?;
         if let Some(e) = error.borrow_mut().take() {
-            return Err(e.context(format!("computing tensors of {}", shard.file)));
+            return Err(e.context(format!("computing tensors of {file}")));
         }
     }
     if ck.index.is_some() {

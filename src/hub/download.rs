@@ -364,6 +364,21 @@ fn fetch_file(
             .with_context(|| format!("locking {}", lock_path.display()))?;
         if !blob.exists() {
             let part = blobs.join(format!("{}.part", meta.etag));
+            // What cannot fit is never started: the rest of the file against the free space.
+            let have = std::fs::metadata(&part)
+                .map_or(0, |m| m.len())
+                .min(meta.size);
+            if let Some(free) = crate::fsx::disk::free_bytes(&blobs)
+                && free < meta.size - have
+            {
+                return Err(crate::fsx::disk::DiskError::Full {
+                    path: part,
+                    needed_bytes: Some(meta.size - have),
+                    written_bytes: have,
+                    free_bytes: Some(free),
+                })
+                .with_context(|| format!("{id}: downloading {file}"));
+            }
             let bar = progress.file(file, meta.size);
             client.retrying(file, || body(client, &url, &part, &meta, file, id, &bar))?;
             bar.done();
@@ -435,7 +450,13 @@ fn body(
     id: &str,
     bar: &super::progress::FileBar,
 ) -> Attempt<()> {
-    let io = |e: std::io::Error| Failure::Fatal(anyhow::anyhow!("{}: {e}", part.display()));
+    // A full disk or a read-only cache is named with the path and the bytes (not retried).
+    let io = |e: std::io::Error| {
+        let have = std::fs::metadata(part).map_or(0, |m| m.len());
+        Failure::Fatal(
+            crate::fsx::disk::DiskError::classify(part, &e, Some(meta.size), have).into(),
+        )
+    };
     let mut out = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -35,7 +35,7 @@ pub fn save(
     base_model: &str,
     weights: &[(String, Tensor, Tensor)],
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    crate::fsx::disk::create_dir_all(dir)?;
     let mut tensors = Vec::new();
     for (module, a, b) in weights {
         tensors.push((
@@ -77,10 +77,7 @@ pub fn save(
         "init_lora_weights": true,
         "revision": null,
     });
-    let tmp = crate::fsx::tmp_sibling(&dir.join(WEIGHTS_FILE));
-    candle_core::safetensors::save(&tensors.into_iter().collect(), &tmp)?;
-    std::fs::rename(&tmp, dir.join(WEIGHTS_FILE))
-        .with_context(|| format!("writing {}", dir.join(WEIGHTS_FILE).display()))?;
+    crate::fsx::st::save(&dir.join(WEIGHTS_FILE), tensors, None)?;
     write_atomic(&dir.join(CONFIG_FILE), &serde_json::to_vec_pretty(&config)?)
 }
 

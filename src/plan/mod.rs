@@ -16,6 +16,7 @@
 //! device's peak use: the CUDA context, the same terms in the compute dtype, and the caching
 //! allocator's slack.
 
+pub mod disk;
 pub mod inputs;
 pub mod tape;
 

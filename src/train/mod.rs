@@ -1,9 +1,11 @@
 //! Training: the loss and its LoRA gradients (with per-block gradient checkpointing behind a
-//! switch, in [`grads`]), the AdamW optimizer ([`optim`]) and bitsandbytes' 8-bit AdamW ([`optim8`]).
+//! switch, in [`grads`]), the AdamW optimizer ([`optim`]) and bitsandbytes' 8-bit AdamW
+//! ([`optim8`]), the loop ([`trainer`]) and its clean stop on a signal ([`stop`]).
 
 pub mod grads;
 pub mod optim;
 pub mod optim8;
+pub mod stop;
 pub mod trainer;
 
 pub use grads::{Batch, LossAndGrads, loss, loss_and_grads};

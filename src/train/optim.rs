@@ -286,6 +286,31 @@ impl Optimizer {
     }
 }
 
+/// The tensors `optimizer.safetensors` holds for parameter `i` of `shape` under `kind`: name,
+/// dtype and shape, as [`Optimizer::state_tensors`] writes them (the disk plan sizes checkpoints
+/// with it).
+pub fn checkpoint_layout(
+    kind: OptimizerKind,
+    i: usize,
+    shape: &[usize],
+) -> Vec<(String, safetensors::Dtype, Vec<usize>)> {
+    use safetensors::Dtype;
+    let n: usize = shape.iter().product();
+    if kind == OptimizerKind::AdamW || !super::optim8::is_8bit(n) {
+        return vec![
+            (format!("m.{i}"), Dtype::F32, shape.to_vec()),
+            (format!("v.{i}"), Dtype::F32, shape.to_vec()),
+        ];
+    }
+    let blocks = qlora_quant::format::n_blocks(n, super::optim8::BLOCK_ELEMS);
+    vec![
+        (format!("m8.{i}"), Dtype::U8, vec![n]),
+        (format!("v8.{i}"), Dtype::U8, vec![n]),
+        (format!("m8_absmax.{i}"), Dtype::F32, vec![blocks]),
+        (format!("v8_absmax.{i}"), Dtype::F32, vec![blocks]),
+    ]
+}
+
 /// A checkpoint's optimizer state that does not fit this run.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {

@@ -15,11 +15,13 @@
 
 use super::grads::{Batch, loss, loss_and_grads};
 use super::optim::{AdamWConfig, Optimizer, OptimizerKind};
+use super::stop::Stop;
 use crate::config::{Schedule, TrainConfig};
 use crate::data::batch::{Row, RowStats, build_rows, collate};
 use crate::data::{TokenizerBundle, read_jsonl};
 use crate::device::{DeviceSpec, MemorySampler, compute_dtype};
 use crate::dist::{self, Backend, Communicator};
+use crate::fsx::disk::AppendLog;
 use crate::fsx::{AtomicDir, write_atomic};
 use crate::lora::{ForwardCtx, MaskRows, attach, mix_seed, peft};
 use crate::model::Phi3;
@@ -30,7 +32,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Instant;
@@ -134,6 +135,8 @@ pub struct Trainer {
     order: (u64, Vec<usize>),
     memory: MemorySampler,
     comm: Rc<dyn Communicator>,
+    /// Set by a signal ([`Stop`]): the run checkpoints and returns after the step it is in.
+    pub stop: Stop,
 }
 
 /// The data order of `epoch`: a permutation drawn from the seed and the epoch alone, so a resumed
@@ -287,6 +290,10 @@ impl Trainer {
                     crate::plan::explain(&plan, &verdict)
                 );
             }
+            if comm.rank() == 0 {
+                let steps = crate::plan::disk::total_steps(&cfg, rows.len(), comm.world());
+                crate::plan::disk::check(&cfg, &plan.cfg, steps, Path::new(&cfg.training.output))?;
+            }
         }
         let mut model = load(
             &model_dir,
@@ -303,12 +310,7 @@ impl Trainer {
         }
         let pad_id = tok.pad_id.or(tok.eos_id).unwrap_or(0);
         let global_micro_batch = comm.world() * cfg.training.micro_batch_size;
-        let micro_per_epoch = rows.len().div_ceil(global_micro_batch) as u64;
-        let total_steps = if cfg.training.max_steps > 0 {
-            cfg.training.max_steps
-        } else {
-            (cfg.training.epochs * micro_per_epoch).div_ceil(cfg.training.grad_accum as u64)
-        };
+        let total_steps = crate::plan::disk::total_steps(&cfg, rows.len(), comm.world());
         attach::init_adapters(&mut model, &cfg.lora, cfg.training.seed)?;
         let params: Vec<Var> = model
             .adapters()
@@ -346,13 +348,17 @@ impl Trainer {
                 .with_context(|| format!("resuming {}", ck.display()))?;
             if comm.rank() == 0 {
                 truncate_metrics(&output.join("metrics.jsonl"), state.step)?;
+                crate::fsx::remove_temps(&output.join("checkpoints"))?;
             }
-        } else if output.join("checkpoints").exists() || output.join("adapter").exists() {
+        } else if latest_checkpoint(&output)?.is_some() || output.join("adapter").exists() {
             bail!(
                 "{} already holds a run; pass --resume {} to continue it, or choose another --output",
                 output.display(),
                 output.display()
             );
+        } else if comm.rank() == 0 {
+            // A run that failed before its first checkpoint starts over: its metrics go.
+            truncate_metrics(&output.join("metrics.jsonl"), 0)?;
         }
         state.global_micro_batch = global_micro_batch;
         if !comm.is_single() {
@@ -377,8 +383,7 @@ impl Trainer {
             dist::check_same(&*comm, "initial adapter", dist::fnv1a(bytes))?;
         }
         if comm.rank() == 0 {
-            std::fs::create_dir_all(&output)
-                .with_context(|| format!("creating {}", output.display()))?;
+            crate::fsx::disk::create_dir_all(&output)?;
             write_atomic(
                 &output.join("config.resolved.toml"),
                 cfg.to_toml().as_bytes(),
@@ -402,7 +407,13 @@ impl Trainer {
             order: (0, Vec::new()),
             memory,
             comm,
+            stop: Stop::never(),
         })
+    }
+
+    /// Whether the last run stopped because a signal asked it to ([`Stop`]).
+    pub fn stopped(&self) -> bool {
+        self.stop.now(self.comm.is_single())
     }
 
     /// This process's rank and the world size.
@@ -528,9 +539,11 @@ impl Trainer {
         if !self.comm.is_single() {
             let flat = self.comm.all_reduce_sum(&dist::flatten(&sums)?)?;
             sums = dist::unflatten(&flat, &sums)?;
-            let mut v = [loss_sum, n_tokens as f64, n_input as f64];
+            // A rank's stop request rides along: every rank learns it after the same step.
+            let mut v = [loss_sum, n_tokens as f64, n_input as f64, self.stop.vote()];
             self.comm.all_reduce_scalars(&mut v)?;
             (loss_sum, n_tokens, n_input) = (v[0], v[1] as usize, v[2] as usize);
+            self.stop.agree(v[3]);
         }
         let n = n_tokens.max(1) as f64;
         let grads: Vec<Tensor> = sums
@@ -621,16 +634,23 @@ impl Trainer {
         if dir.exists() {
             return Ok(());
         }
-        let tmp = AtomicDir::create(&dir)?;
-        self.save_adapter(&tmp.path().join("adapter"))?;
-        let moments: std::collections::HashMap<_, _> =
-            self.opt.state_tensors().into_iter().collect();
-        candle_core::safetensors::save(&moments, tmp.path().join("optimizer.safetensors"))?;
-        std::fs::write(
-            tmp.path().join("state.json"),
-            serde_json::to_vec_pretty(&self.state)?,
-        )?;
-        tmp.commit()?;
+        let write = || {
+            let tmp = AtomicDir::create(&dir)?;
+            self.save_adapter(&tmp.path().join("adapter"))?;
+            let moments = self.opt.state_tensors();
+            crate::fsx::st::save(&tmp.path().join("optimizer.safetensors"), moments, None)?;
+            write_atomic(
+                &tmp.path().join("state.json"),
+                &serde_json::to_vec_pretty(&self.state)?,
+            )?;
+            tmp.commit()
+        };
+        write().with_context(|| {
+            format!(
+                "writing the checkpoint {} (the earlier checkpoints are intact)",
+                dir.display()
+            )
+        })?;
         let mut all = list_checkpoints(&self.output)?;
         while all.len() > self.cfg.training.keep_last.max(1) {
             std::fs::remove_dir_all(all.remove(0))?;
@@ -674,15 +694,12 @@ impl Trainer {
         let lead = self.comm.rank() == 0;
         let metrics_path = self.output.join("metrics.jsonl");
         // Rank 0 alone writes: the others' metrics go nowhere and their progress is hidden.
-        let mut metrics: Box<dyn Write> = if lead {
-            Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&metrics_path)?,
-            )
-        } else {
-            Box::new(std::io::sink())
+        let mut metrics = lead.then(|| AppendLog::open(&metrics_path)).transpose()?;
+        let mut log = |m: &Metric| -> Result<()> {
+            if let Some(log) = &mut metrics {
+                log.line(&serde_json::to_string(m)?)?;
+            }
+            Ok(())
         };
         let bar = if lead {
             ProgressBar::new(self.total_steps)
@@ -703,7 +720,7 @@ impl Trainer {
             if let Some(m) = self.step()? {
                 last_loss = m.loss;
                 trained_tokens += m.trained_tokens;
-                writeln!(metrics, "{}", serde_json::to_string(&m)?)?;
+                log(&m)?;
                 let device_peak = m
                     .peak_device_mib
                     .map(|p| {
@@ -732,18 +749,15 @@ impl Trainer {
                 && self.state.step < self.total_steps
                 && let Some(l) = self.evaluate()?
             {
-                writeln!(
-                    metrics,
-                    "{}",
-                    serde_json::to_string(&self.eval_metric(self.state.step, l))?
-                )?;
+                log(&self.eval_metric(self.state.step, l))?;
             }
             let save = self.cfg.training.save_every;
-            if save > 0 && self.state.step.is_multiple_of(save) {
-                metrics.flush()?;
+            let stopping =
+                self.stop.now(self.comm.is_single()) && self.state.step < self.total_steps;
+            if stopping || (save > 0 && self.state.step.is_multiple_of(save)) {
                 self.checkpoint_all()?;
             }
-            if stop_after.is_some_and(|s| self.state.step >= s) {
+            if stopping || stop_after.is_some_and(|s| self.state.step >= s) {
                 bar.finish_and_clear();
                 return Ok(RunSummary {
                     finished: false,
@@ -760,13 +774,8 @@ impl Trainer {
         bar.finish_and_clear();
         let eval_loss = self.evaluate()?;
         if let Some(l) = eval_loss {
-            writeln!(
-                metrics,
-                "{}",
-                serde_json::to_string(&self.eval_metric(self.state.step, l))?
-            )?;
+            log(&self.eval_metric(self.state.step, l))?;
         }
-        metrics.flush()?;
         if lead {
             self.save_adapter(&self.output.join("adapter"))?;
             crate::plot::loss_curve(&metrics_path, &self.output.join("loss.svg"))?;

@@ -249,3 +249,47 @@ fn the_token_never_shows_in_errors_logs_or_run_files() {
     let e = format!("{:?}", download("o/m", &env).unwrap_err());
     assert!(e.contains("hf_***") && !e.contains(token), "{e}");
 }
+
+#[test]
+fn a_download_that_cannot_fit_is_not_started_and_says_what_it_needs() {
+    let hub = FakeHub::start(single_repo());
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let run = |free: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_qlora"))
+            .args(["download", "o/m"])
+            .env("HF_ENDPOINT", &hub.addr)
+            .env("HF_HUB_CACHE", &cache)
+            .env("QLORA_FAULT_FREE_BYTES", free)
+            .env_remove("HF_HUB_OFFLINE")
+            .env_remove("HF_TOKEN")
+            .output()
+            .unwrap()
+    };
+    // 1000 bytes free: the small files fit, the 3 MB weights do not.
+    let out = run("1000");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(74), "{stderr}");
+    assert!(
+        stderr.contains("downloading model.safetensors")
+            && stderr.contains("no space left on device; the file needs 3000000 bytes")
+            && stderr.contains("has 1000 bytes (1.0 KiB) free"),
+        "{stderr}"
+    );
+    // No body request was made for it, and nothing partial is in the snapshot.
+    assert!(
+        !hub.log()
+            .iter()
+            .any(|(p, r)| p == "/cdn/model.safetensors" && r.as_deref() != Some("bytes=0-0"))
+    );
+    let snap = repo_of(&cache).join("snapshots").join(COMMIT);
+    assert!(!snap.join("model.safetensors").exists());
+    // With room, the same command finishes the snapshot.
+    let out = run("100000000000");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(missing_files(&snap).is_empty());
+}

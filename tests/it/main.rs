@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod data;
+mod diskfull;
 mod export;
 mod fused_model;
 mod fuzz;
@@ -17,6 +18,7 @@ mod model;
 mod optim8;
 mod optim8_train;
 mod plan;
+mod preempt;
 mod quantize;
 mod train;
 mod trainer;

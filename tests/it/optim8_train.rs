@@ -361,3 +361,32 @@ fn a_run_killed_with_sigkill_resumes_bit_for_bit_with_8bit_state() {
         state.keys().collect::<Vec<_>>()
     );
 }
+
+/// The disk plan sizes `optimizer.safetensors` from `checkpoint_layout`: it names exactly the
+/// tensors `state_tensors` writes, with their dtypes and shapes, for both optimizers.
+#[test]
+fn checkpoint_layout_is_what_state_tensors_writes() {
+    use qlora::train::optim::{Optimizer, OptimizerKind, checkpoint_layout};
+    let shapes: [&[usize]; 4] = [&[16, 512], &[4095], &[20, 250], &[8, 8]];
+    for kind in [OptimizerKind::AdamW, OptimizerKind::AdamW8bit] {
+        let vars = shapes
+            .iter()
+            .map(|s| {
+                Var::from_tensor(&Tensor::zeros(*s, DType::F32, &Device::Cpu).unwrap()).unwrap()
+            })
+            .collect();
+        let opt = Optimizer::new(kind, vars, AdamWConfig::default()).unwrap();
+        let got: Vec<_> = opt
+            .state_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, format!("{:?}", t.dtype()), t.dims().to_vec()))
+            .collect();
+        let want: Vec<_> = shapes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| checkpoint_layout(kind, i, s))
+            .map(|(n, d, s)| (n, format!("{d:?}"), s))
+            .collect();
+        assert_eq!(got, want, "{}", kind.as_str());
+    }
+}
