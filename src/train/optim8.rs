@@ -21,7 +21,8 @@
 //! Weight decay: bitsandbytes' CUDA kernel decays after the Adam step (as above), its CPU path
 //! before, as `torch.optim.AdamW` does; the two differ by `lr²·λ` terms. Training follows the
 //! CUDA kernel ([`BnbBackend::Cuda`], the default). [`BnbBackend::Cpu`] reproduces bitsandbytes
-//! 0.50.2's CPU arithmetic instead, bit for bit on the states for finite gradients. With
+//! 0.50.2's CPU arithmetic instead, bit for bit on the states for finite gradients (a non-finite
+//! one is guarded as in the CUDA mode, where bitsandbytes' CPU path would spread the NaN). With
 //! `weight_decay = 0` both compute the same update from the same states, but round the states
 //! differently (the CPU's lookup table cannot reach the codes nearest 0), so their parameters
 //! drift apart a little (after 100 steps, by under 1% of how far they moved).
