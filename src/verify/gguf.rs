@@ -238,11 +238,30 @@ fn merge_lora_gguf(base: &Path, lora: &Path) -> Result<tempfile::NamedTempFile> 
         "{}: LoRA tensors for tensors the base lacks: {unused:?}",
         lora.display()
     );
-    let tmp = tempfile::NamedTempFile::new()?;
+    let tmp = tempfile::NamedTempFile::new()
+        .context("creating a temporary file for the merged GGUF (set TMPDIR to a roomier place)")?;
     let metadata: Vec<(&str, &gguf_file::Value)> =
         bc.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut f = std::fs::File::create(tmp.path())?;
-    gguf_file::write(&mut f, &metadata, &refs)?;
+    // A full temporary directory is named with the path (TMPDIR moves it), not a bare errno.
+    let written = std::fs::File::create(tmp.path())
+        .map_err(candle_core::Error::from)
+        .and_then(|mut f| gguf_file::write(&mut f, &metadata, &refs));
+    if let Err(e) = written {
+        let disk = match &e {
+            candle_core::Error::Io(io) => Some(crate::fsx::disk::DiskError::classify(
+                tmp.path(),
+                io,
+                None,
+                0,
+            )),
+            _ => None,
+        };
+        return Err(match disk {
+            Some(d) => anyhow::Error::new(d),
+            None => anyhow::Error::new(e),
+        }
+        .context("writing the LoRA GGUF merged into its base, for the check (set TMPDIR to a roomier place)"));
+    }
     Ok(tmp)
 }
