@@ -215,8 +215,6 @@ impl Checkpoint {
     }
 }
 
-/// Whether `name` is a bare file name (no directory part, not `.` or `..`): what an index's
-/// `weight_map` may list.
 /// Parses a whole safetensors file, `bytes`, read from `path`: any defect is one error naming
 /// `path`. Every tensor's byte range is checked against the file before the safetensors crate
 /// validates the header, since the crate sums the ranges unchecked: ranges adding up past
