@@ -457,17 +457,20 @@ fn body(
             crate::fsx::disk::DiskError::classify(part, &e, Some(meta.size), have).into(),
         )
     };
-    let mut out = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(part)
-        .map_err(io)?;
-    let mut start = out.metadata().map_err(io)?.len();
+    // Through the one writing helper (its errors classified, its faults injectable).
+    let mut out = crate::fsx::disk::OutFile::open(
+        part,
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true),
+    )
+    .map_err(|e| Failure::Fatal(e.into()))?;
+    let mut start = out.file().metadata().map_err(io)?.len();
     if start > meta.size {
         // Not this file's beginning (another revision's bytes?): start over.
-        out.set_len(0).map_err(io)?;
+        out.file().set_len(0).map_err(io)?;
         start = 0;
     }
     if start == meta.size {
@@ -480,7 +483,7 @@ fn body(
     let resp = client.call(req, file, id)?;
     if start > 0 && resp.status() != 206 {
         // The server ignored the range: the body is the whole file.
-        out.set_len(0).map_err(io)?;
+        out.file().set_len(0).map_err(io)?;
         start = 0;
     }
     out.seek(std::io::SeekFrom::Start(start)).map_err(io)?;
