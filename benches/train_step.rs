@@ -24,11 +24,7 @@ fn train_step(c: &mut Criterion) {
     let ops = OpPath::for_device(&dev, DType::F32);
     let model = random::qlora_model(&shape, 16, SEQ, DType::F32, &dev, ops).expect("model");
     let batch = random::batch(SEQ, shape.vocab, &dev).expect("batch");
-    let params = model
-        .adapters()
-        .iter()
-        .flat_map(|a| [a.a.clone(), a.b.clone()])
-        .collect();
+    let params = model.adapters().iter().flat_map(|a| a.vars()).collect();
     let mut opt = AdamW::new(params, AdamWConfig::default()).expect("optimizer");
     let mut group = c.benchmark_group("train_step_135m_seq256");
     group.sample_size(10);
@@ -37,8 +33,7 @@ fn train_step(c: &mut Criterion) {
             b.iter(|| {
                 let lg = loss_and_grads(&model, &batch, &ForwardCtx::default(), checkpointing)
                     .expect("step");
-                let grads: Vec<Tensor> =
-                    lg.grads.into_iter().flat_map(|(ga, gb)| [ga, gb]).collect();
+                let grads: Vec<Tensor> = lg.grads;
                 opt.step(&grads, 1e-4).expect("AdamW");
                 black_box(lg.loss_sum)
             })

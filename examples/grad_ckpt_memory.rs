@@ -102,6 +102,7 @@ fn main() -> anyhow::Result<()> {
             dropout: 0.0,
             targets: vec!["all-linear".into()],
             rslora: false,
+            use_dora: false,
         },
         0,
     )?;

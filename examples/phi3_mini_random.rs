@@ -199,7 +199,10 @@ fn write_adapter(dir: &Path, model: &Path, cfg: &Phi3Config) -> Result<()> {
             let [o, i] = cfg.linear_shape(target).expect("known target");
             let a = uniform((lora.r, i), 0.02)?;
             let b = uniform((o, lora.r), 0.01)?;
-            weights.push((format!("{}{l}.{suffix}", names::LAYER_PREFIX), a, b));
+            weights.push((
+                format!("{}{l}.{suffix}", names::LAYER_PREFIX),
+                qlora::lora::peft::ModuleWeights::lora(a, b),
+            ));
         }
     }
     qlora::lora::peft::save(dir, &lora, &model.display().to_string(), &weights)

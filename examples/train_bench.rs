@@ -143,7 +143,7 @@ fn bench() -> Result<()> {
     for step in 0..a.warmup + a.steps {
         let t0 = Instant::now();
         let lg = loss_and_grads(&model, &batch, &ctx, !a.no_checkpointing)?;
-        let grads: Vec<Tensor> = lg.grads.into_iter().flat_map(|(ga, gb)| [ga, gb]).collect();
+        let grads: Vec<Tensor> = lg.grads;
         opt.step(&grads, 1e-4)?;
         dev.synchronize()?;
         let secs = t0.elapsed().as_secs_f64();
@@ -173,6 +173,7 @@ fn bench() -> Result<()> {
                 .map(|t| (t, a.rank))
                 .collect(),
             dropout: false,
+            dora: false,
         },
         target: qlora::plan::Target::of(&dev),
         checkpointing: !a.no_checkpointing,

@@ -68,7 +68,15 @@ fn randn(shape: (usize, usize), seed: u64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
-fn model(hidden: usize, heads: usize, kv: usize, inter: usize, nf4: bool, r: usize) -> Phi3 {
+fn model(
+    hidden: usize,
+    heads: usize,
+    kv: usize,
+    inter: usize,
+    nf4: bool,
+    r: usize,
+    dora: bool,
+) -> Phi3 {
     let cfg = Phi3Config::from_value(
         &serde_json::json!({
             "model_type": "phi3", "vocab_size": 256, "hidden_size": hidden,
@@ -122,6 +130,7 @@ fn model(hidden: usize, heads: usize, kv: usize, inter: usize, nf4: bool, r: usi
             dropout: 0.1,
             targets: vec!["all-linear".into()],
             rslora: false,
+            use_dora: dora,
         },
         0,
     )
@@ -131,7 +140,11 @@ fn model(hidden: usize, heads: usize, kv: usize, inter: usize, nf4: bool, r: usi
 
 /// Measured `(kept, backward peak above kept)` of one checkpointed block recompute, as
 /// `train::grads` runs it, and the plan's.
-fn measure(m: &Phi3, batch: usize, seq: usize, r: usize, nf4: bool) -> ((f64, f64), (f64, f64)) {
+fn measure(
+    m: &Phi3,
+    (batch, seq, r): (usize, usize, usize),
+    (nf4, dora, dropout): (bool, bool, bool),
+) -> ((f64, f64), (f64, f64)) {
     let h = m.cfg.hidden_size;
     let ids: Vec<u32> = (0..(batch * seq) as u32).map(|i| (i * 7) % 256).collect();
     let ids = Tensor::from_vec(ids, (batch, seq), &Device::Cpu).unwrap();
@@ -140,7 +153,7 @@ fn measure(m: &Phi3, batch: usize, seq: usize, r: usize, nf4: bool) -> ((f64, f6
     let x = m.embed(&ids).unwrap();
     let g = x.ones_like().unwrap();
     let ctx = ForwardCtx {
-        dropout_seed: Some(7),
+        dropout_seed: dropout.then_some(7),
         ..Default::default()
     };
     // A first pass so that one-time buffers (gemm's per-thread packing space) exist before.
@@ -172,7 +185,8 @@ fn measure(m: &Phi3, batch: usize, seq: usize, r: usize, nf4: bool) -> ((f64, f6
             .into_iter()
             .map(|t| (t, r))
             .collect(),
-        dropout: true,
+        dropout,
+        dora,
     };
     let nh = (batch * seq * h * 4) as u64;
     let mut t = Tape::new();
@@ -190,24 +204,29 @@ fn measure(m: &Phi3, batch: usize, seq: usize, r: usize, nf4: bool) -> ((f64, f6
 
 #[test]
 fn the_block_memory_model_matches_what_candle_allocates() {
-    // (hidden, heads, kv heads, intermediate, NF4, rank, batch, seq): grouped-query and not,
-    // NF4 (the fused LoRA op) and dense (candle's matmuls), one and several rows.
+    // (hidden, heads, kv heads, intermediate, NF4, rank, batch, seq, DoRA, dropout): grouped-query
+    // and not, NF4 (the fused LoRA op) and dense (candle's matmuls), one and several rows; DoRA
+    // on the fused op (no dropout) and composed with its second base product (dropout).
     let cases = [
-        (256, 4, 4, 704, true, 16, 1, 256),
-        (256, 8, 2, 512, true, 8, 2, 128),
-        (256, 4, 4, 704, false, 16, 1, 512),
-        (192, 6, 3, 512, true, 32, 3, 96),
+        (256, 4, 4, 704, true, 16, 1, 256, false, true),
+        (256, 8, 2, 512, true, 8, 2, 128, false, true),
+        (256, 4, 4, 704, false, 16, 1, 512, false, true),
+        (192, 6, 3, 512, true, 32, 3, 96, false, true),
+        (256, 4, 4, 704, true, 16, 1, 256, true, false),
+        (256, 8, 2, 512, true, 8, 2, 128, true, true),
+        (256, 4, 4, 704, false, 16, 1, 512, true, true),
     ];
     let mut failures = Vec::new();
-    for (hidden, heads, kv, inter, nf4, r, batch, seq) in cases {
-        let m = model(hidden, heads, kv, inter, nf4, r);
-        let ((kept, bwd), (p_kept, p_bwd)) = measure(&m, batch, seq, r, nf4);
+    for (hidden, heads, kv, inter, nf4, r, batch, seq, dora, dropout) in cases {
+        let m = model(hidden, heads, kv, inter, nf4, r, dora);
+        let ((kept, bwd), (p_kept, p_bwd)) = measure(&m, (batch, seq, r), (nf4, dora, dropout));
         eprintln!(
-            "{hidden} {heads}/{kv} {inter} nf4 {nf4} r {r} {batch}x{seq}: kept {kept} vs {p_kept}, bwd {bwd} vs {p_bwd} ({:.3})",
+            "{hidden} {heads}/{kv} {inter} nf4 {nf4} r {r} {batch}x{seq} dora {dora} dropout {dropout}: kept {kept} vs {p_kept}, bwd {bwd} vs {p_bwd} ({:.3})",
             p_bwd / bwd
         );
         let what = format!(
-            "hidden {hidden}, heads {heads}/{kv}, inter {inter}, nf4 {nf4}, r {r}, {batch}×{seq}"
+            "hidden {hidden}, heads {heads}/{kv}, inter {inter}, nf4 {nf4}, r {r}, {batch}×{seq}, \
+             DoRA {dora}, dropout {dropout}"
         );
         // The forward's kept tensors are counted exactly (up to the small per-op structs).
         if (p_kept - kept).abs() > 0.02 * kept {

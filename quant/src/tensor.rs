@@ -209,6 +209,39 @@ impl Nf4Tensor {
         })?)
     }
 
+    /// The squared L2 norm of each row of the dequantized `[out, in]` weight, summed in f64: the
+    /// `‖W_j,:‖²` DoRA's magnitude starts from and its weight norm is built on. Rows are
+    /// dequantized one (or, for odd `in`, two) at a time into a per-thread buffer by the same
+    /// decoder as [`Self::dequantize`], never the dense weight; on another device the codes are
+    /// read on the host (they are an eighth of the f32 weight).
+    pub fn row_sq_norms(&self) -> Result<Vec<f64>> {
+        use rayon::prelude::*;
+        let (out, inp) = self.dims2()?;
+        if !self.device().is_cpu() {
+            return Self::new(&self.to_quantized()?, &Device::Cpu)?.row_sq_norms();
+        }
+        // Slices must start on a byte boundary: with an odd `in`, rows go in pairs.
+        let rows_per = if inp % 2 == 0 { 1 } else { 2 };
+        self.with_cpu(|view| {
+            let chunks: Vec<Vec<f64>> = (0..out.div_ceil(rows_per))
+                .into_par_iter()
+                .map_init(
+                    || vec![0f32; rows_per * inp],
+                    |buf, c| {
+                        let first = c * rows_per;
+                        let rows = rows_per.min(out - first);
+                        let buf = &mut buf[..rows * inp];
+                        view.dequantize_slice(first * inp, buf);
+                        buf.chunks(inp.max(1))
+                            .map(|row| row.iter().map(|&v| f64::from(v) * f64::from(v)).sum())
+                            .collect()
+                    },
+                )
+                .collect();
+            chunks.concat()
+        })
+    }
+
     /// Runs `f` with the CPU views of this weight: packed bytes and a per-block absmax decoder.
     /// Errors on a non-CPU device.
     pub(crate) fn with_cpu<R>(&self, f: impl FnOnce(CpuView<'_>) -> R) -> Result<R> {

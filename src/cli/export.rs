@@ -101,7 +101,7 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
         let weights: Vec<_> = converted
             .weights
             .iter()
-            .map(|(m, (a, b))| (m.clone(), a.clone(), b.clone()))
+            .map(|(m, w)| (m.clone(), w.clone()))
             .collect();
         let base_name = converted
             .base_model_name_or_path

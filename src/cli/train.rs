@@ -69,6 +69,10 @@ pub struct TrainArgs {
     /// Comma-separated LoRA targets or all-linear [lora.targets].
     #[arg(long)]
     targets: Option<String>,
+    /// DoRA: a trained magnitude per output row on top of LoRA, as PEFT's use_dora
+    /// [lora.use_dora = true].
+    #[arg(long)]
+    use_dora: bool,
     /// [training.seed]
     #[arg(long)]
     seed: Option<u64>,
@@ -187,6 +191,9 @@ impl TrainArgs {
         if let Some(v) = &self.targets {
             let list: Vec<String> = v.split(',').map(|t| toml_str(t.trim())).collect();
             put("lora.targets", format!("[{}]", list.join(", ")));
+        }
+        if self.use_dora {
+            put("lora.use_dora", "true".into())
         }
         if let Some(v) = self.seed {
             put("training.seed", v.to_string())

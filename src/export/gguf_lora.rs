@@ -10,7 +10,7 @@ use crate::checkpoint::CONFIG_FILE;
 use crate::lora::peft::PeftAdapter;
 use crate::model::names::Layout;
 use crate::model::{Phi3Config, names};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use std::path::Path;
 
 /// Writes `adapter` (for the base in `model_dir`) to `out`.
@@ -30,6 +30,13 @@ pub fn export(
     .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
     let cfg = Phi3Config::from_value(&value, &cfg_path.display().to_string())?;
     // llama.cpp's phi3 graph has the fused tensors: a split adapter is fused first (exactly).
+    if adapter.config.use_dora {
+        bail!(
+            "a DoRA adapter (use_dora) cannot be written as a LoRA GGUF: llama.cpp applies \
+             `scale · B · A` only and has no place for DoRA's per-row magnitude. Export the merged \
+             model instead (`qlora export --format gguf`), which merges the magnitude exactly"
+        );
+    }
     let fused = crate::lora::convert::to_layout(adapter, &cfg, Layout::Fused)?;
     let adapter = &fused;
     let mut fused_cfg = cfg.clone();
@@ -45,7 +52,8 @@ pub fn export(
         Value::F32((adapter.config.scale() * r) as f32),
     )?;
     w.kv("general.quantization_version", Value::U32(2))?;
-    for (module, (a, b)) in &adapter.weights {
+    for (module, mw) in &adapter.weights {
+        let (a, b) = (&mw.a, &mw.b);
         let gguf = names::gguf_name(&format!("{module}.weight"))
             .with_context(|| format!("`{module}` has no GGUF name"))?;
         for (suffix, t) in [("lora_a", a), ("lora_b", b)] {

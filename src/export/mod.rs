@@ -6,6 +6,9 @@
 //! the merge goes into the original weights (`W + scale·B·A`, what PEFT's `merge_and_unload` on the
 //! original model gives); `MergeBase::Nf4` merges into the dequantized NF4 weights instead, which is
 //! exactly the model the adapter saw during training.
+//!
+//! A DoRA adapter merges as PEFT's `merge_safe` does: each row of `W + ΔW` (over whichever base
+//! above) is rescaled to its magnitude, `W'_j = m_j · (W + ΔW)_j / ‖(W + ΔW)_j‖`.
 
 pub mod ftype;
 pub mod gguf;
@@ -191,9 +194,9 @@ impl Source {
         Ok(values)
     }
 
-    /// `scale · B · A` (f32 `[out, in]`) for the block linear `weight_name` (`….weight`), or `None`
-    /// when the adapter does not touch it (or there is no adapter).
-    pub fn delta(&self, weight_name: &str) -> Result<Option<Tensor>> {
+    /// `scale · B · A` (f32 `[out, in]`) and DoRA's magnitude for the block linear `weight_name`
+    /// (`….weight`), or `None` when the adapter does not touch it (or there is no adapter).
+    pub fn delta(&self, weight_name: &str) -> Result<Option<ModuleDelta>> {
         self.adapter
             .as_ref()
             .map(|a| adapter_delta(a, weight_name.trim_end_matches(".weight")))
@@ -213,7 +216,8 @@ pub struct Stacked<'v> {
 /// Checks that `adapter` fits the model described by `cfg`: every module a Phi-3 block linear of
 /// an existing layer, A `[r, in]` and B `[out, r]` of that linear's shape.
 pub fn check_adapter(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<()> {
-    for (module, (a, b)) in &adapter.weights {
+    for (module, w) in &adapter.weights {
+        let (a, b) = (&w.a, &w.b);
         let (layer, target) = names::block_linear(&format!("{module}.weight"))
             .with_context(|| format!("adapter module `{module}` is not a Phi-3 block linear"))?;
         ensure!(
@@ -233,28 +237,46 @@ pub fn check_adapter(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<()> {
             a.dims(),
             b.dims()
         );
+        if let Some(m) = &w.magnitude {
+            ensure!(
+                m.dims() == [o],
+                "adapter module `{module}`: its DoRA magnitude {:?} does not fit the base's {o} rows",
+                m.dims()
+            );
+        }
     }
     Ok(())
 }
 
-/// `scale · B · A` as f32 `[out, in]` for `module` (a Hugging Face module path), if the adapter has
-/// it. One module's delta is as large as its base weight: compute it when needed, drop it after.
-pub fn adapter_delta(adapter: &PeftAdapter, module: &str) -> Result<Option<Tensor>> {
-    let Some((a, b)) = adapter.weights.get(module) else {
+/// What an adapter adds to one linear: `scale · B · A` (f32 `[out, in]`) and, for DoRA, the
+/// magnitude its merged rows are rescaled to.
+#[derive(Debug, Clone)]
+pub struct ModuleDelta {
+    pub delta: Tensor,
+    pub magnitude: Option<Tensor>,
+}
+
+/// [`ModuleDelta`] of `module` (a Hugging Face module path), if the adapter has it. One module's
+/// delta is as large as its base weight: compute it when needed, drop it after.
+pub fn adapter_delta(adapter: &PeftAdapter, module: &str) -> Result<Option<ModuleDelta>> {
+    let Some(w) = adapter.weights.get(module) else {
         return Ok(None);
     };
-    Ok(Some((b.matmul(a)? * adapter.config.scale())?))
+    Ok(Some(ModuleDelta {
+        delta: (w.b.matmul(&w.a)? * adapter.config.scale())?,
+        magnitude: w.magnitude.clone(),
+    }))
 }
 
 /// The merged f32 values of block linear `name` (`[out, in]` from the checkpoint `view`), with
-/// the adapter's delta for it if any.
+/// the adapter's delta for it if any (DoRA: each merged row then rescaled to its magnitude).
 pub fn merged_linear(
     name: &str,
     view: &::safetensors::tensor::TensorView<'_>,
     file: &str,
     bnb: Option<Quantized>,
     base: MergeBase,
-    delta: Option<&Tensor>,
+    delta: Option<&ModuleDelta>,
 ) -> Result<Vec<f32>> {
     let (w, shape, src) = match bnb {
         Some(q) => {
@@ -276,23 +298,44 @@ pub fn merged_linear(
         } => Quantized::quantize(&w, &shape, src, quant_type, blocksize, double_quant)?
             .dequantize::<f32>()?,
     };
-    match delta {
-        None => Ok(w),
-        Some(d) => {
-            ensure!(
-                d.dims() == shape.as_slice(),
-                "`{name}`: adapter delta {:?} does not fit the weight's {shape:?}",
-                d.dims()
-            );
-            // In place: the same f32 additions as `w + d`, without a third weight-sized buffer.
-            let d: Vec<f32> = d.flatten_all()?.to_vec1()?;
-            let mut w = w;
-            for (x, y) in w.iter_mut().zip(&d) {
-                *x += y;
-            }
-            Ok(w)
+    let Some(ModuleDelta {
+        delta: d,
+        magnitude,
+    }) = delta
+    else {
+        return Ok(w);
+    };
+    ensure!(
+        d.dims() == shape.as_slice(),
+        "`{name}`: adapter delta {:?} does not fit the weight's {shape:?}",
+        d.dims()
+    );
+    // In place: the same f32 additions as `w + d`, without a third weight-sized buffer.
+    let d: Vec<f32> = d.flatten_all()?.to_vec1()?;
+    let mut w = w;
+    for (x, y) in w.iter_mut().zip(&d) {
+        *x += y;
+    }
+    if let Some(m) = magnitude {
+        let m: Vec<f32> = m.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        let cols = shape[1];
+        ensure!(
+            m.len() * cols == w.len(),
+            "`{name}`: DoRA magnitude of {} rows does not fit the weight's {shape:?}",
+            m.len()
+        );
+        // PEFT's `m / ‖W + ΔW‖_row` in f32 (torch.linalg.norm's f32 result), then the product.
+        for (row, &mj) in w.chunks_mut(cols).zip(&m) {
+            let norm = row
+                .iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>()
+                .sqrt() as f32;
+            let factor = mj / norm;
+            row.iter_mut().for_each(|v| *v *= factor);
         }
     }
+    Ok(w)
 }
 
 /// Refuses an existing output unless `force`.

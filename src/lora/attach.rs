@@ -1,12 +1,12 @@
 //! Putting adapters on a model: fresh ones for training, or ones read from a PEFT adapter, and
 //! reading them back out for saving or merging.
 
-use super::peft::PeftAdapter;
-use super::{Adapter, LoraConfig};
+use super::peft::{ModuleWeights, PeftAdapter};
+use super::{Adapter, Dora, LoraConfig};
 use crate::model::Phi3;
 use crate::model::names::LAYER_PREFIX;
-use anyhow::{Result, bail, ensure};
-use candle_core::{Tensor, Var};
+use anyhow::{Context, Result, bail, ensure};
+use candle_core::Var;
 use rand::SeedableRng;
 
 /// `model.layers.{layer}.{self_attn|mlp}.{target}`.
@@ -22,7 +22,8 @@ pub fn module_path(layer: usize, target: &str) -> String {
     format!("{LAYER_PREFIX}{layer}.{group}.{target}")
 }
 
-/// Fresh adapters (A kaiming-uniform from `seed`, B = 0) on every targeted linear.
+/// Fresh adapters (A kaiming-uniform from `seed`, B = 0; with DoRA the magnitude at the base's
+/// row norms) on every targeted linear.
 pub fn init_adapters(model: &mut Phi3, cfg: &LoraConfig, seed: u64) -> Result<()> {
     let targets = cfg.target_names(model.cfg.layout())?;
     let per_layer = model.cfg.layout().linears().len();
@@ -36,7 +37,7 @@ pub fn init_adapters(model: &mut Phi3, cfg: &LoraConfig, seed: u64) -> Result<()
                 let (out, inp) = lin.base.dims()?;
                 let stream = (layer * per_layer + t) as u64 + 1;
                 let master = super::master_dtype(model_dtype);
-                lin.adapter = Some(Adapter::new(
+                let mut adapter = Adapter::new(
                     module_path(layer, name),
                     out,
                     inp,
@@ -45,7 +46,11 @@ pub fn init_adapters(model: &mut Phi3, cfg: &LoraConfig, seed: u64) -> Result<()
                     stream,
                     master,
                     &device,
-                )?);
+                )?;
+                if cfg.use_dora {
+                    adapter.dora = Some(Dora::fresh(&lin.base, master)?);
+                }
+                lin.adapter = Some(adapter);
             }
         }
     }
@@ -67,7 +72,7 @@ pub fn load_adapters(model: &mut Phi3, peft: &PeftAdapter) -> Result<()> {
         for (t, (name, lin)) in blk.linears_mut().into_iter().enumerate() {
             let module = module_path(layer, name);
             lin.adapter = None;
-            if let Some((a, b)) = peft.weights.get(&module) {
+            if let Some(ModuleWeights { a, b, magnitude }) = peft.weights.get(&module) {
                 let (out, inp) = lin.base.dims()?;
                 ensure!(
                     a.dims() == [peft.config.r, inp] && b.dims() == [out, peft.config.r],
@@ -76,6 +81,13 @@ pub fn load_adapters(model: &mut Phi3, peft: &PeftAdapter) -> Result<()> {
                     b.dims(),
                     peft.config.r
                 );
+                let dora = match magnitude {
+                    Some(m) => Some(
+                        Dora::with_magnitude(&lin.base, m, master)
+                            .with_context(|| format!("adapter `{module}`"))?,
+                    ),
+                    None => None,
+                };
                 lin.adapter = Some(Adapter {
                     module,
                     a: Var::from_tensor(&a.to_device(&device)?.to_dtype(master)?)?,
@@ -83,6 +95,7 @@ pub fn load_adapters(model: &mut Phi3, peft: &PeftAdapter) -> Result<()> {
                     scale,
                     dropout: peft.config.dropout,
                     dropout_stream: (layer * per_layer + t) as u64 + 1,
+                    dora,
                 });
                 used += 1;
             }
@@ -99,16 +112,19 @@ pub fn load_adapters(model: &mut Phi3, peft: &PeftAdapter) -> Result<()> {
     Ok(())
 }
 
-/// `(module, A, B)` of every adapter, for saving.
-pub fn adapter_weights(model: &Phi3) -> Vec<(String, Tensor, Tensor)> {
+/// The tensors of every adapter, by module, for saving.
+pub fn adapter_weights(model: &Phi3) -> Vec<(String, ModuleWeights)> {
     model
         .adapters()
         .into_iter()
         .map(|a| {
             (
                 a.module.clone(),
-                a.a.as_tensor().clone(),
-                a.b.as_tensor().clone(),
+                ModuleWeights {
+                    a: a.a.as_tensor().clone(),
+                    b: a.b.as_tensor().clone(),
+                    magnitude: a.dora.as_ref().map(|d| d.magnitude.as_tensor().clone()),
+                },
             )
         })
         .collect()

@@ -8,9 +8,12 @@
 //!   are zero. PEFT (and llama.cpp) give one rank to all modules, so every module is then padded
 //!   with zero rows of `A` and zero columns of `B` to the largest rank `R`, and α rescaled so the
 //!   scale is unchanged (`α·R/r`, with rsLoRA `α·√(R/r)`). Zero terms add nothing to any product.
+//! - **DoRA.** A magnitude belongs to its rows, as `B` does: split with them, and stacked in row
+//!   order when every part of a fused module is present. With a part missing the fused module's
+//!   rows of that part would need `m = ‖W_j‖` from the base, which an adapter alone lacks: refused.
 
 use super::LoraConfig;
-use super::peft::{AdapterWeights, PeftAdapter};
+use super::peft::{AdapterWeights, ModuleWeights, PeftAdapter};
 use crate::model::Phi3Config;
 use crate::model::names::{self, Layout};
 use anyhow::{Context, Result, bail};
@@ -61,13 +64,21 @@ fn renamed(module: &str, to: &str) -> String {
 
 fn split(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<PeftAdapter> {
     let mut weights = AdapterWeights::new();
-    for (module, (a, b)) in &adapter.weights {
+    for (module, w) in &adapter.weights {
         let (_, target) = names::block_linear(&format!("{module}.weight")).expect("checked");
         for part in names::split_parts(target) {
             let (start, rows) = cfg.rows_in_fused(part).expect("a part of a fused target");
+            let magnitude = match &w.magnitude {
+                Some(m) => Some(m.narrow(0, start, rows)?.contiguous()?),
+                None => None,
+            };
             weights.insert(
                 renamed(module, part),
-                (a.clone(), b.narrow(0, start, rows)?.contiguous()?),
+                ModuleWeights {
+                    a: w.a.clone(),
+                    b: w.b.narrow(0, start, rows)?.contiguous()?,
+                    magnitude,
+                },
             );
         }
     }
@@ -99,36 +110,53 @@ fn split_targets(targets: &[String]) -> Vec<String> {
     out
 }
 
-/// The `(A, B)` of each split part present, by target name.
-type Parts<'a> = BTreeMap<&'static str, (&'a Tensor, &'a Tensor)>;
+/// The tensors of each split part present, by target name.
+type Parts<'a> = BTreeMap<&'static str, &'a ModuleWeights>;
 
 fn fuse(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<PeftAdapter> {
     // Group the parts by fused module: `model.layers.N.self_attn.qkv_proj` → {q_proj: (A, B), …}.
     let mut groups: BTreeMap<String, (&'static str, Parts<'_>)> = BTreeMap::new();
-    for (module, (a, b)) in &adapter.weights {
+    for (module, w) in &adapter.weights {
         let (_, target) = names::block_linear(&format!("{module}.weight")).expect("checked");
         let fused = names::fused_of(target).expect("a split target");
         groups
             .entry(renamed(module, fused))
             .or_insert_with(|| (fused, BTreeMap::new()))
             .1
-            .insert(target, (a, b));
+            .insert(target, w);
     }
     let device = adapter
         .weights
         .values()
         .next()
-        .map(|(a, _)| a.device().clone())
+        .map(|w| w.a.device().clone())
         .unwrap_or(candle_core::Device::Cpu);
     let zeros = |r: usize, c: usize| Tensor::zeros((r, c), DType::F32, &device);
-    let mut fused_weights: Vec<(String, Tensor, Tensor)> = Vec::new();
+    let mut fused_weights: Vec<(String, Tensor, Tensor, Option<Tensor>)> = Vec::new();
     for (module, (fused, parts)) in groups {
         // In row order (Q, K, V; gate, up): A stacked, each part's B in its own columns of its own
         // rows; an untargeted part's rows are zero.
         let present: Vec<(&str, &Tensor, &Tensor)> = names::split_parts(fused)
             .iter()
-            .filter_map(|p| parts.get(p).map(|(a, b)| (*p, *a, *b)))
+            .filter_map(|p| parts.get(p).map(|w| (*p, &w.a, &w.b)))
             .collect();
+        let magnitude = if adapter.config.use_dora {
+            let ms: Vec<Tensor> = names::split_parts(fused)
+                .iter()
+                .filter_map(|p| parts.get(p).and_then(|w| w.magnitude.clone()))
+                .collect();
+            if ms.len() != names::split_parts(fused).len() {
+                bail!(
+                    "`{module}`: this DoRA adapter targets only some of {:?}; fusing it needs every \
+                     part's magnitude (the base's row norms are not in the adapter). Load it on a \
+                     split-layout checkpoint, or train DoRA on all of them",
+                    names::split_parts(fused)
+                );
+            }
+            Some(Tensor::cat(&ms, 0)?)
+        } else {
+            None
+        };
         let rank: usize = present.iter().map(|(_, a, _)| a.dims()[0]).sum();
         let a = Tensor::cat(
             &present
@@ -151,15 +179,15 @@ fn fuse(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<PeftAdapter> {
                 }
             });
         }
-        fused_weights.push((module, a, Tensor::cat(&rows, 0)?));
+        fused_weights.push((module, a, Tensor::cat(&rows, 0)?, magnitude));
     }
     let r_max = fused_weights
         .iter()
-        .map(|(_, a, _)| a.dims()[0])
+        .map(|(_, a, _, _)| a.dims()[0])
         .max()
         .unwrap_or(adapter.config.r);
     let mut weights = AdapterWeights::new();
-    for (module, a, b) in fused_weights {
+    for (module, a, b, magnitude) in fused_weights {
         let (r, inp) = a.dims2()?;
         let out = b.dims()[0];
         let (a, b) = if r < r_max {
@@ -170,7 +198,7 @@ fn fuse(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<PeftAdapter> {
         } else {
             (a, b)
         };
-        weights.insert(module, (a, b));
+        weights.insert(module, ModuleWeights { a, b, magnitude });
     }
     let c = &adapter.config;
     let ratio = r_max as f64 / c.r as f64;

@@ -10,7 +10,10 @@
 
 pub mod attach;
 pub mod convert;
+pub mod dora;
 pub mod peft;
+
+pub use dora::Dora;
 
 use crate::model::linear::BaseWeight;
 use crate::model::names::{self, Layout};
@@ -49,6 +52,10 @@ pub struct LoraConfig {
     pub targets: Vec<String>,
     /// rsLoRA scaling α / √r.
     pub rslora: bool,
+    /// DoRA (weight-decomposed LoRA, PEFT's `use_dora`): a trained magnitude per output row
+    /// rescales each row of `W + s·B·A` to it (see [`Dora`]).
+    #[serde(default)]
+    pub use_dora: bool,
 }
 
 impl Default for LoraConfig {
@@ -59,6 +66,7 @@ impl Default for LoraConfig {
             dropout: 0.05,
             targets: TARGETS.iter().map(|t| t.to_string()).collect(),
             rslora: false,
+            use_dora: false,
         }
     }
 }
@@ -137,6 +145,8 @@ pub struct Adapter {
     pub dropout: f32,
     /// Distinguishes this adapter's dropout stream from the others'.
     pub dropout_stream: u64,
+    /// DoRA's magnitude (`lora.use_dora`), else plain LoRA.
+    pub dora: Option<Dora>,
 }
 
 impl Adapter {
@@ -164,7 +174,17 @@ impl Adapter {
             scale: cfg.scale(),
             dropout: cfg.dropout,
             dropout_stream: stream,
+            dora: None,
         })
+    }
+
+    /// The trainable variables, in a fixed order: `A`, `B`, then DoRA's magnitude.
+    pub fn vars(&self) -> Vec<Var> {
+        let mut v = vec![self.a.clone(), self.b.clone()];
+        if let Some(d) = &self.dora {
+            v.push(d.magnitude.clone());
+        }
+        v
     }
 
     /// This adapter's dropout in a training forward (`ctx` has a seed and `p > 0`), else `None`.
@@ -183,13 +203,17 @@ impl Adapter {
 
     /// `scale · (dropout(x) · Aᵀ) · Bᵀ` in `x`'s dtype.
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        match self.dropout_for(ctx) {
+            Some(d) => self.product(&qlora_quant::fused::dropout_rows(x, d.p, d.seed, d.rows)?),
+            None => self.product(x),
+        }
+    }
+
+    /// `scale · (x · Aᵀ) · Bᵀ` in `x`'s dtype (no dropout).
+    pub fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let (r, inp) = self.a.dims2()?;
         let out = self.b.dim(0)?;
-        let x = match self.dropout_for(ctx) {
-            Some(d) => qlora_quant::fused::dropout_rows(x, d.p, d.seed, d.rows)?,
-            None => x.clone(),
-        };
         let mut out_dims = x.dims().to_vec();
         *out_dims.last_mut().expect("x has dims") = out;
         let x2 = x.reshape(((), inp))?;
@@ -248,41 +272,78 @@ pub struct LoraLinear {
 
 impl LoraLinear {
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
-        let y = self.base.forward(x)?;
-        match &self.adapter {
-            Some(a) => y + a.forward(x, ctx)?,
-            None => Ok(y),
+        let Some(a) = &self.adapter else {
+            return self.base.forward(x);
+        };
+        match a.dora_scale(&self.base, x.dtype())? {
+            None => self.base.forward(x)? + a.forward(x, ctx)?,
+            Some(g) => self.dora_forward(a, x, &g, ctx),
         }
     }
 
-    /// `W' = W + scale · B·A` as a dense f32 tensor (W dequantized when NF4).
+    /// DoRA's forward with its row factor `g` ([`dora`]): `g ⊙ (W x + s·B·A x)`, or with dropout
+    /// PEFT's `W x + (g − 1) ⊙ (W·drop(x)) + g ⊙ s·B·A·drop(x)`.
+    fn dora_forward(
+        &self,
+        a: &Adapter,
+        x: &Tensor,
+        g: &Tensor,
+        ctx: &ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
+        match a.dropout_for(ctx) {
+            None => (self.base.forward(x)? + a.product(x)?)?.broadcast_mul(g),
+            Some(d) => {
+                let xd = qlora_quant::fused::dropout_rows(x, d.p, d.seed, d.rows)?;
+                let y = self.base.forward(x)?;
+                let extra = self
+                    .base
+                    .forward(&xd)?
+                    .broadcast_mul(&g.affine(1.0, -1.0)?)?;
+                (y + extra)? + a.product(&xd)?.broadcast_mul(g)?
+            }
+        }
+    }
+
     /// [`Self::forward`] as one op where there is one: on the CPU in f32, an NF4 base with an
     /// adapter runs as [`qlora_quant::fused::lora_nf4_linear`] (the adapter's product accumulated
-    /// into the base's output, one backward for both: the same function with fewer passes);
-    /// anything else takes the composition.
+    /// into the base's output, one backward for both: the same function with fewer passes; a DoRA
+    /// adapter without dropout scales its output by `g`); anything else takes the composition.
     pub fn forward_fused(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         if let (BaseWeight::Nf4(w), Some(a)) = (&self.base, &self.adapter)
             && x.device().is_cpu()
             && x.dtype() == DType::F32
             && a.a.dim(1)? % 2 == 0
         {
-            return qlora_quant::fused::lora_nf4_linear(
-                x,
-                w,
-                a.a.as_tensor(),
-                a.b.as_tensor(),
-                a.scale as f32,
-                a.dropout_for(ctx),
-            );
+            let fused = |dropout| {
+                qlora_quant::fused::lora_nf4_linear(
+                    x,
+                    w,
+                    a.a.as_tensor(),
+                    a.b.as_tensor(),
+                    a.scale as f32,
+                    dropout,
+                )
+            };
+            return match (a.dora_scale(&self.base, x.dtype())?, a.dropout_for(ctx)) {
+                (None, dropout) => fused(dropout),
+                (Some(g), None) => fused(None)?.broadcast_mul(&g),
+                (Some(g), Some(_)) => self.dora_forward(a, x, &g, ctx),
+            };
         }
         self.forward(x, ctx)
     }
 
+    /// The merged weight as a dense f32 tensor (W dequantized when NF4): `W + scale · B·A`, and
+    /// for DoRA PEFT's `diag(m / ‖W + ΔW‖_row)·(W + ΔW)`.
     pub fn merged(&self) -> candle_core::Result<Tensor> {
         let w = self.base.to_dense(DType::F32)?;
-        match &self.adapter {
-            Some(a) => w + a.delta()?,
+        let Some(a) = &self.adapter else {
+            return Ok(w);
+        };
+        let w = (w + a.delta()?.to_dtype(DType::F32)?)?;
+        match &a.dora {
             None => Ok(w),
+            Some(d) => dora::merge(&w, d.magnitude.as_tensor()),
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The adapter on disk, in Hugging Face PEFT's format: `adapter_config.json` and
 //! `adapter_model.safetensors` with keys `base_model.model.<module>.lora_A.weight` (`[r, in]`) and
-//! `.lora_B.weight` (`[out, r]`), f32, never `.default.` (PEFT strips the adapter name on save and
-//! re-inserts it on load). Loading is "strict = false" towards the base: the file holds adapters
+//! `.lora_B.weight` (`[out, r]`), with DoRA (`"use_dora": true`) also
+//! `.lora_magnitude_vector` (`[out]`, no `.weight` suffix: PEFT's `lora/model.py` maps it onto its
+//! `lora_magnitude_vector.default.weight` parameter on load), f32, never `.default.` (PEFT strips
+//! the adapter name on save and re-inserts it on load). Loading is "strict = false" towards the base: the file holds adapters
 //! only; but every adapter key must land on a module of the model, or loading fails.
 
 use super::{LoraConfig, all_target_names};
@@ -16,8 +18,30 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// PEFT's prefix for a causal LM's modules.
 pub const KEY_PREFIX: &str = "base_model.model.";
 
-/// The `(A, B)` pair of each adapted module, by Hugging Face module path.
-pub type AdapterWeights = BTreeMap<String, (Tensor, Tensor)>;
+/// One adapted module's tensors.
+#[derive(Debug, Clone)]
+pub struct ModuleWeights {
+    /// `[r, in]`.
+    pub a: Tensor,
+    /// `[out, r]`.
+    pub b: Tensor,
+    /// DoRA's `[out]` magnitude.
+    pub magnitude: Option<Tensor>,
+}
+
+impl ModuleWeights {
+    /// A plain LoRA pair.
+    pub fn lora(a: Tensor, b: Tensor) -> Self {
+        Self {
+            a,
+            b,
+            magnitude: None,
+        }
+    }
+}
+
+/// The tensors of each adapted module, by Hugging Face module path.
+pub type AdapterWeights = BTreeMap<String, ModuleWeights>;
 
 /// A PEFT adapter read from disk.
 #[derive(Debug, Clone)]
@@ -33,24 +57,36 @@ pub fn save(
     dir: &Path,
     cfg: &LoraConfig,
     base_model: &str,
-    weights: &[(String, Tensor, Tensor)],
+    weights: &[(String, ModuleWeights)],
 ) -> Result<()> {
     crate::fsx::disk::create_dir_all(dir)?;
+    let dora = weights.iter().any(|(_, w)| w.magnitude.is_some());
+    ensure!(
+        dora == cfg.use_dora && weights.iter().all(|(_, w)| w.magnitude.is_some() == dora),
+        "an adapter is either DoRA on every module or on none (lora.use_dora = {})",
+        cfg.use_dora
+    );
     let mut tensors = Vec::new();
-    for (module, a, b) in weights {
+    for (module, w) in weights {
         tensors.push((
             format!("{KEY_PREFIX}{module}.lora_A.weight"),
-            a.to_dtype(candle_core::DType::F32)?,
+            w.a.to_dtype(DType::F32)?,
         ));
         tensors.push((
             format!("{KEY_PREFIX}{module}.lora_B.weight"),
-            b.to_dtype(candle_core::DType::F32)?,
+            w.b.to_dtype(DType::F32)?,
         ));
+        if let Some(m) = &w.magnitude {
+            tensors.push((
+                format!("{KEY_PREFIX}{module}.lora_magnitude_vector"),
+                m.to_dtype(DType::F32)?,
+            ));
+        }
     }
     // The targets the file really holds (a split checkpoint's names on one), in model order.
     let held: Vec<&str> = weights
         .iter()
-        .filter_map(|(m, _, _)| crate::model::names::block_linear(&format!("{m}.weight")))
+        .filter_map(|(m, _)| crate::model::names::block_linear(&format!("{m}.weight")))
         .map(|(_, t)| t)
         .collect();
     cfg.check_targets()?;
@@ -67,7 +103,7 @@ pub fn save(
         "lora_dropout": cfg.dropout,
         "target_modules": targets,
         "use_rslora": cfg.rslora,
-        "use_dora": false,
+        "use_dora": cfg.use_dora,
         "bias": "none",
         "fan_in_fan_out": false,
         "modules_to_save": null,
@@ -100,9 +136,6 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         "{origin}: peft_type {:?} is not LORA",
         str_of("peft_type")
     );
-    if v.get("use_dora").and_then(|x| x.as_bool()) == Some(true) {
-        bail!("{origin}: DoRA adapters (use_dora) are not supported");
-    }
     if v.get("fan_in_fan_out").and_then(|x| x.as_bool()) == Some(true) {
         bail!("{origin}: fan_in_fan_out adapters are not supported (Phi-3 linears are not Conv1D)");
     }
@@ -161,6 +194,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             .get("use_rslora")
             .and_then(|x| x.as_bool())
             .unwrap_or(false),
+        use_dora: v.get("use_dora").and_then(|x| x.as_bool()).unwrap_or(false),
     };
     config
         .check_targets()
@@ -169,7 +203,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     let weights_path = dir.join(WEIGHTS_FILE);
     let wfile = weights_path.display();
     let tensors = crate::checkpoint::load_safetensors(&weights_path, device)?;
-    let mut pairs: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    let mut parts: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
     for (key, t) in tensors {
         let rest = key
             .strip_prefix(KEY_PREFIX)
@@ -183,33 +217,57 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             (m, 0)
         } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
             (m, 1)
+        } else if let Some(m) = rest
+            .strip_suffix(".lora_magnitude_vector")
+            .or_else(|| rest.strip_suffix(".lora_magnitude_vector.weight"))
+        {
+            ensure!(
+                config.use_dora,
+                "{wfile}: `{key}` is a DoRA magnitude but {origin} does not say \"use_dora\": true"
+            );
+            (m, 2)
         } else {
             bail!(
-                "{wfile}: key `{key}` is not a LoRA A/B weight (only LoRA matrices are supported)"
+                "{wfile}: key `{key}` is not a LoRA A/B weight or a DoRA magnitude (only LoRA \
+                 matrices and DoRA magnitudes are supported)"
             );
         };
+        let rank = if which == 2 { 1 } else { 2 };
         ensure!(
             matches!(
                 t.dtype(),
                 DType::F32 | DType::BF16 | DType::F16 | DType::F64
-            ) && t.rank() == 2,
-            "{wfile}: `{key}` is {:?} {:?}; a LoRA matrix is a 2-d float tensor",
+            ) && t.rank() == rank,
+            "{wfile}: `{key}` is {:?} {:?}; a {} is a {rank}-d float tensor",
             t.dtype(),
-            t.dims()
+            t.dims(),
+            if which == 2 {
+                "DoRA magnitude"
+            } else {
+                "LoRA matrix"
+            }
         );
         let t = t.to_dtype(candle_core::DType::F32)?;
-        let slot = pairs.entry(module.to_string()).or_default();
-        if which == 0 {
-            slot.0 = Some(t)
-        } else {
-            slot.1 = Some(t)
-        }
+        parts.entry(module.to_string()).or_default()[which] = Some(t);
     }
     let mut weights = BTreeMap::new();
-    for (module, (a, b)) in pairs {
+    for (module, [a, b, magnitude]) in parts {
         let (Some(a), Some(b)) = (a, b) else {
             bail!("{wfile}: module `{module}` lacks its lora_A or lora_B")
         };
+        ensure!(
+            magnitude.is_some() == config.use_dora,
+            "{wfile}: `{module}` has no lora_magnitude_vector, but {origin} says \"use_dora\": \
+             true (every DoRA module has one)"
+        );
+        if let Some(m) = &magnitude {
+            ensure!(
+                m.dims() == [b.dims()[0]],
+                "{wfile}: `{module}`'s lora_magnitude_vector is {:?}, but its lora_B has {} rows",
+                m.dims(),
+                b.dims()[0]
+            );
+        }
         // Both are 2-d (checked above).
         let (a_rank, b_rank) = (a.dims()[0], b.dims()[1]);
         ensure!(
@@ -220,7 +278,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             all_target_names().iter().any(|t| module.ends_with(t)),
             "{wfile}: `{module}` is not a Phi-3 linear"
         );
-        weights.insert(module, (a, b));
+        weights.insert(module, ModuleWeights { a, b, magnitude });
     }
     Ok(PeftAdapter {
         config,

@@ -388,6 +388,13 @@ impl Phi3 {
         self.lm_head(&self.final_norm(&x)?)
     }
 
+    /// Every trainable variable, in a fixed order: each adapter's ([`Self::adapters`]' order)
+    /// [`Adapter::vars`]. Gradients ([`crate::train::LossAndGrads`]) and optimizer states align
+    /// with it.
+    pub fn trainable_vars(&self) -> Vec<candle_core::Var> {
+        self.adapters().iter().flat_map(|a| a.vars()).collect()
+    }
+
     /// Every adapter of the model, in layer and target order.
     pub fn adapters(&self) -> Vec<&Adapter> {
         self.layers
@@ -433,6 +440,8 @@ pub mod memory {
         /// The rank of the adapter of each target name that has one.
         pub adapted: Vec<(&'static str, usize)>,
         pub dropout: bool,
+        /// DoRA on every adapter (`lora.use_dora`).
+        pub dora: bool,
     }
 
     impl Step {
@@ -467,7 +476,8 @@ pub mod memory {
         let cpu_f32 = s.cpu_threads.is_some() && s.elem == 4;
         let threads = s.cpu_threads.unwrap_or(1);
         if s.nf4 {
-            if let (Some(r), true, true) = (r, cpu_f32, inp % 2 == 0) {
+            let fused_op = !(s.dora && s.dropout);
+            if let (Some(r), true, true, true) = (r, cpu_f32, inp % 2 == 0, fused_op) {
                 // qlora_quant::fused::lora_nf4_linear: one op, x, A and B its arguments.
                 let (fwd, bwd) = qlora_quant::fused::lora_nf4_linear_memory(
                     (m, out, inp, r),
@@ -476,7 +486,7 @@ pub mod memory {
                 );
                 let a = t.var(f32b(r * inp));
                 let b = t.var(f32b(out * r));
-                return t.op(
+                let y = t.op(
                     Kind::Custom {
                         grads: vec![Some(s.act(inp)), Some(f32b(r * inp)), Some(f32b(out * r))],
                         bwd_transient: bwd,
@@ -485,6 +495,12 @@ pub mod memory {
                     &[x, a, b],
                     s.act(out),
                 );
+                return if s.dora {
+                    let g = dora_factor(t, s, out);
+                    row_scaled(t, s, y, g, out)
+                } else {
+                    y
+                };
             }
             // qlora_quant::nf4_linear: dequantized tiles on the CPU, the whole weight on a GPU.
             let (fwd, bwd) = match s.cpu_threads {
@@ -503,18 +519,50 @@ pub mod memory {
                 &[x],
                 s.act(out),
             );
+            let yd = |t: &mut Tape, xd: Id| {
+                t.op(
+                    Kind::Custom {
+                        grads: vec![Some(s.act(inp))],
+                        bwd_transient: bwd,
+                        fwd_transient: fwd,
+                    },
+                    &[xd],
+                    s.act(out),
+                )
+            };
             return match r {
-                Some(r) => adapter(t, s, x, y, (out, inp, r)),
+                Some(r) => adapter(t, s, x, y, (out, inp, r), yd),
                 None => y,
             };
         }
         // Dense: x · Wᵀ through candle's matmul, which also computes (and keeps) W's gradient.
         let w = t.constant((out * inp * s.elem) as u64);
         let y = matmul_t(t, s, x, w, (out, inp));
+        let yd = |t: &mut Tape, xd: Id| matmul_t(t, s, xd, w, (out, inp));
         match r {
-            Some(r) => adapter(t, s, x, y, (out, inp, r)),
+            Some(r) => adapter(t, s, x, y, (out, inp, r), yd),
             None => y,
         }
+    }
+
+    /// DoRA's row factor `g = m / ‖W + s·B·A‖` (`[out]`, compute dtype): the magnitude a
+    /// variable, the norm a detached constant (its `[r, out]` and `[r, r]` products are freed
+    /// before the block's activations grow), the division and the cast.
+    fn dora_factor(t: &mut Tape, s: &Step, out: usize) -> Id {
+        let m = t.var((out * 4) as u64);
+        let norm = t.constant((out * 4) as u64);
+        let g = t.op(Kind::MulConst, &[m, norm], (out * 4) as u64);
+        if s.elem == 4 {
+            g
+        } else {
+            t.op(Kind::Affine, &[g], (out * s.elem) as u64)
+        }
+    }
+
+    /// `y ⊙ g` with `g: [out]` broadcast over `y`'s rows.
+    fn row_scaled(t: &mut Tape, s: &Step, y: Id, g: Id, out: usize) -> Id {
+        let gb = t.view(Kind::Pass, g, s.act(out));
+        t.op(Kind::Mul, &[y, gb], s.act(out))
     }
 
     /// `x · Wᵀ` through candle's matmul for `x: [rows, inp]` and `w: [out, inp]` (a transposed view,
@@ -531,13 +579,36 @@ pub mod memory {
         )
     }
 
-    /// `y + scale · (drop(x) · Aᵀ) · Bᵀ`, [`crate::lora::Adapter::forward`]'s composition.
-    fn adapter(t: &mut Tape, s: &Step, x: Id, y: Id, (out, inp, r): (usize, usize, usize)) -> Id {
+    /// `y + scale · (drop(x) · Aᵀ) · Bᵀ`, [`crate::lora::Adapter::forward`]'s composition; with
+    /// DoRA [`crate::lora::LoraLinear`]'s `g ⊙ (y + s·B·A x)`, or with dropout
+    /// `y + (g − 1) ⊙ base(drop(x)) + g ⊙ s·B·A·drop(x)` (`base` is the base product on another
+    /// input).
+    fn adapter(
+        t: &mut Tape,
+        s: &Step,
+        x: Id,
+        y: Id,
+        (out, inp, r): (usize, usize, usize),
+        base: impl Fn(&mut Tape, Id) -> Id,
+    ) -> Id {
         let f32b = |n: usize| (n * 4) as u64;
         let x = if s.dropout {
             t.unary(x, s.act(inp), s.act(inp))
         } else {
             x
+        };
+        // DoRA with dropout: the factor first (as the forward computes it), then `(g − 1) ⊙
+        // base(drop(x))` beside `y`.
+        let (g, y) = match (s.dora, s.dropout) {
+            (true, true) => {
+                let g = dora_factor(t, s, out);
+                let g1 = t.op(Kind::Affine, &[g], (out * s.elem) as u64);
+                let yd = base(t, x);
+                let e = row_scaled(t, s, yd, g1, out);
+                (Some(g), t.op(Kind::Add, &[y, e], s.act(out)))
+            }
+            (true, false) => (Some(dora_factor(t, s, out)), y),
+            _ => (None, y),
         };
         let a = t.var(f32b(r * inp));
         let b = t.var(f32b(out * r));
@@ -554,7 +625,17 @@ pub mod memory {
         let bs = cast(t, bs, out * r);
         let h = matmul_t(t, s, x, a, (r, inp));
         let p = matmul_t(t, s, h, bs, (out, r));
-        t.op(Kind::Add, &[y, p], s.act(out))
+        match (g, s.dropout) {
+            (None, _) => t.op(Kind::Add, &[y, p], s.act(out)),
+            (Some(g), true) => {
+                let f = row_scaled(t, s, p, g, out);
+                t.op(Kind::Add, &[y, f], s.act(out))
+            }
+            (Some(g), false) => {
+                let sum = t.op(Kind::Add, &[y, p], s.act(out));
+                row_scaled(t, s, sum, g, out)
+            }
+        }
     }
 
     /// A fused projection, or its split parts concatenated.

@@ -153,6 +153,7 @@ pub fn qlora_model(
             dropout: 0.0,
             targets: vec!["all-linear".into()],
             rslora: false,
+            use_dora: false,
         },
         0,
     )?;

@@ -246,6 +246,7 @@ pub fn for_run(
             nf4: cfg.training.four_bit,
             adapted: targets.into_iter().map(|t| (t, cfg.lora.r)).collect(),
             dropout: cfg.lora.dropout > 0.0,
+            dora: cfg.lora.use_dora,
         },
         cfg: model,
         target,

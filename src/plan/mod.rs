@@ -281,6 +281,9 @@ impl Inputs {
                 continue;
             };
             total += f32b(r * inp) + f32b(out * r);
+            if self.step.dora {
+                total += f32b(out);
+            }
         }
         total * self.cfg.num_hidden_layers as u64
     }
@@ -294,7 +297,8 @@ impl Inputs {
             let Some([out, inp]) = self.cfg.any_linear_shape(target) else {
                 continue;
             };
-            for n in [r * inp, out * r] {
+            let magnitude = if self.step.dora { Some(out) } else { None };
+            for n in [r * inp, out * r].into_iter().chain(magnitude) {
                 let (s, t) = match self.optimizer {
                     OptimizerKind::AdamW => (2 * f32b(n), 5 * f32b(n)),
                     OptimizerKind::AdamW8bit => {
@@ -933,6 +937,7 @@ mod tests {
                     .map(|t| (t, 16))
                     .collect(),
                 dropout: false,
+                dora: false,
             },
             cfg,
             target: Target::Cpu { threads: 2 },

@@ -36,6 +36,10 @@ pub enum Kind {
     MulConst,
     /// `x · s` for a scalar (candle's `affine`): the gradient is scaled into a new tensor.
     Affine,
+    /// `lhs · rhs` of two tensors of the node's size (`rhs` a broadcast view, for DoRA's row
+    /// factor): `grad · rhs` for lhs and `grad · lhs` for rhs, each a new tensor that records its
+    /// op when the other factor is tracked.
+    Mul,
     /// `sum_all`, reshape, transpose, broadcast, `contiguous`: the gradient (or a view of it) is
     /// added into the argument's.
     Pass,
@@ -239,6 +243,15 @@ impl Tape {
                     b.accumulate(l, size(l), &lg);
                     let rg = b.product(node.bytes, &g, tracked[l]);
                     b.accumulate(c, size(c), &rg);
+                    b.release(lg);
+                    b.release(rg);
+                }
+                Kind::Mul => {
+                    let (l, r) = (node.args[0], node.args[1]);
+                    let lg = b.product(node.bytes, &g, tracked[r]);
+                    b.accumulate(l, size(l), &lg);
+                    let rg = b.product(node.bytes, &g, tracked[l]);
+                    b.accumulate(r, size(r), &rg);
                     b.release(lg);
                     b.release(rg);
                 }

@@ -68,13 +68,13 @@ impl Batch {
     }
 }
 
-/// The summed loss, its token count, and the gradient of the summed loss for each adapter
-/// (aligned with [`Phi3::adapters`]): `(dA, dB)`.
+/// The summed loss, its token count, and the gradient of the summed loss for each trainable
+/// variable (aligned with [`Phi3::trainable_vars`]: `dA`, `dB`, DoRA's `dm`, adapter by adapter).
 #[derive(Debug)]
 pub struct LossAndGrads {
     pub loss_sum: f64,
     pub n_tokens: usize,
-    pub grads: Vec<(Tensor, Tensor)>,
+    pub grads: Vec<Tensor>,
 }
 
 /// Summed cross-entropy of `h: [M, H]` (normed hidden states of the target positions) against
@@ -176,17 +176,16 @@ pub fn loss_and_grads(
 ) -> Result<LossAndGrads> {
     let (idx, targets) = batch.selected();
     let prep = model.prepare(&batch.positions, batch.segments.as_ref(), 0)?;
-    let adapters = model.adapters();
-    let mut grads: Vec<Option<(Tensor, Tensor)>> = vec![None; adapters.len()];
+    let vars = model.trainable_vars();
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
     let mut keep = |store: &candle_core::backprop::GradStore| -> Result<()> {
-        for (slot, a) in grads.iter_mut().zip(&adapters) {
-            let (Some(ga), Some(gb)) = (store.get(a.a.as_tensor()), store.get(a.b.as_tensor()))
-            else {
+        for (slot, v) in grads.iter_mut().zip(&vars) {
+            let Some(g) = store.get(v.as_tensor()) else {
                 continue;
             };
             *slot = Some(match slot.take() {
-                Some((pa, pb)) => ((pa + ga)?, (pb + gb)?),
-                None => (ga.clone(), gb.clone()),
+                Some(prev) => (prev + g)?,
+                None => g.clone(),
             });
         }
         Ok(())
@@ -244,10 +243,10 @@ pub fn loss_and_grads(
     };
     let grads = grads
         .into_iter()
-        .zip(&adapters)
-        .map(|(g, a)| match g {
+        .zip(&vars)
+        .map(|(g, v)| match g {
             Some(g) => Ok(g),
-            None => Ok((a.a.as_tensor().zeros_like()?, a.b.as_tensor().zeros_like()?)),
+            None => v.as_tensor().zeros_like(),
         })
         .collect::<Result<_>>()?;
     Ok(LossAndGrads {

@@ -312,11 +312,7 @@ impl Trainer {
         let global_micro_batch = comm.world() * cfg.training.micro_batch_size;
         let total_steps = crate::plan::disk::total_steps(&cfg, rows.len(), comm.world());
         attach::init_adapters(&mut model, &cfg.lora, cfg.training.seed)?;
-        let params: Vec<Var> = model
-            .adapters()
-            .iter()
-            .flat_map(|a| [a.a.clone(), a.b.clone()])
-            .collect();
+        let params: Vec<Var> = model.trainable_vars();
         let kind: OptimizerKind = cfg.training.optimizer.parse()?;
         let mut opt = Optimizer::new(
             kind,
@@ -332,11 +328,7 @@ impl Trainer {
                 .with_context(|| format!("{}: no checkpoint to resume from", output.display()))?;
             let adapter = peft::load(&ck.join("adapter"), &device)?;
             attach::load_adapters(&mut model, &adapter)?;
-            let params: Vec<Var> = model
-                .adapters()
-                .iter()
-                .flat_map(|a| [a.a.clone(), a.b.clone()])
-                .collect();
+            let params: Vec<Var> = model.trainable_vars();
             opt = Optimizer::new(kind, params, opt.cfg())?;
             let opt_path = ck.join("optimizer.safetensors");
             let mut saved = crate::checkpoint::load_safetensors(&opt_path, &device)?;
@@ -516,7 +508,7 @@ impl Trainer {
             )?;
             loss_sum += lg.loss_sum;
             n_tokens += lg.n_tokens;
-            let flat: Vec<Tensor> = lg.grads.into_iter().flat_map(|(a, b)| [a, b]).collect();
+            let flat: Vec<Tensor> = lg.grads;
             sums = Some(match sums {
                 None => flat,
                 Some(prev) => prev

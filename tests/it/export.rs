@@ -39,7 +39,8 @@ fn merged_checkpoint_reproduces_peft_logits_and_is_base_plus_scaled_ba() {
     assert!(d <= 1e-4, "merged vs PEFT logits: {d:e}");
     // Entrywise: W' = W + (α/r)·B·A, f32 (one rounding of the sum).
     let base = load_f32("gqa", BaseFormat::Dense);
-    let (aa, bb) = &a.weights["model.layers.1.self_attn.qkv_proj"];
+    let mw = &a.weights["model.layers.1.self_attn.qkv_proj"];
+    let (aa, bb) = (&mw.a, &mw.b);
     let want = (base.layers[1].qkv[0].1.base.to_dense(DType::F32).unwrap()
         + (bb.matmul(aa).unwrap() * 2.0).unwrap())
     .unwrap();

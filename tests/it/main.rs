@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod data;
 mod diskfull;
+mod dora;
 mod export;
 mod fused_model;
 mod fuzz;

@@ -302,9 +302,12 @@ fn adapter_errors_name_the_file_and_the_problem() {
         serde_json::from_slice(&std::fs::read(src.join(peft::CONFIG_FILE)).unwrap()).unwrap();
     cfg["use_dora"] = true.into();
     std::fs::write(tmp.path().join(peft::CONFIG_FILE), cfg.to_string()).unwrap();
+    // use_dora without magnitudes: a DoRA adapter missing its lora_magnitude_vector.
     let e = format!("{:#}", peft::load(tmp.path(), &Device::Cpu).unwrap_err());
     assert!(
-        e.contains("adapter_config.json") && e.contains("DoRA"),
+        e.contains("adapter_model.safetensors")
+            && e.contains("lora_magnitude_vector")
+            && e.contains("use_dora"),
         "{e}"
     );
     // An adapter for a bigger model (layer 5 does not exist here) is refused, not half-applied.

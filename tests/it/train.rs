@@ -52,6 +52,7 @@ pub fn lora(r: usize, dropout: f32) -> LoraConfig {
         dropout,
         targets: vec!["all-linear".into()],
         rslora: false,
+        use_dora: false,
     }
 }
 
@@ -71,6 +72,21 @@ pub fn randomize_b(model: &qlora::model::Phi3, seed: u64) {
                 .unwrap(),
         )
         .unwrap();
+    }
+}
+
+/// Each DoRA magnitude multiplied by `1 + 0.2·u`, `u` drawn from `seed` (away from the base's
+/// row norms, so `g ≠ 1`).
+pub fn randomize_magnitudes(model: &qlora::model::Phi3, seed: u64) {
+    for (i, a) in model.adapters().iter().enumerate() {
+        let m = &a.dora.as_ref().expect("a DoRA adapter").magnitude;
+        let t = m.as_tensor();
+        let u = crate::common::values(t.elem_count(), seed + i as u64, 0.2);
+        let f = Tensor::from_vec(u, t.shape(), t.device())
+            .unwrap()
+            .to_dtype(t.dtype())
+            .unwrap();
+        m.set(&(t * (f + 1.0).unwrap()).unwrap()).unwrap();
     }
 }
 
@@ -111,11 +127,19 @@ fn loss_is_the_cross_entropy_of_transformers_logits() {
 fn lora_gradients_equal_central_finite_differences_in_f64() {
     // gqa, and partial: Phi-4-mini's partial rotary (12 of 16 dims) with a tied head.
     for variant in ["gqa", "partial"] {
-        finite_difference_check(variant);
+        finite_difference_check(variant, false);
     }
 }
 
-fn finite_difference_check(variant: &str) {
+#[test]
+fn dora_magnitude_gradients_equal_central_finite_differences_in_f64() {
+    // The magnitude does not enter DoRA's (detached) weight norm, so its gradient is the loss's
+    // true derivative; A's and B's are not (the norm is held constant by design) and are checked
+    // against PEFT's autograd instead (tests/it/dora.rs).
+    finite_difference_check("gqa", true);
+}
+
+fn finite_difference_check(variant: &str, dora: bool) {
     let dir = crate::common::fixtures().join("phi3").join(variant);
     let mut m = load(
         &dir,
@@ -126,8 +150,15 @@ fn finite_difference_check(variant: &str) {
         },
     )
     .unwrap();
-    attach::init_adapters(&mut m, &lora(2, 0.0), 3).unwrap();
+    let cfg = LoraConfig {
+        use_dora: dora,
+        ..lora(2, 0.0)
+    };
+    attach::init_adapters(&mut m, &cfg, 3).unwrap();
     randomize_b(&m, 10);
+    if dora {
+        randomize_magnitudes(&m, 11);
+    }
     let ids = golden_ids();
     let b = batch(&ids);
     // f64 throughout: truncation O(ε²) ≈ 1e-12, rounding ≈ 1e-16 · |L| / ε ≈ 1e-9.
@@ -135,19 +166,18 @@ fn finite_difference_check(variant: &str) {
     const TOL: f64 = 1e-6;
     for checkpointing in [false, true] {
         let analytic = loss_and_grads(&m, &b, &ForwardCtx::default(), checkpointing).unwrap();
-        let adapters = m.adapters();
+        let vars = m.trainable_vars();
         let mut checked = 0;
-        for (ai, which) in [(0, 0), (0, 1), (3, 0), (3, 1), (5, 0), (7, 1)] {
-            let var: &Var = if which == 0 {
-                &adapters[ai].a
-            } else {
-                &adapters[ai].b
-            };
-            let grad = if which == 0 {
-                &analytic.grads[ai].0
-            } else {
-                &analytic.grads[ai].1
-            };
+        // (adapter, variable): A = 0, B = 1, DoRA's magnitude = 2.
+        let picks: &[(usize, usize)] = if dora {
+            &[(0, 2), (1, 2), (3, 2), (4, 2), (6, 2), (7, 2)]
+        } else {
+            &[(0, 0), (0, 1), (3, 0), (3, 1), (5, 0), (7, 1)]
+        };
+        let per = if dora { 3 } else { 2 };
+        for &(ai, which) in picks {
+            let var: &Var = &vars[ai * per + which];
+            let grad = &analytic.grads[ai * per + which];
             let orig: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
             let g: Vec<f64> = grad.flatten_all().unwrap().to_vec1().unwrap();
             for k in [0, orig.len() / 2, orig.len() - 1] {
@@ -164,7 +194,7 @@ fn finite_difference_check(variant: &str) {
                 assert!(
                     (fd - g[k]).abs() <= TOL * (1.0 + g[k].abs()),
                     "{variant}: adapter {ai} {} [{k}] (checkpointing {checkpointing}): analytic {} vs finite difference {fd}",
-                    if which == 0 { "A" } else { "B" },
+                    ["A", "B", "m"][which],
                     g[k]
                 );
                 checked += 1;
@@ -203,8 +233,8 @@ fn checkpointed_and_plain_backprop_agree() {
     )
     .unwrap();
     assert_ne!(
-        other.grads[0].0.to_vec2::<f32>().unwrap(),
-        ckpt.grads[0].0.to_vec2::<f32>().unwrap()
+        other.grads[0].to_vec2::<f32>().unwrap(),
+        ckpt.grads[0].to_vec2::<f32>().unwrap()
     );
 }
 
@@ -223,11 +253,7 @@ fn a_short_run_overfits_a_few_sequences() {
         .map(|r| r.iter().map(|&t| t as i64).collect())
         .collect();
     let b = Batch::causal(&rows, &labels, &Device::Cpu).unwrap();
-    let params: Vec<Var> = m
-        .adapters()
-        .iter()
-        .flat_map(|a| [a.a.clone(), a.b.clone()])
-        .collect();
+    let params: Vec<Var> = m.trainable_vars();
     let mut opt = AdamW::new(params, AdamWConfig::default()).unwrap();
     let mut losses = Vec::new();
     for _ in 0..60 {
@@ -236,12 +262,7 @@ fn a_short_run_overfits_a_few_sequences() {
         let grads: Vec<Tensor> = lg
             .grads
             .iter()
-            .flat_map(|(a, b)| {
-                [
-                    (a / lg.n_tokens as f64).unwrap(),
-                    (b / lg.n_tokens as f64).unwrap(),
-                ]
-            })
+            .map(|g| (g / lg.n_tokens as f64).unwrap())
             .collect();
         opt.step(&grads, 1e-2).unwrap();
     }

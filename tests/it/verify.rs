@@ -25,6 +25,7 @@ fn model_and_adapter(tmp: &Path, rslora: bool) -> (PathBuf, PathBuf) {
         dropout: 0.0,
         targets: vec!["all-linear".into()],
         rslora,
+        use_dora: false,
     };
     attach::init_adapters(&mut m, &lora, 3).unwrap();
     crate::train::randomize_b(&m, 11);
@@ -187,7 +188,7 @@ fn faithful_exports_of_every_type_pass() {
     let w: Vec<_> = loaded
         .weights
         .iter()
-        .map(|(m, (x, y))| (m.clone(), x.clone(), y.clone()))
+        .map(|(m, w)| (m.clone(), w.clone()))
         .collect();
     peft::save(&copy, &loaded.config, "x", &w).unwrap();
     assert_faithful(

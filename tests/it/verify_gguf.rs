@@ -119,6 +119,7 @@ fn adapter(dir: &Path, out: &Path, b_scale: f32) -> PathBuf {
         dropout: 0.0,
         targets: vec!["all-linear".into()],
         rslora: false,
+        use_dora: false,
     };
     attach::init_adapters(&mut m, &lora, 3).unwrap();
     for (i, a) in m.adapters().iter().enumerate() {

@@ -75,7 +75,7 @@ fn llamafied_adapters_reproduce_peft_on_both_layouts() {
         let weights: Vec<_> = fused
             .weights
             .iter()
-            .map(|(k, (x, y))| (k.clone(), x.clone(), y.clone()))
+            .map(|(k, w)| (k.clone(), w.clone()))
             .collect();
         peft::save(tmp.path(), &fused.config, "gqa", &weights).unwrap();
         let back = peft::load(tmp.path(), &Device::Cpu).unwrap();
@@ -236,11 +236,12 @@ fn llamafied_gguf_exports_are_the_fused_models() {
         dropout: 0.0,
         targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
         rslora: false,
+        use_dora: false,
     };
     attach::init_adapters(&mut model, &lora, 5).unwrap();
     crate::train::randomize_b(&model, 9);
     let weights = attach::adapter_weights(&model);
-    assert!(weights.iter().any(|(m, _, _)| m.ends_with("v_proj")));
+    assert!(weights.iter().any(|(m, _)| m.ends_with("v_proj")));
     let dir = tmp.path().join("adapter");
     peft::save(&dir, &lora, "llama", &weights).unwrap();
     let split = peft::load(&dir, &Device::Cpu).unwrap();
@@ -415,8 +416,8 @@ fn a_llamafied_4bit_checkpoint_trains_under_its_own_module_names() {
         2 * 7,
         "7 adapted linears in each of 2 layers"
     );
-    assert!(a.weights.values().any(|(_, b)| {
-        b.abs()
+    assert!(a.weights.values().any(|w| {
+        w.b.abs()
             .unwrap()
             .sum_all()
             .unwrap()
