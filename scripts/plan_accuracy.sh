@@ -3,7 +3,7 @@
 # GNU time's %M; the median of 3 runs of 4 steps) of `qlora train` on the same settings, over a
 # matrix of configurations: two model
 # shapes (random bf16 Phi-3s, written under a temp dir), sequence 128-1024, batch 1-4, rank 8-64,
-# gradient checkpointing on/off, NF4 and dense bases, AdamW and 8-bit AdamW. Prints a markdown
+# gradient checkpointing on/off, NF4 and dense bases, AdamW and 8-bit AdamW, LoRA and DoRA. Prints a markdown
 # table with the ratio.
 # Usage: scripts/plan_accuracy.sh [WORKDIR]   (CPU only; ~15 minutes on 2 cores)
 #        PLAN_ROWS=REGEX scripts/plan_accuracy.sh   runs only the rows whose arguments match, e.g.
@@ -30,15 +30,16 @@ with open(sys.argv[1], "w") as f:
         f.write(json.dumps({"messages": [{"role": "user", "content": f"Tell me story {i}."},
                                          {"role": "assistant", "content": reply}]}) + "\n")
 PY
-echo "| model | base | seq × batch | rank | checkpointing | dropout | optimizer | predicted MiB | measured MiB, median (range of 3) | predicted / measured |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| model | base | seq × batch | rank | checkpointing | dropout | optimizer | adapter | predicted MiB | measured MiB, median (range of 3) | predicted / measured |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 run() {
-  local model=$1 base=$2 seq=$3 batch=$4 rank=$5 ckpt=$6 dropout=$7 opt=${8:-adamw}
+  local model=$1 base=$2 seq=$3 batch=$4 rank=$5 ckpt=$6 dropout=$7 opt=${8:-adamw} kind=${9:-lora}
   [[ "$*" =~ ${PLAN_ROWS:-.} ]] || return 0
   local flags=(--model "$work/$model" --data "$work/long.jsonl" --max-seq-len "$seq" --batch-size "$batch"
     --rank "$rank" --dropout "$dropout" --targets all-linear --set "training.optimizer=\"$opt\"")
   [ "$base" = nf4 ] && flags+=(--4bit)
   [ "$ckpt" = off ] && flags+=(--no-gradient-checkpointing)
+  [ "$kind" = dora ] && flags+=(--use-dora)
   local pred
   pred=$($q plan "${flags[@]}" --json | python3 -c "import json,sys; print(json.load(sys.stdin)['peak_bytes'])")
   # The peak varies from run to run (which pool thread frees what first shapes glibc's heap):
@@ -55,12 +56,14 @@ import statistics
 p = $pred / 2**20
 runs = sorted(k / 1024 for k in [${kbs[0]}, ${kbs[1]}, ${kbs[2]}])
 m = statistics.median(runs)
-print(f'| $model | $base | $seq × $batch | $rank | $ckpt | $dropout | $opt | {p:.0f} | {m:.0f} ({runs[0]:.0f}–{runs[-1]:.0f}) | {p/m:.3f} |')"
+print(f'| $model | $base | $seq × $batch | $rank | $ckpt | $dropout | $opt | $kind | {p:.0f} | {m:.0f} ({runs[0]:.0f}–{runs[-1]:.0f}) | {p/m:.3f} |')"
 }
 run A nf4 128 1 16 on 0.05
 run A nf4 1024 1 16 on 0
 run A nf4 512 4 64 on 0.05
 run A nf4 512 4 64 on 0.05 adamw_8bit
+run A nf4 512 2 16 on 0.05 adamw dora
+run A nf4 512 2 16 off 0 adamw dora
 run A nf4 512 2 8 off 0
 run A dense 1024 1 16 on 0
 run A dense 512 1 16 off 0.05

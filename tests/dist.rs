@@ -417,6 +417,23 @@ fn accumulation_and_an_epochs_short_last_batch_match_too() {
 }
 
 #[test]
+fn dora_trains_the_same_on_two_ranks() {
+    // The magnitudes' gradients ride the same all-reduce as A's and B's; dropout on, so each
+    // rank's DoRA takes PEFT's second base product on its own rows' masks.
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, _, _) =
+        two_ranks_against_one(tmp.path(), "2", "1", &["--max-steps", "4", "--use-dora"]);
+    let names: Vec<String> = adapter(&one.join("adapter"))
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        names.iter().any(|n| n.ends_with(".lora_magnitude_vector")),
+        "{names:?}"
+    );
+}
+
+#[test]
 fn eight_bit_adamw_trains_the_same_on_two_ranks() {
     // Every rank runs the same 8-bit update on the same all-reduced gradients. Against one
     // process (the gradient summed in another order) a moment within rounding of a

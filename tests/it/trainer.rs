@@ -34,14 +34,25 @@ pub fn train_losses(output: &Path) -> Vec<(u64, u64)> {
 
 #[test]
 fn resume_reproduces_the_uninterrupted_loss_curve_bit_for_bit() {
+    resume_check(false);
+}
+
+#[test]
+fn a_dora_run_resumes_bit_for_bit_with_its_magnitudes() {
+    resume_check(true);
+}
+
+fn resume_check(dora: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    Trainer::new(small(&a), false).unwrap().run(None).unwrap();
+    let cfg = |out: &Path| {
+        let mut c = small(out);
+        c.lora.use_dora = dora;
+        c
+    };
+    Trainer::new(cfg(&a), false).unwrap().run(None).unwrap();
     // Interrupted after step 5: the latest checkpoint is step 3, steps 4-5 are redone on resume.
-    let s = Trainer::new(small(&b), false)
-        .unwrap()
-        .run(Some(5))
-        .unwrap();
+    let s = Trainer::new(cfg(&b), false).unwrap().run(Some(5)).unwrap();
     assert!(!s.finished);
     let resumed_cfg = TrainConfig::from_file(&b.join("config.resolved.toml")).unwrap();
     let mut t = Trainer::new(resumed_cfg, true).unwrap();
@@ -59,11 +70,31 @@ fn resume_reproduces_the_uninterrupted_loss_curve_bit_for_bit() {
         .unwrap()
     };
     let (wa, wb) = (load(&a), load(&b));
-    assert_eq!(wa.len(), 16, "A and B of 4 targets in 2 layers");
+    if dora {
+        assert_eq!(
+            wa.len(),
+            24,
+            "A, B and the magnitude of 4 targets in 2 layers"
+        );
+        // The magnitudes trained: none is still the base's row norms.
+        let mut m = crate::model::load_path_f32(
+            &qlora::hub::resolve(qlora::builtin::TINY_PHI3).unwrap(),
+            qlora::model::load::BaseFormat::NF4,
+        );
+        qlora::lora::attach::init_adapters(&mut m, &cfg(&a).lora, 0).unwrap();
+        for ad in m.adapters() {
+            let init = ad.dora.as_ref().unwrap().magnitude.as_tensor();
+            let key = format!("base_model.model.{}.lora_magnitude_vector", ad.module);
+            let d = crate::model::max_abs_diff(&wa[&key], init);
+            assert!(d > 1e-4, "{key} did not move ({d:e})");
+        }
+    } else {
+        assert_eq!(wa.len(), 16, "A and B of 4 targets in 2 layers");
+    }
     for (k, v) in &wa {
         assert!(
             k.starts_with("base_model.model.model.layers.")
-                && k.ends_with(".weight")
+                && (k.ends_with(".weight") || (dora && k.ends_with(".lora_magnitude_vector")))
                 && !k.contains(".default."),
             "{k}"
         );

@@ -17,6 +17,11 @@ const NF4: MergeBase = MergeBase::Nf4 {
 
 /// The built-in model and a random rank-8 adapter on all four linears, saved in `tmp`.
 fn model_and_adapter(tmp: &Path, rslora: bool) -> (PathBuf, PathBuf) {
+    model_and_adapter_with(tmp, rslora, false)
+}
+
+/// [`model_and_adapter`], DoRA (magnitudes moved off the base's row norms) when `dora`.
+fn model_and_adapter_with(tmp: &Path, rslora: bool, dora: bool) -> (PathBuf, PathBuf) {
     let dir = qlora::hub::resolve(qlora::builtin::TINY_PHI3).unwrap();
     let mut m = crate::model::load_path_f32(&dir, BaseFormat::Dense);
     let lora = LoraConfig {
@@ -25,11 +30,18 @@ fn model_and_adapter(tmp: &Path, rslora: bool) -> (PathBuf, PathBuf) {
         dropout: 0.0,
         targets: vec!["all-linear".into()],
         rslora,
-        use_dora: false,
+        use_dora: dora,
     };
     attach::init_adapters(&mut m, &lora, 3).unwrap();
     crate::train::randomize_b(&m, 11);
-    let a = tmp.join(if rslora { "adapter-rs" } else { "adapter" });
+    if dora {
+        crate::train::randomize_magnitudes(&m, 12);
+    }
+    let a = tmp.join(match (rslora, dora) {
+        (_, true) => "adapter-dora",
+        (true, _) => "adapter-rs",
+        _ => "adapter",
+    });
     peft::save(
         &a,
         &lora,
@@ -199,6 +211,51 @@ fn faithful_exports_of_every_type_pass() {
     assert_faithful(
         &run(&dir, None, MergeBase::Original, &base, None),
         "base gguf",
+    );
+}
+
+#[test]
+fn dora_exports_verify_as_faithful() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, a) = model_and_adapter_with(tmp.path(), false, true);
+    let out = tmp.path().join("merged-f32");
+    merged(&dir, &a, &out, candle_core::DType::F32, MergeBase::Original);
+    assert_faithful(
+        &run(&dir, Some(&a), MergeBase::Original, &out, None),
+        "DoRA merged f32",
+    );
+    for ty in ["f16", "q8_0"] {
+        let out = tmp.path().join(format!("dora-{ty}.gguf"));
+        gguf(&dir, Some(&a), &out, ty, MergeBase::Original);
+        assert_faithful(
+            &run(&dir, Some(&a), MergeBase::Original, &out, None),
+            &format!("DoRA gguf {ty}"),
+        );
+    }
+    // Merged into the NF4 base the adapter trained on, against that reference.
+    let out = tmp.path().join("dora-nf4.gguf");
+    gguf(&dir, Some(&a), &out, "f32", NF4);
+    assert_faithful(&run(&dir, Some(&a), NF4, &out, None), "DoRA gguf on NF4");
+    // The magnitude matters: the same A and B merged as plain LoRA fail against the DoRA reference.
+    let loaded = peft::load(&a, &Device::Cpu).unwrap();
+    let mut plain = loaded.clone();
+    plain.config.use_dora = false;
+    for w in plain.weights.values_mut() {
+        w.magnitude = None;
+    }
+    let p = tmp.path().join("plain");
+    let pw: Vec<_> = plain
+        .weights
+        .iter()
+        .map(|(m, w)| (m.clone(), w.clone()))
+        .collect();
+    peft::save(&p, &plain.config, &dir.display().to_string(), &pw).unwrap();
+    let out = tmp.path().join("plain.gguf");
+    gguf(&dir, Some(&p), &out, "f32", MergeBase::Original);
+    assert_fails_on(
+        &run(&dir, Some(&a), MergeBase::Original, &out, None),
+        "logits:",
+        "DoRA adapter merged without its magnitude",
     );
 }
 
