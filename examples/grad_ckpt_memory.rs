@@ -93,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         dtype: DType::F32,
         device: Device::Cpu,
         ops: OpPath::Composed,
+        saved: Default::default(),
     };
     attach::init_adapters(
         &mut model,
@@ -103,6 +104,7 @@ fn main() -> anyhow::Result<()> {
             targets: vec!["all-linear".into()],
             rslora: false,
             use_dora: false,
+            modules_to_save: Vec::new(),
         },
         0,
     )?;

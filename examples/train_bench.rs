@@ -186,6 +186,7 @@ fn bench() -> Result<()> {
         tokenizer: 0,
         rows: 0,
         eval: false,
+        copies: Default::default(),
         cfg: model.cfg.clone(),
     }
     .plan();

@@ -3,7 +3,8 @@
 # GNU time's %M; the median of 3 runs of 4 steps) of `qlora train` on the same settings, over a
 # matrix of configurations: two model
 # shapes (random bf16 Phi-3s, written under a temp dir), sequence 128-1024, batch 1-4, rank 8-64,
-# gradient checkpointing on/off, NF4 and dense bases, AdamW and 8-bit AdamW, LoRA and DoRA. Prints a markdown
+# gradient checkpointing on/off, NF4 and dense bases, AdamW and 8-bit AdamW, LoRA, DoRA and
+# modules_to_save copies of the embedding and head ("copies"). Prints a markdown
 # table with the ratio.
 # Usage: scripts/plan_accuracy.sh [WORKDIR]   (CPU only; ~15 minutes on 2 cores)
 #        PLAN_ROWS=REGEX scripts/plan_accuracy.sh   runs only the rows whose arguments match, e.g.
@@ -40,6 +41,7 @@ run() {
   [ "$base" = nf4 ] && flags+=(--4bit)
   [ "$ckpt" = off ] && flags+=(--no-gradient-checkpointing)
   [ "$kind" = dora ] && flags+=(--use-dora)
+  [ "$kind" = copies ] && flags+=(--modules-to-save embed_tokens,lm_head)
   local pred
   pred=$($q plan "${flags[@]}" --json | python3 -c "import json,sys; print(json.load(sys.stdin)['peak_bytes'])")
   # The peak varies from run to run (which pool thread frees what first shapes glibc's heap):
@@ -64,6 +66,8 @@ run A nf4 512 4 64 on 0.05
 run A nf4 512 4 64 on 0.05 adamw_8bit
 run A nf4 512 2 16 on 0.05 adamw dora
 run A nf4 512 2 16 off 0 adamw dora
+run A nf4 512 2 16 on 0.05 adamw copies
+run A nf4 512 2 16 on 0.05 adamw_8bit copies
 run A nf4 512 2 8 off 0
 run A dense 1024 1 16 on 0
 run A dense 512 1 16 off 0.05

@@ -41,6 +41,10 @@ pub struct Training {
     /// Global gradient-norm clipping; 0 disables.
     pub max_grad_norm: f64,
     pub weight_decay: f64,
+    /// The learning rate of `lora.modules_to_save` copies (Unsloth's knob for continued
+    /// pretraining; the same schedule); 0 means `learning_rate`.
+    #[serde(default)]
+    pub embedding_learning_rate: f64,
     /// `adamw` (f32 moments) or `adamw_8bit` (bitsandbytes' block-wise 8-bit moments).
     pub optimizer: String,
     pub seed: u64,
@@ -110,6 +114,7 @@ impl Default for TrainConfig {
                 max_seq_len: 2048,
                 max_grad_norm: 1.0,
                 weight_decay: 0.0,
+                embedding_learning_rate: 0.0,
                 optimizer: "adamw".into(),
                 seed: 42,
                 log_every: 1,
@@ -186,6 +191,11 @@ impl TrainConfig {
         }
         if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
             bail!("training.learning_rate must be a positive number");
+        }
+        if !(t.embedding_learning_rate >= 0.0 && t.embedding_learning_rate.is_finite()) {
+            bail!(
+                "training.embedding_learning_rate must be 0 (the learning_rate) or a positive number"
+            );
         }
         if t.epochs == 0 && t.max_steps == 0 {
             bail!("set training.epochs or training.max_steps");

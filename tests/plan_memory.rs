@@ -121,6 +121,7 @@ fn model(
         dtype: DType::F32,
         device: Device::Cpu,
         ops: OpPath::for_device(&Device::Cpu, DType::F32),
+        saved: Default::default(),
     };
     attach::init_adapters(
         &mut m,
@@ -131,6 +132,7 @@ fn model(
             targets: vec!["all-linear".into()],
             rslora: false,
             use_dora: dora,
+            modules_to_save: Vec::new(),
         },
         0,
     )

@@ -107,7 +107,12 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
             .base_model_name_or_path
             .clone()
             .unwrap_or_else(|| dir.display().to_string());
-        peft::save(&args.out, &converted.config, &base_name, &weights)?;
+        let modules: Vec<_> = converted
+            .modules
+            .iter()
+            .map(|(m, t)| (m.clone(), t.clone()))
+            .collect();
+        peft::save_with_modules(&args.out, &converted.config, &base_name, &weights, &modules)?;
         println!(
             "wrote {} (PEFT adapter, {} modules, {} names, r = {}, alpha = {})",
             args.out.display(),

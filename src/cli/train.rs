@@ -73,6 +73,12 @@ pub struct TrainArgs {
     /// [lora.use_dora = true].
     #[arg(long)]
     use_dora: bool,
+    /// Full trainable copies, comma-separated: embed_tokens, lm_head [lora.modules_to_save].
+    #[arg(long)]
+    modules_to_save: Option<String>,
+    /// Learning rate of the modules_to_save copies [training.embedding_learning_rate].
+    #[arg(long)]
+    embedding_lr: Option<f64>,
     /// [training.seed]
     #[arg(long)]
     seed: Option<u64>,
@@ -194,6 +200,17 @@ impl TrainArgs {
         }
         if self.use_dora {
             put("lora.use_dora", "true".into())
+        }
+        if let Some(v) = &self.modules_to_save {
+            let list: Vec<String> = v
+                .split(',')
+                .filter(|t| !t.trim().is_empty())
+                .map(|t| toml_str(t.trim()))
+                .collect();
+            put("lora.modules_to_save", format!("[{}]", list.join(", ")));
+        }
+        if let Some(v) = self.embedding_lr {
+            put("training.embedding_learning_rate", format!("{v:?}"))
         }
         if let Some(v) = self.seed {
             put("training.seed", v.to_string())

@@ -37,6 +37,14 @@ pub fn export(
              model instead (`qlora export --format gguf`), which merges the magnitude exactly"
         );
     }
+    if !adapter.modules.is_empty() {
+        bail!(
+            "the adapter holds full copies of {:?} (modules_to_save), which a llama.cpp LoRA GGUF \
+             cannot carry (it holds A and B matrices only). Export the merged model instead \
+             (`qlora export --format gguf`)",
+            adapter.config.modules_to_save
+        );
+    }
     let fused = crate::lora::convert::to_layout(adapter, &cfg, Layout::Fused)?;
     let adapter = &fused;
     let mut fused_cfg = cfg.clone();

@@ -110,6 +110,23 @@ impl Source {
         lookup: impl Fn(&str) -> Option<TensorView<'v>>,
     ) -> Result<Vec<f32>> {
         if names::block_linear(name).is_none() {
+            // A `modules_to_save` copy replaces the checkpoint's tensor (PEFT's merge_and_unload).
+            if let Some(copy) = self.adapter.as_ref().and_then(|a| {
+                a.modules
+                    .get(name.trim_end_matches(".weight"))
+                    .filter(|_| name.ends_with(".weight"))
+            }) {
+                ensure!(
+                    copy.dims() == view.shape(),
+                    "{file}: `{name}` is {:?} but the adapter's copy is {:?}",
+                    view.shape(),
+                    copy.dims()
+                );
+                return Ok(copy
+                    .flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1()?);
+            }
             let values = checkpoint::to_f32(view, name, file)?;
             self.ck.release(view.data())?;
             return Ok(values);
@@ -216,6 +233,19 @@ pub struct Stacked<'v> {
 /// Checks that `adapter` fits the model described by `cfg`: every module a Phi-3 block linear of
 /// an existing layer, A `[r, in]` and B `[out, r]` of that linear's shape.
 pub fn check_adapter(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<()> {
+    for (path, t) in &adapter.modules {
+        ensure!(
+            t.dims() == [cfg.vocab_size, cfg.hidden_size],
+            "the adapter's `{path}` copy is {:?}, not the base's [{}, {}]",
+            t.dims(),
+            cfg.vocab_size,
+            cfg.hidden_size
+        );
+        ensure!(
+            !(cfg.tie_word_embeddings && path == "lm_head"),
+            "the adapter has an `lm_head` copy but the base ties its head to the embedding"
+        );
+    }
     for (module, w) in &adapter.weights {
         let (a, b) = (&w.a, &w.b);
         let (layer, target) = names::block_linear(&format!("{module}.weight"))

@@ -57,8 +57,53 @@ pub fn init_adapters(model: &mut Phi3, cfg: &LoraConfig, seed: u64) -> Result<()
     Ok(())
 }
 
+/// Fresh `lora.modules_to_save` copies of the base's embedding and head, in master precision (as
+/// PEFT's ModulesToSaveWrapper deep-copies the module). A model with tied embeddings is refused:
+/// its one matrix is both, and PEFT's handling of such ties is not reproduced here.
+pub fn init_modules(model: &mut Phi3, cfg: &LoraConfig) -> Result<()> {
+    model.saved = Default::default();
+    if cfg.modules_to_save.is_empty() {
+        return Ok(());
+    }
+    ensure!(
+        !model.cfg.tie_word_embeddings,
+        "lora.modules_to_save {:?}: this model ties its embedding and head \
+         (tie_word_embeddings), which one trainable copy cannot keep apart; train LoRA on the \
+         block linears instead",
+        cfg.modules_to_save
+    );
+    let master = super::master_dtype(model.dtype);
+    for m in &cfg.modules_to_save {
+        let base = if m == "embed_tokens" {
+            &model.embed_tokens
+        } else {
+            &model.lm_head
+        };
+        let copy = Some(Var::from_tensor(&base.to_dtype(master)?)?);
+        if m == "embed_tokens" {
+            model.saved.embed = copy;
+        } else {
+            model.saved.head = copy;
+        }
+    }
+    Ok(())
+}
+
+/// The `modules_to_save` copies as `(module path, [V, H])`, for saving.
+pub fn module_weights(model: &Phi3) -> Vec<(String, candle_core::Tensor)> {
+    let mut out = Vec::new();
+    if let Some(v) = &model.saved.embed {
+        out.push(("model.embed_tokens".to_string(), v.as_tensor().clone()));
+    }
+    if let Some(v) = &model.saved.head {
+        out.push(("lm_head".to_string(), v.as_tensor().clone()));
+    }
+    out
+}
+
 /// Adapters read from a PEFT adapter; every module in the file must exist in the model with matching
 /// shapes (after [`super::convert::to_layout`] when the adapter was made for the other layout).
+/// Its `modules_to_save` copies replace the model's embedding and head in the forward.
 pub fn load_adapters(model: &mut Phi3, peft: &PeftAdapter) -> Result<()> {
     // An adapter trained on the other layout of the same model is converted, exactly.
     let converted = super::convert::to_layout(peft, &model.cfg, model.cfg.layout())?;
@@ -99,6 +144,26 @@ pub fn load_adapters(model: &mut Phi3, peft: &PeftAdapter) -> Result<()> {
                 });
                 used += 1;
             }
+        }
+    }
+    init_modules(model, &peft.config)?;
+    for (path, t) in &peft.modules {
+        let want = if path == "lm_head" {
+            &model.lm_head
+        } else {
+            &model.embed_tokens
+        };
+        ensure!(
+            t.dims() == want.dims(),
+            "adapter's `{path}` copy is {:?} but the model's is {:?} (an adapter for another model?)",
+            t.dims(),
+            want.dims()
+        );
+        let v = Var::from_tensor(&t.to_device(&device)?.to_dtype(master)?)?;
+        if path == "lm_head" {
+            model.saved.head = Some(v);
+        } else {
+            model.saved.embed = Some(v);
         }
     }
     if used != peft.weights.len() {

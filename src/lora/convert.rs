@@ -89,6 +89,7 @@ fn split(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<PeftAdapter> {
         },
         base_model_name_or_path: adapter.base_model_name_or_path.clone(),
         weights,
+        modules: adapter.modules.clone(),
     })
 }
 
@@ -227,6 +228,7 @@ fn fuse(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<PeftAdapter> {
         },
         base_model_name_or_path: adapter.base_model_name_or_path.clone(),
         weights,
+        modules: adapter.modules.clone(),
     })
 }
 

@@ -23,6 +23,9 @@ pub use qlora_quant::fused::{DropoutSpec, MaskRows};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+/// The modules `lora.modules_to_save` may name (PEFT's names), in model order.
+pub const SAVABLE_MODULES: [&str; 2] = ["embed_tokens", "lm_head"];
+
 /// Phi-3's LoRA targets (PEFT module names), in model order.
 pub const TARGETS: [&str; 4] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"];
 
@@ -56,6 +59,9 @@ pub struct LoraConfig {
     /// rescales each row of `W + s·B·A` to it (see [`Dora`]).
     #[serde(default)]
     pub use_dora: bool,
+    /// Full trainable copies (PEFT's `modules_to_save`): any of `embed_tokens`, `lm_head`.
+    #[serde(default)]
+    pub modules_to_save: Vec<String>,
 }
 
 impl Default for LoraConfig {
@@ -67,6 +73,7 @@ impl Default for LoraConfig {
             targets: TARGETS.iter().map(|t| t.to_string()).collect(),
             rslora: false,
             use_dora: false,
+            modules_to_save: Vec::new(),
         }
     }
 }
@@ -85,6 +92,14 @@ impl LoraConfig {
     pub fn check_targets(&self) -> Result<()> {
         if self.r == 0 {
             bail!("lora r must be at least 1");
+        }
+        for m in &self.modules_to_save {
+            if !SAVABLE_MODULES.contains(&m.as_str()) {
+                bail!(
+                    "lora.modules_to_save: `{m}` is not a module qlora can train a full copy of; use \
+                     any of {SAVABLE_MODULES:?}"
+                );
+            }
         }
         if self.targets.is_empty() {
             bail!("lora targets is empty: name some of {TARGETS:?} or \"all-linear\"");

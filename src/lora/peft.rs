@@ -49,6 +49,16 @@ pub struct PeftAdapter {
     pub config: LoraConfig,
     pub base_model_name_or_path: Option<String>,
     pub weights: AdapterWeights,
+    /// `modules_to_save` copies by module path (`model.embed_tokens`, `lm_head`), `[V, H]` f32.
+    pub modules: BTreeMap<String, Tensor>,
+}
+
+/// The module path of a `modules_to_save` name (`embed_tokens` → `model.embed_tokens`).
+pub fn module_to_save_path(name: &str) -> &'static str {
+    match name {
+        "embed_tokens" => "model.embed_tokens",
+        _ => "lm_head",
+    }
 }
 
 /// Writes `adapter_config.json` + `adapter_model.safetensors` into `dir` (created if needed), each
@@ -58,6 +68,18 @@ pub fn save(
     cfg: &LoraConfig,
     base_model: &str,
     weights: &[(String, ModuleWeights)],
+) -> Result<()> {
+    save_with_modules(dir, cfg, base_model, weights, &[])
+}
+
+/// [`save`] with `modules_to_save` copies (`(module path, [V, H])`, saved as PEFT saves them:
+/// `base_model.model.<module path>.weight`).
+pub fn save_with_modules(
+    dir: &Path,
+    cfg: &LoraConfig,
+    base_model: &str,
+    weights: &[(String, ModuleWeights)],
+    modules: &[(String, Tensor)],
 ) -> Result<()> {
     crate::fsx::disk::create_dir_all(dir)?;
     let dora = weights.iter().any(|(_, w)| w.magnitude.is_some());
@@ -83,6 +105,16 @@ pub fn save(
             ));
         }
     }
+    for (module, t) in modules {
+        tensors.push((
+            format!("{KEY_PREFIX}{module}.weight"),
+            t.to_dtype(DType::F32)?,
+        ));
+    }
+    let saved_modules: Vec<&str> = super::SAVABLE_MODULES
+        .into_iter()
+        .filter(|m| modules.iter().any(|(p, _)| p == module_to_save_path(m)))
+        .collect();
     // The targets the file really holds (a split checkpoint's names on one), in model order.
     let held: Vec<&str> = weights
         .iter()
@@ -106,7 +138,11 @@ pub fn save(
         "use_dora": cfg.use_dora,
         "bias": "none",
         "fan_in_fan_out": false,
-        "modules_to_save": null,
+        "modules_to_save": if saved_modules.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::json!(saved_modules)
+        },
         "rank_pattern": {},
         "alpha_pattern": {},
         "inference_mode": true,
@@ -153,9 +189,15 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             bail!("{origin}: per-module `{k}` is not supported");
         }
     }
-    if v.get("modules_to_save").is_some_and(|m| !m.is_null()) {
-        bail!("{origin}: modules_to_save is not supported (only LoRA matrices are loaded)");
-    }
+    let modules_to_save: Vec<String> = match v.get("modules_to_save") {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .map(|m| m.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .with_context(|| format!("{origin}: modules_to_save is not a list of names"))?,
+        Some(other) => bail!("{origin}: modules_to_save {other} is not a list of names"),
+    };
     let r = v
         .get("r")
         .and_then(|x| x.as_u64())
@@ -195,6 +237,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             .and_then(|x| x.as_bool())
             .unwrap_or(false),
         use_dora: v.get("use_dora").and_then(|x| x.as_bool()).unwrap_or(false),
+        modules_to_save,
     };
     config
         .check_targets()
@@ -204,6 +247,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     let wfile = weights_path.display();
     let tensors = crate::checkpoint::load_safetensors(&weights_path, device)?;
     let mut parts: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
+    let mut modules = BTreeMap::new();
     for (key, t) in tensors {
         let rest = key
             .strip_prefix(KEY_PREFIX)
@@ -212,6 +256,22 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             bail!(
                 "{wfile}: key `{key}` contains the adapter name `.default.`; PEFT never saves it (this file would load as zeros in PEFT)"
             );
+        }
+        if let Some(name) = config
+            .modules_to_save
+            .iter()
+            .find(|m| rest == format!("{}.weight", module_to_save_path(m)))
+        {
+            ensure!(
+                t.rank() == 2,
+                "{wfile}: `{key}` ({name}'s full copy) is {:?}, not a 2-d [vocab, hidden] tensor",
+                t.dims()
+            );
+            modules.insert(
+                module_to_save_path(name).to_string(),
+                t.to_dtype(DType::F32)?,
+            );
+            continue;
         }
         let (module, which) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
             (m, 0)
@@ -280,9 +340,17 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         );
         weights.insert(module, ModuleWeights { a, b, magnitude });
     }
+    for m in &config.modules_to_save {
+        ensure!(
+            modules.contains_key(module_to_save_path(m)),
+            "{wfile}: {origin} lists `{m}` in modules_to_save but the file has no `{KEY_PREFIX}{}.weight`",
+            module_to_save_path(m)
+        );
+    }
     Ok(PeftAdapter {
         config,
         base_model_name_or_path: str_of("base_model_name_or_path").map(str::to_string),
         weights,
+        modules,
     })
 }

@@ -476,5 +476,6 @@ fn load_with_header(path: &Path, header: &GgufHeader) -> Result<Phi3> {
         dtype: DType::F32,
         device: Device::Cpu,
         ops: OpPath::for_device(&Device::Cpu, DType::F32),
+        saved: Default::default(),
     })
 }

@@ -249,5 +249,6 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Phi3> {
         dtype: opts.dtype,
         device: opts.device.clone(),
         ops: OpPath::for_device(&opts.device, opts.dtype),
+        saved: Default::default(),
     })
 }

@@ -90,6 +90,18 @@ pub struct Phi3 {
     pub device: Device,
     /// Composed or fused ops ([`OpPath::for_device`] unless a test picks).
     pub ops: OpPath,
+    /// Trainable full copies of the embedding and the head (`lora.modules_to_save`).
+    pub saved: SavedModules,
+}
+
+/// PEFT's `modules_to_save` copies: when present they replace the frozen `embed_tokens` /
+/// `lm_head` in the forward, trained in f32 master precision.
+#[derive(Debug, Clone, Default)]
+pub struct SavedModules {
+    /// `[V, H]`.
+    pub embed: Option<candle_core::Var>,
+    /// `[V, H]`.
+    pub head: Option<candle_core::Var>,
 }
 
 /// Which implementation the ops between the linears take (RMSNorm, RoPE, attention, SwiGLU and
@@ -237,12 +249,24 @@ impl Phi3 {
         Ok(Prepared { cos, sin, mask })
     }
 
-    /// Token embeddings `[B, T, H]` (frozen).
+    /// Token embeddings `[B, T, H]` (from the trainable copy when there is one).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        self.embed_tokens
+        let table = match &self.saved.embed {
+            Some(v) => v.as_tensor().to_dtype(self.dtype)?,
+            None => self.embed_tokens.clone(),
+        };
+        table
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, self.cfg.hidden_size))
+    }
+
+    /// The head's weight `[V, H]` in the compute dtype (the trainable copy when there is one).
+    pub fn head_weight(&self) -> Result<Tensor> {
+        match &self.saved.head {
+            Some(v) => v.as_tensor().to_dtype(self.dtype),
+            None => Ok(self.lm_head.clone()),
+        }
     }
 
     /// Decoder block `layer` on `x: [B, T, H]`.
@@ -340,7 +364,7 @@ impl Phi3 {
 
     /// Logits `[.., V]` of normed hidden states `[.., H]`.
     pub fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
-        BaseWeight::Dense(self.lm_head.clone()).forward(h)
+        BaseWeight::Dense(self.head_weight()?).forward(h)
     }
 
     /// Normed hidden states `[B, T, H]` of a batch (the trunk, before the vocabulary projection).
@@ -389,10 +413,13 @@ impl Phi3 {
     }
 
     /// Every trainable variable, in a fixed order: each adapter's ([`Self::adapters`]' order)
-    /// [`Adapter::vars`]. Gradients ([`crate::train::LossAndGrads`]) and optimizer states align
+    /// [`Adapter::vars`], then the embedding's and the head's copies ([`SavedModules`]). Gradients ([`crate::train::LossAndGrads`]) and optimizer states align
     /// with it.
     pub fn trainable_vars(&self) -> Vec<candle_core::Var> {
-        self.adapters().iter().flat_map(|a| a.vars()).collect()
+        let mut v: Vec<_> = self.adapters().iter().flat_map(|a| a.vars()).collect();
+        v.extend(self.saved.embed.clone());
+        v.extend(self.saved.head.clone());
+        v
     }
 
     /// Every adapter of the model, in layer and target order.

@@ -144,6 +144,7 @@ pub fn qlora_model(
         dtype,
         device: dev.clone(),
         ops,
+        saved: Default::default(),
     };
     attach::init_adapters(
         &mut model,
@@ -154,6 +155,7 @@ pub fn qlora_model(
             targets: vec!["all-linear".into()],
             rslora: false,
             use_dora: false,
+            modules_to_save: Vec::new(),
         },
         0,
     )?;

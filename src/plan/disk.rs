@@ -71,6 +71,24 @@ pub fn plan(cfg: &TrainConfig, model: &Phi3Config, total_steps: u64) -> Result<D
                 moments.extend(checkpoint_layout(optimizer, adapter.len(), &shape));
                 adapter.push((format!("{module}.lora_{ab}.weight"), Dtype::F32, shape));
             }
+            if cfg.lora.use_dora {
+                let shape = vec![out];
+                moments.extend(checkpoint_layout(optimizer, adapter.len(), &shape));
+                adapter.push((format!("{module}.lora_magnitude_vector"), Dtype::F32, shape));
+            }
+        }
+    }
+    // The modules_to_save copies, after every adapter (the trainable variables' order).
+    for m in crate::lora::SAVABLE_MODULES {
+        if cfg.lora.modules_to_save.iter().any(|x| x == m) {
+            let shape = vec![model.vocab_size, model.hidden_size];
+            moments.extend(checkpoint_layout(optimizer, adapter.len(), &shape));
+            let path = crate::lora::peft::module_to_save_path(m);
+            adapter.push((
+                format!("{}{path}.weight", crate::lora::peft::KEY_PREFIX),
+                Dtype::F32,
+                shape,
+            ));
         }
     }
     let adapter_bytes = crate::fsx::st::file_bytes(&adapter)? + JSON_BYTES;

@@ -99,6 +99,33 @@ pub struct Inputs {
     pub rows: u64,
     /// The run evaluates (`data.eval` is set).
     pub eval: bool,
+    /// `lora.modules_to_save` copies trained (f32 `[V, H]` each).
+    pub copies: Copies,
+}
+
+/// Tensors of a parameter's size alive at once in [`crate::train::optim::AdamW::step`]: the new
+/// moment beside the old and its two terms, then the update's quotient chain (`m / c1`, `v / c2`,
+/// its root, `+ ε`, the quotient) beside the decayed parameter.
+const ADAMW_TEMPS: u64 = 6;
+
+/// Which full copies a run trains (`lora.modules_to_save`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Copies {
+    pub embed: bool,
+    pub head: bool,
+}
+
+impl Copies {
+    pub fn of(modules: &[String]) -> Self {
+        Self {
+            embed: modules.iter().any(|m| m == "embed_tokens"),
+            head: modules.iter().any(|m| m == "lm_head"),
+        }
+    }
+
+    pub fn count(self) -> u64 {
+        u64::from(self.embed) + u64::from(self.head)
+    }
 }
 
 /// The phases of a run whose peaks are compared.
@@ -300,7 +327,7 @@ impl Inputs {
             let magnitude = if self.step.dora { Some(out) } else { None };
             for n in [r * inp, out * r].into_iter().chain(magnitude) {
                 let (s, t) = match self.optimizer {
-                    OptimizerKind::AdamW => (2 * f32b(n), 5 * f32b(n)),
+                    OptimizerKind::AdamW => (2 * f32b(n), ADAMW_TEMPS * f32b(n)),
                     OptimizerKind::AdamW8bit => {
                         (optim8::state_bytes(n), optim8::step_temporaries(n, on_host))
                     }
@@ -309,7 +336,38 @@ impl Inputs {
                 temps = temps.max(t);
             }
         }
+        let copy = self.cfg.vocab_size * self.cfg.hidden_size;
+        for _ in 0..self.copies.count() {
+            let (s, t) = match self.optimizer {
+                OptimizerKind::AdamW => (2 * f32b(copy), ADAMW_TEMPS * f32b(copy)),
+                OptimizerKind::AdamW8bit => (
+                    optim8::state_bytes(copy),
+                    optim8::step_temporaries(copy, on_host),
+                ),
+            };
+            state += s;
+            temps = temps.max(t);
+        }
         (state, temps)
+    }
+
+    /// Bytes of the largest trainable tensor (f32).
+    fn largest_param_bytes(&self) -> u64 {
+        let mut largest = 0u64;
+        for (target, r) in &self.step.adapted {
+            if let Some([out, inp]) = self.cfg.any_linear_shape(target) {
+                largest = largest.max(f32b(r * inp)).max(f32b(out * r));
+            }
+        }
+        if self.copies.count() > 0 {
+            largest = largest.max(self.copy_bytes());
+        }
+        largest
+    }
+
+    /// Bytes of one `[V, H]` f32 copy.
+    fn copy_bytes(&self) -> u64 {
+        f32b(self.cfg.vocab_size * self.cfg.hidden_size)
     }
 
     /// The head's loss on `m` selected rows: its chunk buffers beyond the selected rows.
@@ -356,6 +414,9 @@ impl Inputs {
         let m = b * s;
         let w = self.weights();
         let adapters = self.adapter_bytes();
+        let copies = self.copies.count() * self.copy_bytes();
+        // Every trainable parameter (the gradients' size).
+        let trainable = adapters + copies;
         let (opt_state, opt_temps) = self.optimizer_bytes();
         let mut common: Vec<Term> = Vec::new();
         let add = |v: &mut Vec<Term>, name: &str, bytes: u64| {
@@ -417,6 +478,7 @@ impl Inputs {
         add(&mut common, "lm_head", w.head);
         add(&mut common, "norm weights", w.norms);
         add(&mut common, "adapters A, B (f32)", adapters);
+        add(&mut common, "modules_to_save copies (f32)", copies);
         let state_name = match self.optimizer {
             OptimizerKind::AdamW => "AdamW moments (2 × f32)",
             OptimizerKind::AdamW8bit => {
@@ -452,7 +514,19 @@ impl Inputs {
         };
         // The step's gradients: the accumulated per-adapter gradients while the last block's
         // backward runs, then the step's copies (the sum, its mean, the clipped copy).
-        let accum = if self.grad_accum > 1 { adapters } else { 0 };
+        let accum = if self.grad_accum > 1 { trainable } else { 0 };
+        // The head copy's gradient, accumulated while the head's loss pass runs and kept until the
+        // step's sum; the embedding copy's, computed last (zeros, then the scattered rows).
+        let head_dw = if self.copies.head {
+            self.copy_bytes()
+        } else {
+            0
+        };
+        let embed_dw = if self.copies.embed {
+            2 * self.copy_bytes()
+        } else {
+            0
+        };
         if self.checkpointing {
             let (_, _, blk) = block_tape(true);
             let mut fwd = common.clone();
@@ -475,6 +549,7 @@ impl Inputs {
                 "head: selected rows, loss chunks",
                 head.kept + self.head_transient(m).max(head.backward_peak),
             );
+            add(&mut hd, "head copy's gradient", head_dw);
             add(&mut hd, "gradients of earlier micro-batches", accum);
             phases.push(PhasePeak::of(Phase::Head, hd));
             let mut bw = common.clone();
@@ -502,7 +577,23 @@ impl Inputs {
                 "adapter gradients of later blocks",
                 adapters * (n_layers - 1) / n_layers.max(1) + accum,
             );
+            add(&mut bw, "head copy's gradient", head_dw);
             phases.push(PhasePeak::of(Phase::Backward, bw));
+            if embed_dw > 0 {
+                let mut em = common.clone();
+                add(&mut em, "running gradient", nh);
+                add(
+                    &mut em,
+                    "adapter and head copy gradients",
+                    adapters + head_dw + accum,
+                );
+                add(
+                    &mut em,
+                    "embedding copy's gradient (zeros, then the rows added)",
+                    embed_dw,
+                );
+                phases.push(PhasePeak::of(Phase::Backward, em));
+            }
         } else {
             // One graph over every block and the head.
             let mut t = Tape::new();
@@ -520,6 +611,7 @@ impl Inputs {
                 all.kept,
             );
             add(&mut hd, "head: loss chunks", self.head_transient(m));
+            add(&mut hd, "head copy's gradient", head_dw);
             add(&mut hd, "gradients of earlier micro-batches", accum);
             phases.push(PhasePeak::of(Phase::Head, hd));
             let mut bw = common.clone();
@@ -533,6 +625,11 @@ impl Inputs {
                 &mut bw,
                 "backward (gradients, attention waves, dequantized tiles)",
                 all.backward_peak,
+            );
+            add(
+                &mut bw,
+                "modules_to_save copies' gradients",
+                head_dw + embed_dw,
             );
             add(&mut bw, "gradients of earlier micro-batches", accum);
             phases.push(PhasePeak::of(Phase::Backward, bw));
@@ -555,10 +652,12 @@ impl Inputs {
             phases.push(PhasePeak::of(Phase::Eval, ev));
         }
         let mut opt = common.clone();
+        // The step's gradients (each sum replaced by its mean, each mean by its clipped copy, in
+        // turn: one set and one tensor more).
         add(
             &mut opt,
-            "gradients: sum, mean, clipped copy",
-            2 * adapters + accum,
+            "gradients (sum → mean → clipped, one tensor at a time)",
+            trainable + self.largest_param_bytes(),
         );
         let temps_name = match self.optimizer {
             OptimizerKind::AdamW => "AdamW update temporaries",
@@ -951,6 +1050,7 @@ mod tests {
             tokenizer: 8 << 20,
             rows: 0,
             eval: false,
+            copies: Copies::default(),
         }
     }
 

@@ -77,24 +77,41 @@ pub struct LossAndGrads {
     pub grads: Vec<Tensor>,
 }
 
+/// The head's loss pass: the summed loss, `d loss_sum / d h` when asked, and the trainable head
+/// copy's gradient ([`crate::model::phi3::SavedModules::head`]) when there is one.
+struct HeadPass {
+    loss: f64,
+    dh: Option<Tensor>,
+    dw: Option<Tensor>,
+}
+
 /// Summed cross-entropy of `h: [M, H]` (normed hidden states of the target positions) against
-/// `targets`, chunk by chunk; with `want_grad`, also `d loss_sum / d h`.
-fn head(
-    model: &Phi3,
-    h: &Tensor,
-    targets: &[u32],
-    want_grad: bool,
-) -> Result<(f64, Option<Tensor>)> {
+/// `targets`, chunk by chunk; with `want_grad`, also `d loss_sum / d h` and a trainable head's
+/// own gradient.
+fn head(model: &Phi3, h: &Tensor, targets: &[u32], want_grad: bool) -> Result<HeadPass> {
+    let weight = model.head_weight()?;
+    let trainable = want_grad && model.saved.head.is_some();
     if want_grad
         && h.device().is_cpu()
         && h.dtype() == DType::F32
-        && model.lm_head.dtype() == DType::F32
+        && weight.dtype() == DType::F32
         && model.ops != OpPath::Composed
     {
-        // The CPU's head: logits, loss and gradient in one pass, outside autograd.
-        let (loss, dh) = qlora_quant::fused::head_cross_entropy_cpu(h, &model.lm_head, targets)?;
-        return Ok((loss, Some(dh)));
+        // The CPU's head: logits, loss and gradients in one pass, outside autograd.
+        let (loss, dh, dw) =
+            qlora_quant::fused::head_cross_entropy_cpu_with(h, &weight, targets, trainable)?;
+        return Ok(HeadPass {
+            loss,
+            dh: Some(dh),
+            dw,
+        });
     }
+    let head_var = if trainable {
+        model.saved.head.as_ref()
+    } else {
+        None
+    };
+    let mut dw: Option<Tensor> = None;
     let m = h.dim(0)?;
     // Per-chunk sums, read back once at the end (one device synchronisation, not one per chunk).
     let mut nlls = Vec::new();
@@ -122,6 +139,12 @@ fn head(
                     .expect("the head depends on its input")
                     .clone(),
             );
+            if let Some(w) = head_var.and_then(|v| g.get(v.as_tensor())) {
+                dw = Some(match dw.take() {
+                    Some(prev) => (prev + w)?,
+                    None => w.clone(),
+                });
+            }
         }
     }
     let dh = if want_grad {
@@ -142,7 +165,43 @@ fn head(
             .into_iter()
             .sum()
     };
-    Ok((loss, dh))
+    Ok(HeadPass { loss, dh, dw })
+}
+
+/// Where the embedding copy's gradient sits among `n` trainable variables (before the head's).
+fn embed_index(model: &Phi3, n: usize) -> Option<usize> {
+    model.saved.embed.as_ref()?;
+    Some(n - 1 - usize::from(model.saved.head.is_some()))
+}
+
+/// The embedding copy's gradient from the trunk input's `g: [B, T, H]`: each position's row added
+/// into its token's row of a zero `[V, H]` (the backward of the lookup), in the copy's precision,
+/// skipping the padding token (`pad_token_id`), whose row torch's `nn.Embedding(padding_idx)`,
+/// and so PEFT's copy, never trains. One `[V, H]` result and its zeros, no autograd.
+fn embedding_grad(model: &Phi3, ids: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let table = model.saved.embed.as_ref().expect("a trainable embedding");
+    let (v, h) = table.dims2()?;
+    let ids_v: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+    let pad = model.cfg.pad_token_id;
+    let keep: Vec<u32> = (0..ids_v.len() as u32)
+        .filter(|&i| Some(ids_v[i as usize]) != pad)
+        .collect();
+    let zeros = Tensor::zeros((v, h), table.dtype(), table.device())?;
+    if keep.is_empty() {
+        return Ok(zeros);
+    }
+    let rows = g.reshape(((), h))?.to_dtype(table.dtype())?;
+    let (sel_ids, sel_rows) = if keep.len() == ids_v.len() {
+        (ids.flatten_all()?, rows)
+    } else {
+        let k = Tensor::from_slice(&keep, keep.len(), g.device())?;
+        let kept_ids: Vec<u32> = keep.iter().map(|&i| ids_v[i as usize]).collect();
+        (
+            Tensor::from_vec(kept_ids, keep.len(), g.device())?,
+            rows.index_select(&k, 0)?,
+        )
+    };
+    zeros.index_add(&sel_ids, &sel_rows, 0)
 }
 
 /// Normed hidden states of the target positions: `final_norm(x)` rows `idx`.
@@ -162,8 +221,8 @@ pub fn loss(model: &Phi3, batch: &Batch) -> Result<(f64, usize)> {
     for layer in 0..model.layers.len() {
         x = model.block(layer, &x, &prep, &ctx, None)?.detach();
     }
-    let (loss, _) = head(model, &select(model, &x, &idx)?, &targets, false)?;
-    Ok((loss, idx.len()))
+    let pass = head(model, &select(model, &x, &idx)?, &targets, false)?;
+    Ok((pass.loss, idx.len()))
 }
 
 /// The summed loss and the LoRA gradients of a batch; `checkpointing` recomputes each block in the
@@ -190,7 +249,12 @@ pub fn loss_and_grads(
         }
         Ok(())
     };
+    // A trainable embedding copy takes the first block's input gradient, scattered to its rows
+    // ([`embedding_grad`]); the embedding itself stays out of the graph.
+    let embed_trainable = model.saved.embed.is_some();
     let x0 = model.embed(&batch.input_ids)?.detach();
+    let mut embed_dw = None;
+    let head_dw;
     let loss_sum = if checkpointing {
         let mut inputs = Vec::with_capacity(model.layers.len());
         let mut x = x0;
@@ -202,8 +266,9 @@ pub fn loss_and_grads(
         let xv = Var::from_tensor(&x)?;
         drop(x);
         let h = select(model, xv.as_tensor(), &idx)?;
-        let (loss, dh) = head(model, &h.detach(), &targets, true)?;
-        let store = (h * dh.expect("asked for the gradient"))?
+        let pass = head(model, &h.detach(), &targets, true)?;
+        head_dw = pass.dw;
+        let store = (h * pass.dh.expect("asked for the gradient"))?
             .sum_all()?
             .backward()?;
         let mut g = store
@@ -219,29 +284,54 @@ pub fn loss_and_grads(
             let out = model.block(layer, xin.as_tensor(), &prep, ctx, None)?;
             let store = (out * &g)?.sum_all()?.backward()?;
             keep(&store)?;
-            if layer > 0 {
+            if layer > 0 || embed_trainable {
                 g = store
                     .get(xin.as_tensor())
                     .expect("a block depends on its input")
                     .clone();
             }
         }
-        loss
+        if embed_trainable {
+            embed_dw = Some(embedding_grad(model, &batch.input_ids, &g)?);
+        }
+        pass.loss
     } else {
-        let mut x = x0;
+        let x0v = if embed_trainable {
+            Some(Var::from_tensor(&x0)?)
+        } else {
+            None
+        };
+        let mut x = x0v.as_ref().map_or(x0.clone(), |v| v.as_tensor().clone());
         for layer in 0..model.layers.len() {
             x = model.block(layer, &x, &prep, ctx, None)?;
         }
         let h = select(model, &x, &idx)?;
-        let (loss, dh) = head(model, &h.detach(), &targets, true)?;
-        keep(
-            &(h * dh.expect("asked for the gradient"))?
-                .sum_all()?
-                .backward()?,
-        )?;
-        loss
+        let pass = head(model, &h.detach(), &targets, true)?;
+        head_dw = pass.dw;
+        let store = (h * pass.dh.expect("asked for the gradient"))?
+            .sum_all()?
+            .backward()?;
+        keep(&store)?;
+        if let Some(v) = &x0v {
+            let g = store
+                .get(v.as_tensor())
+                .expect("the trunk depends on its input");
+            embed_dw = Some(embedding_grad(model, &batch.input_ids, g)?);
+        }
+        pass.loss
     };
-    let grads = grads
+    if let (Some(dw), Some(i)) = (embed_dw, embed_index(model, vars.len())) {
+        grads[i] = Some(dw);
+    }
+    if let (Some(dw), Some(slot)) = (head_dw, grads.last_mut())
+        && model.saved.head.is_some()
+    {
+        *slot = Some(match slot.take() {
+            Some(prev) => (prev + dw)?,
+            None => dw,
+        });
+    }
+    let grads: Vec<Tensor> = grads
         .into_iter()
         .zip(&vars)
         .map(|(g, v)| match g {

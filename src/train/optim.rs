@@ -62,12 +62,25 @@ impl AdamW {
 
     /// One update with learning rate `lr` and gradients aligned with the parameters.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, &[])
+    }
+
+    /// [`Self::step`] with parameter `i`'s learning rate `lr · scales[i]` (1 where `scales` has
+    /// no entry): parameter groups.
+    pub fn step_scaled(&mut self, grads: &[Tensor], lr: f64, scales: &[f64]) -> Result<()> {
         assert_eq!(grads.len(), self.params.len(), "one gradient per parameter");
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        for ((p, (m, v)), g) in self.params.iter().zip(self.moments.iter_mut()).zip(grads) {
+        for (i, ((p, (m, v)), g)) in self
+            .params
+            .iter()
+            .zip(self.moments.iter_mut())
+            .zip(grads)
+            .enumerate()
+        {
+            let lr = lr * scales.get(i).copied().unwrap_or(1.0);
             let g = g.to_dtype(p.dtype())?;
             *m = ((&*m * b1)? + (&g * (1.0 - b1))?)?;
             *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
@@ -171,9 +184,15 @@ impl Optimizer {
     }
 
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, &[])
+    }
+
+    /// One update with parameter `i`'s learning rate `lr · scales[i]` (1 where `scales` has no
+    /// entry).
+    pub fn step_scaled(&mut self, grads: &[Tensor], lr: f64, scales: &[f64]) -> Result<()> {
         match self {
-            Self::AdamW(o) => o.step(grads, lr),
-            Self::AdamW8bit(o) => o.step(grads, lr),
+            Self::AdamW(o) => o.step_scaled(grads, lr, scales),
+            Self::AdamW8bit(o) => o.step_scaled(grads, lr, scales),
         }
     }
 

@@ -407,6 +407,12 @@ impl AdamW8bit {
 
     /// One update with learning rate `lr` and gradients aligned with the parameters.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, &[])
+    }
+
+    /// [`Self::step`] with parameter `i`'s learning rate `lr · scales[i]` (1 where `scales` has
+    /// no entry).
+    pub fn step_scaled(&mut self, grads: &[Tensor], lr: f64, scales: &[f64]) -> Result<()> {
         if grads.len() != self.params.len() {
             candle_core::bail!(
                 "{} gradients for {} parameters",
@@ -415,8 +421,15 @@ impl AdamW8bit {
             );
         }
         self.step += 1;
-        let k = Coeffs::new(&self.cfg, lr, self.step, self.backend);
-        for ((p, state), g) in self.params.iter().zip(&mut self.states).zip(grads) {
+        for (i, ((p, state), g)) in self
+            .params
+            .iter()
+            .zip(&mut self.states)
+            .zip(grads)
+            .enumerate()
+        {
+            let lr = lr * scales.get(i).copied().unwrap_or(1.0);
+            let k = Coeffs::new(&self.cfg, lr, self.step, self.backend);
             let t = p.as_tensor();
             let (dev, shape, dtype) = (t.device().clone(), t.shape().clone(), t.dtype());
             let host = |x: &Tensor| x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();

@@ -312,6 +312,7 @@ impl Trainer {
         let global_micro_batch = comm.world() * cfg.training.micro_batch_size;
         let total_steps = crate::plan::disk::total_steps(&cfg, rows.len(), comm.world());
         attach::init_adapters(&mut model, &cfg.lora, cfg.training.seed)?;
+        attach::init_modules(&mut model, &cfg.lora)?;
         let params: Vec<Var> = model.trainable_vars();
         let kind: OptimizerKind = cfg.training.optimizer.parse()?;
         let mut opt = Optimizer::new(
@@ -538,8 +539,11 @@ impl Trainer {
             self.stop.agree(v[3]);
         }
         let n = n_tokens.max(1) as f64;
+        // Each sum is dropped as its mean is made (and each mean as its clipped copy is): one set
+        // of gradients alive, plus one tensor's worth in turn (full embedding and head copies
+        // make these hundreds of MiB each).
         let grads: Vec<Tensor> = sums
-            .iter()
+            .into_iter()
             .map(|g| g / n)
             .collect::<candle_core::Result<_>>()?;
         let loss = loss_sum / n;
@@ -573,14 +577,14 @@ impl Trainer {
         let clip = self.cfg.training.max_grad_norm;
         let grads = if clip > 0.0 && norm > clip {
             grads
-                .iter()
+                .into_iter()
                 .map(|g| g * (clip / norm))
                 .collect::<candle_core::Result<_>>()?
         } else {
             grads
         };
         let lr = learning_rate(&self.cfg, step, self.total_steps);
-        self.opt.step(&grads, lr)?;
+        self.opt.step_scaled(&grads, lr, &self.lr_scales())?;
         self.state.step += 1;
         self.state.tokens_seen += n_input as u64;
         let seconds = t0.elapsed().as_secs_f64();
@@ -659,12 +663,31 @@ impl Trainer {
             } else {
                 self.model_ref.clone()
             };
-        peft::save(
+        peft::save_with_modules(
             dir,
             &self.cfg.lora,
             &base_name,
             &attach::adapter_weights(&self.model),
+            &attach::module_weights(&self.model),
         )
+    }
+
+    /// Each parameter's learning rate relative to `training.learning_rate`: the
+    /// `modules_to_save` copies (the last parameters) take `training.embedding_learning_rate`
+    /// when it is set, on the same schedule.
+    fn lr_scales(&self) -> Vec<f64> {
+        let n = self.opt.params().len();
+        let copies = usize::from(self.model.saved.embed.is_some())
+            + usize::from(self.model.saved.head.is_some());
+        let t = &self.cfg.training;
+        let copy_scale = if t.embedding_learning_rate > 0.0 {
+            t.embedding_learning_rate / t.learning_rate
+        } else {
+            1.0
+        };
+        (0..n)
+            .map(|i| if i + copies >= n { copy_scale } else { 1.0 })
+            .collect()
     }
 
     /// Runs to the end (or to `stop_after` steps, as if killed right after that step's checkpoint).

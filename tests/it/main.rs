@@ -16,6 +16,7 @@ mod hub;
 mod hub_hostile;
 mod kquant;
 mod model;
+mod modules;
 mod optim8;
 mod optim8_train;
 mod plan;

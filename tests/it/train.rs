@@ -53,6 +53,7 @@ pub fn lora(r: usize, dropout: f32) -> LoraConfig {
         targets: vec!["all-linear".into()],
         rslora: false,
         use_dora: false,
+        modules_to_save: Vec::new(),
     }
 }
 
@@ -152,6 +153,7 @@ fn finite_difference_check(variant: &str, dora: bool) {
     .unwrap();
     let cfg = LoraConfig {
         use_dora: dora,
+        modules_to_save: Vec::new(),
         ..lora(2, 0.0)
     };
     attach::init_adapters(&mut m, &cfg, 3).unwrap();

@@ -42,6 +42,85 @@ fn a_dora_run_resumes_bit_for_bit_with_its_magnitudes() {
     resume_check(true);
 }
 
+#[test]
+fn a_run_with_embedding_and_head_copies_resumes_bit_for_bit() {
+    // modules_to_save with their own learning rate, under 8-bit AdamW (the copies' states are
+    // 8-bit blocks): the copies are saved with the adapter, in every checkpoint, and resume.
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let cfg = |out: &Path| {
+        let mut c = small(out);
+        c.lora.modules_to_save = vec!["embed_tokens".into(), "lm_head".into()];
+        c.training.embedding_learning_rate = 1e-12;
+        c.training.optimizer = "adamw_8bit".into();
+        c.training.max_steps = 6;
+        c
+    };
+    Trainer::new(cfg(&a), false).unwrap().run(None).unwrap();
+    Trainer::new(cfg(&b), false).unwrap().run(Some(4)).unwrap();
+    let resumed = TrainConfig::from_file(&b.join("config.resolved.toml")).unwrap();
+    assert_eq!(resumed.training.embedding_learning_rate, 1e-12);
+    assert!(
+        Trainer::new(resumed, true)
+            .unwrap()
+            .run(None)
+            .unwrap()
+            .finished
+    );
+    assert_eq!(train_losses(&a), train_losses(&b), "loss curves differ");
+    let load = |p: &Path| {
+        candle_core::safetensors::load(
+            p.join("adapter/adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (wa, wb) = (load(&a), load(&b));
+    assert_eq!(
+        wa.len(),
+        18,
+        "A and B of 4 targets in 2 layers, and the two copies"
+    );
+    for (k, v) in &wa {
+        assert_eq!(
+            v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            wb[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{k}"
+        );
+    }
+    // The copies took their own learning rate (1e-12: they stay where they started, within
+    // what 8-bit Adam's largest step at that rate can move) while the adapters (3e-3) trained.
+    let base = crate::model::load_path_f32(
+        &qlora::hub::resolve(qlora::builtin::TINY_PHI3).unwrap(),
+        qlora::model::load::BaseFormat::Dense,
+    );
+    for (key, t) in [
+        (
+            "base_model.model.model.embed_tokens.weight",
+            &base.embed_tokens,
+        ),
+        ("base_model.model.lm_head.weight", &base.lm_head),
+    ] {
+        let d = crate::model::max_abs_diff(&wa[key], t);
+        assert!(d <= 1e-6, "{key} moved by {d:e} at lr 1e-12");
+    }
+    let b = &wa["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"];
+    assert!(crate::common::max_abs(b) > 1e-3, "the adapters trained");
+    assert_disk_plan_holds(&cfg(&a), &base.cfg, &a.join("checkpoints/step-000006"));
+}
+
+/// The disk plan's checkpoint size is what the run wrote, within its JSON allowance.
+fn assert_disk_plan_holds(cfg: &TrainConfig, model: &qlora::model::Phi3Config, ck: &Path) {
+    let p = qlora::plan::disk::plan(cfg, model, cfg.training.max_steps).unwrap();
+    let one = qlora::fsx::disk::tree_bytes(ck);
+    let slack = 2 * qlora::plan::disk::JSON_BYTES;
+    assert!(
+        one <= p.checkpoint_bytes && p.checkpoint_bytes - one <= slack,
+        "checkpoint {one} vs planned {}",
+        p.checkpoint_bytes
+    );
+}
+
 fn resume_check(dora: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
@@ -82,6 +161,7 @@ fn resume_check(dora: bool) {
             qlora::model::load::BaseFormat::NF4,
         );
         qlora::lora::attach::init_adapters(&mut m, &cfg(&a).lora, 0).unwrap();
+        assert_disk_plan_holds(&cfg(&a), &m.cfg, &a.join("checkpoints/step-000009"));
         for ad in m.adapters() {
             let init = ad.dora.as_ref().unwrap().magnitude.as_tensor();
             let key = format!("base_model.model.{}.lora_magnitude_vector", ad.module);

@@ -31,6 +31,7 @@ fn model_and_adapter_with(tmp: &Path, rslora: bool, dora: bool) -> (PathBuf, Pat
         targets: vec!["all-linear".into()],
         rslora,
         use_dora: dora,
+        modules_to_save: Vec::new(),
     };
     attach::init_adapters(&mut m, &lora, 3).unwrap();
     crate::train::randomize_b(&m, 11);
@@ -256,6 +257,69 @@ fn dora_exports_verify_as_faithful() {
         &run(&dir, Some(&a), MergeBase::Original, &out, None),
         "logits:",
         "DoRA adapter merged without its magnitude",
+    );
+}
+
+#[test]
+fn exports_with_embedding_and_head_copies_verify_as_faithful() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = qlora::hub::resolve(qlora::builtin::TINY_PHI3).unwrap();
+    let mut m = crate::model::load_path_f32(&dir, BaseFormat::Dense);
+    let lora = LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        modules_to_save: vec!["embed_tokens".into(), "lm_head".into()],
+        ..LoraConfig::default()
+    };
+    attach::init_adapters(&mut m, &lora, 3).unwrap();
+    attach::init_modules(&mut m, &lora).unwrap();
+    crate::train::randomize_b(&m, 11);
+    for (i, v) in [&m.saved.embed, &m.saved.head].into_iter().enumerate() {
+        let v = v.as_ref().unwrap();
+        let t = v.as_tensor();
+        let noise = crate::common::values(t.elem_count(), 40 + i as u64, 0.05);
+        let noise = candle_core::Tensor::from_vec(noise, t.shape(), t.device()).unwrap();
+        v.set(&(t + noise).unwrap()).unwrap();
+    }
+    let a = tmp.path().join("adapter-copies");
+    peft::save_with_modules(
+        &a,
+        &lora,
+        &dir.display().to_string(),
+        &attach::adapter_weights(&m),
+        &attach::module_weights(&m),
+    )
+    .unwrap();
+    let out = tmp.path().join("merged-f32");
+    merged(&dir, &a, &out, candle_core::DType::F32, MergeBase::Original);
+    assert_faithful(
+        &run(&dir, Some(&a), MergeBase::Original, &out, None),
+        "copies merged f32",
+    );
+    let out = tmp.path().join("copies-q8_0.gguf");
+    gguf(&dir, Some(&a), &out, "q8_0", MergeBase::Original);
+    assert_faithful(
+        &run(&dir, Some(&a), MergeBase::Original, &out, None),
+        "copies gguf q8_0",
+    );
+    // The base's own embedding and head in place of the copies fail.
+    let mut without = peft::load(&a, &Device::Cpu).unwrap();
+    without.modules.clear();
+    without.config.modules_to_save.clear();
+    let p = tmp.path().join("no-copies");
+    let w: Vec<_> = without
+        .weights
+        .iter()
+        .map(|(k, w)| (k.clone(), w.clone()))
+        .collect();
+    peft::save(&p, &without.config, &dir.display().to_string(), &w).unwrap();
+    let out = tmp.path().join("no-copies.gguf");
+    gguf(&dir, Some(&p), &out, "f32", MergeBase::Original);
+    assert_fails_on(
+        &run(&dir, Some(&a), MergeBase::Original, &out, None),
+        "logits:",
+        "the adapter merged without its copies",
     );
 }
 

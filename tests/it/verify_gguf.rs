@@ -120,6 +120,7 @@ fn adapter(dir: &Path, out: &Path, b_scale: f32) -> PathBuf {
         targets: vec!["all-linear".into()],
         rslora: false,
         use_dora: false,
+        modules_to_save: Vec::new(),
     };
     attach::init_adapters(&mut m, &lora, 3).unwrap();
     for (i, a) in m.adapters().iter().enumerate() {

@@ -237,6 +237,7 @@ fn llamafied_gguf_exports_are_the_fused_models() {
         targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
         rslora: false,
         use_dora: false,
+        modules_to_save: Vec::new(),
     };
     attach::init_adapters(&mut model, &lora, 5).unwrap();
     crate::train::randomize_b(&model, 9);

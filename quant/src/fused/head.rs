@@ -19,6 +19,19 @@ const BLOCK_ROWS: usize = 64;
 /// `(Σ loss, d Σ loss / d h)` of the head `w: [V, H]` on rows `h: [n, H]` against `targets`
 /// (each `< V`), f32 on the CPU. The loss is summed in f64.
 pub fn head_cross_entropy_cpu(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<(f64, Tensor)> {
+    let (loss, dh, _) = head_cross_entropy_cpu_with(h, w, targets, false)?;
+    Ok((loss, dh))
+}
+
+/// [`head_cross_entropy_cpu`], and with `want_dw` also the head's own gradient
+/// `d Σ loss / d w = Σ_blocks (softmax(z) − onehot)ᵀ · h_block` (`[V, H]`, accumulated block by
+/// block from the same probabilities: one gemm more per block), for a trainable head.
+pub fn head_cross_entropy_cpu_with(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    want_dw: bool,
+) -> Result<(f64, Tensor, Option<Tensor>)> {
     let (n, hd) = h.dims2()?;
     let (v, w_h) = w.dims2()?;
     if !h.device().is_cpu() || h.dtype() != DType::F32 || w.dtype() != DType::F32 {
@@ -45,6 +58,11 @@ pub fn head_cross_entropy_cpu(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result
         _ => bail!("head_cross_entropy_cpu: w is not on the CPU"),
     };
     let mut dh = vec![0f32; n * hd];
+    let mut dw = if want_dw {
+        vec![0f32; v * hd]
+    } else {
+        Vec::new()
+    };
     let mut z = vec![0f32; BLOCK_ROWS.min(n.max(1)) * v];
     let mut loss = 0f64;
     for start in (0..n).step_by(BLOCK_ROWS) {
@@ -83,6 +101,21 @@ pub fn head_cross_entropy_cpu(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result
             rm(wv, hd, false),
             1.0,
         );
+        if want_dw {
+            mm(
+                (v, hd, rows),
+                &mut dw,
+                true,
+                rm(z, v, true),
+                rm(&hv[start * hd..], hd, false),
+                1.0,
+            );
+        }
     }
-    Ok((loss, Tensor::from_vec(dh, (n, hd), &Device::Cpu)?))
+    let dw = if want_dw {
+        Some(Tensor::from_vec(dw, (v, hd), &Device::Cpu)?)
+    } else {
+        None
+    };
+    Ok((loss, Tensor::from_vec(dh, (n, hd), &Device::Cpu)?, dw))
 }
