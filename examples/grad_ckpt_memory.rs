@@ -105,6 +105,7 @@ fn main() -> anyhow::Result<()> {
             rslora: false,
             use_dora: false,
             modules_to_save: Vec::new(),
+            trainable_token_indices: Default::default(),
         },
         0,
     )?;

@@ -133,6 +133,7 @@ fn model(
             rslora: false,
             use_dora: dora,
             modules_to_save: Vec::new(),
+            trainable_token_indices: Default::default(),
         },
         0,
     )

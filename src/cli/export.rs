@@ -112,7 +112,17 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
             .iter()
             .map(|(m, t)| (m.clone(), t.clone()))
             .collect();
-        peft::save_with_modules(&args.out, &converted.config, &base_name, &weights, &modules)?;
+        peft::save_all(
+            &args.out,
+            &converted.config,
+            &base_name,
+            &weights,
+            &modules,
+            converted
+                .tokens
+                .as_ref()
+                .map(|(ids, rows)| (ids.as_slice(), rows)),
+        )?;
         println!(
             "wrote {} (PEFT adapter, {} modules, {} names, r = {}, alpha = {})",
             args.out.display(),

@@ -37,6 +37,13 @@ pub fn export(
              model instead (`qlora export --format gguf`), which merges the magnitude exactly"
         );
     }
+    if adapter.tokens.is_some() {
+        bail!(
+            "the adapter trains rows of the embedding (trainable_token_indices), which a llama.cpp \
+             LoRA GGUF cannot carry (it holds A and B matrices only). Export the merged model \
+             instead (`qlora export --format gguf`)"
+        );
+    }
     if !adapter.modules.is_empty() {
         bail!(
             "the adapter holds full copies of {:?} (modules_to_save), which a llama.cpp LoRA GGUF \

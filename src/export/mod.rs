@@ -127,8 +127,31 @@ impl Source {
                     .to_dtype(candle_core::DType::F32)?
                     .to_vec1()?);
             }
-            let values = checkpoint::to_f32(view, name, file)?;
+            let mut values = checkpoint::to_f32(view, name, file)?;
             self.ck.release(view.data())?;
+            // Trained token rows replace theirs (PEFT's TrainableTokensLayer merge: index_copy).
+            if let (Some((ids, rows)), "model.embed_tokens.weight") =
+                (self.adapter.as_ref().and_then(|a| a.tokens.as_ref()), name)
+            {
+                let h = view.shape().get(1).copied().unwrap_or(0);
+                ensure!(
+                    rows.dims() == [ids.len(), h],
+                    "{file}: `{name}` rows are {h} wide but the adapter's token rows are {:?}",
+                    rows.dims()
+                );
+                let rows: Vec<f32> = rows
+                    .flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1()?;
+                for (k, &id) in ids.iter().enumerate() {
+                    let at = id as usize * h;
+                    ensure!(
+                        at + h <= values.len(),
+                        "{file}: token {id} is past `{name}`'s rows"
+                    );
+                    values[at..at + h].copy_from_slice(&rows[k * h..(k + 1) * h]);
+                }
+            }
             return Ok(values);
         }
         let q = if self.is_bnb {
@@ -233,6 +256,21 @@ pub struct Stacked<'v> {
 /// Checks that `adapter` fits the model described by `cfg`: every module a Phi-3 block linear of
 /// an existing layer, A `[r, in]` and B `[out, r]` of that linear's shape.
 pub fn check_adapter(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<()> {
+    if let Some((ids, rows)) = &adapter.tokens {
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            bail!(
+                "the adapter trains token {bad}, past the base's {} embedding rows",
+                cfg.vocab_size
+            );
+        }
+        ensure!(
+            rows.dims() == [ids.len(), cfg.hidden_size],
+            "the adapter's token rows are {:?}, not [{}, {}]",
+            rows.dims(),
+            ids.len(),
+            cfg.hidden_size
+        );
+    }
     for (path, t) in &adapter.modules {
         ensure!(
             t.dims() == [cfg.vocab_size, cfg.hidden_size],

@@ -89,6 +89,48 @@ pub fn init_modules(model: &mut Phi3, cfg: &LoraConfig) -> Result<()> {
     Ok(())
 }
 
+/// The trained embedding rows of `lora.trainable_token_indices`, starting as the base's rows (as
+/// PEFT's TrainableTokensLayer initializes them), in master precision. Ids past the vocabulary,
+/// and a model that ties its head to its embedding, are refused.
+pub fn init_tokens(model: &mut Phi3, cfg: &LoraConfig) -> Result<()> {
+    model.saved.tokens = None;
+    let rows = cfg.trainable_token_indices.embedding_rows()?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let v = model.cfg.vocab_size;
+    if let Some(bad) = rows.iter().find(|&&r| r as usize >= v) {
+        bail!(
+            "lora.trainable_token_indices: token {bad} is past the embedding's {v} rows \
+             (ids 0..={})",
+            v - 1
+        );
+    }
+    ensure!(
+        !model.cfg.tie_word_embeddings,
+        "lora.trainable_token_indices: this model ties its head to its embedding \
+         (tie_word_embeddings), whose trained rows would have to change the head too, which is \
+         not done here"
+    );
+    let idx = candle_core::Tensor::from_slice(&rows, rows.len(), &model.device)?;
+    let master = super::master_dtype(model.dtype);
+    let delta = model.embed_tokens.index_select(&idx, 0)?.to_dtype(master)?;
+    model.saved.tokens = Some(crate::model::phi3::TrainableTokens {
+        indices: rows,
+        delta: Var::from_tensor(&delta)?,
+    });
+    Ok(())
+}
+
+/// The trained embedding rows as `(ids, [n, H])`, for saving.
+pub fn token_rows(model: &Phi3) -> Option<(Vec<u32>, candle_core::Tensor)> {
+    model
+        .saved
+        .tokens
+        .as_ref()
+        .map(|t| (t.indices.clone(), t.delta.as_tensor().clone()))
+}
+
 /// The `modules_to_save` copies as `(module path, [V, H])`, for saving.
 pub fn module_weights(model: &Phi3) -> Vec<(String, candle_core::Tensor)> {
     let mut out = Vec::new();
@@ -147,6 +189,17 @@ pub fn load_adapters(model: &mut Phi3, peft: &PeftAdapter) -> Result<()> {
         }
     }
     init_modules(model, &peft.config)?;
+    init_tokens(model, &peft.config)?;
+    if let (Some(tt), Some((ids, rows))) = (&mut model.saved.tokens, &peft.tokens) {
+        ensure!(
+            &tt.indices == ids && rows.dims() == tt.delta.dims(),
+            "the adapter's trained token rows {:?} do not fit {} ids of width {}",
+            rows.dims(),
+            ids.len(),
+            model.cfg.hidden_size
+        );
+        tt.delta = Var::from_tensor(&rows.to_device(&device)?.to_dtype(master)?)?;
+    }
     for (path, t) in &peft.modules {
         let want = if path == "lm_head" {
             &model.lm_head

@@ -90,6 +90,7 @@ fn split(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<PeftAdapter> {
         base_model_name_or_path: adapter.base_model_name_or_path.clone(),
         weights,
         modules: adapter.modules.clone(),
+        tokens: adapter.tokens.clone(),
     })
 }
 
@@ -229,6 +230,7 @@ fn fuse(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<PeftAdapter> {
         base_model_name_or_path: adapter.base_model_name_or_path.clone(),
         weights,
         modules: adapter.modules.clone(),
+        tokens: adapter.tokens.clone(),
     })
 }
 

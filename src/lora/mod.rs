@@ -62,6 +62,53 @@ pub struct LoraConfig {
     /// Full trainable copies (PEFT's `modules_to_save`): any of `embed_tokens`, `lm_head`.
     #[serde(default)]
     pub modules_to_save: Vec<String>,
+    /// Rows of the embedding that train (PEFT's `trainable_token_indices`): a list, or a map
+    /// `{ embed_tokens = [...] }`.
+    #[serde(default)]
+    pub trainable_token_indices: TokenIndices,
+}
+
+/// `lora.trainable_token_indices`, as PEFT accepts it: a list of token ids (the input
+/// embedding's rows), or a map from module name to its list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIndices {
+    List(Vec<u32>),
+    PerModule(std::collections::BTreeMap<String, Vec<u32>>),
+}
+
+impl Default for TokenIndices {
+    fn default() -> Self {
+        Self::List(Vec::new())
+    }
+}
+
+impl TokenIndices {
+    /// The embedding rows that train, checked: only `embed_tokens` may be named (qlora trains an
+    /// untied head's rows as a whole `modules_to_save` copy), no id twice.
+    pub fn embedding_rows(&self) -> Result<Vec<u32>> {
+        let rows = match self {
+            Self::List(v) => v.clone(),
+            Self::PerModule(m) => {
+                let mut rows = Vec::new();
+                for (module, v) in m {
+                    if module != "embed_tokens" {
+                        bail!(
+                            "lora.trainable_token_indices names `{module}`: only `embed_tokens`'s rows \
+                             can train alone here; train a head with lora.modules_to_save = [\"lm_head\"]"
+                        );
+                    }
+                    rows.extend(v);
+                }
+                rows
+            }
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(d) = rows.iter().find(|r| !seen.insert(**r)) {
+            bail!("lora.trainable_token_indices lists token {d} twice");
+        }
+        Ok(rows)
+    }
 }
 
 impl Default for LoraConfig {
@@ -74,6 +121,7 @@ impl Default for LoraConfig {
             rslora: false,
             use_dora: false,
             modules_to_save: Vec::new(),
+            trainable_token_indices: TokenIndices::default(),
         }
     }
 }
@@ -100,6 +148,13 @@ impl LoraConfig {
                      any of {SAVABLE_MODULES:?}"
                 );
             }
+        }
+        let rows = self.trainable_token_indices.embedding_rows()?;
+        if !rows.is_empty() && self.modules_to_save.iter().any(|m| m == "embed_tokens") {
+            bail!(
+                "lora.trainable_token_indices trains rows of embed_tokens, which \
+                 lora.modules_to_save already trains whole: keep one of them"
+            );
         }
         if self.targets.is_empty() {
             bail!("lora targets is empty: name some of {TARGETS:?} or \"all-linear\"");

@@ -51,7 +51,13 @@ pub struct PeftAdapter {
     pub weights: AdapterWeights,
     /// `modules_to_save` copies by module path (`model.embed_tokens`, `lm_head`), `[V, H]` f32.
     pub modules: BTreeMap<String, Tensor>,
+    /// `trainable_token_indices` on the embedding: the ids and their rows `[n, H]` f32.
+    pub tokens: Option<(Vec<u32>, Tensor)>,
 }
+
+/// The key of the trained embedding rows (PEFT's TrainableTokensLayer on `embed_tokens`).
+pub const TOKENS_KEY: &str =
+    "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
 
 /// The module path of a `modules_to_save` name (`embed_tokens` → `model.embed_tokens`).
 pub fn module_to_save_path(name: &str) -> &'static str {
@@ -80,6 +86,19 @@ pub fn save_with_modules(
     base_model: &str,
     weights: &[(String, ModuleWeights)],
     modules: &[(String, Tensor)],
+) -> Result<()> {
+    save_all(dir, cfg, base_model, weights, modules, None)
+}
+
+/// [`save_with_modules`] with the trained embedding rows of `lora.trainable_token_indices`
+/// (`(ids, [n, H])`, saved as PEFT's `…embed_tokens.token_adapter.trainable_tokens_delta`).
+pub fn save_all(
+    dir: &Path,
+    cfg: &LoraConfig,
+    base_model: &str,
+    weights: &[(String, ModuleWeights)],
+    modules: &[(String, Tensor)],
+    tokens: Option<(&[u32], &Tensor)>,
 ) -> Result<()> {
     crate::fsx::disk::create_dir_all(dir)?;
     let dora = weights.iter().any(|(_, w)| w.magnitude.is_some());
@@ -110,6 +129,9 @@ pub fn save_with_modules(
             format!("{KEY_PREFIX}{module}.weight"),
             t.to_dtype(DType::F32)?,
         ));
+    }
+    if let Some((_, rows)) = tokens {
+        tensors.push((TOKENS_KEY.to_string(), rows.to_dtype(DType::F32)?));
     }
     let saved_modules: Vec<&str> = super::SAVABLE_MODULES
         .into_iter()
@@ -142,6 +164,10 @@ pub fn save_with_modules(
             serde_json::Value::Null
         } else {
             serde_json::json!(saved_modules)
+        },
+        "trainable_token_indices": match tokens {
+            Some((ids, _)) => serde_json::json!(ids),
+            None => serde_json::Value::Null,
         },
         "rank_pattern": {},
         "alpha_pattern": {},
@@ -238,6 +264,15 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             .unwrap_or(false),
         use_dora: v.get("use_dora").and_then(|x| x.as_bool()).unwrap_or(false),
         modules_to_save,
+        trainable_token_indices: match v.get("trainable_token_indices") {
+            None | Some(serde_json::Value::Null) => super::TokenIndices::default(),
+            Some(x) => serde_json::from_value(x.clone()).with_context(|| {
+                format!(
+                    "{origin}: trainable_token_indices {x} is not a list of token ids or a map of \
+                     such lists"
+                )
+            })?,
+        },
     };
     config
         .check_targets()
@@ -248,6 +283,11 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     let tensors = crate::checkpoint::load_safetensors(&weights_path, device)?;
     let mut parts: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
     let mut modules = BTreeMap::new();
+    let token_rows = config
+        .trainable_token_indices
+        .embedding_rows()
+        .with_context(|| origin.clone())?;
+    let mut tokens = None;
     for (key, t) in tensors {
         let rest = key
             .strip_prefix(KEY_PREFIX)
@@ -256,6 +296,20 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             bail!(
                 "{wfile}: key `{key}` contains the adapter name `.default.`; PEFT never saves it (this file would load as zeros in PEFT)"
             );
+        }
+        if key == TOKENS_KEY {
+            ensure!(
+                !token_rows.is_empty(),
+                "{wfile}: `{key}` holds trained token rows but {origin} lists no trainable_token_indices"
+            );
+            ensure!(
+                t.dims().len() == 2 && t.dims()[0] == token_rows.len(),
+                "{wfile}: `{key}` is {:?}, but {origin} lists {} trainable_token_indices",
+                t.dims(),
+                token_rows.len()
+            );
+            tokens = Some((token_rows.clone(), t.to_dtype(DType::F32)?));
+            continue;
         }
         if let Some(name) = config
             .modules_to_save
@@ -340,6 +394,10 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         );
         weights.insert(module, ModuleWeights { a, b, magnitude });
     }
+    ensure!(
+        token_rows.is_empty() || tokens.is_some(),
+        "{wfile}: {origin} lists trainable_token_indices but the file has no `{TOKENS_KEY}`"
+    );
     for m in &config.modules_to_save {
         ensure!(
             modules.contains_key(module_to_save_path(m)),
@@ -352,5 +410,6 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         base_model_name_or_path: str_of("base_model_name_or_path").map(str::to_string),
         weights,
         modules,
+        tokens,
     })
 }

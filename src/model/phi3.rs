@@ -102,6 +102,31 @@ pub struct SavedModules {
     pub embed: Option<candle_core::Var>,
     /// `[V, H]`.
     pub head: Option<candle_core::Var>,
+    /// Trained rows of the embedding (`lora.trainable_token_indices`).
+    pub tokens: Option<TrainableTokens>,
+}
+
+/// PEFT's TrainableTokensLayer on the embedding: the rows `indices` are replaced by `delta`
+/// (which starts as those rows and trains; PEFT's `trainable_tokens_delta` holds the rows
+/// themselves, not differences).
+#[derive(Debug, Clone)]
+pub struct TrainableTokens {
+    pub indices: Vec<u32>,
+    /// `[indices.len(), H]`, master precision.
+    pub delta: candle_core::Var,
+}
+
+impl TrainableTokens {
+    /// For each position of `ids`, the row of `delta` that replaces its embedding, if any.
+    pub fn rows_of(&self, ids: &[u32]) -> Vec<Option<u32>> {
+        let map: std::collections::HashMap<u32, u32> = self
+            .indices
+            .iter()
+            .enumerate()
+            .map(|(k, &t)| (t, k as u32))
+            .collect();
+        ids.iter().map(|t| map.get(t).copied()).collect()
+    }
 }
 
 /// Which implementation the ops between the linears take (RMSNorm, RoPE, attention, SwiGLU and
@@ -256,9 +281,35 @@ impl Phi3 {
             Some(v) => v.as_tensor().to_dtype(self.dtype)?,
             None => self.embed_tokens.clone(),
         };
-        table
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.hidden_size))
+        let flat = ids.flatten_all()?;
+        let rows = table.index_select(&flat, 0)?;
+        let rows = match &self.saved.tokens {
+            None => rows,
+            Some(tt) => {
+                // Positions of trained tokens take their delta row: `rows·(1 − m) + delta[k]·m`.
+                let ids_v: Vec<u32> = flat.to_vec1()?;
+                let which = tt.rows_of(&ids_v);
+                if which.iter().all(Option::is_none) {
+                    rows
+                } else {
+                    let k: Vec<u32> = which.iter().map(|w| w.unwrap_or(0)).collect();
+                    let m: Vec<f32> = which
+                        .iter()
+                        .map(|w| f32::from(u8::from(w.is_some())))
+                        .collect();
+                    let n = k.len();
+                    let k = Tensor::from_vec(k, n, &self.device)?;
+                    let m = Tensor::from_vec(m, (n, 1), &self.device)?.to_dtype(self.dtype)?;
+                    let tok = tt
+                        .delta
+                        .as_tensor()
+                        .to_dtype(self.dtype)?
+                        .index_select(&k, 0)?;
+                    (rows.broadcast_mul(&m.affine(-1.0, 1.0)?)? + tok.broadcast_mul(&m)?)?
+                }
+            }
+        };
+        rows.reshape((b, t, self.cfg.hidden_size))
     }
 
     /// The head's weight `[V, H]` in the compute dtype (the trainable copy when there is one).
@@ -413,11 +464,13 @@ impl Phi3 {
     }
 
     /// Every trainable variable, in a fixed order: each adapter's ([`Self::adapters`]' order)
-    /// [`Adapter::vars`], then the embedding's and the head's copies ([`SavedModules`]). Gradients ([`crate::train::LossAndGrads`]) and optimizer states align
+    /// [`Adapter::vars`], then the embedding's copy, the trained token rows and the head's copy
+    /// ([`SavedModules`]). Gradients ([`crate::train::LossAndGrads`]) and optimizer states align
     /// with it.
     pub fn trainable_vars(&self) -> Vec<candle_core::Var> {
         let mut v: Vec<_> = self.adapters().iter().flat_map(|a| a.vars()).collect();
         v.extend(self.saved.embed.clone());
+        v.extend(self.saved.tokens.as_ref().map(|t| t.delta.clone()));
         v.extend(self.saved.head.clone());
         v
     }

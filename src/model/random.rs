@@ -156,6 +156,7 @@ pub fn qlora_model(
             rslora: false,
             use_dora: false,
             modules_to_save: Vec::new(),
+            trainable_token_indices: Default::default(),
         },
         0,
     )?;

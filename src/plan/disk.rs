@@ -78,8 +78,15 @@ pub fn plan(cfg: &TrainConfig, model: &Phi3Config, total_steps: u64) -> Result<D
             }
         }
     }
-    // The modules_to_save copies, after every adapter (the trainable variables' order).
+    // The modules_to_save copies and the trained token rows, after every adapter (the trainable
+    // variables' order: embedding copy, token rows, head copy).
+    let token_rows = cfg.lora.trainable_token_indices.embedding_rows()?.len();
     for m in crate::lora::SAVABLE_MODULES {
+        if m == "lm_head" && token_rows > 0 {
+            let shape = vec![token_rows, model.hidden_size];
+            moments.extend(checkpoint_layout(optimizer, adapter.len(), &shape));
+            adapter.push((crate::lora::peft::TOKENS_KEY.to_string(), Dtype::F32, shape));
+        }
         if cfg.lora.modules_to_save.iter().any(|x| x == m) {
             let shape = vec![model.vocab_size, model.hidden_size];
             moments.extend(checkpoint_layout(optimizer, adapter.len(), &shape));

@@ -258,7 +258,7 @@ pub fn for_run(
         blocksize: cfg.quant.blocksize,
         baseline,
         tokenizer,
-        copies: super::Copies::of(&cfg.lora.modules_to_save),
+        copies: super::Copies::of(&cfg.lora),
         rows: rows.bytes,
         eval: !cfg.data.eval.is_empty(),
     })

@@ -113,13 +113,20 @@ const ADAMW_TEMPS: u64 = 6;
 pub struct Copies {
     pub embed: bool,
     pub head: bool,
+    /// Trained embedding rows (`lora.trainable_token_indices`).
+    pub token_rows: usize,
 }
 
 impl Copies {
-    pub fn of(modules: &[String]) -> Self {
+    pub fn of(lora: &crate::lora::LoraConfig) -> Self {
+        let modules = &lora.modules_to_save;
         Self {
             embed: modules.iter().any(|m| m == "embed_tokens"),
             head: modules.iter().any(|m| m == "lm_head"),
+            token_rows: lora
+                .trainable_token_indices
+                .embedding_rows()
+                .map_or(0, |r| r.len()),
         }
     }
 
@@ -348,6 +355,18 @@ impl Inputs {
             state += s;
             temps = temps.max(t);
         }
+        let rows = self.copies.token_rows * self.cfg.hidden_size;
+        if rows > 0 {
+            let (s, t) = match self.optimizer {
+                OptimizerKind::AdamW => (2 * f32b(rows), ADAMW_TEMPS * f32b(rows)),
+                OptimizerKind::AdamW8bit => (
+                    optim8::state_bytes(rows),
+                    optim8::step_temporaries(rows, on_host),
+                ),
+            };
+            state += s;
+            temps = temps.max(t);
+        }
         (state, temps)
     }
 
@@ -363,6 +382,11 @@ impl Inputs {
             largest = largest.max(self.copy_bytes());
         }
         largest
+    }
+
+    /// Bytes of the trained token rows (f32 `[n, H]`).
+    fn token_rows_bytes(&self) -> u64 {
+        f32b(self.copies.token_rows * self.cfg.hidden_size)
     }
 
     /// Bytes of one `[V, H]` f32 copy.
@@ -414,7 +438,7 @@ impl Inputs {
         let m = b * s;
         let w = self.weights();
         let adapters = self.adapter_bytes();
-        let copies = self.copies.count() * self.copy_bytes();
+        let copies = self.copies.count() * self.copy_bytes() + self.token_rows_bytes();
         // Every trainable parameter (the gradients' size).
         let trainable = adapters + copies;
         let (opt_state, opt_temps) = self.optimizer_bytes();

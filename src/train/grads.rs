@@ -168,9 +168,12 @@ fn head(model: &Phi3, h: &Tensor, targets: &[u32], want_grad: bool) -> Result<He
     Ok(HeadPass { loss, dh, dw })
 }
 
-/// Where the embedding copy's gradient sits among `n` trainable variables (before the head's).
+/// Where the embedding's trainable variable (its copy, or its trained rows) sits among `n`
+/// trainable variables (before the head's).
 fn embed_index(model: &Phi3, n: usize) -> Option<usize> {
-    model.saved.embed.as_ref()?;
+    if model.saved.embed.is_none() && model.saved.tokens.is_none() {
+        return None;
+    }
     Some(n - 1 - usize::from(model.saved.head.is_some()))
 }
 
@@ -179,6 +182,9 @@ fn embed_index(model: &Phi3, n: usize) -> Option<usize> {
 /// skipping the padding token (`pad_token_id`), whose row torch's `nn.Embedding(padding_idx)`,
 /// and so PEFT's copy, never trains. One `[V, H]` result and its zeros, no autograd.
 fn embedding_grad(model: &Phi3, ids: &Tensor, g: &Tensor) -> Result<Tensor> {
+    if let Some(tt) = &model.saved.tokens {
+        return token_rows_grad(model, tt, ids, g);
+    }
     let table = model.saved.embed.as_ref().expect("a trainable embedding");
     let (v, h) = table.dims2()?;
     let ids_v: Vec<u32> = ids.flatten_all()?.to_vec1()?;
@@ -202,6 +208,36 @@ fn embedding_grad(model: &Phi3, ids: &Tensor, g: &Tensor) -> Result<Tensor> {
         )
     };
     zeros.index_add(&sel_ids, &sel_rows, 0)
+}
+
+/// The trained token rows' gradient `[n, H]`: each position of a trained token adds its row of
+/// `g` into its delta row; the padding token's never trains (as [`embedding_grad`]).
+fn token_rows_grad(
+    model: &Phi3,
+    tt: &crate::model::phi3::TrainableTokens,
+    ids: &Tensor,
+    g: &Tensor,
+) -> Result<Tensor> {
+    let delta = tt.delta.as_tensor();
+    let (n, h) = delta.dims2()?;
+    let ids_v: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+    let pad = model.cfg.pad_token_id;
+    let (pos, k): (Vec<u32>, Vec<u32>) = tt
+        .rows_of(&ids_v)
+        .into_iter()
+        .enumerate()
+        .filter(|(p, w)| w.is_some() && Some(ids_v[*p]) != pad)
+        .map(|(p, w)| (p as u32, w.expect("filtered")))
+        .unzip();
+    let zeros = Tensor::zeros((n, h), delta.dtype(), delta.device())?;
+    if pos.is_empty() {
+        return Ok(zeros);
+    }
+    let rows = g
+        .reshape(((), h))?
+        .to_dtype(delta.dtype())?
+        .index_select(&Tensor::from_vec(pos.clone(), pos.len(), g.device())?, 0)?;
+    zeros.index_add(&Tensor::from_vec(k, pos.len(), g.device())?, &rows, 0)
 }
 
 /// Normed hidden states of the target positions: `final_norm(x)` rows `idx`.
@@ -251,7 +287,7 @@ pub fn loss_and_grads(
     };
     // A trainable embedding copy takes the first block's input gradient, scattered to its rows
     // ([`embedding_grad`]); the embedding itself stays out of the graph.
-    let embed_trainable = model.saved.embed.is_some();
+    let embed_trainable = model.saved.embed.is_some() || model.saved.tokens.is_some();
     let x0 = model.embed(&batch.input_ids)?.detach();
     let mut embed_dw = None;
     let head_dw;

@@ -313,6 +313,7 @@ impl Trainer {
         let total_steps = crate::plan::disk::total_steps(&cfg, rows.len(), comm.world());
         attach::init_adapters(&mut model, &cfg.lora, cfg.training.seed)?;
         attach::init_modules(&mut model, &cfg.lora)?;
+        attach::init_tokens(&mut model, &cfg.lora)?;
         let params: Vec<Var> = model.trainable_vars();
         let kind: OptimizerKind = cfg.training.optimizer.parse()?;
         let mut opt = Optimizer::new(
@@ -663,21 +664,24 @@ impl Trainer {
             } else {
                 self.model_ref.clone()
             };
-        peft::save_with_modules(
+        let tokens = attach::token_rows(&self.model);
+        peft::save_all(
             dir,
             &self.cfg.lora,
             &base_name,
             &attach::adapter_weights(&self.model),
             &attach::module_weights(&self.model),
+            tokens.as_ref().map(|(ids, rows)| (ids.as_slice(), rows)),
         )
     }
 
     /// Each parameter's learning rate relative to `training.learning_rate`: the
-    /// `modules_to_save` copies (the last parameters) take `training.embedding_learning_rate`
-    /// when it is set, on the same schedule.
+    /// `modules_to_save` copies and the trained token rows (the last parameters) take
+    /// `training.embedding_learning_rate` when it is set, on the same schedule.
     fn lr_scales(&self) -> Vec<f64> {
         let n = self.opt.params().len();
         let copies = usize::from(self.model.saved.embed.is_some())
+            + usize::from(self.model.saved.tokens.is_some())
             + usize::from(self.model.saved.head.is_some());
         let t = &self.cfg.training;
         let copy_scale = if t.embedding_learning_rate > 0.0 {

@@ -22,6 +22,7 @@ mod optim8_train;
 mod plan;
 mod preempt;
 mod quantize;
+mod tokens;
 mod train;
 mod trainer;
 mod verify;

@@ -54,6 +54,7 @@ pub fn lora(r: usize, dropout: f32) -> LoraConfig {
         rslora: false,
         use_dora: false,
         modules_to_save: Vec::new(),
+        trainable_token_indices: Default::default(),
     }
 }
 
@@ -154,6 +155,7 @@ fn finite_difference_check(variant: &str, dora: bool) {
     let cfg = LoraConfig {
         use_dora: dora,
         modules_to_save: Vec::new(),
+        trainable_token_indices: Default::default(),
         ..lora(2, 0.0)
     };
     attach::init_adapters(&mut m, &cfg, 3).unwrap();

@@ -109,6 +109,62 @@ fn a_run_with_embedding_and_head_copies_resumes_bit_for_bit() {
     assert_disk_plan_holds(&cfg(&a), &base.cfg, &a.join("checkpoints/step-000006"));
 }
 
+#[test]
+fn a_run_training_token_rows_resumes_bit_for_bit_and_trains_only_seen_rows() {
+    // <|assistant|>, <|end|> and <|user|> occur in the demo data; 32015 (an unused special
+    // token) never does, so its row keeps the base's values.
+    let rows = vec![32001u32, 32007, 32010, 32015];
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let cfg = |out: &Path| {
+        let mut c = small(out);
+        c.lora.trainable_token_indices = qlora::lora::TokenIndices::List(rows.clone());
+        c.training.max_steps = 6;
+        c
+    };
+    Trainer::new(cfg(&a), false).unwrap().run(None).unwrap();
+    Trainer::new(cfg(&b), false).unwrap().run(Some(4)).unwrap();
+    let resumed = TrainConfig::from_file(&b.join("config.resolved.toml")).unwrap();
+    assert!(
+        Trainer::new(resumed, true)
+            .unwrap()
+            .run(None)
+            .unwrap()
+            .finished
+    );
+    assert_eq!(train_losses(&a), train_losses(&b), "loss curves differ");
+    let load = |p: &Path| {
+        candle_core::safetensors::load(
+            p.join("adapter/adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (wa, wb) = (load(&a), load(&b));
+    let key = qlora::lora::peft::TOKENS_KEY;
+    let (da, db) = (&wa[key], &wb[key]);
+    assert_eq!(
+        da.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        db.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    let base = crate::model::load_path_f32(
+        &qlora::hub::resolve(qlora::builtin::TINY_PHI3).unwrap(),
+        qlora::model::load::BaseFormat::Dense,
+    );
+    for (k, &t) in rows.iter().enumerate() {
+        let d = crate::model::max_abs_diff(
+            &da.get(k).unwrap(),
+            &base.embed_tokens.get(t as usize).unwrap(),
+        );
+        if t == 32015 {
+            assert_eq!(d, 0.0, "token {t} never occurs but moved");
+        } else {
+            assert!(d > 1e-4, "token {t} did not train ({d:e})");
+        }
+    }
+    assert_disk_plan_holds(&cfg(&a), &base.cfg, &a.join("checkpoints/step-000006"));
+}
+
 /// The disk plan's checkpoint size is what the run wrote, within its JSON allowance.
 fn assert_disk_plan_holds(cfg: &TrainConfig, model: &qlora::model::Phi3Config, ck: &Path) {
     let p = qlora::plan::disk::plan(cfg, model, cfg.training.max_steps).unwrap();

@@ -32,6 +32,7 @@ fn model_and_adapter_with(tmp: &Path, rslora: bool, dora: bool) -> (PathBuf, Pat
         rslora,
         use_dora: dora,
         modules_to_save: Vec::new(),
+        trainable_token_indices: Default::default(),
     };
     attach::init_adapters(&mut m, &lora, 3).unwrap();
     crate::train::randomize_b(&m, 11);

@@ -121,6 +121,7 @@ fn adapter(dir: &Path, out: &Path, b_scale: f32) -> PathBuf {
         rslora: false,
         use_dora: false,
         modules_to_save: Vec::new(),
+        trainable_token_indices: Default::default(),
     };
     attach::init_adapters(&mut m, &lora, 3).unwrap();
     for (i, a) in m.adapters().iter().enumerate() {

@@ -238,6 +238,7 @@ fn llamafied_gguf_exports_are_the_fused_models() {
         rslora: false,
         use_dora: false,
         modules_to_save: Vec::new(),
+        trainable_token_indices: Default::default(),
     };
     attach::init_adapters(&mut model, &lora, 5).unwrap();
     crate::train::randomize_b(&model, 9);

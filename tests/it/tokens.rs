@@ -1,0 +1,218 @@
+//! `lora.trainable_token_indices` against PEFT's TrainableTokensLayer (goldens:
+//! tests/fixtures/gen_tokens_goldens.py): the forward, the trained rows' and the adapters'
+//! gradients (the padding row's zero), the saved keys, the merge, and the refusals.
+
+use crate::common::{fixtures, max_abs};
+use crate::model::{load_f32, load_path_f32, max_abs_diff};
+use candle_core::{DType, Device, Tensor};
+use indicatif::ProgressBar;
+use qlora::export::{MergeBase, safetensors::export};
+use qlora::lora::{ForwardCtx, LoraConfig, TokenIndices, attach, peft};
+use qlora::model::Phi3;
+use qlora::model::load::BaseFormat;
+use qlora::model::phi3::OpPath;
+use qlora::train::{Batch, loss_and_grads};
+use std::collections::HashMap;
+
+const INDICES: [u32; 4] = [0, 5, 17, 100];
+
+fn goldens() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("tokens/goldens.safetensors"), &Device::Cpu)
+        .unwrap()
+}
+
+fn adapter_dir() -> std::path::PathBuf {
+    fixtures().join("tokens/adapter")
+}
+
+fn with_rows(ops: OpPath) -> Phi3 {
+    let mut m = load_f32("gqa", BaseFormat::Dense);
+    m.ops = ops;
+    let a = peft::load(&adapter_dir(), &Device::Cpu).unwrap();
+    assert_eq!(
+        a.config.trainable_token_indices,
+        TokenIndices::List(INDICES.to_vec())
+    );
+    attach::load_adapters(&mut m, &a).unwrap();
+    assert_eq!(m.saved.tokens.as_ref().unwrap().indices, INDICES);
+    m
+}
+
+fn batch(g: &HashMap<String, Tensor>) -> Batch {
+    let rows: Vec<Vec<u32>> = g["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let labels: Vec<Vec<i64>> = rows
+        .iter()
+        .map(|r| r.iter().map(|&t| t as i64).collect())
+        .collect();
+    Batch::causal(&rows, &labels, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn trained_rows_replace_theirs_in_the_forward_and_train_as_in_peft() {
+    let g = goldens();
+    let ids = g["input_ids"].to_dtype(DType::U32).unwrap();
+    let want_loss = g["loss_sum"]
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    for (ops, what) in [
+        (OpPath::for_device(&Device::Cpu, DType::F32), "fused"),
+        (OpPath::Composed, "composed"),
+    ] {
+        let m = with_rows(ops);
+        let d = max_abs_diff(&m.forward(&ids).unwrap(), &g["logits"]);
+        assert!(d <= 2e-5, "{what}: logits vs PEFT {d:e}");
+        for checkpointing in [false, true] {
+            let lg = loss_and_grads(&m, &batch(&g), &ForwardCtx::default(), checkpointing).unwrap();
+            assert!(
+                (lg.loss_sum - want_loss).abs() <= 1e-5 * want_loss,
+                "{what}: loss"
+            );
+            let mut keys: Vec<String> = Vec::new();
+            for a in m.adapters() {
+                keys.push(format!("grad.{}.lora_A", a.module));
+                keys.push(format!("grad.{}.lora_B", a.module));
+            }
+            keys.push("grad.trainable_tokens_delta".into());
+            assert_eq!(lg.grads.len(), keys.len());
+            for (got, key) in lg.grads.iter().zip(&keys) {
+                let want = &g[key];
+                let d = max_abs_diff(got, want);
+                assert!(
+                    d <= 1e-4 * max_abs(want),
+                    "{what}, checkpointing {checkpointing}: {key} |Δ| {d:e}"
+                );
+            }
+            // Token 0 is the padding row: it occurs, and gets no gradient.
+            let delta = lg.grads.last().unwrap();
+            assert_eq!(max_abs(&delta.get(0).unwrap()), 0.0);
+            assert!(max_abs(&delta.get(1).unwrap()) > 0.0);
+        }
+    }
+}
+
+#[test]
+fn saved_rows_have_peft_keys_and_the_merge_equals_peft() {
+    let m = with_rows(OpPath::Composed);
+    let a = peft::load(&adapter_dir(), &Device::Cpu).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let rows = attach::token_rows(&m).unwrap();
+    peft::save_all(
+        tmp.path(),
+        &a.config,
+        "x",
+        &attach::adapter_weights(&m),
+        &[],
+        Some((&rows.0, &rows.1)),
+    )
+    .unwrap();
+    let read = |dir: &std::path::Path| {
+        let bytes = std::fs::read(dir.join(peft::WEIGHTS_FILE)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut v: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(k, t)| (k, t.shape().to_vec(), t.dtype(), t.data().to_vec()))
+            .collect();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        v
+    };
+    assert_eq!(read(tmp.path()), read(&adapter_dir()));
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join(peft::CONFIG_FILE)).unwrap())
+            .unwrap();
+    assert_eq!(cfg["trainable_token_indices"], serde_json::json!(INDICES));
+
+    let out = tmp.path().join("merged");
+    export(
+        &fixtures().join("phi3/gqa"),
+        Some(&a),
+        &out,
+        DType::F32,
+        MergeBase::Original,
+        false,
+        false,
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
+    let want =
+        candle_core::safetensors::load(fixtures().join("tokens/merged.safetensors"), &Device::Cpu)
+            .unwrap();
+    let merged = load_path_f32(&out, BaseFormat::Dense);
+    assert_eq!(
+        max_abs_diff(&merged.embed_tokens, &want["model.embed_tokens.weight"]),
+        0.0
+    );
+    let g = goldens();
+    let ids = g["input_ids"].to_dtype(DType::U32).unwrap();
+    assert!(max_abs_diff(&merged.forward(&ids).unwrap(), &g["logits"]) <= 2e-5);
+    let e = qlora::export::gguf_lora::export(
+        &fixtures().join("phi3/gqa"),
+        &a,
+        &tmp.path().join("a.gguf"),
+        qlora::export::gguf::GgmlType::parse("f32").unwrap(),
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("trainable_token_indices") && e.contains("--format gguf"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_token_settings_name_the_problem() {
+    let cfg = |t: TokenIndices, modules: &[&str]| LoraConfig {
+        trainable_token_indices: t,
+        modules_to_save: modules.iter().map(|m| m.to_string()).collect(),
+        ..LoraConfig::default()
+    };
+    let e = cfg(TokenIndices::List(vec![3]), &["embed_tokens"])
+        .check_targets()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("trainable_token_indices") && e.contains("modules_to_save"),
+        "{e}"
+    );
+    let e = cfg(TokenIndices::List(vec![3, 3]), &[])
+        .check_targets()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("token 3 twice"), "{e}");
+    let map = TokenIndices::PerModule([("lm_head".to_string(), vec![1])].into());
+    let e = cfg(map, &[]).check_targets().unwrap_err().to_string();
+    assert!(e.contains("`lm_head`"), "{e}");
+    let mut m = load_f32("gqa", BaseFormat::Dense);
+    let e = attach::init_tokens(&mut m, &cfg(TokenIndices::List(vec![128]), &[]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("token 128") && e.contains("128 rows"), "{e}");
+    // The map form with embed_tokens is the list's meaning.
+    let map = TokenIndices::PerModule([("embed_tokens".to_string(), vec![7, 9])].into());
+    attach::init_tokens(&mut m, &cfg(map, &[])).unwrap();
+    assert_eq!(m.saved.tokens.as_ref().unwrap().indices, [7, 9]);
+    // From TOML, both forms.
+    for (toml, want) in [
+        ("[lora]\ntrainable_token_indices = [1, 2]\n", vec![1, 2]),
+        (
+            "[lora]\ntrainable_token_indices = { embed_tokens = [4] }\n",
+            vec![4],
+        ),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("c.toml");
+        std::fs::write(&p, format!("[training]\nmax_steps = 1\n{toml}")).unwrap();
+        let c = qlora::config::TrainConfig::from_file(&p).unwrap();
+        assert_eq!(
+            c.lora.trainable_token_indices.embedding_rows().unwrap(),
+            want
+        );
+    }
+}
