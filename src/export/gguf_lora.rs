@@ -67,11 +67,24 @@ pub fn export(
         Value::F32((adapter.config.scale() * r) as f32),
     )?;
     w.kv("general.quantization_version", Value::U32(2))?;
-    for (module, mw) in &adapter.weights {
-        let (a, b) = (&mw.a, &mw.b);
+    // The embedding's LoRA as llama.cpp's converter writes it: `token_embd.weight.lora_a` is
+    // `Aᵀ` (`[V, r]`; llama.cpp gathers its rows by token), `lora_b` is `B` (`[H, r]`).
+    let embed = match &adapter.embed_lora {
+        Some((a, b)) => Some((
+            "token_embd.weight".to_string(),
+            a.t()?.contiguous()?,
+            b.clone(),
+        )),
+        None => None,
+    };
+    let blocks = adapter.weights.iter().map(|(module, mw)| -> Result<_> {
         let gguf = names::gguf_name(&format!("{module}.weight"))
             .with_context(|| format!("`{module}` has no GGUF name"))?;
-        for (suffix, t) in [("lora_a", a), ("lora_b", b)] {
+        Ok((gguf, mw.a.clone(), mw.b.clone()))
+    });
+    for item in embed.into_iter().map(Ok).chain(blocks) {
+        let (gguf, a, b) = item?;
+        for (suffix, t) in [("lora_a", &a), ("lora_b", &b)] {
             let shape = t.dims().to_vec();
             let t = t.clone(); // shares the storage; flattened to f32 only when written
             let tensor_ty = if ty.block_elems() > 1 && shape[1] % ty.block_elems() != 0 {

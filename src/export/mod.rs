@@ -129,6 +129,22 @@ impl Source {
             }
             let mut values = checkpoint::to_f32(view, name, file)?;
             self.ck.release(view.data())?;
+            // An embedding LoRA adds `scale · Aᵀ · Bᵀ` (PEFT's lora.Embedding merge).
+            if let (Some((a, b)), "model.embed_tokens.weight") = (
+                self.adapter.as_ref().and_then(|a| a.embed_lora.as_ref()),
+                name,
+            ) {
+                let scale = self.adapter.as_ref().map_or(1.0, |a| a.config.scale());
+                let d = (a.t()?.matmul(&b.t()?)? * scale)?;
+                ensure!(
+                    d.dims() == view.shape(),
+                    "{file}: `{name}` is {:?} but the adapter's embedding LoRA makes {:?}",
+                    view.shape(),
+                    d.dims()
+                );
+                let d: Vec<f32> = d.flatten_all()?.to_vec1()?;
+                values.iter_mut().zip(&d).for_each(|(x, y)| *x += y);
+            }
             // Trained token rows replace theirs (PEFT's TrainableTokensLayer merge: index_copy).
             if let (Some((ids, rows)), "model.embed_tokens.weight") =
                 (self.adapter.as_ref().and_then(|a| a.tokens.as_ref()), name)
@@ -256,6 +272,17 @@ pub struct Stacked<'v> {
 /// Checks that `adapter` fits the model described by `cfg`: every module a Phi-3 block linear of
 /// an existing layer, A `[r, in]` and B `[out, r]` of that linear's shape.
 pub fn check_adapter(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<()> {
+    if let Some((a, b)) = &adapter.embed_lora {
+        let r = adapter.config.r;
+        ensure!(
+            a.dims() == [r, cfg.vocab_size] && b.dims() == [cfg.hidden_size, r],
+            "the adapter's embedding LoRA is A {:?}, B {:?}, not [{r}, {}] and [{}, {r}]",
+            a.dims(),
+            b.dims(),
+            cfg.vocab_size,
+            cfg.hidden_size
+        );
+    }
     if let Some((ids, rows)) = &adapter.tokens {
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
             bail!(

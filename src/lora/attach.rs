@@ -26,6 +26,7 @@ pub fn module_path(layer: usize, target: &str) -> String {
 /// row norms) on every targeted linear.
 pub fn init_adapters(model: &mut Phi3, cfg: &LoraConfig, seed: u64) -> Result<()> {
     let targets = cfg.target_names(model.cfg.layout())?;
+    model.saved.embed_lora = None;
     let per_layer = model.cfg.layout().linears().len();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let device = model.device.clone();
@@ -54,14 +55,36 @@ pub fn init_adapters(model: &mut Phi3, cfg: &LoraConfig, seed: u64) -> Result<()
             }
         }
     }
+    if cfg.embedding_targeted() {
+        // After the block linears' draws, so that adding the embedding leaves them as they were.
+        let master = super::master_dtype(model.dtype);
+        model.saved.embed_lora = Some(super::EmbedLora::new(
+            model.cfg.vocab_size,
+            model.cfg.hidden_size,
+            cfg,
+            &mut rng,
+            master,
+            &device,
+        )?);
+    }
     Ok(())
+}
+
+/// The embedding's LoRA as `(A, B)`, for saving.
+pub fn embed_lora_weights(model: &Phi3) -> Option<(candle_core::Tensor, candle_core::Tensor)> {
+    model
+        .saved
+        .embed_lora
+        .as_ref()
+        .map(|e| (e.a.as_tensor().clone(), e.b.as_tensor().clone()))
 }
 
 /// Fresh `lora.modules_to_save` copies of the base's embedding and head, in master precision (as
 /// PEFT's ModulesToSaveWrapper deep-copies the module). A model with tied embeddings is refused:
 /// its one matrix is both, and PEFT's handling of such ties is not reproduced here.
 pub fn init_modules(model: &mut Phi3, cfg: &LoraConfig) -> Result<()> {
-    model.saved = Default::default();
+    model.saved.embed = None;
+    model.saved.head = None;
     if cfg.modules_to_save.is_empty() {
         return Ok(());
     }
@@ -187,6 +210,22 @@ pub fn load_adapters(model: &mut Phi3, peft: &PeftAdapter) -> Result<()> {
                 used += 1;
             }
         }
+    }
+    model.saved.embed_lora = None;
+    if let Some((a, b)) = &peft.embed_lora {
+        let (v, h) = (model.cfg.vocab_size, model.cfg.hidden_size);
+        ensure!(
+            a.dims() == [peft.config.r, v] && b.dims() == [h, peft.config.r],
+            "the adapter's embedding LoRA is A {:?}, B {:?}: not [r, {v}] and [{h}, r] (an adapter \
+             for another model?)",
+            a.dims(),
+            b.dims()
+        );
+        model.saved.embed_lora = Some(super::EmbedLora {
+            a: Var::from_tensor(&a.to_device(&device)?.to_dtype(master)?)?,
+            b: Var::from_tensor(&b.to_device(&device)?.to_dtype(master)?)?,
+            scale,
+        });
     }
     init_modules(model, &peft.config)?;
     init_tokens(model, &peft.config)?;

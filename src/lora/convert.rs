@@ -91,6 +91,7 @@ fn split(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<PeftAdapter> {
         weights,
         modules: adapter.modules.clone(),
         tokens: adapter.tokens.clone(),
+        embed_lora: adapter.embed_lora.clone(),
     })
 }
 
@@ -231,6 +232,7 @@ fn fuse(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<PeftAdapter> {
         weights,
         modules: adapter.modules.clone(),
         tokens: adapter.tokens.clone(),
+        embed_lora: adapter.embed_lora.clone(),
     })
 }
 

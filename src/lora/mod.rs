@@ -23,6 +23,9 @@ pub use qlora_quant::fused::{DropoutSpec, MaskRows};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+/// The embedding as a LoRA target (PEFT's `lora.Embedding`; see [`EmbedLora`]).
+pub const EMBED_TARGET: &str = "embed_tokens";
+
 /// The modules `lora.modules_to_save` may name (PEFT's names), in model order.
 pub const SAVABLE_MODULES: [&str; 2] = ["embed_tokens", "lm_head"];
 
@@ -136,6 +139,11 @@ impl LoraConfig {
         }
     }
 
+    /// Whether `embed_tokens` is a LoRA target ("all-linear" does not include it, as in PEFT).
+    pub fn embedding_targeted(&self) -> bool {
+        self.targets.iter().any(|t| t == EMBED_TARGET)
+    }
+
     /// Checks the target names without a model: each one of either layout, or "all-linear".
     pub fn check_targets(&self) -> Result<()> {
         if self.r == 0 {
@@ -160,8 +168,28 @@ impl LoraConfig {
             bail!("lora targets is empty: name some of {TARGETS:?} or \"all-linear\"");
         }
         let all = all_target_names();
+        if self.embedding_targeted() {
+            if self.modules_to_save.iter().any(|m| m == EMBED_TARGET) {
+                bail!(
+                    "lora targets embed_tokens, which lora.modules_to_save already trains whole: \
+                     keep one of them"
+                );
+            }
+            if !rows.is_empty() {
+                bail!(
+                    "lora targets embed_tokens and lora.trainable_token_indices trains some of its \
+                     rows: keep one of them"
+                );
+            }
+        }
         for t in &self.targets {
-            if t != "all-linear" && !all.contains(&t.as_str()) {
+            if t == "lm_head" {
+                bail!(
+                    "lora target `lm_head`: LoRA on the head is not built yet; train the head with \
+                     lora.modules_to_save = [\"lm_head\"] (a full copy) instead"
+                );
+            }
+            if t != "all-linear" && t != EMBED_TARGET && !all.contains(&t.as_str()) {
                 bail!("unknown lora target `{t}`: use some of {all:?} or \"all-linear\"");
             }
         }
@@ -181,6 +209,9 @@ impl LoraConfig {
         let mut out: Vec<&'static str> = Vec::new();
         for t in &self.targets {
             let t = t.as_str();
+            if t == EMBED_TARGET {
+                continue;
+            }
             let expanded: Vec<&'static str> = if let Some(k) = own.iter().find(|k| **k == t) {
                 vec![*k]
             } else if layout == Layout::Split && !names::split_parts(t).is_empty() {
@@ -309,6 +340,50 @@ pub fn master_dtype(compute: DType) -> DType {
         DType::F64
     } else {
         DType::F32
+    }
+}
+
+/// LoRA on the embedding, as PEFT's `lora.Embedding`: `A: [r, V]` (zeros at init), `B: [H, r]`
+/// (N(0, 1) at init), and the embedding of token `t` gains `scale · B · A[:, t]`
+/// (`F.embedding(ids, Aᵀ) · Bᵀ · scale`); no dropout, the padding token's column never trained.
+#[derive(Debug, Clone)]
+pub struct EmbedLora {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+}
+
+impl EmbedLora {
+    /// A fresh one: `A = 0`, `B ~ N(0, 1)` from `rng`, in `master` precision.
+    pub fn new(
+        vocab: usize,
+        hidden: usize,
+        cfg: &LoraConfig,
+        rng: &mut impl Rng,
+        master: DType,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Self> {
+        let normal = rand_distr::StandardNormal;
+        let b: Vec<f32> = (0..hidden * cfg.r)
+            .map(|_| rng.sample::<f32, _>(normal))
+            .collect();
+        Ok(Self {
+            a: Var::zeros((cfg.r, vocab), master, device)?,
+            b: Var::from_tensor(&Tensor::from_vec(b, (hidden, cfg.r), device)?.to_dtype(master)?)?,
+            scale: cfg.scale(),
+        })
+    }
+
+    /// `scale · Aᵀ[ids] · Bᵀ` for flat `ids: [N]`, `[N, H]` in `dtype`.
+    pub fn rows(&self, ids: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+        let at = self.a.as_tensor().t()?.to_dtype(dtype)?; // [V, r]
+        let b = (self.b.as_tensor() * self.scale)?.to_dtype(dtype)?;
+        at.contiguous()?.index_select(ids, 0)?.matmul(&b.t()?)
+    }
+
+    /// `scale · Aᵀ · Bᵀ`, f32 `[V, H]`: what a merge adds to the embedding.
+    pub fn delta(&self) -> candle_core::Result<Tensor> {
+        self.a.as_tensor().t()?.matmul(&self.b.as_tensor().t()?)? * self.scale
     }
 }
 

@@ -53,7 +53,17 @@ pub struct PeftAdapter {
     pub modules: BTreeMap<String, Tensor>,
     /// `trainable_token_indices` on the embedding: the ids and their rows `[n, H]` f32.
     pub tokens: Option<(Vec<u32>, Tensor)>,
+    /// LoRA on the embedding: `(A [r, V], B [H, r])` f32.
+    pub embed_lora: Option<(Tensor, Tensor)>,
 }
+
+/// The keys of the embedding's LoRA (PEFT's `lora.Embedding` keeps its matrices in
+/// ParameterDicts: no `.weight` suffix).
+pub const EMBED_A_KEY: &str = "base_model.model.model.embed_tokens.lora_embedding_A";
+pub const EMBED_B_KEY: &str = "base_model.model.model.embed_tokens.lora_embedding_B";
+/// What PEFT's `save_embedding_layers = "auto"` adds beside an embedding LoRA: the base's own
+/// embedding. qlora does not write it and ignores it on load (the base provides it).
+pub const EMBED_BASE_KEY: &str = "base_model.model.model.embed_tokens.base_layer.weight";
 
 /// The key of the trained embedding rows (PEFT's TrainableTokensLayer on `embed_tokens`).
 pub const TOKENS_KEY: &str =
@@ -100,6 +110,19 @@ pub fn save_all(
     modules: &[(String, Tensor)],
     tokens: Option<(&[u32], &Tensor)>,
 ) -> Result<()> {
+    save_every(dir, cfg, base_model, weights, modules, tokens, None)
+}
+
+/// [`save_all`] with the embedding's LoRA `(A [r, V], B [H, r])`.
+pub fn save_every(
+    dir: &Path,
+    cfg: &LoraConfig,
+    base_model: &str,
+    weights: &[(String, ModuleWeights)],
+    modules: &[(String, Tensor)],
+    tokens: Option<(&[u32], &Tensor)>,
+    embed_lora: Option<(&Tensor, &Tensor)>,
+) -> Result<()> {
     crate::fsx::disk::create_dir_all(dir)?;
     let dora = weights.iter().any(|(_, w)| w.magnitude.is_some());
     ensure!(
@@ -133,6 +156,10 @@ pub fn save_all(
     if let Some((_, rows)) = tokens {
         tensors.push((TOKENS_KEY.to_string(), rows.to_dtype(DType::F32)?));
     }
+    if let Some((a, b)) = embed_lora {
+        tensors.push((EMBED_A_KEY.to_string(), a.to_dtype(DType::F32)?));
+        tensors.push((EMBED_B_KEY.to_string(), b.to_dtype(DType::F32)?));
+    }
     let saved_modules: Vec<&str> = super::SAVABLE_MODULES
         .into_iter()
         .filter(|m| modules.iter().any(|(p, _)| p == module_to_save_path(m)))
@@ -144,10 +171,13 @@ pub fn save_all(
         .map(|(_, t)| t)
         .collect();
     cfg.check_targets()?;
-    let targets: Vec<&str> = all_target_names()
+    let mut targets: Vec<&str> = all_target_names()
         .into_iter()
         .filter(|t| held.contains(t))
         .collect();
+    if embed_lora.is_some() {
+        targets.insert(0, super::EMBED_TARGET);
+    }
     let config = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -288,6 +318,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         .embedding_rows()
         .with_context(|| origin.clone())?;
     let mut tokens = None;
+    let (mut embed_a, mut embed_b) = (None, None);
     for (key, t) in tensors {
         let rest = key
             .strip_prefix(KEY_PREFIX)
@@ -296,6 +327,27 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             bail!(
                 "{wfile}: key `{key}` contains the adapter name `.default.`; PEFT never saves it (this file would load as zeros in PEFT)"
             );
+        }
+        if key == EMBED_BASE_KEY {
+            continue;
+        }
+        if key == EMBED_A_KEY || key == EMBED_B_KEY {
+            ensure!(
+                config.embedding_targeted(),
+                "{wfile}: `{key}` is an embedding LoRA but {origin}'s target_modules lacks embed_tokens"
+            );
+            ensure!(
+                t.rank() == 2,
+                "{wfile}: `{key}` is {:?}; an embedding LoRA matrix is 2-d",
+                t.dims()
+            );
+            let t = t.to_dtype(DType::F32)?;
+            if key == EMBED_A_KEY {
+                embed_a = Some(t);
+            } else {
+                embed_b = Some(t);
+            }
+            continue;
         }
         if key == TOKENS_KEY {
             ensure!(
@@ -394,6 +446,25 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         );
         weights.insert(module, ModuleWeights { a, b, magnitude });
     }
+    let embed_lora = match (embed_a, embed_b) {
+        (Some(a), Some(b)) => {
+            ensure!(
+                a.dims()[0] == r && b.dims()[1] == r,
+                "{wfile}: the embedding LoRA is A {:?}, B {:?}, but {origin} says r = {r}",
+                a.dims(),
+                b.dims()
+            );
+            Some((a, b))
+        }
+        (None, None) => {
+            ensure!(
+                !config.embedding_targeted(),
+                "{wfile}: {origin} targets embed_tokens but the file has no `{EMBED_A_KEY}`"
+            );
+            None
+        }
+        _ => bail!("{wfile}: the embedding LoRA lacks its lora_embedding_A or lora_embedding_B"),
+    };
     ensure!(
         token_rows.is_empty() || tokens.is_some(),
         "{wfile}: {origin} lists trainable_token_indices but the file has no `{TOKENS_KEY}`"
@@ -411,5 +482,6 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         weights,
         modules,
         tokens,
+        embed_lora,
     })
 }

@@ -104,6 +104,8 @@ pub struct SavedModules {
     pub head: Option<candle_core::Var>,
     /// Trained rows of the embedding (`lora.trainable_token_indices`).
     pub tokens: Option<TrainableTokens>,
+    /// LoRA on the embedding (`embed_tokens` among `lora.targets`).
+    pub embed_lora: Option<crate::lora::EmbedLora>,
 }
 
 /// PEFT's TrainableTokensLayer on the embedding: the rows `indices` are replaced by `delta`
@@ -309,6 +311,10 @@ impl Phi3 {
                 }
             }
         };
+        let rows = match &self.saved.embed_lora {
+            Some(e) => (rows + e.rows(&flat, self.dtype)?)?,
+            None => rows,
+        };
         rows.reshape((b, t, self.cfg.hidden_size))
     }
 
@@ -464,11 +470,15 @@ impl Phi3 {
     }
 
     /// Every trainable variable, in a fixed order: each adapter's ([`Self::adapters`]' order)
-    /// [`Adapter::vars`], then the embedding's copy, the trained token rows and the head's copy
-    /// ([`SavedModules`]). Gradients ([`crate::train::LossAndGrads`]) and optimizer states align
+    /// [`Adapter::vars`], then the embedding's LoRA `A` and `B`, the embedding's copy, the trained
+    /// token rows and the head's copy ([`SavedModules`]). Gradients ([`crate::train::LossAndGrads`]) and optimizer states align
     /// with it.
     pub fn trainable_vars(&self) -> Vec<candle_core::Var> {
         let mut v: Vec<_> = self.adapters().iter().flat_map(|a| a.vars()).collect();
+        if let Some(e) = &self.saved.embed_lora {
+            v.push(e.a.clone());
+            v.push(e.b.clone());
+        }
         v.extend(self.saved.embed.clone());
         v.extend(self.saved.tokens.as_ref().map(|t| t.delta.clone()));
         v.extend(self.saved.head.clone());

@@ -115,6 +115,8 @@ pub struct Copies {
     pub head: bool,
     /// Trained embedding rows (`lora.trainable_token_indices`).
     pub token_rows: usize,
+    /// The rank of the embedding's LoRA (`embed_tokens` among the targets), 0 for none.
+    pub embed_lora_rank: usize,
 }
 
 impl Copies {
@@ -127,6 +129,7 @@ impl Copies {
                 .trainable_token_indices
                 .embedding_rows()
                 .map_or(0, |r| r.len()),
+            embed_lora_rank: if lora.embedding_targeted() { lora.r } else { 0 },
         }
     }
 
@@ -355,6 +358,20 @@ impl Inputs {
             state += s;
             temps = temps.max(t);
         }
+        let er = self.copies.embed_lora_rank;
+        for n in [er * self.cfg.vocab_size, er * self.cfg.hidden_size] {
+            if n == 0 {
+                continue;
+            }
+            let (s, t) = match self.optimizer {
+                OptimizerKind::AdamW => (2 * f32b(n), ADAMW_TEMPS * f32b(n)),
+                OptimizerKind::AdamW8bit => {
+                    (optim8::state_bytes(n), optim8::step_temporaries(n, on_host))
+                }
+            };
+            state += s;
+            temps = temps.max(t);
+        }
         let rows = self.copies.token_rows * self.cfg.hidden_size;
         if rows > 0 {
             let (s, t) = match self.optimizer {
@@ -384,9 +401,11 @@ impl Inputs {
         largest
     }
 
-    /// Bytes of the trained token rows (f32 `[n, H]`).
+    /// Bytes of the trained token rows (f32 `[n, H]`) and of the embedding's LoRA (`[r, V]` and
+    /// `[H, r]`).
     fn token_rows_bytes(&self) -> u64 {
         f32b(self.copies.token_rows * self.cfg.hidden_size)
+            + f32b(self.copies.embed_lora_rank * (self.cfg.vocab_size + self.cfg.hidden_size))
     }
 
     /// Bytes of one `[V, H]` f32 copy.

@@ -168,6 +168,38 @@ fn head(model: &Phi3, h: &Tensor, targets: &[u32], want_grad: bool) -> Result<He
     Ok(HeadPass { loss, dh, dw })
 }
 
+/// The embedding LoRA's `(dA [r, V], dB [H, r])` from the trunk input's `g: [B, T, H]`: with
+/// `u = Aᵀ[ids]` (`[N, r]`) and `du = scale · g · B`, `dB = scale · gᵀ · u` and `dAᵀ` gathers `du`
+/// by token (the padding token's column never: `F.embedding(…, padding_idx)`).
+fn embed_lora_grad(model: &Phi3, ids: &Tensor, g: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    let Some(e) = &model.saved.embed_lora else {
+        return Ok(None);
+    };
+    let (a, b) = (e.a.as_tensor(), e.b.as_tensor());
+    let (r, v) = a.dims2()?;
+    let h = b.dim(0)?;
+    let flat = ids.flatten_all()?;
+    let g = g.reshape(((), h))?.to_dtype(a.dtype())?;
+    let u = a.t()?.contiguous()?.index_select(&flat, 0)?; // [N, r]
+    let db = (g.t()?.matmul(&u)? * e.scale)?;
+    let du = (g.matmul(b)? * e.scale)?; // [N, r]
+    let ids_v: Vec<u32> = flat.to_vec1()?;
+    let pad = model.cfg.pad_token_id;
+    let keep: Vec<u32> = (0..ids_v.len() as u32)
+        .filter(|&i| Some(ids_v[i as usize]) != pad)
+        .collect();
+    let zeros = Tensor::zeros((v, r), a.dtype(), a.device())?;
+    let dat = if keep.is_empty() {
+        zeros
+    } else {
+        let k = Tensor::from_slice(&keep, keep.len(), g.device())?;
+        let kept: Vec<u32> = keep.iter().map(|&i| ids_v[i as usize]).collect();
+        let kept = Tensor::from_vec(kept, keep.len(), g.device())?;
+        zeros.index_add(&kept, &du.index_select(&k, 0)?, 0)?
+    };
+    Ok(Some((dat.t()?.contiguous()?, db)))
+}
+
 /// Where the embedding's trainable variable (its copy, or its trained rows) sits among `n`
 /// trainable variables (before the head's).
 fn embed_index(model: &Phi3, n: usize) -> Option<usize> {
@@ -287,9 +319,12 @@ pub fn loss_and_grads(
     };
     // A trainable embedding copy takes the first block's input gradient, scattered to its rows
     // ([`embedding_grad`]); the embedding itself stays out of the graph.
-    let embed_trainable = model.saved.embed.is_some() || model.saved.tokens.is_some();
+    let embed_trainable = model.saved.embed.is_some()
+        || model.saved.tokens.is_some()
+        || model.saved.embed_lora.is_some();
     let x0 = model.embed(&batch.input_ids)?.detach();
     let mut embed_dw = None;
+    let mut embed_lora_dw = None;
     let head_dw;
     let loss_sum = if checkpointing {
         let mut inputs = Vec::with_capacity(model.layers.len());
@@ -328,7 +363,10 @@ pub fn loss_and_grads(
             }
         }
         if embed_trainable {
-            embed_dw = Some(embedding_grad(model, &batch.input_ids, &g)?);
+            embed_lora_dw = embed_lora_grad(model, &batch.input_ids, &g)?;
+            if model.saved.embed.is_some() || model.saved.tokens.is_some() {
+                embed_dw = Some(embedding_grad(model, &batch.input_ids, &g)?);
+            }
         }
         pass.loss
     } else {
@@ -352,12 +390,23 @@ pub fn loss_and_grads(
             let g = store
                 .get(v.as_tensor())
                 .expect("the trunk depends on its input");
-            embed_dw = Some(embedding_grad(model, &batch.input_ids, g)?);
+            embed_lora_dw = embed_lora_grad(model, &batch.input_ids, g)?;
+            if model.saved.embed.is_some() || model.saved.tokens.is_some() {
+                embed_dw = Some(embedding_grad(model, &batch.input_ids, g)?);
+            }
         }
         pass.loss
     };
     if let (Some(dw), Some(i)) = (embed_dw, embed_index(model, vars.len())) {
         grads[i] = Some(dw);
+    }
+    if let Some((da, db)) = embed_lora_dw {
+        let i = vars.len()
+            - 2
+            - usize::from(model.saved.embed.is_some() || model.saved.tokens.is_some())
+            - usize::from(model.saved.head.is_some());
+        grads[i] = Some(da);
+        grads[i + 1] = Some(db);
     }
     if let (Some(dw), Some(slot)) = (head_dw, grads.last_mut())
         && model.saved.head.is_some()

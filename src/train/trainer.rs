@@ -665,13 +665,15 @@ impl Trainer {
                 self.model_ref.clone()
             };
         let tokens = attach::token_rows(&self.model);
-        peft::save_all(
+        let embed = attach::embed_lora_weights(&self.model);
+        peft::save_every(
             dir,
             &self.cfg.lora,
             &base_name,
             &attach::adapter_weights(&self.model),
             &attach::module_weights(&self.model),
             tokens.as_ref().map(|(ids, rows)| (ids.as_slice(), rows)),
+            embed.as_ref().map(|(a, b)| (a, b)),
         )
     }
 

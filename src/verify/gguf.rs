@@ -217,9 +217,17 @@ fn merge_lora_gguf(base: &Path, lora: &Path) -> Result<tempfile::NamedTempFile> 
             let b = lc
                 .tensor(&mut lf, &b, &Device::Cpu)?
                 .dequantize(&Device::Cpu)?;
-            let r = a.dim(0)? as f64;
             let w = t.dequantize(&Device::Cpu)?;
-            let w = (w + (b.matmul(&a)? * (alpha / r))?)?;
+            // token_embd's A is stored transposed (`[V, r]`, gathered by token): its delta is
+            // `A · Bᵀ`; every other tensor's is `B · A`. r is the rank either way.
+            let delta = if name == "token_embd.weight" {
+                let r = a.dim(1)? as f64;
+                (a.matmul(&b.t()?)? * (alpha / r))?
+            } else {
+                let r = a.dim(0)? as f64;
+                (b.matmul(&a)? * (alpha / r))?
+            };
+            let w = (w + delta)?;
             tensors.push((name.clone(), QTensor::quantize(&w, GgmlDType::F32)?));
         } else {
             tensors.push((name.clone(), t));

@@ -5,6 +5,7 @@ mod common;
 mod data;
 mod diskfull;
 mod dora;
+mod embed_lora;
 mod export;
 mod fused_model;
 mod fuzz;

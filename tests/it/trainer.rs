@@ -165,6 +165,56 @@ fn a_run_training_token_rows_resumes_bit_for_bit_and_trains_only_seen_rows() {
     assert_disk_plan_holds(&cfg(&a), &base.cfg, &a.join("checkpoints/step-000006"));
 }
 
+#[test]
+fn a_run_with_an_embedding_lora_resumes_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let cfg = |out: &Path| {
+        let mut c = small(out);
+        c.lora.targets = vec!["embed_tokens".into(), "all-linear".into()];
+        c.training.max_steps = 6;
+        c
+    };
+    Trainer::new(cfg(&a), false).unwrap().run(None).unwrap();
+    Trainer::new(cfg(&b), false).unwrap().run(Some(4)).unwrap();
+    let resumed = TrainConfig::from_file(&b.join("config.resolved.toml")).unwrap();
+    assert!(
+        Trainer::new(resumed, true)
+            .unwrap()
+            .run(None)
+            .unwrap()
+            .finished
+    );
+    assert_eq!(train_losses(&a), train_losses(&b), "loss curves differ");
+    let load = |p: &Path| {
+        candle_core::safetensors::load(
+            p.join("adapter/adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (wa, wb) = (load(&a), load(&b));
+    assert_eq!(
+        wa.len(),
+        18,
+        "A and B of 4 targets in 2 layers, and the embedding's"
+    );
+    for (k, v) in &wa {
+        assert_eq!(
+            v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            wb[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{k}"
+        );
+    }
+    // A started at zero and trained.
+    assert!(crate::common::max_abs(&wa[qlora::lora::peft::EMBED_A_KEY]) > 0.0);
+    let m = crate::model::load_path_f32(
+        &qlora::hub::resolve(qlora::builtin::TINY_PHI3).unwrap(),
+        qlora::model::load::BaseFormat::Dense,
+    );
+    assert_disk_plan_holds(&cfg(&a), &m.cfg, &a.join("checkpoints/step-000006"));
+}
+
 /// The disk plan's checkpoint size is what the run wrote, within its JSON allowance.
 fn assert_disk_plan_holds(cfg: &TrainConfig, model: &qlora::model::Phi3Config, ck: &Path) {
     let p = qlora::plan::disk::plan(cfg, model, cfg.training.max_steps).unwrap();

@@ -76,7 +76,7 @@ pub fn run(
     verify(&reference, &e, &ty, &prompts(), 8, ea.as_ref()).unwrap()
 }
 
-fn gguf(dir: &Path, adapter: Option<&Path>, out: &Path, ty: &str, base: MergeBase) {
+pub fn gguf(dir: &Path, adapter: Option<&Path>, out: &Path, ty: &str, base: MergeBase) {
     let a = adapter.map(|a| peft::load(a, &Device::Cpu).unwrap());
     qlora::export::gguf_model::export(
         dir,
