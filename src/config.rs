@@ -81,6 +81,11 @@ pub struct Data {
     pub train: String,
     /// Evaluation JSONL ("" for none).
     pub eval: String,
+    /// New tokens, put in the checkpoint's unused embedding rows and trained there (as trainable
+    /// token rows, or inside an embedding copy); the extended tokenizer is saved beside the
+    /// adapter and every export carries it.
+    #[serde(default)]
+    pub add_tokens: Vec<String>,
     /// Pack several conversations per row (no attention across them).
     pub pack: bool,
     /// Skip (and count) bad lines instead of stopping.
@@ -136,6 +141,7 @@ impl Default for TrainConfig {
                 eval: String::new(),
                 pack: true,
                 skip_bad_lines: false,
+                add_tokens: Vec::new(),
             },
         }
     }

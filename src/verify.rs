@@ -184,6 +184,10 @@ impl Engine for Ours {
 #[derive(Debug)]
 pub struct Reference {
     pub dir: PathBuf,
+    /// Where the tokenizer files are: `dir`, or a view of it with the adapter's own tokenizer
+    /// ([`crate::export::tokenizer_dir`]).
+    pub tok_dir: PathBuf,
+    _tok_view: Option<tempfile::TempDir>,
     pub tok: TokenizerBundle,
     model: Phi3,
     base_only: Option<Phi3>,
@@ -219,11 +223,14 @@ impl Reference {
             }
             None => (plain, None),
         };
-        let tok = TokenizerBundle::from_dir(dir)?;
+        let (tok_dir, tok_view) = crate::export::tokenizer_dir(dir, adapter)?;
+        let tok = TokenizerBundle::from_dir(&tok_dir)?;
         let mut stops = model.cfg.eos_token_ids();
         stops.extend(tok.end_id);
         Ok(Self {
             dir: dir.to_path_buf(),
+            tok_dir,
+            _tok_view: tok_view,
             tok,
             model,
             base_only,
@@ -320,7 +327,7 @@ pub fn verify(
                     base: BaseFormat::Dense,
                 },
             )?;
-            tokenizer_files(&reference.dir, dir, &mut failures, &mut notes)?;
+            tokenizer_files(&reference.tok_dir, dir, &mut failures, &mut notes)?;
             Box::new(Ours(m))
         }
         Export::Adapter(_) => {

@@ -93,7 +93,15 @@ impl ModelArgs {
                 )
             })?;
         }
-        let tok = TokenizerBundle::from_dir(&dir)?;
+        // An adapter that extended the vocabulary (data.add_tokens) brings its own tokenizer.
+        let tok = match adapter.as_ref().and_then(|a| a.tokenizer_dir()) {
+            Some(own) => {
+                let (view, _guard) = crate::export::tokenizer_dir(&dir, adapter.as_ref())?;
+                TokenizerBundle::from_dir(&view)
+                    .with_context(|| format!("the tokenizer of {}", own.display()))?
+            }
+            None => TokenizerBundle::from_dir(&dir)?,
+        };
         Ok(Loaded { model, tok, dir })
     }
 }

@@ -83,6 +83,86 @@ impl TokenizerBundle {
         })
     }
 
+    /// Adds `tokens` to the vocabulary (`data.add_tokens`) as HF's `add_tokens` adds them (not
+    /// special, so decoding keeps them), matched on the raw text (`normalized = false`, as
+    /// llama.cpp matches user-defined tokens): each new one takes the next id, which must be one
+    /// of the model's `rows` embedding rows (Phi-3 has 32064 for 32011 tokens). Returns each
+    /// listed token's id and whether it is new (one already in the vocabulary keeps its id).
+    pub fn add_tokens(
+        &mut self,
+        tokens: &[String],
+        rows: usize,
+    ) -> Result<Vec<(String, u32, bool)>> {
+        let mut out = Vec::new();
+        for t in tokens {
+            if t.is_empty() {
+                bail!("data.add_tokens: an empty token");
+            }
+            if let Some(id) = self.tokenizer.token_to_id(t) {
+                out.push((t.clone(), id, false));
+                continue;
+            }
+            let next = self.tokenizer.get_vocab_size(true);
+            if next >= rows {
+                bail!(
+                    "data.add_tokens: no unused embedding row is left for `{t}`: the model has {rows} \
+                     rows and the tokenizer already {next} tokens (new tokens go into the rows \
+                     past the vocabulary; resizing the embedding is not done here)"
+                );
+            }
+            let added = tokenizers::AddedToken::from(t.clone(), false).normalized(false);
+            self.tokenizer
+                .add_tokens([added])
+                .map_err(|e| anyhow::anyhow!("data.add_tokens: adding `{t}`: {e}"))?;
+            let id = self
+                .tokenizer
+                .token_to_id(t)
+                .with_context(|| format!("data.add_tokens: `{t}` was not added"))?;
+            if id as usize >= rows {
+                bail!("data.add_tokens: `{t}` got id {id}, past the model's {rows} rows");
+            }
+            out.push((t.clone(), id, true));
+        }
+        Ok(out)
+    }
+
+    /// tokenizer.json of the tokenizer as it is now (with any added tokens), and `base_config`
+    /// (the base's tokenizer_config.json, or `{}`) with `added_tokens_decoder` listing every
+    /// added token, as transformers' `save_pretrained` writes them.
+    pub fn files(&self, base_config: Option<&[u8]>) -> Result<(Vec<u8>, Vec<u8>)> {
+        let json = self
+            .tokenizer
+            .to_string(true)
+            .map_err(|e| anyhow::anyhow!("serializing the tokenizer: {e}"))?;
+        let mut cfg: serde_json::Value = match base_config {
+            Some(b) => serde_json::from_slice(b).context("tokenizer_config.json")?,
+            None => serde_json::json!({}),
+        };
+        let mut dec = serde_json::Map::new();
+        let mut added: Vec<_> = self
+            .tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .collect();
+        added.sort_by_key(|(id, _)| *id);
+        for (id, t) in added {
+            dec.insert(
+                id.to_string(),
+                serde_json::json!({
+                    "content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
+                    "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special,
+                }),
+            );
+        }
+        if let Some(obj) = cfg.as_object_mut() {
+            obj.insert(
+                "added_tokens_decoder".into(),
+                serde_json::Value::Object(dec),
+            );
+        }
+        Ok((json.into_bytes(), serde_json::to_vec_pretty(&cfg)?))
+    }
+
     /// Token ids of `text` (special-token strings in it become their ids; nothing is added).
     pub fn encode(&self, text: &str) -> Result<tokenizers::Encoding> {
         self.tokenizer

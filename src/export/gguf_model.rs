@@ -94,7 +94,9 @@ pub fn export(
         }
     }
 
-    write_tokenizer(&mut w, model_dir, cfg, pre)?;
+    // The adapter's own tokenizer when it extended the vocabulary (data.add_tokens).
+    let (tok_dir, _view) = super::tokenizer_dir(model_dir, adapter)?;
+    write_tokenizer(&mut w, &tok_dir, cfg, pre)?;
     w.kv("general.quantization_version", Value::U32(2))?;
 
     // Tensors in llama.cpp's order: embeddings, blocks, final norm, head.

@@ -433,6 +433,48 @@ pub fn merged_linear(
     Ok(w)
 }
 
+/// The files [`tokenizer_dir`] takes from an adapter's own tokenizer.
+pub const ADAPTER_TOKENIZER_FILES: [&str; 2] = ["tokenizer.json", "tokenizer_config.json"];
+
+/// Where to read tokenizer files from: `model_dir` itself, or, when the adapter carries its own
+/// tokenizer (`data.add_tokens` extended the vocabulary), a temporary view of `model_dir` (links
+/// to its entries) with the adapter's tokenizer.json and tokenizer_config.json in their place.
+/// The view lives as long as the returned guard.
+pub fn tokenizer_dir(
+    model_dir: &std::path::Path,
+    adapter: Option<&PeftAdapter>,
+) -> Result<(std::path::PathBuf, Option<tempfile::TempDir>)> {
+    let Some(own) = adapter.and_then(|a| a.tokenizer_dir()) else {
+        return Ok((model_dir.to_path_buf(), None));
+    };
+    let view = tempfile::tempdir()
+        .context("creating a temporary tokenizer directory (set TMPDIR to a roomier place)")?;
+    let model_dir = std::fs::canonicalize(model_dir)
+        .with_context(|| format!("{}: cannot resolve", model_dir.display()))?;
+    for entry in std::fs::read_dir(&model_dir)
+        .with_context(|| format!("{}: cannot list", model_dir.display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name();
+        if ADAPTER_TOKENIZER_FILES.iter().any(|f| name == *f) {
+            continue;
+        }
+        std::os::unix::fs::symlink(entry.path(), view.path().join(&name)).with_context(|| {
+            format!("linking {} into the tokenizer view", entry.path().display())
+        })?;
+    }
+    for f in ADAPTER_TOKENIZER_FILES {
+        let from = own.join(f);
+        if from.is_file() {
+            std::fs::copy(&from, view.path().join(f))
+                .with_context(|| format!("{}: cannot copy", from.display()))?;
+        } else if model_dir.join(f).is_file() {
+            std::os::unix::fs::symlink(model_dir.join(f), view.path().join(f))?;
+        }
+    }
+    Ok((view.path().to_path_buf(), Some(view)))
+}
+
 /// Refuses an existing output unless `force`.
 pub fn check_output(out: &std::path::Path, force: bool) -> Result<()> {
     if out.exists() && !force {

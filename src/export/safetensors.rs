@@ -9,7 +9,7 @@ use crate::checkpoint::{self, CONFIG_FILE, INDEX_FILE, ShardIndex};
 use crate::fsx::{AtomicDir, write_atomic};
 use crate::lora::peft::PeftAdapter;
 use crate::model::names;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::DType;
 use indicatif::ProgressBar;
 use qlora_quant::bnb;
@@ -195,6 +195,16 @@ pub fn export(
         &serde_json::to_vec_pretty(&config)?,
     )?;
     checkpoint::copy_other_files(ck, tmp.path())?;
+    // An adapter that extended the vocabulary (data.add_tokens) brings its tokenizer.
+    if let Some(own) = adapter.and_then(|a| a.tokenizer_dir()) {
+        for f in super::ADAPTER_TOKENIZER_FILES {
+            if own.join(f).is_file() {
+                let bytes = std::fs::read(own.join(f))
+                    .with_context(|| format!("{}: cannot read", own.join(f).display()))?;
+                write_atomic(&tmp.path().join(f), &bytes)?;
+            }
+        }
+    }
     tmp.commit()?;
     Ok(())
 }

@@ -55,6 +55,18 @@ pub struct PeftAdapter {
     pub tokens: Option<(Vec<u32>, Tensor)>,
     /// LoRA on the embedding: `(A [r, V], B [H, r])` f32.
     pub embed_lora: Option<(Tensor, Tensor)>,
+    /// The directory it was read from (its tokenizer.json, when `data.add_tokens` extended the
+    /// vocabulary, is the one exports carry).
+    pub dir: Option<std::path::PathBuf>,
+}
+
+impl PeftAdapter {
+    /// The directory of the adapter's own tokenizer (tokenizer.json beside the adapter), if any.
+    pub fn tokenizer_dir(&self) -> Option<&Path> {
+        self.dir
+            .as_deref()
+            .filter(|d| d.join("tokenizer.json").is_file())
+    }
 }
 
 /// The keys of the embedding's LoRA (PEFT's `lora.Embedding` keeps its matrices in
@@ -483,5 +495,6 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         modules,
         tokens,
         embed_lora,
+        dir: Some(dir.to_path_buf()),
     })
 }

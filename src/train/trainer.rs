@@ -137,6 +137,76 @@ pub struct Trainer {
     comm: Rc<dyn Communicator>,
     /// Set by a signal ([`Stop`]): the run checkpoints and returns after the step it is in.
     pub stop: Stop,
+    /// tokenizer.json and tokenizer_config.json with `data.add_tokens`, saved beside every
+    /// adapter.
+    tokenizer_files: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// `data.add_tokens` into `tok` (ids in the model's unused embedding rows, which then train as
+/// trainable token rows unless an embedding copy trains them), announced on `loud`; the extended
+/// tokenizer's files, or `None` when nothing is added.
+fn add_tokens(
+    cfg: &mut TrainConfig,
+    tok: &mut TokenizerBundle,
+    model_dir: &Path,
+    loud: bool,
+) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+    if cfg.data.add_tokens.is_empty() {
+        return Ok(None);
+    }
+    let cfg_path = model_dir.join(crate::checkpoint::CONFIG_FILE);
+    let value: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&cfg_path)
+            .with_context(|| format!("{}: cannot read", cfg_path.display()))?,
+    )
+    .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+    let model = crate::model::Phi3Config::from_value(&value, &cfg_path.display().to_string())?;
+    let added = tok.add_tokens(&cfg.data.add_tokens, model.vocab_size)?;
+    let new: Vec<u32> = added.iter().filter(|a| a.2).map(|a| a.1).collect();
+    if cfg.lora.embedding_targeted() && !new.is_empty() {
+        bail!(
+            "data.add_tokens with a LoRA on embed_tokens: the new tokens' rows need to train \
+             themselves; drop embed_tokens from lora.targets (they then train as token rows), or \
+             train the embedding whole with lora.modules_to_save = [\"embed_tokens\"]"
+        );
+    }
+    let copy = cfg.lora.modules_to_save.iter().any(|m| m == "embed_tokens");
+    if !copy && !new.is_empty() {
+        let mut rows = cfg.lora.trainable_token_indices.embedding_rows()?;
+        for id in &new {
+            if !rows.contains(id) {
+                rows.push(*id);
+            }
+        }
+        cfg.lora.trainable_token_indices = crate::lora::TokenIndices::List(rows);
+    }
+    if loud {
+        let shown: Vec<String> = added
+            .iter()
+            .map(|(t, id, is_new)| {
+                format!(
+                    "{t} → {id}{}",
+                    if *is_new {
+                        " (new row, trained)"
+                    } else {
+                        " (already in the vocabulary)"
+                    }
+                )
+            })
+            .collect();
+        eprintln!("data.add_tokens: {}", shown.join(", "));
+        if new
+            .iter()
+            .any(|_| !cfg.lora.modules_to_save.iter().any(|m| m == "lm_head"))
+        {
+            eprintln!(
+                "note: the head's rows of new tokens are the checkpoint's untrained ones; to have \
+                 the model emit them, train the head too (lora.modules_to_save = [\"lm_head\"])"
+            );
+        }
+    }
+    let base_cfg = std::fs::read(model_dir.join("tokenizer_config.json")).ok();
+    Ok(Some(tok.files(base_cfg.as_deref())?))
 }
 
 /// The data order of `epoch`: a permutation drawn from the seed and the epoch alone, so a resumed
@@ -264,7 +334,8 @@ impl Trainer {
         };
         let dtype = compute_dtype(&cfg.training.dtype, &device).context("training.dtype")?;
         let memory = MemorySampler::start(&device)?;
-        let (tok, tokenizer_bytes) = crate::plan::inputs::load_tokenizer(&model_dir)?;
+        let (mut tok, tokenizer_bytes) = crate::plan::inputs::load_tokenizer(&model_dir)?;
+        let tokenizer_files = add_tokens(&mut cfg, &mut tok, &model_dir, comm.rank() == 0)?;
         let (rows, stats, skipped_lines) = encode_rows(&tok, Path::new(&cfg.data.train), &cfg)?;
         let eval_rows = if cfg.data.eval.is_empty() {
             Vec::new()
@@ -402,6 +473,7 @@ impl Trainer {
             memory,
             comm,
             stop: Stop::never(),
+            tokenizer_files,
         })
     }
 
@@ -674,7 +746,13 @@ impl Trainer {
             &attach::module_weights(&self.model),
             tokens.as_ref().map(|(ids, rows)| (ids.as_slice(), rows)),
             embed.as_ref().map(|(a, b)| (a, b)),
-        )
+        )?;
+        // The extended tokenizer (data.add_tokens), which exports take from here.
+        if let Some((json, cfg)) = &self.tokenizer_files {
+            write_atomic(&dir.join("tokenizer.json"), json)?;
+            write_atomic(&dir.join("tokenizer_config.json"), cfg)?;
+        }
+        Ok(())
     }
 
     /// Each parameter's learning rate relative to `training.learning_rate`: the

@@ -61,7 +61,7 @@ pub(super) fn gguf_tokenizer(
         .get("tokenizer.ggml.pre")
         .map(|v| v.to_json().as_str().unwrap_or_default().to_string());
     let mut w = GgufWriter::default();
-    if let Err(e) = crate::export::vocab::write_tokenizer(&mut w, &reference.dir, cfg, None) {
+    if let Err(e) = crate::export::vocab::write_tokenizer(&mut w, &reference.tok_dir, cfg, None) {
         // A vocabulary no llama.cpp table knows: the file's own name, if llama.cpp has it.
         match &file_pre {
             Some(p) if crate::export::vocab::is_known_pre(p) => {
@@ -70,7 +70,7 @@ pub(super) fn gguf_tokenizer(
                      file says `{p}`, a name llama.cpp knows"
                 ));
                 w = GgufWriter::default();
-                crate::export::vocab::write_tokenizer(&mut w, &reference.dir, cfg, Some(p))?;
+                crate::export::vocab::write_tokenizer(&mut w, &reference.tok_dir, cfg, Some(p))?;
             }
             _ => {
                 failures.push(format!("tokenizer: {e:#}"));

@@ -216,3 +216,91 @@ fn bad_token_settings_name_the_problem() {
         );
     }
 }
+
+#[test]
+fn added_tokens_take_unused_rows_train_and_travel_with_every_export() {
+    use qlora::config::TrainConfig;
+    use qlora::train::trainer::Trainer;
+    let tmp = tempfile::tempdir().unwrap();
+    // Conversations whose replies call a tool between the new tokens.
+    let data = tmp.path().join("tools.jsonl");
+    let mut lines = String::new();
+    for i in 0..12 {
+        let call = format!("<tool_call>{{\"name\": \"weather\", \"city\": \"c{i}\"}}</tool_call>");
+        lines.push_str(
+            &serde_json::json!({"messages": [
+                {"role": "user", "content": format!("Weather in c{i}?")},
+                {"role": "assistant", "content": call},
+            ]})
+            .to_string(),
+        );
+        lines.push('\n');
+    }
+    std::fs::write(&data, lines).unwrap();
+    let out = tmp.path().join("run");
+    let mut c: TrainConfig = crate::trainer::small(&out);
+    c.data.train = data.display().to_string();
+    c.data.add_tokens = vec!["<tool_call>".into(), "</tool_call>".into()];
+    c.training.max_steps = 4;
+    let mut t = Trainer::new(c, false).unwrap();
+    // Phi-3's tokenizer has 32011 tokens for 32064 rows: the new ones take 32011 and 32012.
+    assert_eq!(t.tok.encode("<tool_call>").unwrap().get_ids(), [32011]);
+    assert_eq!(t.tok.encode("x</tool_call>y").unwrap().get_ids().len(), 3);
+    assert_eq!(
+        t.cfg.lora.trainable_token_indices,
+        TokenIndices::List(vec![32011, 32012])
+    );
+    t.run(None).unwrap();
+    let adapter = out.join("adapter");
+    assert!(adapter.join("tokenizer.json").is_file());
+    let a = peft::load(&adapter, &Device::Cpu).unwrap();
+    let (ids, rows) = a.tokens.as_ref().unwrap();
+    assert_eq!(ids, &[32011, 32012]);
+    let dir = qlora::hub::resolve(qlora::builtin::TINY_PHI3).unwrap();
+    let base = load_path_f32(&dir, BaseFormat::Dense);
+    assert!(
+        max_abs_diff(
+            &rows.get(0).unwrap(),
+            &base.embed_tokens.get(32011).unwrap()
+        ) > 1e-4
+    );
+    // The merged checkpoint carries the extended tokenizer.
+    let merged = tmp.path().join("merged");
+    export(
+        &dir,
+        Some(&a),
+        &merged,
+        DType::F32,
+        MergeBase::Original,
+        false,
+        false,
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
+    let tok = qlora::data::TokenizerBundle::from_dir(&merged).unwrap();
+    assert_eq!(tok.encode("<tool_call>").unwrap().get_ids(), [32011]);
+    // The GGUF's vocabulary has them as user-defined tokens (what llama.cpp matches as one id),
+    // and qlora verify, which tokenizes with the adapter's tokenizer, finds the export faithful.
+    let gguf = tmp.path().join("m.gguf");
+    crate::verify::gguf(&dir, Some(&adapter), &gguf, "f32", MergeBase::Original);
+    let mut f = std::fs::File::open(&gguf).unwrap();
+    let c = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let tokens = c.metadata["tokenizer.ggml.tokens"].to_vec().unwrap();
+    let types = c.metadata["tokenizer.ggml.token_type"].to_vec().unwrap();
+    assert_eq!(tokens[32011].to_string().unwrap(), "<tool_call>");
+    assert_eq!(tokens[32012].to_string().unwrap(), "</tool_call>");
+    assert_eq!(
+        types[32011].to_i32().unwrap(),
+        qlora::export::vocab::USER_DEFINED
+    );
+    let r = crate::verify::run(&dir, Some(&adapter), MergeBase::Original, &gguf, None);
+    crate::verify::assert_faithful(&r, "gguf with added tokens");
+    // No row left: the 54th new token of a 32064-row model is refused.
+    let mut tok = qlora::data::TokenizerBundle::from_dir(&dir).unwrap();
+    let many: Vec<String> = (0..54).map(|i| format!("<new{i}>")).collect();
+    let e = tok.add_tokens(&many, 32064).unwrap_err().to_string();
+    assert!(
+        e.contains("no unused embedding row") && e.contains("<new53>"),
+        "{e}"
+    );
+}
