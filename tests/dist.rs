@@ -434,6 +434,33 @@ fn dora_trains_the_same_on_two_ranks() {
 }
 
 #[test]
+fn embedding_and_head_training_trains_the_same_on_two_ranks() {
+    // An embedding LoRA and a head copy: their gradients (scattered by token, and from the fused
+    // head pass) ride the same all-reduce as the block adapters'.
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, _, _) = two_ranks_against_one(
+        tmp.path(),
+        "2",
+        "1",
+        &[
+            "--max-steps",
+            "4",
+            "--targets",
+            "embed_tokens,all-linear",
+            "--modules-to-save",
+            "lm_head",
+        ],
+    );
+    let names: Vec<String> = adapter(&one.join("adapter"))
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for key in ["lora_embedding_A", "lm_head.weight"] {
+        assert!(names.iter().any(|n| n.contains(key)), "{key}: {names:?}");
+    }
+}
+
+#[test]
 fn eight_bit_adamw_trains_the_same_on_two_ranks() {
     // Every rank runs the same 8-bit update on the same all-reduced gradients. Against one
     // process (the gradient summed in another order) a moment within rounding of a

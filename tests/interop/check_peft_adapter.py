@@ -8,7 +8,7 @@ adapter with PeftModel.from_pretrained (failing on any missing or unexpected key
 N_TOKENS (default 16) from the prompt ids that `qlora generate --json` reports, and compares them
 with qlora's tokens (dense f32 base, so both sides run the same weights). Then `qlora export
 --format safetensors --dtype f32` of the same adapter, loaded by transformers, against PEFT's
-logits for those prompt ids: max |Δ| ≤ 1e-4. Exit 1 on any difference. Deps: ../shared/tools/reference-venv.sh (torch, transformers, peft).
+logits for those prompt ids: max |Δ| ≤ 1e-4, or 1e-6 of the largest logit when that is bigger. Exit 1 on any difference. Deps: ../shared/tools/reference-venv.sh (torch, transformers, peft).
 """
 import json
 import os
@@ -46,9 +46,15 @@ def main(qlora, adapter, prompt, n=16):
                         "--dtype", "f32"], check=True, capture_output=True)
         merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, attn_implementation="eager")
         with torch.no_grad():
-            d = (merged(ids).logits - model(ids).logits).abs().max().item()
-    print(f"transformers(qlora's merged export) vs PEFT(base + adapter): max |Δlogits| = {d:.2e}")
-    ok &= d <= 1e-4
+            want = model(ids).logits
+            d = (merged(ids).logits - want).abs().max().item()
+    # f32 rounding of a merge grows with the logits: 1e-4, or 1e-6 of the largest logit when that
+    # is bigger (PEFT's own merge_and_unload of a trained head copy, logits up to 1842, moved them
+    # by 7.3e-4).
+    bound = max(1e-4, 1e-6 * want.abs().max().item())
+    print(f"transformers(qlora's merged export) vs PEFT(base + adapter): max |Δlogits| = {d:.2e} "
+          f"(bound {bound:.1e})")
+    ok &= d <= bound
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 
