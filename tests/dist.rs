@@ -461,6 +461,26 @@ fn embedding_and_head_training_trains_the_same_on_two_ranks() {
 }
 
 #[test]
+fn a_head_lora_with_dropout_trains_the_same_on_two_ranks() {
+    // The head LoRA's dropout masks follow the global rows, as the block adapters' do.
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, _, _) = two_ranks_against_one(
+        tmp.path(),
+        "2",
+        "1",
+        &["--max-steps", "4", "--targets", "lm_head,qkv_proj"],
+    );
+    let names: Vec<String> = adapter(&one.join("adapter"))
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        names.iter().any(|n| n.contains("lm_head.lora_A")),
+        "{names:?}"
+    );
+}
+
+#[test]
 fn eight_bit_adamw_trains_the_same_on_two_ranks() {
     // Every rank runs the same 8-bit update on the same all-reduced gradients. Against one
     // process (the gradient summed in another order) a moment within rounding of a

@@ -112,16 +112,20 @@ pub fn run(args: ExportArgs) -> Result<ExitCode> {
             .iter()
             .map(|(m, t)| (m.clone(), t.clone()))
             .collect();
-        peft::save_all(
+        peft::save_every(
             &args.out,
             &converted.config,
             &base_name,
             &weights,
-            &modules,
-            converted
-                .tokens
-                .as_ref()
-                .map(|(ids, rows)| (ids.as_slice(), rows)),
+            &peft::Extras {
+                modules: &modules,
+                tokens: converted
+                    .tokens
+                    .as_ref()
+                    .map(|(ids, rows)| (ids.as_slice(), rows)),
+                embed_lora: converted.embed_lora.as_ref().map(|(a, b)| (a, b)),
+                head_lora: converted.head_lora.as_ref().map(|(a, b)| (a, b)),
+            },
         )?;
         println!(
             "wrote {} (PEFT adapter, {} modules, {} names, r = {}, alpha = {})",

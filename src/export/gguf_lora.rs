@@ -77,12 +77,16 @@ pub fn export(
         )),
         None => None,
     };
+    let head = adapter
+        .head_lora
+        .as_ref()
+        .map(|(a, b)| ("output.weight".to_string(), a.clone(), b.clone()));
     let blocks = adapter.weights.iter().map(|(module, mw)| -> Result<_> {
         let gguf = names::gguf_name(&format!("{module}.weight"))
             .with_context(|| format!("`{module}` has no GGUF name"))?;
         Ok((gguf, mw.a.clone(), mw.b.clone()))
     });
-    for item in embed.into_iter().map(Ok).chain(blocks) {
+    for item in embed.into_iter().chain(head).map(Ok).chain(blocks) {
         let (gguf, a, b) = item?;
         for (suffix, t) in [("lora_a", &a), ("lora_b", &b)] {
             let shape = t.dims().to_vec();

@@ -129,6 +129,22 @@ impl Source {
             }
             let mut values = checkpoint::to_f32(view, name, file)?;
             self.ck.release(view.data())?;
+            // A head LoRA adds `scale · B · A`.
+            if let (Some((a, b)), "lm_head.weight") = (
+                self.adapter.as_ref().and_then(|a| a.head_lora.as_ref()),
+                name,
+            ) {
+                let scale = self.adapter.as_ref().map_or(1.0, |a| a.config.scale());
+                let d = (b.matmul(a)? * scale)?;
+                ensure!(
+                    d.dims() == view.shape(),
+                    "{file}: `{name}` is {:?} but the adapter's lm_head LoRA makes {:?}",
+                    view.shape(),
+                    d.dims()
+                );
+                let d: Vec<f32> = d.flatten_all()?.to_vec1()?;
+                values.iter_mut().zip(&d).for_each(|(x, y)| *x += y);
+            }
             // An embedding LoRA adds `scale · Aᵀ · Bᵀ` (PEFT's lora.Embedding merge).
             if let (Some((a, b)), "model.embed_tokens.weight") = (
                 self.adapter.as_ref().and_then(|a| a.embed_lora.as_ref()),
@@ -272,6 +288,21 @@ pub struct Stacked<'v> {
 /// Checks that `adapter` fits the model described by `cfg`: every module a Phi-3 block linear of
 /// an existing layer, A `[r, in]` and B `[out, r]` of that linear's shape.
 pub fn check_adapter(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<()> {
+    if let Some((a, b)) = &adapter.head_lora {
+        let r = adapter.config.r;
+        ensure!(
+            !cfg.tie_word_embeddings,
+            "the adapter has a LoRA on lm_head but the base ties its head to the embedding"
+        );
+        ensure!(
+            a.dims() == [r, cfg.hidden_size] && b.dims() == [cfg.vocab_size, r],
+            "the adapter's lm_head LoRA is A {:?}, B {:?}, not [{r}, {}] and [{}, {r}]",
+            a.dims(),
+            b.dims(),
+            cfg.hidden_size,
+            cfg.vocab_size
+        );
+    }
     if let Some((a, b)) = &adapter.embed_lora {
         let r = adapter.config.r;
         ensure!(

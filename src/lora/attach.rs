@@ -27,6 +27,7 @@ pub fn module_path(layer: usize, target: &str) -> String {
 pub fn init_adapters(model: &mut Phi3, cfg: &LoraConfig, seed: u64) -> Result<()> {
     let targets = cfg.target_names(model.cfg.layout())?;
     model.saved.embed_lora = None;
+    model.saved.head_lora = None;
     let per_layer = model.cfg.layout().linears().len();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let device = model.device.clone();
@@ -55,6 +56,24 @@ pub fn init_adapters(model: &mut Phi3, cfg: &LoraConfig, seed: u64) -> Result<()
             }
         }
     }
+    if cfg.head_targeted() {
+        ensure!(
+            !model.cfg.tie_word_embeddings,
+            "lora target lm_head: this model ties its head to its embedding \
+             (tie_word_embeddings); LoRA on such a head is not built"
+        );
+        let master = super::master_dtype(model.dtype);
+        model.saved.head_lora = Some(Adapter::new(
+            "lm_head".into(),
+            model.cfg.vocab_size,
+            model.cfg.hidden_size,
+            cfg,
+            &mut rng,
+            head_stream(model),
+            master,
+            &device,
+        )?);
+    }
     if cfg.embedding_targeted() {
         // After the block linears' draws, so that adding the embedding leaves them as they were.
         let master = super::master_dtype(model.dtype);
@@ -68,6 +87,20 @@ pub fn init_adapters(model: &mut Phi3, cfg: &LoraConfig, seed: u64) -> Result<()
         )?);
     }
     Ok(())
+}
+
+/// The head LoRA's dropout stream: after every block linear's.
+pub fn head_stream(model: &Phi3) -> u64 {
+    (model.layers.len() * model.cfg.layout().linears().len()) as u64 + 1
+}
+
+/// The head's LoRA as `(A, B)`, for saving.
+pub fn head_lora_weights(model: &Phi3) -> Option<(candle_core::Tensor, candle_core::Tensor)> {
+    model
+        .saved
+        .head_lora
+        .as_ref()
+        .map(|h| (h.a.as_tensor().clone(), h.b.as_tensor().clone()))
 }
 
 /// The embedding's LoRA as `(A, B)`, for saving.
@@ -210,6 +243,26 @@ pub fn load_adapters(model: &mut Phi3, peft: &PeftAdapter) -> Result<()> {
                 used += 1;
             }
         }
+    }
+    model.saved.head_lora = None;
+    if let Some((a, b)) = &peft.head_lora {
+        let (v, h) = (model.cfg.vocab_size, model.cfg.hidden_size);
+        ensure!(
+            a.dims() == [peft.config.r, h] && b.dims() == [v, peft.config.r],
+            "the adapter's lm_head LoRA is A {:?}, B {:?}: not [r, {h}] and [{v}, r]",
+            a.dims(),
+            b.dims()
+        );
+        let stream = head_stream(model);
+        model.saved.head_lora = Some(Adapter {
+            module: "lm_head".into(),
+            a: Var::from_tensor(&a.to_device(&device)?.to_dtype(master)?)?,
+            b: Var::from_tensor(&b.to_device(&device)?.to_dtype(master)?)?,
+            scale,
+            dropout: peft.config.dropout,
+            dropout_stream: stream,
+            dora: None,
+        });
     }
     model.saved.embed_lora = None;
     if let Some((a, b)) = &peft.embed_lora {

@@ -92,6 +92,7 @@ fn split(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<PeftAdapter> {
         modules: adapter.modules.clone(),
         tokens: adapter.tokens.clone(),
         embed_lora: adapter.embed_lora.clone(),
+        head_lora: adapter.head_lora.clone(),
         dir: adapter.dir.clone(),
     })
 }
@@ -234,6 +235,7 @@ fn fuse(adapter: &PeftAdapter, cfg: &Phi3Config) -> Result<PeftAdapter> {
         modules: adapter.modules.clone(),
         tokens: adapter.tokens.clone(),
         embed_lora: adapter.embed_lora.clone(),
+        head_lora: adapter.head_lora.clone(),
         dir: adapter.dir.clone(),
     })
 }

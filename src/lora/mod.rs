@@ -25,6 +25,9 @@ use serde::{Deserialize, Serialize};
 
 /// The embedding as a LoRA target (PEFT's `lora.Embedding`; see [`EmbedLora`]).
 pub const EMBED_TARGET: &str = "embed_tokens";
+/// The head as a LoRA target (an ordinary LoRA linear over the dense head, fused into the loss
+/// pass).
+pub const HEAD_TARGET: &str = "lm_head";
 
 /// The modules `lora.modules_to_save` may name (PEFT's names), in model order.
 pub const SAVABLE_MODULES: [&str; 2] = ["embed_tokens", "lm_head"];
@@ -139,6 +142,12 @@ impl LoraConfig {
         }
     }
 
+    /// Whether `lm_head` is a LoRA target ("all-linear" does not include the output layer, as in
+    /// PEFT).
+    pub fn head_targeted(&self) -> bool {
+        self.targets.iter().any(|t| t == HEAD_TARGET)
+    }
+
     /// Whether `embed_tokens` is a LoRA target ("all-linear" does not include it, as in PEFT).
     pub fn embedding_targeted(&self) -> bool {
         self.targets.iter().any(|t| t == EMBED_TARGET)
@@ -182,14 +191,23 @@ impl LoraConfig {
                 );
             }
         }
-        for t in &self.targets {
-            if t == "lm_head" {
+        if self.head_targeted() {
+            if self.modules_to_save.iter().any(|m| m == HEAD_TARGET) {
                 bail!(
-                    "lora target `lm_head`: LoRA on the head is not built yet; train the head with \
-                     lora.modules_to_save = [\"lm_head\"] (a full copy) instead"
+                    "lora targets lm_head, which lora.modules_to_save already trains whole: keep \
+                     one of them"
                 );
             }
-            if t != "all-linear" && t != EMBED_TARGET && !all.contains(&t.as_str()) {
+            if self.use_dora {
+                bail!("DoRA on lm_head is not built: drop lm_head from lora.targets, or use_dora");
+            }
+        }
+        for t in &self.targets {
+            if t != "all-linear"
+                && t != EMBED_TARGET
+                && t != HEAD_TARGET
+                && !all.contains(&t.as_str())
+            {
                 bail!("unknown lora target `{t}`: use some of {all:?} or \"all-linear\"");
             }
         }
@@ -209,7 +227,7 @@ impl LoraConfig {
         let mut out: Vec<&'static str> = Vec::new();
         for t in &self.targets {
             let t = t.as_str();
-            if t == EMBED_TARGET {
+            if t == EMBED_TARGET || t == HEAD_TARGET {
                 continue;
             }
             let expanded: Vec<&'static str> = if let Some(k) = own.iter().find(|k| **k == t) {

@@ -55,6 +55,8 @@ pub struct PeftAdapter {
     pub tokens: Option<(Vec<u32>, Tensor)>,
     /// LoRA on the embedding: `(A [r, V], B [H, r])` f32.
     pub embed_lora: Option<(Tensor, Tensor)>,
+    /// LoRA on the head: `(A [r, H], B [V, r])` f32.
+    pub head_lora: Option<(Tensor, Tensor)>,
     /// The directory it was read from (its tokenizer.json, when `data.add_tokens` extended the
     /// vocabulary, is the one exports carry).
     pub dir: Option<std::path::PathBuf>,
@@ -76,6 +78,23 @@ pub const EMBED_B_KEY: &str = "base_model.model.model.embed_tokens.lora_embeddin
 /// What PEFT's `save_embedding_layers = "auto"` adds beside an embedding LoRA: the base's own
 /// embedding. qlora does not write it and ignores it on load (the base provides it).
 pub const EMBED_BASE_KEY: &str = "base_model.model.model.embed_tokens.base_layer.weight";
+/// The keys of the head's LoRA, and the head's own weight PEFT saves beside it (ignored).
+pub const HEAD_A_KEY: &str = "base_model.model.lm_head.lora_A.weight";
+pub const HEAD_B_KEY: &str = "base_model.model.lm_head.lora_B.weight";
+pub const HEAD_BASE_KEY: &str = "base_model.model.lm_head.base_layer.weight";
+
+/// Everything an adapter holds beside the block linears' LoRA, for [`save_every`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extras<'a> {
+    /// `modules_to_save` copies, `(module path, [V, H])`.
+    pub modules: &'a [(String, Tensor)],
+    /// Trained token rows, `(ids, [n, H])`.
+    pub tokens: Option<(&'a [u32], &'a Tensor)>,
+    /// The embedding's LoRA `(A [r, V], B [H, r])`.
+    pub embed_lora: Option<(&'a Tensor, &'a Tensor)>,
+    /// The head's LoRA `(A [r, H], B [V, r])`.
+    pub head_lora: Option<(&'a Tensor, &'a Tensor)>,
+}
 
 /// The key of the trained embedding rows (PEFT's TrainableTokensLayer on `embed_tokens`).
 pub const TOKENS_KEY: &str =
@@ -122,19 +141,33 @@ pub fn save_all(
     modules: &[(String, Tensor)],
     tokens: Option<(&[u32], &Tensor)>,
 ) -> Result<()> {
-    save_every(dir, cfg, base_model, weights, modules, tokens, None)
+    save_every(
+        dir,
+        cfg,
+        base_model,
+        weights,
+        &Extras {
+            modules,
+            tokens,
+            ..Extras::default()
+        },
+    )
 }
 
-/// [`save_all`] with the embedding's LoRA `(A [r, V], B [H, r])`.
+/// [`save_all`] with every extra an adapter can hold ([`Extras`]).
 pub fn save_every(
     dir: &Path,
     cfg: &LoraConfig,
     base_model: &str,
     weights: &[(String, ModuleWeights)],
-    modules: &[(String, Tensor)],
-    tokens: Option<(&[u32], &Tensor)>,
-    embed_lora: Option<(&Tensor, &Tensor)>,
+    extras: &Extras<'_>,
 ) -> Result<()> {
+    let Extras {
+        modules,
+        tokens,
+        embed_lora,
+        head_lora,
+    } = *extras;
     crate::fsx::disk::create_dir_all(dir)?;
     let dora = weights.iter().any(|(_, w)| w.magnitude.is_some());
     ensure!(
@@ -172,6 +205,10 @@ pub fn save_every(
         tensors.push((EMBED_A_KEY.to_string(), a.to_dtype(DType::F32)?));
         tensors.push((EMBED_B_KEY.to_string(), b.to_dtype(DType::F32)?));
     }
+    if let Some((a, b)) = head_lora {
+        tensors.push((HEAD_A_KEY.to_string(), a.to_dtype(DType::F32)?));
+        tensors.push((HEAD_B_KEY.to_string(), b.to_dtype(DType::F32)?));
+    }
     let saved_modules: Vec<&str> = super::SAVABLE_MODULES
         .into_iter()
         .filter(|m| modules.iter().any(|(p, _)| p == module_to_save_path(m)))
@@ -189,6 +226,9 @@ pub fn save_every(
         .collect();
     if embed_lora.is_some() {
         targets.insert(0, super::EMBED_TARGET);
+    }
+    if head_lora.is_some() {
+        targets.insert(0, super::HEAD_TARGET);
     }
     let config = serde_json::json!({
         "peft_type": "LORA",
@@ -331,6 +371,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         .with_context(|| origin.clone())?;
     let mut tokens = None;
     let (mut embed_a, mut embed_b) = (None, None);
+    let (mut head_a, mut head_b) = (None, None);
     for (key, t) in tensors {
         let rest = key
             .strip_prefix(KEY_PREFIX)
@@ -340,7 +381,21 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
                 "{wfile}: key `{key}` contains the adapter name `.default.`; PEFT never saves it (this file would load as zeros in PEFT)"
             );
         }
-        if key == EMBED_BASE_KEY {
+        if key == EMBED_BASE_KEY || key == HEAD_BASE_KEY {
+            continue;
+        }
+        if key == HEAD_A_KEY || key == HEAD_B_KEY {
+            ensure!(
+                config.head_targeted(),
+                "{wfile}: `{key}` is a LoRA on lm_head but {origin}'s target_modules lacks lm_head"
+            );
+            ensure!(t.rank() == 2, "{wfile}: `{key}` is {:?}, not 2-d", t.dims());
+            let t = t.to_dtype(DType::F32)?;
+            if key == HEAD_A_KEY {
+                head_a = Some(t);
+            } else {
+                head_b = Some(t);
+            }
             continue;
         }
         if key == EMBED_A_KEY || key == EMBED_B_KEY {
@@ -458,6 +513,25 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         );
         weights.insert(module, ModuleWeights { a, b, magnitude });
     }
+    let head_lora = match (head_a, head_b) {
+        (Some(a), Some(b)) => {
+            ensure!(
+                a.dims()[0] == r && b.dims()[1] == r,
+                "{wfile}: lm_head's LoRA is A {:?}, B {:?}, but {origin} says r = {r}",
+                a.dims(),
+                b.dims()
+            );
+            Some((a, b))
+        }
+        (None, None) => {
+            ensure!(
+                !config.head_targeted(),
+                "{wfile}: {origin} targets lm_head but the file has no `{HEAD_A_KEY}`"
+            );
+            None
+        }
+        _ => bail!("{wfile}: lm_head's LoRA lacks its lora_A or lora_B"),
+    };
     let embed_lora = match (embed_a, embed_b) {
         (Some(a), Some(b)) => {
             ensure!(
@@ -495,6 +569,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         modules,
         tokens,
         embed_lora,
+        head_lora,
         dir: Some(dir.to_path_buf()),
     })
 }

@@ -106,6 +106,8 @@ pub struct SavedModules {
     pub tokens: Option<TrainableTokens>,
     /// LoRA on the embedding (`embed_tokens` among `lora.targets`).
     pub embed_lora: Option<crate::lora::EmbedLora>,
+    /// LoRA on the head (`lm_head` among `lora.targets`): `A [r, H]`, `B [V, r]`.
+    pub head_lora: Option<Adapter>,
 }
 
 /// PEFT's TrainableTokensLayer on the embedding: the rows `indices` are replaced by `delta`
@@ -421,6 +423,15 @@ impl Phi3 {
 
     /// Logits `[.., V]` of normed hidden states `[.., H]`.
     pub fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
+        let y = self.lm_head_base(h)?;
+        match &self.saved.head_lora {
+            Some(a) => y + a.product(h)?,
+            None => Ok(y),
+        }
+    }
+
+    /// The head's own product `h · Wᵀ` (its LoRA, if any, not added).
+    pub fn lm_head_base(&self, h: &Tensor) -> Result<Tensor> {
         BaseWeight::Dense(self.head_weight()?).forward(h)
     }
 
@@ -470,11 +481,14 @@ impl Phi3 {
     }
 
     /// Every trainable variable, in a fixed order: each adapter's ([`Self::adapters`]' order)
-    /// [`Adapter::vars`], then the embedding's LoRA `A` and `B`, the embedding's copy, the trained
-    /// token rows and the head's copy ([`SavedModules`]). Gradients ([`crate::train::LossAndGrads`]) and optimizer states align
+    /// [`Adapter::vars`], then the head's LoRA `A` and `B`, the embedding's LoRA `A` and `B`, the
+    /// embedding's copy, the trained token rows and the head's copy ([`SavedModules`]). Gradients ([`crate::train::LossAndGrads`]) and optimizer states align
     /// with it.
     pub fn trainable_vars(&self) -> Vec<candle_core::Var> {
         let mut v: Vec<_> = self.adapters().iter().flat_map(|a| a.vars()).collect();
+        if let Some(h) = &self.saved.head_lora {
+            v.extend(h.vars());
+        }
         if let Some(e) = &self.saved.embed_lora {
             v.push(e.a.clone());
             v.push(e.b.clone());

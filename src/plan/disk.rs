@@ -81,6 +81,15 @@ pub fn plan(cfg: &TrainConfig, model: &Phi3Config, total_steps: u64) -> Result<D
     // The modules_to_save copies and the trained token rows, after every adapter (the trainable
     // variables' order: embedding copy, token rows, head copy).
     let token_rows = cfg.lora.trainable_token_indices.embedding_rows()?.len();
+    if cfg.lora.head_targeted() {
+        for (key, shape) in [
+            (crate::lora::peft::HEAD_A_KEY, vec![r, model.hidden_size]),
+            (crate::lora::peft::HEAD_B_KEY, vec![model.vocab_size, r]),
+        ] {
+            moments.extend(checkpoint_layout(optimizer, adapter.len(), &shape));
+            adapter.push((key.to_string(), Dtype::F32, shape));
+        }
+    }
     if cfg.lora.embedding_targeted() {
         for (key, shape) in [
             (crate::lora::peft::EMBED_A_KEY, vec![r, model.vocab_size]),

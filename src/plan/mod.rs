@@ -117,6 +117,8 @@ pub struct Copies {
     pub token_rows: usize,
     /// The rank of the embedding's LoRA (`embed_tokens` among the targets), 0 for none.
     pub embed_lora_rank: usize,
+    /// The rank of the head's LoRA (`lm_head` among the targets), 0 for none.
+    pub head_lora_rank: usize,
 }
 
 impl Copies {
@@ -130,6 +132,7 @@ impl Copies {
                 .embedding_rows()
                 .map_or(0, |r| r.len()),
             embed_lora_rank: if lora.embedding_targeted() { lora.r } else { 0 },
+            head_lora_rank: if lora.head_targeted() { lora.r } else { 0 },
         }
     }
 
@@ -358,8 +361,13 @@ impl Inputs {
             state += s;
             temps = temps.max(t);
         }
-        let er = self.copies.embed_lora_rank;
-        for n in [er * self.cfg.vocab_size, er * self.cfg.hidden_size] {
+        let (er, hr) = (self.copies.embed_lora_rank, self.copies.head_lora_rank);
+        for n in [
+            er * self.cfg.vocab_size,
+            er * self.cfg.hidden_size,
+            hr * self.cfg.vocab_size,
+            hr * self.cfg.hidden_size,
+        ] {
             if n == 0 {
                 continue;
             }
@@ -405,7 +413,10 @@ impl Inputs {
     /// `[H, r]`).
     fn token_rows_bytes(&self) -> u64 {
         f32b(self.copies.token_rows * self.cfg.hidden_size)
-            + f32b(self.copies.embed_lora_rank * (self.cfg.vocab_size + self.cfg.hidden_size))
+            + f32b(
+                (self.copies.embed_lora_rank + self.copies.head_lora_rank)
+                    * (self.cfg.vocab_size + self.cfg.hidden_size),
+            )
     }
 
     /// Bytes of one `[V, H]` f32 copy.

@@ -83,29 +83,53 @@ struct HeadPass {
     loss: f64,
     dh: Option<Tensor>,
     dw: Option<Tensor>,
+    /// The head LoRA's `(d hd, dA, dB)`, when it has one and gradients were asked for.
+    lora: Option<(Tensor, Tensor, Tensor)>,
 }
 
 /// Summed cross-entropy of `h: [M, H]` (normed hidden states of the target positions) against
 /// `targets`, chunk by chunk; with `want_grad`, also `d loss_sum / d h` and a trainable head's
 /// own gradient.
-fn head(model: &Phi3, h: &Tensor, targets: &[u32], want_grad: bool) -> Result<HeadPass> {
+fn head(
+    model: &Phi3,
+    h: &Tensor,
+    hd: Option<&Tensor>,
+    targets: &[u32],
+    want_grad: bool,
+) -> Result<HeadPass> {
     let weight = model.head_weight()?;
     let trainable = want_grad && model.saved.head.is_some();
+    let lora = model.saved.head_lora.as_ref().filter(|_| want_grad);
+    let hd = hd.unwrap_or(h);
     if want_grad
         && h.device().is_cpu()
         && h.dtype() == DType::F32
         && weight.dtype() == DType::F32
         && model.ops != OpPath::Composed
+        && lora.is_none_or(|l| l.a.dtype() == DType::F32)
     {
         // The CPU's head: logits, loss and gradients in one pass, outside autograd.
-        let (loss, dh, dw) =
-            qlora_quant::fused::head_cross_entropy_cpu_with(h, &weight, targets, trainable)?;
+        let (loss, dh, dw, lora) = qlora_quant::fused::head_cross_entropy_cpu_lora(
+            h,
+            &weight,
+            targets,
+            trainable,
+            lora.map(|l| qlora_quant::fused::HeadLora {
+                hd,
+                a: l.a.as_tensor(),
+                b: l.b.as_tensor(),
+                scale: l.scale as f32,
+            }),
+        )?;
         return Ok(HeadPass {
             loss,
             dh: Some(dh),
             dw,
+            lora,
         });
     }
+    let mut dhd = Vec::new();
+    let (mut da, mut db): (Option<Tensor>, Option<Tensor>) = (None, None);
     let head_var = if trainable {
         model.saved.head.as_ref()
     } else {
@@ -125,9 +149,17 @@ fn head(model: &Phi3, h: &Tensor, targets: &[u32], want_grad: bool) -> Result<He
             None
         };
         let x = hv.as_ref().map_or(&rows, |v| v.as_tensor());
+        // The head LoRA's input rows (after its dropout), a variable of their own.
+        let hdv = match lora {
+            Some(_) => Some(Var::from_tensor(&hd.narrow(0, start, n)?)?),
+            None => None,
+        };
         // Cross-entropy in f32 for half types (f64 models keep f64: gradient checks need it); on
         // CUDA one fused kernel per direction over the chunk's [n, V] logits.
-        let logits = model.lm_head(x)?;
+        let logits = match (lora, &hdv) {
+            (Some(l), Some(v)) => (model.lm_head_base(x)? + l.product(v.as_tensor())?)?,
+            _ => model.lm_head(x)?,
+        };
         let t = Tensor::from_slice(&targets[start..start + n], n, h.device())?;
         let nll = model.ops.cross_entropy(&logits, &t)?.sum_all()?;
         // Detached: the chunk's graph (its [n, V] logits) must not outlive the chunk.
@@ -145,8 +177,44 @@ fn head(model: &Phi3, h: &Tensor, targets: &[u32], want_grad: bool) -> Result<He
                     None => w.clone(),
                 });
             }
+            if let (Some(l), Some(v)) = (lora, &hdv) {
+                dhd.push(
+                    g.get(v.as_tensor())
+                        .expect("the head's LoRA depends on its input")
+                        .clone(),
+                );
+                let add = |acc: &mut Option<Tensor>, t: Option<&Tensor>| -> Result<()> {
+                    if let Some(t) = t {
+                        *acc = Some(match acc.take() {
+                            Some(prev) => (prev + t)?,
+                            None => t.clone(),
+                        });
+                    }
+                    Ok(())
+                };
+                add(&mut da, g.get(l.a.as_tensor()))?;
+                add(&mut db, g.get(l.b.as_tensor()))?;
+            }
         }
     }
+    let lora = match lora {
+        Some(l) => Some((
+            if dhd.is_empty() {
+                hd.zeros_like()?
+            } else {
+                Tensor::cat(&dhd, 0)?
+            },
+            match da {
+                Some(t) => t,
+                None => l.a.as_tensor().zeros_like()?,
+            },
+            match db {
+                Some(t) => t,
+                None => l.b.as_tensor().zeros_like()?,
+            },
+        )),
+        None => None,
+    };
     let dh = if want_grad {
         Some(if dh.is_empty() {
             h.zeros_like()?
@@ -165,7 +233,48 @@ fn head(model: &Phi3, h: &Tensor, targets: &[u32], want_grad: bool) -> Result<He
             .into_iter()
             .sum()
     };
-    Ok(HeadPass { loss, dh, dw })
+    Ok(HeadPass { loss, dh, dw, lora })
+}
+
+/// The head LoRA's input rows: the normed trunk after the adapter's dropout, drawn over the
+/// `[B, T, H]` rows (what transformers' `lm_head` sees, so the masks are the ones the batch's rows
+/// would get anywhere), then the target positions `idx`; `h` itself without dropout. `None`
+/// without a head LoRA.
+fn head_lora_input(
+    model: &Phi3,
+    x: &Tensor,
+    idx: &[u32],
+    h: &Tensor,
+    ctx: &ForwardCtx,
+) -> Result<Option<Tensor>> {
+    let Some(l) = &model.saved.head_lora else {
+        return Ok(None);
+    };
+    match l.dropout_for(ctx) {
+        None => Ok(Some(h.clone())),
+        Some(d) => {
+            let xn = model.final_norm(x)?;
+            let xd = qlora_quant::fused::dropout_rows(&xn, d.p, d.seed, d.rows)?;
+            let hid = xd.dim(D::Minus1)?;
+            let rows = Tensor::from_slice(idx, idx.len(), x.device())?;
+            Ok(Some(xd.reshape(((), hid))?.index_select(&rows, 0)?))
+        }
+    }
+}
+
+/// `sum(h · dh)` plus, with a head LoRA, `sum(hd · d hd)`: backpropagated, it seeds the trunk's
+/// output gradient with both.
+fn head_objective(
+    h: Tensor,
+    dh: Tensor,
+    hd: Option<Tensor>,
+    pass_lora: Option<&Tensor>,
+) -> Result<Tensor> {
+    let obj = (h * dh)?.sum_all()?;
+    match (hd, pass_lora) {
+        (Some(hd), Some(dhd)) => obj + (hd * dhd)?.sum_all()?,
+        _ => Ok(obj),
+    }
 }
 
 /// The embedding LoRA's `(dA [r, V], dB [H, r])` from the trunk input's `g: [B, T, H]`: with
@@ -289,7 +398,7 @@ pub fn loss(model: &Phi3, batch: &Batch) -> Result<(f64, usize)> {
     for layer in 0..model.layers.len() {
         x = model.block(layer, &x, &prep, &ctx, None)?.detach();
     }
-    let pass = head(model, &select(model, &x, &idx)?, &targets, false)?;
+    let pass = head(model, &select(model, &x, &idx)?, None, &targets, false)?;
     Ok((pass.loss, idx.len()))
 }
 
@@ -325,6 +434,7 @@ pub fn loss_and_grads(
     let x0 = model.embed(&batch.input_ids)?.detach();
     let mut embed_dw = None;
     let mut embed_lora_dw = None;
+    let head_lora_dw: Option<(Tensor, Tensor)>;
     let head_dw;
     let loss_sum = if checkpointing {
         let mut inputs = Vec::with_capacity(model.layers.len());
@@ -337,11 +447,23 @@ pub fn loss_and_grads(
         let xv = Var::from_tensor(&x)?;
         drop(x);
         let h = select(model, xv.as_tensor(), &idx)?;
-        let pass = head(model, &h.detach(), &targets, true)?;
+        let hd = head_lora_input(model, xv.as_tensor(), &idx, &h, ctx)?;
+        let pass = head(
+            model,
+            &h.detach(),
+            hd.as_ref().map(|t| t.detach()).as_ref(),
+            &targets,
+            true,
+        )?;
         head_dw = pass.dw;
-        let store = (h * pass.dh.expect("asked for the gradient"))?
-            .sum_all()?
-            .backward()?;
+        head_lora_dw = pass.lora.as_ref().map(|(_, a, b)| (a.clone(), b.clone()));
+        let store = head_objective(
+            h,
+            pass.dh.expect("asked for the gradient"),
+            hd,
+            pass.lora.as_ref().map(|l| &l.0),
+        )?
+        .backward()?;
         let mut g = store
             .get(xv.as_tensor())
             .expect("the head depends on the trunk")
@@ -380,11 +502,23 @@ pub fn loss_and_grads(
             x = model.block(layer, &x, &prep, ctx, None)?;
         }
         let h = select(model, &x, &idx)?;
-        let pass = head(model, &h.detach(), &targets, true)?;
+        let hd = head_lora_input(model, &x, &idx, &h, ctx)?;
+        let pass = head(
+            model,
+            &h.detach(),
+            hd.as_ref().map(|t| t.detach()).as_ref(),
+            &targets,
+            true,
+        )?;
         head_dw = pass.dw;
-        let store = (h * pass.dh.expect("asked for the gradient"))?
-            .sum_all()?
-            .backward()?;
+        head_lora_dw = pass.lora.as_ref().map(|(_, a, b)| (a.clone(), b.clone()));
+        let store = head_objective(
+            h,
+            pass.dh.expect("asked for the gradient"),
+            hd,
+            pass.lora.as_ref().map(|l| &l.0),
+        )?
+        .backward()?;
         keep(&store)?;
         if let Some(v) = &x0v {
             let g = store
@@ -399,6 +533,14 @@ pub fn loss_and_grads(
     };
     if let (Some(dw), Some(i)) = (embed_dw, embed_index(model, vars.len())) {
         grads[i] = Some(dw);
+    }
+    if let (Some((da, db)), Some(l)) = (head_lora_dw, &model.saved.head_lora) {
+        let i = vars
+            .iter()
+            .position(|v| v.as_tensor().id() == l.a.as_tensor().id())
+            .expect("the head LoRA's A is a trainable variable");
+        grads[i] = Some(da);
+        grads[i + 1] = Some(db);
     }
     if let Some((da, db)) = embed_lora_dw {
         let i = vars.len()

@@ -738,14 +738,19 @@ impl Trainer {
             };
         let tokens = attach::token_rows(&self.model);
         let embed = attach::embed_lora_weights(&self.model);
+        let head = attach::head_lora_weights(&self.model);
+        let modules = attach::module_weights(&self.model);
         peft::save_every(
             dir,
             &self.cfg.lora,
             &base_name,
             &attach::adapter_weights(&self.model),
-            &attach::module_weights(&self.model),
-            tokens.as_ref().map(|(ids, rows)| (ids.as_slice(), rows)),
-            embed.as_ref().map(|(a, b)| (a, b)),
+            &peft::Extras {
+                modules: &modules,
+                tokens: tokens.as_ref().map(|(ids, rows)| (ids.as_slice(), rows)),
+                embed_lora: embed.as_ref().map(|(a, b)| (a, b)),
+                head_lora: head.as_ref().map(|(a, b)| (a, b)),
+            },
         )?;
         // The extended tokenizer (data.add_tokens), which exports take from here.
         if let Some((json, cfg)) = &self.tokenizer_files {

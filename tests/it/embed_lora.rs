@@ -137,9 +137,10 @@ fn saved_keys_merge_and_lora_gguf_are_peft_and_llama_cpp_s() {
         &a.config,
         "x",
         &attach::adapter_weights(&m),
-        &attach::module_weights(&m),
-        None,
-        Some((&e.0, &e.1)),
+        &peft::Extras {
+            embed_lora: Some((&e.0, &e.1)),
+            ..Default::default()
+        },
     )
     .unwrap();
     let read = |dir: &std::path::Path| {
@@ -220,9 +221,10 @@ fn saved_keys_merge_and_lora_gguf_are_peft_and_llama_cpp_s() {
         &lora,
         &dir.display().to_string(),
         &attach::adapter_weights(&bm),
-        &[],
-        None,
-        Some((&e.0, &e.1)),
+        &peft::Extras {
+            embed_lora: Some((&e.0, &e.1)),
+            ..Default::default()
+        },
     )
     .unwrap();
     let gguf_lora = tmp.path().join("lora.gguf");

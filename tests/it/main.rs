@@ -13,6 +13,7 @@ mod gguf;
 mod gguf_bpe;
 mod gguf_phi4;
 mod gpu;
+mod head_lora;
 mod hub;
 mod hub_hostile;
 mod kquant;

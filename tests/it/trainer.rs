@@ -166,12 +166,12 @@ fn a_run_training_token_rows_resumes_bit_for_bit_and_trains_only_seen_rows() {
 }
 
 #[test]
-fn a_run_with_an_embedding_lora_resumes_bit_for_bit() {
+fn a_run_with_embedding_and_head_loras_resumes_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let cfg = |out: &Path| {
         let mut c = small(out);
-        c.lora.targets = vec!["embed_tokens".into(), "all-linear".into()];
+        c.lora.targets = vec!["embed_tokens".into(), "lm_head".into(), "all-linear".into()];
         c.training.max_steps = 6;
         c
     };
@@ -196,8 +196,8 @@ fn a_run_with_an_embedding_lora_resumes_bit_for_bit() {
     let (wa, wb) = (load(&a), load(&b));
     assert_eq!(
         wa.len(),
-        18,
-        "A and B of 4 targets in 2 layers, and the embedding's"
+        20,
+        "A and B of 4 targets in 2 layers, the embedding's and the head's"
     );
     for (k, v) in &wa {
         assert_eq!(
@@ -206,8 +206,9 @@ fn a_run_with_an_embedding_lora_resumes_bit_for_bit() {
             "{k}"
         );
     }
-    // A started at zero and trained.
+    // The embedding's A started at zero and trained, the head's B too.
     assert!(crate::common::max_abs(&wa[qlora::lora::peft::EMBED_A_KEY]) > 0.0);
+    assert!(crate::common::max_abs(&wa[qlora::lora::peft::HEAD_B_KEY]) > 0.0);
     let m = crate::model::load_path_f32(
         &qlora::hub::resolve(qlora::builtin::TINY_PHI3).unwrap(),
         qlora::model::load::BaseFormat::Dense,

@@ -32,6 +32,33 @@ pub fn head_cross_entropy_cpu_with(
     targets: &[u32],
     want_dw: bool,
 ) -> Result<(f64, Tensor, Option<Tensor>)> {
+    let (loss, dh, dw, _) = head_cross_entropy_cpu_lora(h, w, targets, want_dw, None)?;
+    Ok((loss, dh, dw))
+}
+
+/// A LoRA on the head for [`head_cross_entropy_cpu_lora`]: its input rows `hd: [n, H]` (the head's
+/// input after the adapter's dropout), `a: [r, H]`, `b: [V, r]` and the scale.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLora<'a> {
+    pub hd: &'a Tensor,
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scale: f32,
+}
+
+/// The gradients of a [`HeadLora`]: `(d hd [n, H], dA [r, H], dB [V, r])`.
+pub type HeadLoraGrads = (Tensor, Tensor, Tensor);
+
+/// [`head_cross_entropy_cpu_with`] with a LoRA on the head: `z = h·Wᵀ + s·(hd·Aᵀ)·Bᵀ` block by
+/// block (`u = hd·Aᵀ` once), and from each block's `dz` also `t = dz·B`, `d hd = s·t·A`,
+/// `dA += s·tᵀ·hd`, `dB += s·dzᵀ·u`: four thin gemms more per block.
+pub fn head_cross_entropy_cpu_lora(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    want_dw: bool,
+    lora: Option<HeadLora<'_>>,
+) -> Result<(f64, Tensor, Option<Tensor>, Option<HeadLoraGrads>)> {
     let (n, hd) = h.dims2()?;
     let (v, w_h) = w.dims2()?;
     if !h.device().is_cpu() || h.dtype() != DType::F32 || w.dtype() != DType::F32 {
@@ -63,6 +90,43 @@ pub fn head_cross_entropy_cpu_with(
     } else {
         Vec::new()
     };
+    let host = |t: &Tensor| -> Result<Vec<f32>> {
+        if !t.device().is_cpu() || t.dtype() != DType::F32 {
+            bail!("head_cross_entropy_cpu: the head's LoRA tensors must be f32 on the CPU");
+        }
+        t.flatten_all()?.to_vec1::<f32>()
+    };
+    // The LoRA's host data, `u = hd·Aᵀ` and its gradients' buffers.
+    let lo = match &lora {
+        None => None,
+        Some(l) => {
+            let (r, a_h) = l.a.dims2()?;
+            let (b_v, b_r) = l.b.dims2()?;
+            if a_h != hd || b_v != v || b_r != r || l.hd.dims() != [n, hd] {
+                bail!(
+                    "head_cross_entropy_cpu: the head's LoRA A {:?}, B {:?}, input {:?} do not fit h [{n}, {hd}] and V {v}",
+                    l.a.dims(),
+                    l.b.dims(),
+                    l.hd.dims()
+                );
+            }
+            let (hdv, av, bv) = (host(l.hd)?, host(l.a)?, host(l.b)?);
+            let mut u = vec![0f32; n * r];
+            mm(
+                (n, r, hd),
+                &mut u,
+                false,
+                rm(&hdv, hd, false),
+                rm(&av, hd, true),
+                1.0,
+            );
+            Some((r, l.scale, hdv, av, bv, u))
+        }
+    };
+    let (mut dhd, mut da, mut db) = match &lo {
+        Some((r, ..)) => (vec![0f32; n * hd], vec![0f32; r * hd], vec![0f32; v * r]),
+        None => (Vec::new(), Vec::new(), Vec::new()),
+    };
     let mut z = vec![0f32; BLOCK_ROWS.min(n.max(1)) * v];
     let mut loss = 0f64;
     for start in (0..n).step_by(BLOCK_ROWS) {
@@ -76,6 +140,16 @@ pub fn head_cross_entropy_cpu_with(
             rm(wv, hd, true),
             1.0,
         );
+        if let Some((r, s, _, _, bv, u)) = &lo {
+            mm(
+                (rows, v, *r),
+                z,
+                true,
+                rm(&u[start * r..], *r, false),
+                rm(bv, *r, true),
+                *s,
+            );
+        }
         // Per row: max, Σ exp (each exp written in place), loss; then p − onehot in place.
         let row_loss: Vec<f64> = z
             .par_chunks_mut(v)
@@ -111,11 +185,60 @@ pub fn head_cross_entropy_cpu_with(
                 1.0,
             );
         }
+        if let Some((r, s, hdv, av, bv, u)) = &lo {
+            let r = *r;
+            let mut t = vec![0f32; rows * r];
+            mm(
+                (rows, r, v),
+                &mut t,
+                false,
+                rm(z, v, false),
+                rm(bv, r, false),
+                1.0,
+            );
+            mm(
+                (rows, hd, r),
+                &mut dhd[start * hd..],
+                false,
+                rm(&t, r, false),
+                rm(av, hd, false),
+                *s,
+            );
+            mm(
+                (r, hd, rows),
+                &mut da,
+                true,
+                rm(&t, r, true),
+                rm(&hdv[start * hd..], hd, false),
+                *s,
+            );
+            mm(
+                (v, r, rows),
+                &mut db,
+                true,
+                rm(z, v, true),
+                rm(&u[start * r..], r, false),
+                *s,
+            );
+        }
     }
     let dw = if want_dw {
         Some(Tensor::from_vec(dw, (v, hd), &Device::Cpu)?)
     } else {
         None
     };
-    Ok((loss, Tensor::from_vec(dh, (n, hd), &Device::Cpu)?, dw))
+    let lora_grads = match lo {
+        Some((r, ..)) => Some((
+            Tensor::from_vec(dhd, (n, hd), &Device::Cpu)?,
+            Tensor::from_vec(da, (r, hd), &Device::Cpu)?,
+            Tensor::from_vec(db, (v, r), &Device::Cpu)?,
+        )),
+        None => None,
+    };
+    Ok((
+        loss,
+        Tensor::from_vec(dh, (n, hd), &Device::Cpu)?,
+        dw,
+        lora_grads,
+    ))
 }

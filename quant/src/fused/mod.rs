@@ -82,7 +82,10 @@ pub use attention::{
     attention_blocked, attention_fused, attention_ref,
 };
 use candle_core::{D, DType, Result, Tensor, bail};
-pub use head::{head_cross_entropy_cpu, head_cross_entropy_cpu_with};
+pub use head::{
+    HeadLora, HeadLoraGrads, head_cross_entropy_cpu, head_cross_entropy_cpu_lora,
+    head_cross_entropy_cpu_with,
+};
 pub use lora::{lora_nf4_linear, lora_nf4_linear_memory};
 
 fn check_float(what: &str, x: &Tensor) -> Result<()> {
