@@ -85,7 +85,9 @@ impl TokenizerBundle {
 
     /// Adds `tokens` to the vocabulary (`data.add_tokens`) as HF's `add_tokens` adds them (not
     /// special, so decoding keeps them), matched on the raw text (`normalized = false`, as
-    /// llama.cpp matches user-defined tokens): each new one takes the next id, which must be one
+    /// llama.cpp matches user-defined tokens) and absorbing the whitespace after them
+    /// (`rstrip = true`, as Phi-3's own added tokens do, which makes the following text tokenize
+    /// as llama.cpp tokenizes it): each new one takes the next id, which must be one
     /// of the model's `rows` embedding rows (Phi-3 has 32064 for 32011 tokens). Returns each
     /// listed token's id and whether it is new (one already in the vocabulary keeps its id).
     pub fn add_tokens(
@@ -110,7 +112,11 @@ impl TokenizerBundle {
                      past the vocabulary; resizing the embedding is not done here)"
                 );
             }
-            let added = tokenizers::AddedToken::from(t.clone(), false).normalized(false);
+            // rstrip as Phi-3's own added tokens (<|end|>, <|user|>…) have it: the space after the
+            // token is absorbed, so the next word starts with its ▁ as llama.cpp tokenizes it.
+            let added = tokenizers::AddedToken::from(t.clone(), false)
+                .normalized(false)
+                .rstrip(true);
             self.tokenizer
                 .add_tokens([added])
                 .map_err(|e| anyhow::anyhow!("data.add_tokens: adding `{t}`: {e}"))?;

@@ -284,7 +284,10 @@ fn embed_lora_grad(model: &Phi3, ids: &Tensor, g: &Tensor) -> Result<Option<(Ten
     let Some(e) = &model.saved.embed_lora else {
         return Ok(None);
     };
-    let (a, b) = (e.a.as_tensor(), e.b.as_tensor());
+    // Detached: gradients computed from the variables themselves must not record ops on them
+    // (the optimizer's moments would then hold every step's graph).
+    let (a, b) = (&e.a.as_tensor().detach(), &e.b.as_tensor().detach());
+    let g = &g.detach();
     let (r, v) = a.dims2()?;
     let h = b.dim(0)?;
     let flat = ids.flatten_all()?;

@@ -81,7 +81,8 @@ impl AdamW {
             .enumerate()
         {
             let lr = lr * scales.get(i).copied().unwrap_or(1.0);
-            let g = g.to_dtype(p.dtype())?;
+            // Detached: a gradient that recorded ops would chain every step's graph into `m`.
+            let g = g.detach().to_dtype(p.dtype())?;
             *m = ((&*m * b1)? + (&g * (1.0 - b1))?)?;
             *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let decayed = (p.as_tensor() * (1.0 - lr * self.cfg.weight_decay))?;
