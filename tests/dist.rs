@@ -461,6 +461,35 @@ fn embedding_and_head_training_trains_the_same_on_two_ranks() {
 }
 
 #[test]
+fn new_tokens_and_trained_rows_train_the_same_on_two_ranks() {
+    // Two tokens added into unused rows, and two existing ones trained as rows: their gradients
+    // are gathered by token on each rank and summed in the all-reduce.
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, _, _) = two_ranks_against_one(
+        tmp.path(),
+        "2",
+        "1",
+        &[
+            "--max-steps",
+            "4",
+            "--set",
+            "data.add_tokens=[\"<tool_call>\", \"</tool_call>\"]",
+            "--set",
+            "lora.trainable_token_indices=[32001, 32007]",
+        ],
+    );
+    let names: Vec<String> = adapter(&one.join("adapter"))
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        names.iter().any(|n| n.ends_with("trainable_tokens_delta")),
+        "{names:?}"
+    );
+    assert!(one.join("adapter/tokenizer.json").is_file());
+}
+
+#[test]
 fn a_head_lora_with_dropout_trains_the_same_on_two_ranks() {
     // The head LoRA's dropout masks follow the global rows, as the block adapters' do.
     let tmp = tempfile::tempdir().unwrap();
