@@ -5,6 +5,7 @@
 
 use crate::common::{fixtures, max_abs};
 use crate::model::{load_f32, load_path_f32, max_abs_diff};
+use crate::peft_goldens::batch;
 use candle_core::{DType, Device, Tensor};
 use indicatif::ProgressBar;
 use qlora::export::{MergeBase, safetensors::export};
@@ -12,12 +13,11 @@ use qlora::lora::{ForwardCtx, LoraConfig, attach, peft};
 use qlora::model::Phi3;
 use qlora::model::load::BaseFormat;
 use qlora::model::phi3::OpPath;
-use qlora::train::{Batch, loss_and_grads};
+use qlora::train::loss_and_grads;
 use std::collections::HashMap;
 
 fn goldens() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("dora/goldens.safetensors"), &Device::Cpu)
-        .unwrap()
+    crate::peft_goldens::goldens("dora")
 }
 
 fn adapter_dir() -> std::path::PathBuf {
@@ -39,23 +39,6 @@ fn dora_model(ops: OpPath) -> Phi3 {
     assert!(a.config.use_dora);
     attach::load_adapters(&mut m, &a).unwrap();
     m
-}
-
-fn rows(g: &HashMap<String, Tensor>) -> Vec<Vec<u32>> {
-    g["input_ids"]
-        .to_dtype(DType::U32)
-        .unwrap()
-        .to_vec2()
-        .unwrap()
-}
-
-fn batch(g: &HashMap<String, Tensor>) -> Batch {
-    let rows = rows(g);
-    let labels: Vec<Vec<i64>> = rows
-        .iter()
-        .map(|r| r.iter().map(|&t| t as i64).collect())
-        .collect();
-    Batch::causal(&rows, &labels, &Device::Cpu).unwrap()
 }
 
 fn paths() -> [(OpPath, &'static str); 2] {
@@ -112,33 +95,23 @@ fn check_grads(
     (loss_key, prefix): (&str, &str),
     what: &str,
 ) {
-    let want_loss = g[loss_key]
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let keys: Vec<String> = m
+        .adapters()
+        .iter()
+        .flat_map(|a| {
+            ["lora_A", "lora_B", "lora_magnitude_vector"]
+                .map(|name| format!("{prefix}.{}.{name}", a.module))
+        })
+        .collect();
     for checkpointing in [false, true] {
         let lg = loss_and_grads(m, &batch(g), ctx, checkpointing).unwrap();
-        assert!(
-            (lg.loss_sum - want_loss).abs() <= 1e-5 * want_loss,
-            "{what} (checkpointing {checkpointing}): loss {} vs PEFT {want_loss}",
-            lg.loss_sum
+        crate::peft_goldens::assert_matches(
+            &lg,
+            g,
+            loss_key,
+            &keys,
+            &format!("{what} (checkpointing {checkpointing})"),
         );
-        let mut grads = lg.grads.iter();
-        for a in m.adapters() {
-            for name in ["lora_A", "lora_B", "lora_magnitude_vector"] {
-                let got = grads.next().unwrap();
-                let want = &g[&format!("{prefix}.{}.{name}", a.module)];
-                let d = max_abs_diff(got, want);
-                assert!(
-                    d <= 1e-4 * max_abs(want),
-                    "{what} (checkpointing {checkpointing}): {}.{name} |Δ| {d:e} of {:e}",
-                    a.module,
-                    max_abs(want)
-                );
-            }
-        }
-        assert!(grads.next().is_none());
     }
 }
 
@@ -178,19 +151,8 @@ fn a_saved_dora_adapter_has_peft_keys_shapes_and_dtypes_and_loads_back() {
     let tmp = tempfile::tempdir().unwrap();
     let a = peft::load(&adapter_dir(), &Device::Cpu).unwrap();
     peft::save(tmp.path(), &a.config, "x", &attach::adapter_weights(&m)).unwrap();
-    let read = |dir: &std::path::Path| {
-        let bytes = std::fs::read(dir.join(peft::WEIGHTS_FILE)).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut v: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = st
-            .tensors()
-            .into_iter()
-            .map(|(k, t)| (k, t.shape().to_vec(), t.dtype(), t.data().to_vec()))
-            .collect();
-        v.sort_by(|x, y| x.0.cmp(&y.0));
-        v
-    };
     // The same keys, shapes, dtypes, and the same bytes (the values went through f32 unchanged).
-    assert_eq!(read(tmp.path()), read(&adapter_dir()));
+    crate::peft_goldens::assert_same_tensors(tmp.path(), &adapter_dir());
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tmp.path().join(peft::CONFIG_FILE)).unwrap())
             .unwrap();

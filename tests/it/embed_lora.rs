@@ -5,6 +5,7 @@
 
 use crate::common::{fixtures, max_abs};
 use crate::model::{load_f32, load_path_f32, max_abs_diff};
+use crate::peft_goldens::batch;
 use candle_core::{DType, Device, Tensor};
 use indicatif::ProgressBar;
 use qlora::export::{MergeBase, safetensors::export};
@@ -12,15 +13,11 @@ use qlora::lora::{ForwardCtx, LoraConfig, attach, peft};
 use qlora::model::Phi3;
 use qlora::model::load::BaseFormat;
 use qlora::model::phi3::OpPath;
-use qlora::train::{Batch, loss_and_grads};
+use qlora::train::loss_and_grads;
 use std::collections::HashMap;
 
 fn goldens() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(
-        fixtures().join("embed-lora/goldens.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap()
+    crate::peft_goldens::goldens("embed-lora")
 }
 
 fn adapter_dir() -> std::path::PathBuf {
@@ -34,19 +31,6 @@ fn with_embed_lora(ops: OpPath) -> Phi3 {
     attach::load_adapters(&mut m, &a).unwrap();
     assert!(m.saved.embed_lora.is_some());
     m
-}
-
-fn batch(g: &HashMap<String, Tensor>) -> Batch {
-    let rows: Vec<Vec<u32>> = g["input_ids"]
-        .to_dtype(DType::U32)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    let labels: Vec<Vec<i64>> = rows
-        .iter()
-        .map(|r| r.iter().map(|&t| t as i64).collect())
-        .collect();
-    Batch::causal(&rows, &labels, &Device::Cpu).unwrap()
 }
 
 #[test]
@@ -88,11 +72,6 @@ fn a_fresh_embedding_adapter_is_peft_init() {
 fn the_forward_and_gradients_equal_peft() {
     let g = goldens();
     let ids = g["input_ids"].to_dtype(DType::U32).unwrap();
-    let want_loss = g["loss_sum"]
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
     for (ops, what) in [
         (OpPath::for_device(&Device::Cpu, DType::F32), "fused"),
         (OpPath::Composed, "composed"),
@@ -102,26 +81,11 @@ fn the_forward_and_gradients_equal_peft() {
         assert!(d <= 2e-5, "{what}: logits vs PEFT {d:e}");
         for checkpointing in [false, true] {
             let lg = loss_and_grads(&m, &batch(&g), &ForwardCtx::default(), checkpointing).unwrap();
-            assert!(
-                (lg.loss_sum - want_loss).abs() <= 1e-5 * want_loss,
-                "{what}: loss"
-            );
-            let mut keys: Vec<String> = Vec::new();
-            for a in m.adapters() {
-                keys.push(format!("grad.{}.lora_A", a.module));
-                keys.push(format!("grad.{}.lora_B", a.module));
-            }
+            let mut keys = crate::peft_goldens::adapter_keys(&m, "grad");
             keys.push("grad.model.embed_tokens.lora_embedding_A".into());
             keys.push("grad.model.embed_tokens.lora_embedding_B".into());
-            assert_eq!(lg.grads.len(), keys.len());
-            for (got, key) in lg.grads.iter().zip(&keys) {
-                let want = &g[key];
-                let d = max_abs_diff(got, want);
-                assert!(
-                    d <= 1e-4 * max_abs(want),
-                    "{what}, checkpointing {checkpointing}: {key} |Δ| {d:e}"
-                );
-            }
+            let what = format!("{what}, checkpointing {checkpointing}");
+            crate::peft_goldens::assert_matches(&lg, &g, "loss_sum", &keys, &what);
         }
     }
 }
@@ -143,27 +107,7 @@ fn saved_keys_merge_and_lora_gguf_are_peft_and_llama_cpp_s() {
         },
     )
     .unwrap();
-    let read = |dir: &std::path::Path| {
-        let bytes = std::fs::read(dir.join(peft::WEIGHTS_FILE)).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut v: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = st
-            .tensors()
-            .into_iter()
-            // PEFT also saves the base's embedding (`save_embedding_layers="auto"`): not ours.
-            .filter(|(k, _)| !k.ends_with(".base_layer.weight"))
-            .map(|(k, t)| (k, t.shape().to_vec(), t.dtype(), t.data().to_vec()))
-            .collect();
-        v.sort_by(|x, y| x.0.cmp(&y.0));
-        v
-    };
-    let (ours, theirs) = (read(tmp.path()), read(&adapter_dir()));
-    let names = |v: &[(String, Vec<usize>, safetensors::Dtype, Vec<u8>)]| {
-        v.iter()
-            .map(|(k, s, d, _)| format!("{k} {s:?} {d:?}"))
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(names(&ours), names(&theirs));
-    assert!(ours == theirs, "the same tensors, with other bytes");
+    crate::peft_goldens::assert_same_tensors(tmp.path(), &adapter_dir());
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tmp.path().join(peft::CONFIG_FILE)).unwrap())
             .unwrap();

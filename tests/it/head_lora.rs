@@ -6,6 +6,7 @@
 
 use crate::common::{fixtures, max_abs};
 use crate::model::{load_f32, load_path_f32, max_abs_diff};
+use crate::peft_goldens::batch;
 use candle_core::{DType, Device, Tensor};
 use indicatif::ProgressBar;
 use qlora::export::{MergeBase, safetensors::export};
@@ -13,15 +14,11 @@ use qlora::lora::{ForwardCtx, LoraConfig, attach, peft};
 use qlora::model::Phi3;
 use qlora::model::load::BaseFormat;
 use qlora::model::phi3::OpPath;
-use qlora::train::{Batch, loss_and_grads};
+use qlora::train::loss_and_grads;
 use std::collections::HashMap;
 
 fn goldens() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(
-        fixtures().join("head-lora/goldens.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap()
+    crate::peft_goldens::goldens("head-lora")
 }
 
 fn adapter_dir() -> std::path::PathBuf {
@@ -35,19 +32,6 @@ fn with_head_lora(ops: OpPath) -> Phi3 {
     attach::load_adapters(&mut m, &a).unwrap();
     assert_eq!(m.saved.head_lora.as_ref().unwrap().dropout_stream, 9);
     m
-}
-
-fn batch(g: &HashMap<String, Tensor>) -> Batch {
-    let rows: Vec<Vec<u32>> = g["input_ids"]
-        .to_dtype(DType::U32)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    let labels: Vec<Vec<i64>> = rows
-        .iter()
-        .map(|r| r.iter().map(|&t| t as i64).collect())
-        .collect();
-    Batch::causal(&rows, &labels, &Device::Cpu).unwrap()
 }
 
 #[test]
@@ -73,32 +57,13 @@ fn the_forward_and_every_gradient_equal_peft_with_and_without_dropout() {
                 "grad_drop",
             ),
         ] {
-            let want_loss = g[loss_key]
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let mut keys = crate::peft_goldens::adapter_keys(&m, prefix);
+            keys.push(format!("{prefix}.lm_head.lora_A"));
+            keys.push(format!("{prefix}.lm_head.lora_B"));
             for checkpointing in [false, true] {
                 let lg = loss_and_grads(&m, &batch(&g), &ctx, checkpointing).unwrap();
                 let what = format!("{what}, {prefix}, checkpointing {checkpointing}");
-                assert!(
-                    (lg.loss_sum - want_loss).abs() <= 1e-5 * want_loss,
-                    "{what}: loss {} vs {want_loss}",
-                    lg.loss_sum
-                );
-                let mut keys: Vec<String> = Vec::new();
-                for a in m.adapters() {
-                    keys.push(format!("{prefix}.{}.lora_A", a.module));
-                    keys.push(format!("{prefix}.{}.lora_B", a.module));
-                }
-                keys.push(format!("{prefix}.lm_head.lora_A"));
-                keys.push(format!("{prefix}.lm_head.lora_B"));
-                assert_eq!(lg.grads.len(), keys.len());
-                for (got, key) in lg.grads.iter().zip(&keys) {
-                    let want = &g[key];
-                    let d = max_abs_diff(got, want);
-                    assert!(d <= 1e-4 * max_abs(want), "{what}: {key} |Δ| {d:e}");
-                }
+                crate::peft_goldens::assert_matches(&lg, &g, loss_key, &keys, &what);
             }
         }
     }
@@ -121,27 +86,7 @@ fn saved_keys_merge_and_lora_gguf_are_peft_and_llama_cpp_s() {
         },
     )
     .unwrap();
-    let read = |dir: &std::path::Path| {
-        let bytes = std::fs::read(dir.join(peft::WEIGHTS_FILE)).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut v: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = st
-            .tensors()
-            .into_iter()
-            // PEFT also saves the head's own weight beside its LoRA: not ours.
-            .filter(|(k, _)| !k.ends_with(".base_layer.weight"))
-            .map(|(k, t)| (k, t.shape().to_vec(), t.dtype(), t.data().to_vec()))
-            .collect();
-        v.sort_by(|x, y| x.0.cmp(&y.0));
-        v
-    };
-    let (ours, theirs) = (read(tmp.path()), read(&adapter_dir()));
-    let names = |v: &[(String, Vec<usize>, safetensors::Dtype, Vec<u8>)]| {
-        v.iter()
-            .map(|(k, s, d, _)| format!("{k} {s:?} {d:?}"))
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(names(&ours), names(&theirs));
-    assert!(ours == theirs, "the same tensors, with other bytes");
+    crate::peft_goldens::assert_same_tensors(tmp.path(), &adapter_dir());
     let out = tmp.path().join("merged");
     export(
         &fixtures().join("phi3/gqa"),

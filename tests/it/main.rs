@@ -21,6 +21,7 @@ mod model;
 mod modules;
 mod optim8;
 mod optim8_train;
+mod peft_goldens;
 mod plan;
 mod preempt;
 mod quantize;

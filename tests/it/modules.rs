@@ -5,6 +5,7 @@
 
 use crate::common::{fixtures, max_abs};
 use crate::model::{load_f32, load_path_f32, max_abs_diff};
+use crate::peft_goldens::batch;
 use candle_core::{DType, Device, Tensor, Var};
 use indicatif::ProgressBar;
 use qlora::export::{MergeBase, safetensors::export};
@@ -12,13 +13,12 @@ use qlora::lora::{ForwardCtx, LoraConfig, attach, peft};
 use qlora::model::Phi3;
 use qlora::model::load::BaseFormat;
 use qlora::model::phi3::OpPath;
+use qlora::train::loss_and_grads;
 use qlora::train::optim::{AdamW, AdamWConfig};
-use qlora::train::{Batch, loss_and_grads};
 use std::collections::HashMap;
 
 fn goldens() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("modules/goldens.safetensors"), &Device::Cpu)
-        .unwrap()
+    crate::peft_goldens::goldens("modules")
 }
 
 fn adapter_dir() -> std::path::PathBuf {
@@ -33,19 +33,6 @@ fn with_copies(ops: OpPath) -> Phi3 {
     attach::load_adapters(&mut m, &a).unwrap();
     assert!(m.saved.embed.is_some() && m.saved.head.is_some());
     m
-}
-
-fn batch(g: &HashMap<String, Tensor>) -> Batch {
-    let rows: Vec<Vec<u32>> = g["input_ids"]
-        .to_dtype(DType::U32)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    let labels: Vec<Vec<i64>> = rows
-        .iter()
-        .map(|r| r.iter().map(|&t| t as i64).collect())
-        .collect();
-    Batch::causal(&rows, &labels, &Device::Cpu).unwrap()
 }
 
 fn paths() -> [(OpPath, &'static str); 2] {
@@ -68,38 +55,14 @@ fn the_copies_replace_the_embedding_and_head_in_the_forward_as_in_peft() {
 #[test]
 fn the_copies_and_adapters_gradients_equal_peft() {
     let g = goldens();
-    let want_loss = g["loss_sum"]
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
     for (ops, what) in paths() {
         let m = with_copies(ops);
+        let mut keys = crate::peft_goldens::adapter_keys(&m, "grad");
+        keys.extend(["grad.embed_tokens".into(), "grad.lm_head".into()]);
         for checkpointing in [false, true] {
             let lg = loss_and_grads(&m, &batch(&g), &ForwardCtx::default(), checkpointing).unwrap();
             let what = format!("{what}, checkpointing {checkpointing}");
-            assert!(
-                (lg.loss_sum - want_loss).abs() <= 1e-5 * want_loss,
-                "{what}: loss {} vs {want_loss}",
-                lg.loss_sum
-            );
-            let mut keys: Vec<String> = Vec::new();
-            for a in m.adapters() {
-                keys.push(format!("grad.{}.lora_A", a.module));
-                keys.push(format!("grad.{}.lora_B", a.module));
-            }
-            keys.push("grad.embed_tokens".into());
-            keys.push("grad.lm_head".into());
-            assert_eq!(lg.grads.len(), keys.len());
-            for (got, key) in lg.grads.iter().zip(&keys) {
-                let want = &g[key];
-                let d = max_abs_diff(got, want);
-                assert!(
-                    d <= 1e-4 * max_abs(want),
-                    "{what}: {key} |Δ| {d:e} of {:e}",
-                    max_abs(want)
-                );
-            }
+            crate::peft_goldens::assert_matches(&lg, &g, "loss_sum", &keys, &what);
         }
     }
 }
@@ -112,7 +75,7 @@ fn the_padding_row_of_the_embedding_copy_is_never_trained() {
     assert_eq!(m.cfg.pad_token_id, Some(0));
     let rows = vec![vec![5u32, 0, 9, 0, 17, 3]];
     let labels = vec![rows[0].iter().map(|&t| t as i64).collect::<Vec<_>>()];
-    let b = Batch::causal(&rows, &labels, &Device::Cpu).unwrap();
+    let b = qlora::train::Batch::causal(&rows, &labels, &Device::Cpu).unwrap();
     let lg = loss_and_grads(&m, &b, &ForwardCtx::default(), true).unwrap();
     let ge = &lg.grads[lg.grads.len() - 2];
     let row = |i: usize| max_abs(&ge.get(i).unwrap());
@@ -133,18 +96,7 @@ fn saved_copies_have_peft_keys_shapes_and_dtypes() {
         &attach::module_weights(&m),
     )
     .unwrap();
-    let read = |dir: &std::path::Path| {
-        let bytes = std::fs::read(dir.join(peft::WEIGHTS_FILE)).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut v: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = st
-            .tensors()
-            .into_iter()
-            .map(|(k, t)| (k, t.shape().to_vec(), t.dtype(), t.data().to_vec()))
-            .collect();
-        v.sort_by(|x, y| x.0.cmp(&y.0));
-        v
-    };
-    assert_eq!(read(tmp.path()), read(&adapter_dir()));
+    crate::peft_goldens::assert_same_tensors(tmp.path(), &adapter_dir());
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tmp.path().join(peft::CONFIG_FILE)).unwrap())
             .unwrap();

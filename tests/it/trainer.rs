@@ -3,6 +3,7 @@
 
 use qlora::config::TrainConfig;
 use qlora::train::trainer::{Metric, Trainer};
+use std::collections::HashMap;
 use std::path::Path;
 
 fn repo(p: &str) -> String {
@@ -32,6 +33,50 @@ pub fn train_losses(output: &Path) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// Trains `cfg` into `tmp/a` uninterrupted and into `tmp/b` stopped after `stop` steps and
+/// resumed from its resolved config; asserts that both give the same loss curve and bit-identical
+/// adapter tensors, and returns `a` with its adapter's tensors.
+fn run_and_resume(
+    tmp: &Path,
+    cfg: impl Fn(&Path) -> TrainConfig,
+    stop: u64,
+) -> (std::path::PathBuf, HashMap<String, candle_core::Tensor>) {
+    let (a, b) = (tmp.join("a"), tmp.join("b"));
+    Trainer::new(cfg(&a), false).unwrap().run(None).unwrap();
+    Trainer::new(cfg(&b), false)
+        .unwrap()
+        .run(Some(stop))
+        .unwrap();
+    let resumed = TrainConfig::from_file(&b.join("config.resolved.toml")).unwrap();
+    assert!(
+        Trainer::new(resumed, true)
+            .unwrap()
+            .run(None)
+            .unwrap()
+            .finished
+    );
+    assert_eq!(train_losses(&a), train_losses(&b), "loss curves differ");
+    let (wa, wb) = (adapter_tensors(&a), adapter_tensors(&b));
+    assert_eq!(wa.len(), wb.len());
+    for (k, v) in &wa {
+        assert_eq!(
+            v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            wb[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{k}"
+        );
+    }
+    (a, wa)
+}
+
+/// The tensors of a run's final adapter.
+fn adapter_tensors(out: &Path) -> HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(
+        out.join("adapter/adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+}
+
 #[test]
 fn resume_reproduces_the_uninterrupted_loss_curve_bit_for_bit() {
     resume_check(false);
@@ -47,7 +92,6 @@ fn a_run_with_embedding_and_head_copies_resumes_bit_for_bit() {
     // modules_to_save with their own learning rate, under 8-bit AdamW (the copies' states are
     // 8-bit blocks): the copies are saved with the adapter, in every checkpoint, and resume.
     let tmp = tempfile::tempdir().unwrap();
-    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let cfg = |out: &Path| {
         let mut c = small(out);
         c.lora.modules_to_save = vec!["embed_tokens".into(), "lm_head".into()];
@@ -56,38 +100,14 @@ fn a_run_with_embedding_and_head_copies_resumes_bit_for_bit() {
         c.training.max_steps = 6;
         c
     };
-    Trainer::new(cfg(&a), false).unwrap().run(None).unwrap();
-    Trainer::new(cfg(&b), false).unwrap().run(Some(4)).unwrap();
-    let resumed = TrainConfig::from_file(&b.join("config.resolved.toml")).unwrap();
+    let (a, wa) = run_and_resume(tmp.path(), cfg, 4);
+    let resumed = TrainConfig::from_file(&a.join("config.resolved.toml")).unwrap();
     assert_eq!(resumed.training.embedding_learning_rate, 1e-12);
-    assert!(
-        Trainer::new(resumed, true)
-            .unwrap()
-            .run(None)
-            .unwrap()
-            .finished
-    );
-    assert_eq!(train_losses(&a), train_losses(&b), "loss curves differ");
-    let load = |p: &Path| {
-        candle_core::safetensors::load(
-            p.join("adapter/adapter_model.safetensors"),
-            &candle_core::Device::Cpu,
-        )
-        .unwrap()
-    };
-    let (wa, wb) = (load(&a), load(&b));
     assert_eq!(
         wa.len(),
         18,
         "A and B of 4 targets in 2 layers, and the two copies"
     );
-    for (k, v) in &wa {
-        assert_eq!(
-            v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            wb[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            "{k}"
-        );
-    }
     // The copies took their own learning rate (1e-12: they stay where they started, within
     // what 8-bit Adam's largest step at that rate can move) while the adapters (3e-3) trained.
     let base = crate::model::load_path_f32(
@@ -115,38 +135,14 @@ fn a_run_training_token_rows_resumes_bit_for_bit_and_trains_only_seen_rows() {
     // token) never does, so its row keeps the base's values.
     let rows = vec![32001u32, 32007, 32010, 32015];
     let tmp = tempfile::tempdir().unwrap();
-    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let cfg = |out: &Path| {
         let mut c = small(out);
         c.lora.trainable_token_indices = qlora::lora::TokenIndices::List(rows.clone());
         c.training.max_steps = 6;
         c
     };
-    Trainer::new(cfg(&a), false).unwrap().run(None).unwrap();
-    Trainer::new(cfg(&b), false).unwrap().run(Some(4)).unwrap();
-    let resumed = TrainConfig::from_file(&b.join("config.resolved.toml")).unwrap();
-    assert!(
-        Trainer::new(resumed, true)
-            .unwrap()
-            .run(None)
-            .unwrap()
-            .finished
-    );
-    assert_eq!(train_losses(&a), train_losses(&b), "loss curves differ");
-    let load = |p: &Path| {
-        candle_core::safetensors::load(
-            p.join("adapter/adapter_model.safetensors"),
-            &candle_core::Device::Cpu,
-        )
-        .unwrap()
-    };
-    let (wa, wb) = (load(&a), load(&b));
-    let key = qlora::lora::peft::TOKENS_KEY;
-    let (da, db) = (&wa[key], &wb[key]);
-    assert_eq!(
-        da.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        db.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-    );
+    let (a, wa) = run_and_resume(tmp.path(), cfg, 4);
+    let da = &wa[qlora::lora::peft::TOKENS_KEY];
     let base = crate::model::load_path_f32(
         &qlora::hub::resolve(qlora::builtin::TINY_PHI3).unwrap(),
         qlora::model::load::BaseFormat::Dense,
@@ -168,44 +164,18 @@ fn a_run_training_token_rows_resumes_bit_for_bit_and_trains_only_seen_rows() {
 #[test]
 fn a_run_with_embedding_and_head_loras_resumes_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
-    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let cfg = |out: &Path| {
         let mut c = small(out);
         c.lora.targets = vec!["embed_tokens".into(), "lm_head".into(), "all-linear".into()];
         c.training.max_steps = 6;
         c
     };
-    Trainer::new(cfg(&a), false).unwrap().run(None).unwrap();
-    Trainer::new(cfg(&b), false).unwrap().run(Some(4)).unwrap();
-    let resumed = TrainConfig::from_file(&b.join("config.resolved.toml")).unwrap();
-    assert!(
-        Trainer::new(resumed, true)
-            .unwrap()
-            .run(None)
-            .unwrap()
-            .finished
-    );
-    assert_eq!(train_losses(&a), train_losses(&b), "loss curves differ");
-    let load = |p: &Path| {
-        candle_core::safetensors::load(
-            p.join("adapter/adapter_model.safetensors"),
-            &candle_core::Device::Cpu,
-        )
-        .unwrap()
-    };
-    let (wa, wb) = (load(&a), load(&b));
+    let (a, wa) = run_and_resume(tmp.path(), cfg, 4);
     assert_eq!(
         wa.len(),
         20,
         "A and B of 4 targets in 2 layers, the embedding's and the head's"
     );
-    for (k, v) in &wa {
-        assert_eq!(
-            v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            wb[k].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            "{k}"
-        );
-    }
     // The embedding's A started at zero and trained, the head's B too.
     assert!(crate::common::max_abs(&wa[qlora::lora::peft::EMBED_A_KEY]) > 0.0);
     assert!(crate::common::max_abs(&wa[qlora::lora::peft::HEAD_B_KEY]) > 0.0);
@@ -248,14 +218,7 @@ fn resume_check(dora: bool) {
     assert_eq!(la.len(), 9);
     assert_eq!(la, lb, "loss curves differ");
     // The final adapters are identical too, and in PEFT's format.
-    let load = |p: &Path| {
-        candle_core::safetensors::load(
-            p.join("adapter/adapter_model.safetensors"),
-            &candle_core::Device::Cpu,
-        )
-        .unwrap()
-    };
-    let (wa, wb) = (load(&a), load(&b));
+    let (wa, wb) = (adapter_tensors(&a), adapter_tensors(&b));
     if dora {
         assert_eq!(
             wa.len(),
