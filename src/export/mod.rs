@@ -129,32 +129,10 @@ impl Source {
             }
             let mut values = checkpoint::to_f32(view, name, file)?;
             self.ck.release(view.data())?;
-            // A head LoRA adds `scale · B · A`.
-            if let (Some((a, b)), "lm_head.weight") = (
-                self.adapter.as_ref().and_then(|a| a.head_lora.as_ref()),
-                name,
-            ) {
-                let scale = self.adapter.as_ref().map_or(1.0, |a| a.config.scale());
-                let d = (b.matmul(a)? * scale)?;
+            if let Some(d) = self.module_lora_delta(name)? {
                 ensure!(
                     d.dims() == view.shape(),
-                    "{file}: `{name}` is {:?} but the adapter's lm_head LoRA makes {:?}",
-                    view.shape(),
-                    d.dims()
-                );
-                let d: Vec<f32> = d.flatten_all()?.to_vec1()?;
-                values.iter_mut().zip(&d).for_each(|(x, y)| *x += y);
-            }
-            // An embedding LoRA adds `scale · Aᵀ · Bᵀ` (PEFT's lora.Embedding merge).
-            if let (Some((a, b)), "model.embed_tokens.weight") = (
-                self.adapter.as_ref().and_then(|a| a.embed_lora.as_ref()),
-                name,
-            ) {
-                let scale = self.adapter.as_ref().map_or(1.0, |a| a.config.scale());
-                let d = (a.t()?.matmul(&b.t()?)? * scale)?;
-                ensure!(
-                    d.dims() == view.shape(),
-                    "{file}: `{name}` is {:?} but the adapter's embedding LoRA makes {:?}",
+                    "{file}: `{name}` is {:?} but the adapter's LoRA on it makes {:?}",
                     view.shape(),
                     d.dims()
                 );
@@ -264,6 +242,20 @@ impl Source {
             values.extend(self.values(part, view, file, base, lookup)?);
         }
         Ok(values)
+    }
+
+    /// What an embedding or head LoRA adds to checkpoint tensor `name`: `scale · Aᵀ · Bᵀ` to the
+    /// embedding (PEFT's `lora.Embedding` merge), `scale · B · A` to the head; `None` to any other.
+    fn module_lora_delta(&self, name: &str) -> Result<Option<Tensor>> {
+        let Some(ad) = &self.adapter else {
+            return Ok(None);
+        };
+        let s = ad.config.scale();
+        Ok(match (name, &ad.embed_lora, &ad.head_lora) {
+            ("model.embed_tokens.weight", Some((a, b)), _) => Some((a.t()?.matmul(&b.t()?)? * s)?),
+            ("lm_head.weight", _, Some((a, b))) => Some((b.matmul(a)? * s)?),
+            _ => None,
+        })
     }
 
     /// `scale · B · A` (f32 `[out, in]`) and DoRA's magnitude for the block linear `weight_name`

@@ -78,6 +78,12 @@ pub const EMBED_B_KEY: &str = "base_model.model.model.embed_tokens.lora_embeddin
 /// What PEFT's `save_embedding_layers = "auto"` adds beside an embedding LoRA: the base's own
 /// embedding. qlora does not write it and ignores it on load (the base provides it).
 pub const EMBED_BASE_KEY: &str = "base_model.model.model.embed_tokens.base_layer.weight";
+/// The LoRAs outside the blocks, as their files name them: target, A's key, B's key.
+const MODULE_LORAS: [(&str, &str, &str); 2] = [
+    (super::EMBED_TARGET, EMBED_A_KEY, EMBED_B_KEY),
+    (super::HEAD_TARGET, HEAD_A_KEY, HEAD_B_KEY),
+];
+
 /// The keys of the head's LoRA, and the head's own weight PEFT saves beside it (ignored).
 pub const HEAD_A_KEY: &str = "base_model.model.lm_head.lora_A.weight";
 pub const HEAD_B_KEY: &str = "base_model.model.lm_head.lora_B.weight";
@@ -370,8 +376,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         .embedding_rows()
         .with_context(|| origin.clone())?;
     let mut tokens = None;
-    let (mut embed_a, mut embed_b) = (None, None);
-    let (mut head_a, mut head_b) = (None, None);
+    let mut module_parts: [[Option<Tensor>; 2]; 2] = Default::default();
     for (key, t) in tensors {
         let rest = key
             .strip_prefix(KEY_PREFIX)
@@ -384,36 +389,18 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         if key == EMBED_BASE_KEY || key == HEAD_BASE_KEY {
             continue;
         }
-        if key == HEAD_A_KEY || key == HEAD_B_KEY {
+        if let Some((m, which)) = MODULE_LORAS
+            .iter()
+            .enumerate()
+            .find_map(|(m, (_, a, b))| [*a, *b].iter().position(|k| key == *k).map(|w| (m, w)))
+        {
+            let target = MODULE_LORAS[m].0;
             ensure!(
-                config.head_targeted(),
-                "{wfile}: `{key}` is a LoRA on lm_head but {origin}'s target_modules lacks lm_head"
+                config.targets.iter().any(|t| t == target),
+                "{wfile}: `{key}` is a LoRA on {target} but {origin}'s target_modules lacks {target}"
             );
             ensure!(t.rank() == 2, "{wfile}: `{key}` is {:?}, not 2-d", t.dims());
-            let t = t.to_dtype(DType::F32)?;
-            if key == HEAD_A_KEY {
-                head_a = Some(t);
-            } else {
-                head_b = Some(t);
-            }
-            continue;
-        }
-        if key == EMBED_A_KEY || key == EMBED_B_KEY {
-            ensure!(
-                config.embedding_targeted(),
-                "{wfile}: `{key}` is an embedding LoRA but {origin}'s target_modules lacks embed_tokens"
-            );
-            ensure!(
-                t.rank() == 2,
-                "{wfile}: `{key}` is {:?}; an embedding LoRA matrix is 2-d",
-                t.dims()
-            );
-            let t = t.to_dtype(DType::F32)?;
-            if key == EMBED_A_KEY {
-                embed_a = Some(t);
-            } else {
-                embed_b = Some(t);
-            }
+            module_parts[m][which] = Some(t.to_dtype(DType::F32)?);
             continue;
         }
         if key == TOKENS_KEY {
@@ -513,44 +500,30 @@ pub fn load(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         );
         weights.insert(module, ModuleWeights { a, b, magnitude });
     }
-    let head_lora = match (head_a, head_b) {
-        (Some(a), Some(b)) => {
-            ensure!(
-                a.dims()[0] == r && b.dims()[1] == r,
-                "{wfile}: lm_head's LoRA is A {:?}, B {:?}, but {origin} says r = {r}",
-                a.dims(),
-                b.dims()
-            );
-            Some((a, b))
-        }
-        (None, None) => {
-            ensure!(
-                !config.head_targeted(),
-                "{wfile}: {origin} targets lm_head but the file has no `{HEAD_A_KEY}`"
-            );
-            None
-        }
-        _ => bail!("{wfile}: lm_head's LoRA lacks its lora_A or lora_B"),
-    };
-    let embed_lora = match (embed_a, embed_b) {
-        (Some(a), Some(b)) => {
-            ensure!(
-                a.dims()[0] == r && b.dims()[1] == r,
-                "{wfile}: the embedding LoRA is A {:?}, B {:?}, but {origin} says r = {r}",
-                a.dims(),
-                b.dims()
-            );
-            Some((a, b))
-        }
-        (None, None) => {
-            ensure!(
-                !config.embedding_targeted(),
-                "{wfile}: {origin} targets embed_tokens but the file has no `{EMBED_A_KEY}`"
-            );
-            None
-        }
-        _ => bail!("{wfile}: the embedding LoRA lacks its lora_embedding_A or lora_embedding_B"),
-    };
+    let mut module_loras = Vec::new();
+    for ((target, a_key, _), [a, b]) in MODULE_LORAS.iter().zip(module_parts) {
+        module_loras.push(match (a, b) {
+            (Some(a), Some(b)) => {
+                ensure!(
+                    a.dims()[0] == r && b.dims()[1] == r,
+                    "{wfile}: the LoRA on {target} is A {:?}, B {:?}, but {origin} says r = {r}",
+                    a.dims(),
+                    b.dims()
+                );
+                Some((a, b))
+            }
+            (None, None) => {
+                ensure!(
+                    !config.targets.iter().any(|t| t == target),
+                    "{wfile}: {origin} targets {target} but the file has no `{a_key}`"
+                );
+                None
+            }
+            _ => bail!("{wfile}: the LoRA on {target} lacks one of its two matrices"),
+        });
+    }
+    let [embed_lora, head_lora]: [Option<(Tensor, Tensor)>; 2] =
+        module_loras.try_into().expect("one per module LoRA");
     ensure!(
         token_rows.is_empty() || tokens.is_some(),
         "{wfile}: {origin} lists trainable_token_indices but the file has no `{TOKENS_KEY}`"
