@@ -63,6 +63,39 @@ pub struct Training {
     pub device: String,
     /// Recompute each block in the backward instead of keeping its activations.
     pub gradient_checkpointing: bool,
+    /// What to optimize: sft (chat data), or dpo, ipo, orpo, simpo (preference pairs).
+    #[serde(default)]
+    pub objective: crate::train::objective::Kind,
+    /// The preference objectives' β (ORPO's λ; TRL's `beta`).
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    /// SimPO's target reward margin γ.
+    #[serde(default = "default_simpo_gamma")]
+    pub simpo_gamma: f64,
+    /// DPO, IPO: compute the reference's log-probs once before training (cached in the output
+    /// directory, reused on resume) instead of a reference pass each step.
+    #[serde(default)]
+    pub precompute_ref: bool,
+    /// Preference objectives: no dropout (TRL's `disable_dropout`, on by default), so the
+    /// policy's log-probs compare with the reference's; false keeps lora.dropout.
+    #[serde(default = "default_true")]
+    pub disable_dropout: bool,
+    /// A PEFT adapter to start from (its LoRA settings replace [lora]'s); for DPO and IPO its
+    /// frozen copy is the reference, as TRL's. "" for a fresh adapter.
+    #[serde(default)]
+    pub init_adapter: String,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_beta() -> f64 {
+    0.1
+}
+
+fn default_simpo_gamma() -> f64 {
+    0.5
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,6 +123,10 @@ pub struct Data {
     pub pack: bool,
     /// Skip (and count) bad lines instead of stopping.
     pub skip_bad_lines: bool,
+    /// Preference pairs longer than max_seq_len: keep_start (TRL's default; a pair whose prompt
+    /// alone fills it is skipped) or keep_end.
+    #[serde(default)]
+    pub truncation_mode: crate::data::pairs::Truncation,
 }
 
 /// The whole configuration.
@@ -129,6 +166,12 @@ impl Default for TrainConfig {
                 dtype: "auto".into(),
                 device: "auto".into(),
                 gradient_checkpointing: true,
+                objective: crate::train::objective::Kind::Sft,
+                beta: default_beta(),
+                simpo_gamma: default_simpo_gamma(),
+                precompute_ref: false,
+                disable_dropout: true,
+                init_adapter: String::new(),
             },
             lora: LoraConfig::default(),
             quant: Quant {
@@ -142,6 +185,7 @@ impl Default for TrainConfig {
                 pack: true,
                 skip_bad_lines: false,
                 add_tokens: Vec::new(),
+                truncation_mode: crate::data::pairs::Truncation::KeepStart,
             },
         }
     }
@@ -207,6 +251,18 @@ impl TrainConfig {
             bail!("set training.epochs or training.max_steps");
         }
         t.optimizer.parse::<crate::train::optim::OptimizerKind>()?;
+        if !(t.beta > 0.0 && t.beta.is_finite()) {
+            bail!("training.beta must be a positive number (TRL's default is 0.1)");
+        }
+        if !t.simpo_gamma.is_finite() {
+            bail!("training.simpo_gamma must be a number (TRL's default is 0.5)");
+        }
+        if t.precompute_ref && !t.objective.has_reference() {
+            bail!(
+                "training.precompute_ref: the {} objective has no reference model (only dpo and ipo do)",
+                t.objective
+            );
+        }
         if !matches!(t.dtype.as_str(), "auto" | "f32" | "bf16" | "f16") {
             bail!("training.dtype `{}`: use auto, f32, bf16 or f16", t.dtype);
         }

@@ -8,8 +8,9 @@ use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Fine-tune a Phi-3 with LoRA (QLoRA with --4bit) on chat data; writes a PEFT adapter, metrics,
-/// a loss plot and checkpoints to the output directory.
+/// Fine-tune a Phi-3 with LoRA (QLoRA with --4bit) on chat data (SFT) or preference pairs (DPO,
+/// IPO, ORPO, SimPO); writes a PEFT adapter, metrics, a loss plot and checkpoints to the output
+/// directory.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// Quantize the frozen base to 4 bits (NF4 by default): QLoRA. Without it the base stays dense.
@@ -82,6 +83,24 @@ pub struct TrainArgs {
     /// [training.seed]
     #[arg(long)]
     seed: Option<u64>,
+    /// sft (chat data, the default), or dpo, ipo, orpo, simpo (preference pairs: prompt, chosen,
+    /// rejected) [training.objective].
+    #[arg(long)]
+    objective: Option<String>,
+    /// The preference objectives' β (ORPO's λ) [training.beta, default 0.1].
+    #[arg(long)]
+    beta: Option<f64>,
+    /// SimPO's target margin γ [training.simpo_gamma, default 0.5].
+    #[arg(long)]
+    simpo_gamma: Option<f64>,
+    /// Start from this PEFT adapter (its LoRA settings replace [lora]'s); for DPO and IPO its
+    /// frozen copy is the reference [training.init_adapter].
+    #[arg(long)]
+    adapter: Option<String>,
+    /// DPO, IPO: the reference's log-probs once before training, cached in the output directory
+    /// [training.precompute_ref = true].
+    #[arg(long)]
+    precompute_ref: bool,
     /// auto, f32, bf16 or f16 [training.dtype].
     #[arg(long)]
     dtype: Option<String>,
@@ -215,6 +234,21 @@ impl TrainArgs {
         if let Some(v) = self.seed {
             put("training.seed", v.to_string())
         }
+        if let Some(v) = &self.objective {
+            put("training.objective", toml_str(v))
+        }
+        if let Some(v) = self.beta {
+            put("training.beta", format!("{v:?}"))
+        }
+        if let Some(v) = self.simpo_gamma {
+            put("training.simpo_gamma", format!("{v:?}"))
+        }
+        if let Some(v) = &self.adapter {
+            put("training.init_adapter", toml_str(v))
+        }
+        if self.precompute_ref {
+            put("training.precompute_ref", "true".into());
+        }
         if let Some(v) = &self.dtype {
             put("training.dtype", toml_str(v))
         }
@@ -252,7 +286,6 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let backend: crate::dist::Backend = args.dist.parse().context("--dist")?;
     let mut trainer = Trainer::launch(cfg, args.resume.is_some(), check, backend)?;
     let (rank, world) = trainer.rank_world();
-    let s = &trainer.stats;
     if world > 1 && rank == 0 {
         eprintln!(
             "data-parallel: {world} ranks ({}), a global micro-batch of {} rows",
@@ -262,7 +295,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     }
     if rank == 0 {
         eprintln!(
-            "model {} ({}, {} on {}), {} rows from {} conversations ({} tokens, {} trained; {} truncated to {}, {} dropped, {} bad lines skipped), {} steps{}",
+            "model {} ({}, {} on {}), {}, {} steps{}",
             trainer.model_dir.display(),
             if trainer.cfg.training.four_bit {
                 "4-bit base"
@@ -271,14 +304,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             },
             trainer.model.dtype.as_str(),
             crate::device::name(&trainer.model.device),
-            trainer.rows.len(),
-            s.conversations,
-            s.tokens,
-            s.trained_tokens,
-            s.truncated,
-            trainer.cfg.training.max_seq_len,
-            s.dropped,
-            trainer.skipped_lines,
+            trainer.objective.describe(),
             trainer.total_steps,
             if trainer.state.step > 0 {
                 format!(", resuming at step {}", trainer.state.step)

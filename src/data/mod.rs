@@ -6,9 +6,11 @@
 //! - [`template`]: the chat template (minijinja), with Phi-3's format as the fallback.
 //! - [`tokenize`]: text → ids + trained mask.
 //! - [`batch`]: packing / padding into [`crate::train::Batch`]es.
+//! - [`pairs`]: preference pairs (prompt, chosen, rejected), tokenized as TRL tokenizes them.
 
 pub mod batch;
 pub mod jsonl;
+pub mod pairs;
 pub mod template;
 pub mod tokenize;
 

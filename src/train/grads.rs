@@ -77,31 +77,48 @@ pub struct LossAndGrads {
     pub grads: Vec<Tensor>,
 }
 
-/// The head's loss pass: the summed loss, `d loss_sum / d h` when asked, and the trainable head
-/// copy's gradient ([`crate::model::phi3::SavedModules::head`]) when there is one.
+/// The head's loss pass: the summed (weighted) loss, `d loss_sum / d h` when asked, the trainable
+/// head copy's gradient ([`crate::model::phi3::SavedModules::head`]) when there is one, and each
+/// row's values when asked.
 struct HeadPass {
     loss: f64,
     dh: Option<Tensor>,
     dw: Option<Tensor>,
     /// The head LoRA's `(d hd, dA, dB)`, when it has one and gradients were asked for.
     lora: Option<(Tensor, Tensor, Tensor)>,
+    /// Per row: `−log p(target)` and `Σ_v z_v` (empty unless asked).
+    row_nll: Vec<f64>,
+    row_logit_sum: Vec<f64>,
+}
+
+/// What a [`head`] pass computes.
+#[derive(Debug, Clone, Copy, Default)]
+struct HeadAsk<'a> {
+    grad: bool,
+    /// Each row's values ([`HeadPass::row_nll`], [`HeadPass::row_logit_sum`]).
+    rows: bool,
+    /// The loss `Σ_i c_i · nll_i` instead of `Σ_i nll_i` (with `grad`).
+    weights: Option<&'a [f32]>,
 }
 
 /// Summed cross-entropy of `h: [M, H]` (normed hidden states of the target positions) against
-/// `targets`, chunk by chunk; with `want_grad`, also `d loss_sum / d h` and a trainable head's
+/// `targets`, chunk by chunk; with `ask.grad`, also `d loss_sum / d h` and a trainable head's
 /// own gradient.
 fn head(
     model: &Phi3,
     h: &Tensor,
     hd: Option<&Tensor>,
     targets: &[u32],
-    want_grad: bool,
+    ask: HeadAsk<'_>,
 ) -> Result<HeadPass> {
+    let want_grad = ask.grad;
     let weight = model.head_weight()?;
     let trainable = want_grad && model.saved.head.is_some();
-    let lora = model.saved.head_lora.as_ref().filter(|_| want_grad);
+    let lora = model.saved.head_lora.as_ref();
+    // A head LoRA's input differs from `h` only under dropout.
+    let own_hd = hd.is_some();
     let hd = hd.unwrap_or(h);
-    if want_grad
+    if (want_grad || ask.rows)
         && h.device().is_cpu()
         && h.dtype() == DType::F32
         && weight.dtype() == DType::F32
@@ -109,25 +126,34 @@ fn head(
         && lora.is_none_or(|l| l.a.dtype() == DType::F32)
     {
         // The CPU's head: logits, loss and gradients in one pass, outside autograd.
-        let (loss, dh, dw, lora) = qlora_quant::fused::head_cross_entropy_cpu_lora(
+        let out = qlora_quant::fused::head_cpu(
             h,
             &weight,
             targets,
-            trainable,
-            lora.map(|l| qlora_quant::fused::HeadLora {
-                hd,
-                a: l.a.as_tensor(),
-                b: l.b.as_tensor(),
-                scale: l.scale as f32,
-            }),
+            qlora_quant::fused::HeadOptions {
+                want_grad,
+                want_dw: trainable,
+                lora: lora.map(|l| qlora_quant::fused::HeadLora {
+                    hd,
+                    a: l.a.as_tensor(),
+                    b: l.b.as_tensor(),
+                    scale: l.scale as f32,
+                }),
+                weights: ask.weights,
+            },
         )?;
+        let rows = ask.rows;
         return Ok(HeadPass {
-            loss,
-            dh: Some(dh),
-            dw,
-            lora,
+            loss: out.loss,
+            dh: out.dh,
+            dw: out.dw,
+            lora: out.lora,
+            row_nll: if rows { out.row_nll } else { Vec::new() },
+            row_logit_sum: if rows { out.row_logit_sum } else { Vec::new() },
         });
     }
+    let lora = lora.filter(|_| want_grad);
+    let lora_fwd = model.saved.head_lora.as_ref();
     let mut dhd = Vec::new();
     let (mut da, mut db): (Option<Tensor>, Option<Tensor>) = (None, None);
     let head_var = if trainable {
@@ -139,6 +165,8 @@ fn head(
     let m = h.dim(0)?;
     // Per-chunk sums, read back once at the end (one device synchronisation, not one per chunk).
     let mut nlls = Vec::new();
+    let mut row_nll = Vec::new();
+    let mut row_logit_sum = Vec::new();
     let mut dh = Vec::new();
     for start in (0..m).step_by(HEAD_CHUNK_ROWS) {
         let n = HEAD_CHUNK_ROWS.min(m - start);
@@ -149,19 +177,34 @@ fn head(
             None
         };
         let x = hv.as_ref().map_or(&rows, |v| v.as_tensor());
-        // The head LoRA's input rows (after its dropout), a variable of their own.
-        let hdv = match lora {
-            Some(_) => Some(Var::from_tensor(&hd.narrow(0, start, n)?)?),
-            None => None,
+        // The head LoRA's input rows (after its dropout), a variable of their own when it trains.
+        let hdv = match lora_fwd {
+            Some(_) if want_grad => Some(Var::from_tensor(&hd.narrow(0, start, n)?)?),
+            _ => None,
         };
         // Cross-entropy in f32 for half types (f64 models keep f64: gradient checks need it); on
         // CUDA one fused kernel per direction over the chunk's [n, V] logits.
-        let logits = match (lora, &hdv) {
+        let logits = match (lora_fwd, &hdv) {
             (Some(l), Some(v)) => (model.lm_head_base(x)? + l.product(v.as_tensor())?)?,
+            (Some(l), None) if own_hd => {
+                (model.lm_head_base(x)? + l.product(&hd.narrow(0, start, n)?)?)?
+            }
             _ => model.lm_head(x)?,
         };
         let t = Tensor::from_slice(&targets[start..start + n], n, h.device())?;
-        let nll = model.ops.cross_entropy(&logits, &t)?.sum_all()?;
+        let ce = model.ops.cross_entropy(&logits, &t)?;
+        if ask.rows {
+            row_nll.push(ce.detach());
+            row_logit_sum.push(logits.detach().to_dtype(DType::F32)?.sum(1)?);
+        }
+        let nll = match ask.weights {
+            Some(c) => {
+                let c = Tensor::from_slice(&c[start..start + n], n, h.device())?
+                    .to_dtype(ce.dtype())?;
+                (ce * c)?.sum_all()?
+            }
+            None => ce.sum_all()?,
+        };
         // Detached: the chunk's graph (its [n, V] logits) must not outlive the chunk.
         nlls.push(nll.detach());
         if let Some(hv) = hv {
@@ -224,6 +267,14 @@ fn head(
     } else {
         None
     };
+    let host = |parts: Vec<Tensor>| -> Result<Vec<f64>> {
+        if parts.is_empty() {
+            return Ok(Vec::new());
+        }
+        Tensor::cat(&parts, 0)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()
+    };
     let loss = if nlls.is_empty() {
         0.0
     } else {
@@ -233,7 +284,14 @@ fn head(
             .into_iter()
             .sum()
     };
-    Ok(HeadPass { loss, dh, dw, lora })
+    Ok(HeadPass {
+        loss,
+        dh,
+        dw,
+        lora,
+        row_nll: host(row_nll)?,
+        row_logit_sum: host(row_logit_sum)?,
+    })
 }
 
 /// The head LoRA's input rows: the normed trunk after the adapter's dropout, drawn over the
@@ -395,14 +453,115 @@ fn select(model: &Phi3, x: &Tensor, idx: &[u32]) -> Result<Tensor> {
 /// The loss of a batch without gradients (evaluation): `(loss_sum, n_tokens)`.
 pub fn loss(model: &Phi3, batch: &Batch) -> Result<(f64, usize)> {
     let (idx, targets) = batch.selected();
+    let x = trunk(model, batch)?;
+    let pass = head(
+        model,
+        &select(model, &x, &idx)?,
+        None,
+        &targets,
+        HeadAsk::default(),
+    )?;
+    Ok((pass.loss, idx.len()))
+}
+
+/// The trunk's output without gradients and without dropout, each block's activations dropped as
+/// it ends.
+fn trunk(model: &Phi3, batch: &Batch) -> Result<Tensor> {
     let prep = model.prepare(&batch.positions, batch.segments.as_ref(), 0)?;
     let ctx = ForwardCtx::default();
     let mut x = model.embed(&batch.input_ids)?;
     for layer in 0..model.layers.len() {
         x = model.block(layer, &x, &prep, &ctx, None)?.detach();
     }
-    let pass = head(model, &select(model, &x, &idx)?, None, &targets, false)?;
-    Ok((pass.loss, idx.len()))
+    Ok(x)
+}
+
+/// Per scored position of a batch (the positions with a target, in row-major order): the log-prob
+/// of its target and its mean logit over the vocabulary.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scores {
+    pub logp: Vec<f64>,
+    pub mean_logit: Vec<f64>,
+}
+
+impl Scores {
+    fn of(pass: &HeadPass, vocab: usize) -> Self {
+        Self {
+            logp: pass.row_nll.iter().map(|n| -n).collect(),
+            mean_logit: pass
+                .row_logit_sum
+                .iter()
+                .map(|s| s / vocab as f64)
+                .collect(),
+        }
+    }
+}
+
+/// A sequence-level objective inside [`loss_and_grads_with`]: from the policy's [`Scores`] of the
+/// batch, each scored position's weight `c_t = −∂L/∂ log p_t`; the gradients returned are then
+/// those of `L` (to first order: `Σ_t c_t · nll_t` has `L`'s gradient).
+pub type Weigh<'s, 'a> = &'s mut (dyn FnMut(&Scores) -> Result<Vec<f32>> + 'a);
+
+/// The [`Scores`] of a batch without gradients and without dropout: a reference model's pass (and
+/// evaluation), which keeps no activations.
+pub fn scores(model: &Phi3, batch: &Batch) -> Result<Scores> {
+    let (idx, targets) = batch.selected();
+    let x = trunk(model, batch)?;
+    let pass = head(
+        model,
+        &select(model, &x, &idx)?,
+        None,
+        &targets,
+        HeadAsk {
+            rows: true,
+            ..Default::default()
+        },
+    )?;
+    Ok(Scores::of(&pass, model.cfg.vocab_size))
+}
+
+/// The head pass of a training step: plain (every scored position weighs 1) without `weigh`;
+/// with it, a pass for the [`Scores`] first, then the weighted gradient pass (the head twice,
+/// the trunk once).
+fn scored_head(
+    model: &Phi3,
+    h: &Tensor,
+    hd: Option<&Tensor>,
+    targets: &[u32],
+    weigh: Option<Weigh<'_, '_>>,
+) -> Result<(HeadPass, Option<Scores>)> {
+    let Some(weigh) = weigh else {
+        let ask = HeadAsk {
+            grad: true,
+            ..Default::default()
+        };
+        return Ok((head(model, h, hd, targets, ask)?, None));
+    };
+    let first = head(
+        model,
+        h,
+        hd,
+        targets,
+        HeadAsk {
+            rows: true,
+            ..Default::default()
+        },
+    )?;
+    let sc = Scores::of(&first, model.cfg.vocab_size);
+    drop(first);
+    let c = weigh(&sc)?;
+    let pass = head(
+        model,
+        h,
+        hd,
+        targets,
+        HeadAsk {
+            grad: true,
+            rows: false,
+            weights: Some(&c),
+        },
+    )?;
+    Ok((pass, Some(sc)))
 }
 
 /// The summed loss and the LoRA gradients of a batch; `checkpointing` recomputes each block in the
@@ -413,6 +572,21 @@ pub fn loss_and_grads(
     ctx: &ForwardCtx,
     checkpointing: bool,
 ) -> Result<LossAndGrads> {
+    Ok(loss_and_grads_with(model, batch, ctx, checkpointing, None)?.0)
+}
+
+/// [`loss_and_grads`] for any objective over the scored positions: `weigh` (a sequence-level
+/// objective) turns the policy's scores into per-position weights ([`Weigh`]), and the scores
+/// come back with the gradients. `loss_sum` is then the weighted sum, which only the plain
+/// objective means as its loss.
+pub fn loss_and_grads_with(
+    model: &Phi3,
+    batch: &Batch,
+    ctx: &ForwardCtx,
+    checkpointing: bool,
+    mut weigh: Option<Weigh<'_, '_>>,
+) -> Result<(LossAndGrads, Option<Scores>)> {
+    let scores;
     let (idx, targets) = batch.selected();
     let prep = model.prepare(&batch.positions, batch.segments.as_ref(), 0)?;
     let vars = model.trainable_vars();
@@ -451,13 +625,14 @@ pub fn loss_and_grads(
         drop(x);
         let h = select(model, xv.as_tensor(), &idx)?;
         let hd = head_lora_input(model, xv.as_tensor(), &idx, &h, ctx)?;
-        let pass = head(
+        let (pass, sc) = scored_head(
             model,
             &h.detach(),
             hd.as_ref().map(|t| t.detach()).as_ref(),
             &targets,
-            true,
+            weigh.as_mut().map(|w| &mut **w as Weigh<'_, '_>),
         )?;
+        scores = sc;
         head_dw = pass.dw;
         head_lora_dw = pass.lora.as_ref().map(|(_, a, b)| (a.clone(), b.clone()));
         let store = head_objective(
@@ -506,13 +681,14 @@ pub fn loss_and_grads(
         }
         let h = select(model, &x, &idx)?;
         let hd = head_lora_input(model, &x, &idx, &h, ctx)?;
-        let pass = head(
+        let (pass, sc) = scored_head(
             model,
             &h.detach(),
             hd.as_ref().map(|t| t.detach()).as_ref(),
             &targets,
-            true,
+            weigh.as_mut().map(|w| &mut **w as Weigh<'_, '_>),
         )?;
+        scores = sc;
         head_dw = pass.dw;
         head_lora_dw = pass.lora.as_ref().map(|(_, a, b)| (a.clone(), b.clone()));
         let store = head_objective(
@@ -569,9 +745,12 @@ pub fn loss_and_grads(
             None => v.as_tensor().zeros_like(),
         })
         .collect::<Result<_>>()?;
-    Ok(LossAndGrads {
-        loss_sum,
-        n_tokens: idx.len(),
-        grads,
-    })
+    Ok((
+        LossAndGrads {
+            loss_sum,
+            n_tokens: idx.len(),
+            grads,
+        },
+        scores,
+    ))
 }

@@ -1,8 +1,9 @@
-//! Training: the loss and its LoRA gradients (with per-block gradient checkpointing behind a
+//! Training: the objectives ([`objective`]: SFT, DPO, IPO, ORPO, SimPO), the loss and its LoRA gradients (with per-block gradient checkpointing behind a
 //! switch, in [`grads`]), the AdamW optimizer ([`optim`]) and bitsandbytes' 8-bit AdamW
 //! ([`optim8`]), the loop ([`trainer`]) and its clean stop on a signal ([`stop`]).
 
 pub mod grads;
+pub mod objective;
 pub mod optim;
 pub mod optim8;
 pub mod stop;

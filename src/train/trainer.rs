@@ -13,11 +13,13 @@
 //! tokens, and everything after (clipping, AdamW, the schedule) runs identically on every rank.
 //! Dropout masks are numbered by global row. Rank 0 alone writes files.
 
-use super::grads::{Batch, loss, loss_and_grads};
+use super::objective::pref::{Preference, Reference};
+use super::objective::sft::Sft;
+use super::objective::{Kind, Objective, Params};
 use super::optim::{AdamWConfig, Optimizer, OptimizerKind};
 use super::stop::Stop;
 use crate::config::{Schedule, TrainConfig};
-use crate::data::batch::{Row, RowStats, build_rows, collate};
+use crate::data::batch::{Row, RowStats, build_rows};
 use crate::data::{TokenizerBundle, read_jsonl};
 use crate::device::{DeviceSpec, MemorySampler, compute_dtype};
 use crate::dist::{self, Backend, Communicator};
@@ -32,6 +34,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Instant;
@@ -86,6 +89,23 @@ pub struct Metric {
     /// CPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_device_mib: Option<f64>,
+    /// The objective's own metrics, named as TRL names them (`rewards/margins`, …): numbers
+    /// (JSON values, as a flattened map must hold them; read them with [`Metric::value`]).
+    #[serde(flatten, default)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl Metric {
+    /// The objective's metric `name`, when logged.
+    pub fn value(&self, name: &str) -> Option<f64> {
+        self.extra.get(name).and_then(serde_json::Value::as_f64)
+    }
+}
+
+fn json_metrics(m: BTreeMap<String, f64>) -> BTreeMap<String, serde_json::Value> {
+    m.into_iter()
+        .map(|(k, v)| (k, serde_json::Value::from(v)))
+        .collect()
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), MiB.
@@ -123,14 +143,11 @@ pub struct Trainer {
     pub model_ref: String,
     pub model: Phi3,
     pub tok: TokenizerBundle,
-    pub rows: Vec<Row>,
-    pub eval_rows: Vec<Row>,
-    pub stats: RowStats,
-    pub skipped_lines: usize,
+    /// What is optimized, with its data.
+    pub objective: Box<dyn Objective>,
     pub opt: Optimizer,
     pub state: TrainState,
     pub total_steps: u64,
-    pad_id: u32,
     /// `(epoch, permutation)`: the data order, drawn once per epoch.
     order: (u64, Vec<usize>),
     memory: MemorySampler,
@@ -253,6 +270,191 @@ pub fn encode_rows(
     Ok((rows, stats, report.skipped.len()))
 }
 
+/// The objective before the model exists (the memory plan needs its data), then given its
+/// reference.
+enum ObjectiveData {
+    Sft(Sft),
+    Pref(Box<Preference>),
+}
+
+/// The file in the output directory holding precomputed reference scores.
+pub const REF_CACHE: &str = "ref_logps.json";
+
+/// Precomputed reference scores, as f64 bits (JSON's decimal floats do not always read back to
+/// the same bits).
+#[derive(Serialize, Deserialize)]
+struct RefCache {
+    key: String,
+    train: Vec<[u64; 2]>,
+    eval: Vec<[u64; 2]>,
+}
+
+fn to_bits(v: &[[f64; 2]]) -> Vec<[u64; 2]> {
+    v.iter().map(|p| p.map(f64::to_bits)).collect()
+}
+
+fn from_bits(v: &[[u64; 2]]) -> Vec<[f64; 2]> {
+    v.iter().map(|p| p.map(f64::from_bits)).collect()
+}
+
+impl ObjectiveData {
+    fn read(cfg: &TrainConfig, tok: &TokenizerBundle, pad_id: u32) -> Result<Self> {
+        let kind = cfg.training.objective;
+        if kind == Kind::Sft {
+            let (rows, stats, skipped_lines) = encode_rows(tok, Path::new(&cfg.data.train), cfg)?;
+            let eval_rows = if cfg.data.eval.is_empty() {
+                Vec::new()
+            } else {
+                encode_rows(tok, Path::new(&cfg.data.eval), cfg)?.0
+            };
+            return Ok(Self::Sft(Sft {
+                rows,
+                eval_rows,
+                stats,
+                skipped_lines,
+                pad_id,
+            }));
+        }
+        let load = |path: &str| {
+            crate::data::pairs::load_pairs(
+                tok,
+                Path::new(path),
+                cfg.training.max_seq_len,
+                cfg.data.truncation_mode,
+                cfg.data.skip_bad_lines,
+            )
+        };
+        let (pairs, stats) = load(&cfg.data.train)?;
+        let eval_pairs = if cfg.data.eval.is_empty() {
+            Vec::new()
+        } else {
+            load(&cfg.data.eval)?.0
+        };
+        Ok(Self::Pref(Box::new(Preference::new(
+            kind,
+            Params {
+                beta: cfg.training.beta,
+                gamma: cfg.training.simpo_gamma,
+            },
+            pairs,
+            eval_pairs,
+            stats,
+            pad_id,
+        ))))
+    }
+
+    fn as_dyn(&self) -> &dyn Objective {
+        match self {
+            Self::Sft(s) => s,
+            Self::Pref(p) => &**p,
+        }
+    }
+
+    fn into_dyn(self) -> Box<dyn Objective> {
+        match self {
+            Self::Sft(s) => Box::new(s),
+            Self::Pref(p) => p,
+        }
+    }
+
+    /// DPO and IPO: the reference is the model's trainable values now (a fresh adapter's, or the
+    /// starting adapter's); with `training.precompute_ref`, its scores of every pair instead,
+    /// from the output directory's cache when its key (data, base, reference values) matches,
+    /// else computed and cached (by `lead`).
+    fn attach_reference(
+        &mut self,
+        cfg: &TrainConfig,
+        model: &Phi3,
+        model_dir: &Path,
+        output: &Path,
+        lead: bool,
+    ) -> Result<()> {
+        let Self::Pref(p) = self else {
+            return Ok(());
+        };
+        if !p.kind.has_reference() {
+            return Ok(());
+        }
+        let reference = Reference::snapshot(model)?;
+        if !cfg.training.precompute_ref {
+            p.reference = Some(reference);
+            return Ok(());
+        }
+        let mut bytes = p.fingerprint();
+        for e in &p.eval_pairs {
+            bytes.extend(
+                e.chosen
+                    .ids
+                    .iter()
+                    .chain(&e.rejected.ids)
+                    .flat_map(|v| v.to_le_bytes()),
+            );
+        }
+        bytes.extend(
+            std::fs::read(model_dir.join(crate::checkpoint::CONFIG_FILE)).unwrap_or_default(),
+        );
+        let mut files: Vec<(String, u64)> = std::fs::read_dir(model_dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                    .map(|e| {
+                        (
+                            e.file_name().to_string_lossy().into_owned(),
+                            e.metadata().map_or(0, |m| m.len()),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        bytes.extend(
+            format!(
+                "{files:?}{:?}{}{}",
+                cfg.quant, cfg.training.four_bit, cfg.training.dtype
+            )
+            .into_bytes(),
+        );
+        for v in model.trainable_vars() {
+            let host: Vec<f32> = v
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            bytes.extend(host.iter().flat_map(|x| x.to_le_bytes()));
+        }
+        let key = format!("{:016x}", dist::fnv1a(bytes));
+        let path = output.join(REF_CACHE);
+        if let Ok(text) = std::fs::read(&path)
+            && let Ok(c) = serde_json::from_slice::<RefCache>(&text)
+            && c.key == key
+            && c.train.len() == p.pairs.len()
+            && c.eval.len() == p.eval_pairs.len()
+        {
+            p.precomputed = Some((from_bits(&c.train), from_bits(&c.eval)));
+            return Ok(());
+        }
+        if lead {
+            eprintln!(
+                "computing the reference's log-probs of {} pairs once (training.precompute_ref)",
+                p.pairs.len() + p.eval_pairs.len()
+            );
+        }
+        drop(reference);
+        let (train, eval) = p.precompute(model, cfg.training.micro_batch_size)?;
+        if lead {
+            crate::fsx::disk::create_dir_all(output)?;
+            let c = RefCache {
+                key,
+                train: to_bits(&train),
+                eval: to_bits(&eval),
+            };
+            write_atomic(&path, &serde_json::to_vec(&c)?)?;
+        }
+        p.precomputed = Some((train, eval));
+        Ok(())
+    }
+}
+
 /// Whether [`Trainer::with_plan`] refuses a run its memory plan says does not fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlanCheck {
@@ -334,22 +536,39 @@ impl Trainer {
         };
         let dtype = compute_dtype(&cfg.training.dtype, &device).context("training.dtype")?;
         let memory = MemorySampler::start(&device)?;
+        // The adapter training starts from: its LoRA settings are the run's.
+        let mut start = if cfg.training.init_adapter.is_empty() {
+            None
+        } else {
+            let a = peft::load(Path::new(&cfg.training.init_adapter), &device)
+                .with_context(|| format!("training.init_adapter {}", cfg.training.init_adapter))?;
+            cfg.lora = a.config.clone();
+            Some(a)
+        };
+        if cfg.training.objective != Kind::Sft && cfg.training.disable_dropout {
+            // TRL's disable_dropout: the policy's log-probs are the reference's kind.
+            cfg.lora.dropout = 0.0;
+        }
+        if let Some(a) = &mut start {
+            // The adapters take their dropout from the adapter's config.
+            a.config.dropout = cfg.lora.dropout;
+        }
         let (mut tok, tokenizer_bytes) = crate::plan::inputs::load_tokenizer(&model_dir)?;
         let tokenizer_files = add_tokens(&mut cfg, &mut tok, &model_dir, comm.rank() == 0)?;
-        let (rows, stats, skipped_lines) = encode_rows(&tok, Path::new(&cfg.data.train), &cfg)?;
-        let eval_rows = if cfg.data.eval.is_empty() {
-            Vec::new()
-        } else {
-            encode_rows(&tok, Path::new(&cfg.data.eval), &cfg)?.0
-        };
+        let pad_id = tok.pad_id.or(tok.eos_id).unwrap_or(0);
+        let mut data = ObjectiveData::read(&cfg, &tok, pad_id)?;
+        let units = data.as_dyn().units();
         // The plan only where it is enforced (it reads the checkpoint's headers once more).
         if let PlanCheck::Enforce(budget) = check {
+            // A micro-batch of pairs is twice as many rows.
+            let mut plan_cfg = cfg.clone();
+            plan_cfg.training.micro_batch_size *= data.as_dyn().rows_per_unit();
             let plan = crate::plan::inputs::for_run(
-                &cfg,
+                &plan_cfg,
                 &model_dir,
                 crate::plan::Target::of(&device),
                 tokenizer_bytes,
-                crate::plan::inputs::Rows::of(&rows).and(crate::plan::inputs::Rows::of(&eval_rows)),
+                data.as_dyn().plan_rows(),
                 baseline,
             )?;
             let budget = budget.or_else(|| crate::plan::budget(&device));
@@ -362,7 +581,7 @@ impl Trainer {
                 );
             }
             if comm.rank() == 0 {
-                let steps = crate::plan::disk::total_steps(&cfg, rows.len(), comm.world());
+                let steps = crate::plan::disk::total_steps(&cfg, units, comm.world());
                 crate::plan::disk::check(&cfg, &plan.cfg, steps, Path::new(&cfg.training.output))?;
             }
         }
@@ -379,12 +598,18 @@ impl Trainer {
         {
             eprintln!("warning: {w}");
         }
-        let pad_id = tok.pad_id.or(tok.eos_id).unwrap_or(0);
         let global_micro_batch = comm.world() * cfg.training.micro_batch_size;
-        let total_steps = crate::plan::disk::total_steps(&cfg, rows.len(), comm.world());
+        let total_steps = crate::plan::disk::total_steps(&cfg, units, comm.world());
         attach::init_adapters(&mut model, &cfg.lora, cfg.training.seed)?;
         attach::init_modules(&mut model, &cfg.lora)?;
         attach::init_tokens(&mut model, &cfg.lora)?;
+        if let Some(a) = &start {
+            attach::load_adapters(&mut model, a)
+                .with_context(|| format!("training.init_adapter {}", cfg.training.init_adapter))?;
+        }
+        // The reference of DPO and IPO: the trainable values now, before a checkpoint's.
+        data.attach_reference(&cfg, &model, &model_dir, &output, comm.rank() == 0)?;
+        let objective = data.into_dyn();
         let params: Vec<Var> = model.trainable_vars();
         let kind: OptimizerKind = cfg.training.optimizer.parse()?;
         let mut opt = Optimizer::new(
@@ -429,13 +654,11 @@ impl Trainer {
         if !comm.is_single() {
             // Every rank must train the same thing: config, data and initial adapters.
             dist::check_same(&*comm, "config", dist::fnv1a(cfg.to_toml().into_bytes()))?;
-            let ids = rows.iter().flat_map(|r| {
-                r.ids
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .chain(r.targets.iter().flat_map(|v| v.to_le_bytes()))
-            });
-            dist::check_same(&*comm, "training data", dist::fnv1a(ids))?;
+            dist::check_same(
+                &*comm,
+                "training data",
+                dist::fnv1a(objective.fingerprint()),
+            )?;
             let mut bytes = Vec::new();
             for p in opt.params() {
                 let v: Vec<f32> = p
@@ -461,14 +684,10 @@ impl Trainer {
             model_dir,
             model,
             tok,
-            rows,
-            eval_rows,
-            stats,
-            skipped_lines,
+            objective,
             opt,
             state,
             total_steps,
-            pad_id,
             order: (0, Vec::new()),
             memory,
             comm,
@@ -487,13 +706,13 @@ impl Trainer {
         (self.comm.rank(), self.comm.world())
     }
 
-    /// This rank's share of the next global micro-batch (`None` when the epoch's last global
-    /// micro-batch has no row for it) and its input tokens (padding excluded), advancing the
-    /// cursor (and the epoch).
-    fn next_micro_batch(&mut self) -> Result<(Option<Batch>, usize)> {
-        let (rank, world) = (self.comm.rank(), self.comm.world());
+    /// The units of the next global micro-batch (every rank's), advancing the cursor (and the
+    /// epoch).
+    fn next_units(&mut self) -> Vec<usize> {
+        let world = self.comm.world();
         let mb = world * self.cfg.training.micro_batch_size;
-        let per_epoch = self.rows.len().div_ceil(mb);
+        let n = self.objective.units();
+        let per_epoch = n.div_ceil(mb);
         if self.state.cursor >= per_epoch {
             self.state.epoch += 1;
             self.state.cursor = 0;
@@ -501,55 +720,39 @@ impl Trainer {
         if self.order.0 != self.state.epoch || self.order.1.is_empty() {
             self.order = (
                 self.state.epoch,
-                epoch_order(self.rows.len(), self.cfg.training.seed, self.state.epoch),
+                epoch_order(n, self.cfg.training.seed, self.state.epoch),
             );
         }
         let order = &self.order.1;
         let start = self.state.cursor * mb;
-        let rows: Vec<&Row> = order[start..(start + mb).min(order.len())]
-            .iter()
-            .skip(rank)
-            .step_by(world)
-            .map(|&i| &self.rows[i])
-            .collect();
         self.state.cursor += 1;
-        let inputs = rows.iter().map(|r| r.ids.len()).sum();
-        if rows.is_empty() {
-            return Ok((None, 0));
-        }
-        Ok((
-            Some(collate(&rows, self.pad_id, &self.model.device)?),
-            inputs,
-        ))
+        order[start..(start + mb).min(order.len())].to_vec()
     }
 
-    /// Mean loss over the eval rows' target tokens.
-    pub fn evaluate(&self) -> Result<Option<f64>> {
-        if self.eval_rows.is_empty() {
+    /// The evaluation loss and the objective's metrics over the eval data.
+    pub fn evaluate(&mut self) -> Result<Option<(f64, BTreeMap<String, f64>)>> {
+        let n = self.objective.eval_units();
+        if n == 0 {
             return Ok(None);
         }
         let (rank, world) = (self.comm.rank(), self.comm.world());
-        let (mut sum, mut n) = (0f64, 0usize);
+        let mut sums = vec![0f64; self.objective.n_scalars()];
+        let all: Vec<usize> = (0..n).collect();
         // Rank r evaluates chunks r, r + world, …; the sums are then summed over ranks.
-        for chunk in self
-            .eval_rows
+        for chunk in all
             .chunks(self.cfg.training.micro_batch_size)
             .skip(rank)
             .step_by(world)
         {
-            let rows: Vec<&Row> = chunk.iter().collect();
-            let (s, k) = loss(
-                &self.model,
-                &collate(&rows, self.pad_id, &self.model.device)?,
-            )?;
-            sum += s;
-            n += k;
+            let s = self.objective.eval_batch(&self.model, chunk)?;
+            for (a, b) in sums.iter_mut().zip(s) {
+                *a += b;
+            }
         }
-        let mut v = [sum, n as f64];
         if !self.comm.is_single() {
-            self.comm.all_reduce_scalars(&mut v)?;
+            self.comm.all_reduce_scalars(&mut sums)?;
         }
-        Ok(Some(v[0] / v[1].max(1.0)))
+        Ok(Some(self.objective.finish_eval(&sums)))
     }
 
     /// One optimizer step; `None` when it was skipped for non-finite values.
@@ -557,37 +760,47 @@ impl Trainer {
         let t0 = Instant::now();
         let step = self.state.step;
         let mut sums: Option<Vec<Tensor>> = None;
-        let (mut loss_sum, mut n_tokens, mut n_input) = (0f64, 0usize, 0usize);
+        let mut scalars = vec![0f64; self.objective.n_scalars()];
+        let mut n_input = 0usize;
         let (rank, world) = (self.comm.rank(), self.comm.world());
-        for micro in 0..self.cfg.training.grad_accum {
-            let (batch, inputs) = self.next_micro_batch()?;
-            n_input += inputs;
-            let Some(batch) = batch else { continue };
+        let micro_batches: Vec<Vec<usize>> = (0..self.cfg.training.grad_accum)
+            .map(|_| self.next_units())
+            .collect();
+        self.objective.begin_step(&micro_batches.concat());
+        for (micro, global) in micro_batches.iter().enumerate() {
+            // Local unit b is global unit rank + b·world of the global micro-batch.
+            let mine: Vec<usize> = global.iter().skip(rank).step_by(world).copied().collect();
+            n_input += mine
+                .iter()
+                .map(|&i| self.objective.input_tokens(i))
+                .sum::<usize>();
+            if mine.is_empty() {
+                continue;
+            }
             let ctx = ForwardCtx {
                 dropout_seed: Some(mix_seed(
                     mix_seed(self.cfg.training.seed, step),
                     micro as u64,
                 )),
-                // Local row b is global row rank + b·world of the global micro-batch.
                 mask_rows: MaskRows {
                     first: rank as u64,
                     step: world as u64,
                 },
             };
-            let lg = loss_and_grads(
+            let c = self.objective.micro_batch(
                 &self.model,
-                &batch,
+                &mine,
                 &ctx,
                 self.cfg.training.gradient_checkpointing,
             )?;
-            loss_sum += lg.loss_sum;
-            n_tokens += lg.n_tokens;
-            let flat: Vec<Tensor> = lg.grads;
+            for (a, b) in scalars.iter_mut().zip(&c.scalars) {
+                *a += b;
+            }
             sums = Some(match sums {
-                None => flat,
+                None => c.grads,
                 Some(prev) => prev
                     .iter()
-                    .zip(&flat)
+                    .zip(&c.grads)
                     .map(|(p, g)| p + g)
                     .collect::<candle_core::Result<_>>()?,
             });
@@ -606,12 +819,17 @@ impl Trainer {
             let flat = self.comm.all_reduce_sum(&dist::flatten(&sums)?)?;
             sums = dist::unflatten(&flat, &sums)?;
             // A rank's stop request rides along: every rank learns it after the same step.
-            let mut v = [loss_sum, n_tokens as f64, n_input as f64, self.stop.vote()];
+            let mut v = scalars.clone();
+            v.extend([n_input as f64, self.stop.vote()]);
             self.comm.all_reduce_scalars(&mut v)?;
-            (loss_sum, n_tokens, n_input) = (v[0], v[1] as usize, v[2] as usize);
-            self.stop.agree(v[3]);
+            let k = scalars.len();
+            scalars.copy_from_slice(&v[..k]);
+            n_input = v[k] as usize;
+            self.stop.agree(v[k + 1]);
         }
-        let n = n_tokens.max(1) as f64;
+        let values = self.objective.finish(&scalars);
+        let n_tokens = values.trained_tokens as usize;
+        let n = values.divisor;
         // Each sum is dropped as its mean is made (and each mean as its clipped copy is): one set
         // of gradients alive, plus one tensor's worth in turn (full embedding and head copies
         // make these hundreds of MiB each).
@@ -619,7 +837,7 @@ impl Trainer {
             .into_iter()
             .map(|g| g / n)
             .collect::<candle_core::Result<_>>()?;
-        let loss = loss_sum / n;
+        let loss = values.loss;
         // Σ‖g‖² per parameter on the device, read back in one transfer.
         let per_param = grads
             .iter()
@@ -674,10 +892,11 @@ impl Trainer {
             seconds,
             peak_rss_mib: peak_rss_mib(),
             peak_device_mib: self.memory.peak_mib().map(|(peak, _)| peak),
+            extra: json_metrics(values.metrics),
         }))
     }
 
-    fn eval_metric(&self, step: u64, loss: f64) -> Metric {
+    fn eval_metric(&self, step: u64, loss: f64, extra: BTreeMap<String, f64>) -> Metric {
         Metric {
             kind: "eval".into(),
             step,
@@ -691,6 +910,7 @@ impl Trainer {
             seconds: 0.0,
             peak_rss_mib: peak_rss_mib(),
             peak_device_mib: self.memory.peak_mib().map(|(peak, _)| peak),
+            extra: json_metrics(extra),
         }
     }
 
@@ -834,8 +1054,12 @@ impl Trainer {
                         )
                     })
                     .unwrap_or_default();
+                let prefs = match (m.value("rewards/margins"), m.value("rewards/accuracies")) {
+                    (Some(margin), Some(acc)) => format!(" margin {margin:.4} acc {acc:.2}"),
+                    _ => String::new(),
+                };
                 let line = format!(
-                    "loss {:.4} lr {:.2e} tok/s {:.0} ({:.0} trained) peak {:.0} MiB{device_peak}",
+                    "loss {:.4}{prefs} lr {:.2e} tok/s {:.0} ({:.0} trained) peak {:.0} MiB{device_peak}",
                     m.loss, m.lr, m.tokens_per_s, m.trained_tokens_per_s, m.peak_rss_mib
                 );
                 bar.set_message(line.clone());
@@ -851,9 +1075,9 @@ impl Trainer {
             if every > 0
                 && self.state.step.is_multiple_of(every)
                 && self.state.step < self.total_steps
-                && let Some(l) = self.evaluate()?
+                && let Some((l, extra)) = self.evaluate()?
             {
-                log(&self.eval_metric(self.state.step, l))?;
+                log(&self.eval_metric(self.state.step, l, extra))?;
             }
             let save = self.cfg.training.save_every;
             let stopping =
@@ -876,9 +1100,10 @@ impl Trainer {
             }
         }
         bar.finish_and_clear();
-        let eval_loss = self.evaluate()?;
-        if let Some(l) = eval_loss {
-            log(&self.eval_metric(self.state.step, l))?;
+        let eval = self.evaluate()?;
+        let eval_loss = eval.as_ref().map(|e| e.0);
+        if let Some((l, extra)) = eval {
+            log(&self.eval_metric(self.state.step, l, extra))?;
         }
         if lead {
             self.save_adapter(&self.output.join("adapter"))?;

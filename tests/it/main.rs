@@ -24,6 +24,8 @@ mod optim8_train;
 mod peft_goldens;
 mod plan;
 mod preempt;
+mod pref;
+mod pref_train;
 mod quantize;
 mod tokens;
 mod train;

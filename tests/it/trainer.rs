@@ -36,7 +36,7 @@ pub fn train_losses(output: &Path) -> Vec<(u64, u64)> {
 /// Trains `cfg` into `tmp/a` uninterrupted and into `tmp/b` stopped after `stop` steps and
 /// resumed from its resolved config; asserts that both give the same loss curve and bit-identical
 /// adapter tensors, and returns `a` with its adapter's tensors.
-fn run_and_resume(
+pub fn run_and_resume(
     tmp: &Path,
     cfg: impl Fn(&Path) -> TrainConfig,
     stop: u64,

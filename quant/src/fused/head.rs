@@ -59,7 +59,74 @@ pub fn head_cross_entropy_cpu_lora(
     want_dw: bool,
     lora: Option<HeadLora<'_>>,
 ) -> Result<(f64, Tensor, Option<Tensor>, Option<HeadLoraGrads>)> {
+    let out = head_cpu(
+        h,
+        w,
+        targets,
+        HeadOptions {
+            want_grad: true,
+            want_dw,
+            lora,
+            weights: None,
+        },
+    )?;
+    Ok((
+        out.loss,
+        out.dh.expect("asked for the gradient"),
+        out.dw,
+        out.lora,
+    ))
+}
+
+/// What [`head_cpu`] computes beyond the loss.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HeadOptions<'a> {
+    /// `d loss / d h` (and the LoRA's gradients); without it, only the per-row values.
+    pub want_grad: bool,
+    /// The head's own gradient (a trainable head), with `want_grad`.
+    pub want_dw: bool,
+    pub lora: Option<HeadLora<'a>>,
+    /// Per-row weights `c_i` of the loss `Σ_i c_i · nll_i` (all 1 when `None`): a sequence-level
+    /// objective's `−∂L/∂ log p` per scored token.
+    pub weights: Option<&'a [f32]>,
+}
+
+/// [`head_cpu`]'s results: the weighted summed loss, each row's `nll_i = lse(z_i) − z_i,t_i` and
+/// `Σ_v z_i,v` (unweighted, f64), and the gradients that were asked for.
+#[derive(Debug)]
+pub struct HeadOutput {
+    pub loss: f64,
+    pub row_nll: Vec<f64>,
+    pub row_logit_sum: Vec<f64>,
+    pub dh: Option<Tensor>,
+    pub dw: Option<Tensor>,
+    pub lora: Option<HeadLoraGrads>,
+}
+
+/// The fused head with per-row weights and per-row values: [`head_cross_entropy_cpu_lora`] is its
+/// unweighted, gradient-taking case. The gradient of a weighted row is its unweighted gradient
+/// times the weight (`c_i · (softmax(z_i) − onehot(t_i))`), so a weight costs one multiply per
+/// logit.
+pub fn head_cpu(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    opts: HeadOptions<'_>,
+) -> Result<HeadOutput> {
+    let HeadOptions {
+        want_grad,
+        want_dw,
+        lora,
+        weights,
+    } = opts;
+    let want_dw = want_dw && want_grad;
     let (n, hd) = h.dims2()?;
+    if weights.is_some_and(|c| c.len() != n) {
+        bail!(
+            "head_cpu: {} weights for {n} rows",
+            weights.map_or(0, <[f32]>::len)
+        );
+    }
     let (v, w_h) = w.dims2()?;
     if !h.device().is_cpu() || h.dtype() != DType::F32 || w.dtype() != DType::F32 {
         bail!("head_cross_entropy_cpu: h and w must be f32 on the CPU");
@@ -84,7 +151,11 @@ pub fn head_cross_entropy_cpu_lora(
         }
         _ => bail!("head_cross_entropy_cpu: w is not on the CPU"),
     };
-    let mut dh = vec![0f32; n * hd];
+    let mut dh = if want_grad {
+        vec![0f32; n * hd]
+    } else {
+        Vec::new()
+    };
     let mut dw = if want_dw {
         vec![0f32; v * hd]
     } else {
@@ -124,11 +195,12 @@ pub fn head_cross_entropy_cpu_lora(
         }
     };
     let (mut dhd, mut da, mut db) = match &lo {
-        Some((r, ..)) => (vec![0f32; n * hd], vec![0f32; r * hd], vec![0f32; v * r]),
-        None => (Vec::new(), Vec::new(), Vec::new()),
+        Some((r, ..)) if want_grad => (vec![0f32; n * hd], vec![0f32; r * hd], vec![0f32; v * r]),
+        _ => (Vec::new(), Vec::new(), Vec::new()),
     };
     let mut z = vec![0f32; BLOCK_ROWS.min(n.max(1)) * v];
     let mut loss = 0f64;
+    let (mut row_nll, mut row_logit_sum) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for start in (0..n).step_by(BLOCK_ROWS) {
         let rows = BLOCK_ROWS.min(n - start);
         let z = &mut z[..rows * v];
@@ -150,23 +222,47 @@ pub fn head_cross_entropy_cpu_lora(
                 *s,
             );
         }
-        // Per row: max, Σ exp (each exp written in place), loss; then p − onehot in place.
-        let row_loss: Vec<f64> = z
+        // Per row: Σ z, max, Σ exp (each exp written in place), loss; then c·(p − onehot) in
+        // place.
+        let block_weights = weights.map(|c| &c[start..start + rows]);
+        let row_loss: Vec<(f64, f64)> = z
             .par_chunks_mut(v)
+            .enumerate()
             .zip(targets[start..start + rows].par_iter())
-            .map(|(row, &t)| {
+            .map(|((i, row), &t)| {
                 let t = t as usize;
                 let zt = row[t];
+                let zsum: f64 = row.iter().map(|&x| f64::from(x)).sum();
                 let (m, sum) = exp_sum_in_place(row);
                 let lse = sum.ln() + m;
-                for x in row.iter_mut() {
-                    *x /= sum;
+                if want_grad {
+                    match block_weights {
+                        None => {
+                            for x in row.iter_mut() {
+                                *x /= sum;
+                            }
+                            row[t] -= 1.0;
+                        }
+                        Some(c) => {
+                            let c = c[i];
+                            for x in row.iter_mut() {
+                                *x = *x / sum * c;
+                            }
+                            row[t] -= c;
+                        }
+                    }
                 }
-                row[t] -= 1.0;
-                f64::from(lse - zt)
+                (f64::from(lse - zt), zsum)
             })
             .collect();
-        loss += row_loss.iter().sum::<f64>();
+        for (i, (nll, zsum)) in row_loss.into_iter().enumerate() {
+            loss += block_weights.map_or(1.0, |c| f64::from(c[i])) * nll;
+            row_nll.push(nll);
+            row_logit_sum.push(zsum);
+        }
+        if !want_grad {
+            continue;
+        }
         mm(
             (rows, hd, v),
             &mut dh[start * hd..],
@@ -228,17 +324,24 @@ pub fn head_cross_entropy_cpu_lora(
         None
     };
     let lora_grads = match lo {
-        Some((r, ..)) => Some((
+        Some((r, ..)) if want_grad => Some((
             Tensor::from_vec(dhd, (n, hd), &Device::Cpu)?,
             Tensor::from_vec(da, (r, hd), &Device::Cpu)?,
             Tensor::from_vec(db, (v, r), &Device::Cpu)?,
         )),
-        None => None,
+        _ => None,
     };
-    Ok((
+    let dh = if want_grad {
+        Some(Tensor::from_vec(dh, (n, hd), &Device::Cpu)?)
+    } else {
+        None
+    };
+    Ok(HeadOutput {
         loss,
-        Tensor::from_vec(dh, (n, hd), &Device::Cpu)?,
+        row_nll,
+        row_logit_sum,
+        dh,
         dw,
-        lora_grads,
-    ))
+        lora: lora_grads,
+    })
 }

@@ -83,8 +83,8 @@ pub use attention::{
 };
 use candle_core::{D, DType, Result, Tensor, bail};
 pub use head::{
-    HeadLora, HeadLoraGrads, head_cross_entropy_cpu, head_cross_entropy_cpu_lora,
-    head_cross_entropy_cpu_with,
+    HeadLora, HeadLoraGrads, HeadOptions, HeadOutput, head_cpu, head_cross_entropy_cpu,
+    head_cross_entropy_cpu_lora, head_cross_entropy_cpu_with,
 };
 pub use lora::{lora_nf4_linear, lora_nf4_linear_memory};
 
