@@ -187,6 +187,8 @@ fn bench() -> Result<()> {
         rows: 0,
         eval: false,
         copies: Default::default(),
+        objective: qlora::train::objective::Kind::Sft,
+        reference_values: false,
         cfg: model.cfg.clone(),
     }
     .plan();

@@ -61,7 +61,9 @@ trl_run() { # mode
   [ "$1" = ckpt ] && flag=(--checkpointing)
   OMP_NUM_THREADS=$(nproc) "$PY" scripts/compare_cpu_dpo.py trl "$WORK/model" "$WORK/pairs.jsonl" \
     --work "$WORK" --seq $SEQ --steps "$STEPS" --warmup 1 "${flag[@]}" 2>"$WORK/trl-$1.log" \
-    || { tail -20 "$WORK/trl-$1.log" >&2; exit 1; }
+    >"$WORK/trl-$1.out" || { tail -20 "$WORK/trl-$1.log" >&2; exit 1; }
+  # The trainer prints its log dicts on stdout too: the result is the last line.
+  tail -1 "$WORK/trl-$1.out"
 }
 
 printf '%-24s %-10s %10s %10s %12s\n' "" side "s/step" "tok/s" "peak RSS MiB"

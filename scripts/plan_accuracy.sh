@@ -4,7 +4,7 @@
 # matrix of configurations: two model
 # shapes (random bf16 Phi-3s, written under a temp dir), sequence 128-1024, batch 1-4, rank 8-64,
 # gradient checkpointing on/off, NF4 and dense bases, AdamW and 8-bit AdamW, LoRA, DoRA and
-# modules_to_save copies of the embedding and head ("copies"). Prints a markdown
+# modules_to_save copies of the embedding and head ("copies"), DPO on preference pairs. Prints a markdown
 # table with the ratio.
 # Usage: scripts/plan_accuracy.sh [WORKDIR]   (CPU only; ~15 minutes on 2 cores)
 #        PLAN_ROWS=REGEX scripts/plan_accuracy.sh   runs only the rows whose arguments match, e.g.
@@ -31,17 +31,32 @@ with open(sys.argv[1], "w") as f:
         f.write(json.dumps({"messages": [{"role": "user", "content": f"Tell me story {i}."},
                                          {"role": "assistant", "content": reply}]}) + "\n")
 PY
+# Preference pairs whose chosen and rejected both fill max_seq_len (the DPO row).
+python3 - "$work/pairs.jsonl" <<'PY'
+import json, random, sys
+random.seed(1)
+words = "the of and to in is was for on that with as by at from this be are or an it not have".split()
+with open(sys.argv[1], "w") as f:
+    for i in range(64):
+        side = lambda: [{"role": "assistant", "content": " ".join(random.choice(words) for _ in range(3000))}]
+        f.write(json.dumps({"prompt": [{"role": "user", "content": f"Tell me story {i}."}],
+                            "chosen": side(), "rejected": side()}) + "\n")
+PY
 echo "| model | base | seq × batch | rank | checkpointing | dropout | optimizer | adapter | predicted MiB | measured MiB, median (range of 3) | predicted / measured |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
 run() {
   local model=$1 base=$2 seq=$3 batch=$4 rank=$5 ckpt=$6 dropout=$7 opt=${8:-adamw} kind=${9:-lora}
   [[ "$*" =~ ${PLAN_ROWS:-.} ]] || return 0
-  local flags=(--model "$work/$model" --data "$work/long.jsonl" --max-seq-len "$seq" --batch-size "$batch"
+  local data="$work/long.jsonl"
+  [ "$kind" = dpo ] && data="$work/pairs.jsonl"
+  local flags=(--model "$work/$model" --data "$data" --max-seq-len "$seq" --batch-size "$batch"
     --rank "$rank" --dropout "$dropout" --targets all-linear --set "training.optimizer=\"$opt\"")
   [ "$base" = nf4 ] && flags+=(--4bit)
   [ "$ckpt" = off ] && flags+=(--no-gradient-checkpointing)
   [ "$kind" = dora ] && flags+=(--use-dora)
   [ "$kind" = copies ] && flags+=(--modules-to-save embed_tokens,lm_head)
+  # DPO: pairs (a micro-batch of `batch` pairs is 2 × batch rows), the reference's values kept.
+  [ "$kind" = dpo ] && flags+=(--objective dpo)
   local pred
   pred=$($q plan "${flags[@]}" --json | python3 -c "import json,sys; print(json.load(sys.stdin)['peak_bytes'])")
   # The peak varies from run to run (which pool thread frees what first shapes glibc's heap):
@@ -69,6 +84,7 @@ run A nf4 512 2 16 off 0 adamw dora
 run A nf4 512 2 16 on 0.05 adamw copies
 run A nf4 512 2 16 on 0.05 adamw_8bit copies
 run A nf4 512 2 8 off 0
+run A nf4 512 2 16 on 0 adamw dpo
 run A dense 1024 1 16 on 0
 run A dense 512 1 16 off 0.05
 run B nf4 1024 2 16 on 0

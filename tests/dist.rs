@@ -638,3 +638,32 @@ fn a_signal_to_one_rank_stops_every_rank_after_the_same_step_and_the_job_resumes
     assert_curves_close(&losses(&cut), &losses(&full), "resumed vs uninterrupted");
     assert_adapters_close(&cut.join("adapter"), &full.join("adapter"));
 }
+
+#[test]
+fn preference_objectives_train_the_same_on_two_ranks() {
+    // DPO (each rank's reference pass on its own pairs) and ORPO (its NLL over the step's chosen
+    // tokens): both normalisers are counted over the whole step before it runs, so each rank's
+    // sums are already its share of the mean. Dropout on in the policy's pass.
+    for objective in ["dpo", "orpo"] {
+        let tmp = tempfile::tempdir().unwrap();
+        two_ranks_against_one(
+            tmp.path(),
+            "2",
+            "1",
+            &[
+                "--max-steps",
+                "4",
+                "--grad-accum",
+                "2",
+                "--objective",
+                objective,
+                "--data",
+                "data/prefs/train.jsonl",
+                "--eval-data",
+                "data/prefs/eval.jsonl",
+                "--set",
+                "training.disable_dropout=false",
+            ],
+        );
+    }
+}

@@ -1,8 +1,9 @@
-//! `qlora data inspect`: one rendered conversation with its trained tokens marked, counts, lints.
+//! `qlora data inspect`: one rendered conversation with its trained tokens marked, counts, lints;
+//! or, for preference pairs, one pair's chosen and rejected sequences with their scored tokens.
 
 use crate::data::batch::build_rows;
 use crate::data::{TokenizerBundle, read_jsonl};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +18,8 @@ pub struct DataArgs {
 #[derive(Debug, Subcommand)]
 enum DataCommand {
     /// Show one conversation rendered with the model's chat template, trained tokens between ⟦ ⟧,
-    /// then counts and lints for the whole file.
+    /// then counts and lints for the whole file; for preference pairs (lines with "chosen"), one
+    /// pair's chosen and rejected sequences as training cuts them, scored tokens between ⟦ ⟧.
     Inspect(InspectArgs),
 }
 
@@ -38,12 +40,169 @@ struct InspectArgs {
     /// Skip and count bad lines.
     #[arg(long)]
     skip_bad_lines: bool,
+    /// Preference pairs: keep_start or keep_end, as data.truncation_mode.
+    #[arg(long, default_value = "keep_start")]
+    truncation_mode: String,
+}
+
+/// Whether the file holds preference pairs (its first line has `chosen`).
+fn holds_pairs(path: &std::path::Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| !l.trim().is_empty())
+                .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        })
+        .is_some_and(|v| v.get("chosen").is_some())
+}
+
+/// `ids` as text, token by token, the scored ones (`mark[t]`) between ⟦ ⟧.
+fn marked(tok: &TokenizerBundle, ids: &[u32], mark: &[bool]) -> Result<String> {
+    let decode = |n: usize| -> Result<String> {
+        tok.tokenizer
+            .decode(&ids[..n], false)
+            .map_err(|e| anyhow::anyhow!("decoding: {e}"))
+    };
+    let (mut shown, mut prev, mut inside) = (String::new(), String::new(), false);
+    for (t, &scored) in mark.iter().enumerate().take(ids.len()) {
+        let text = decode(t + 1)?;
+        let piece = text
+            .strip_prefix(prev.as_str())
+            .unwrap_or(&text[prev.len().min(text.len())..]);
+        if scored != inside {
+            shown.push(if scored { '⟦' } else { '⟧' });
+            inside = scored;
+        }
+        shown.push_str(piece);
+        prev = text;
+    }
+    if inside {
+        shown.push('⟧');
+    }
+    Ok(shown)
+}
+
+/// `data inspect` on preference pairs: one pair as training sees it (after truncation, the scored
+/// completion tokens between ⟦ ⟧), counts, and lints.
+fn inspect_pairs(a: &InspectArgs, tok: &TokenizerBundle) -> Result<ExitCode> {
+    use crate::data::pairs::{Skip, cut_pair, encode_pair, read_pairs};
+    let mode: crate::data::pairs::Truncation = a.truncation_mode.parse()?;
+    let (raw, bad) = read_pairs(&a.data, a.skip_bad_lines)?;
+    if a.index >= raw.len() {
+        bail!("--index {}: the file has {} pairs", a.index, raw.len())
+    }
+    let mut lints = Vec::new();
+    let (mut truncated, mut kept, mut tokens, mut scored) = (0, 0, 0, 0);
+    for (i, r) in raw.iter().enumerate() {
+        let ids =
+            encode_pair(tok, r).with_context(|| format!("{}:{}", a.data.display(), r.line))?;
+        let rows = cut_pair(&ids, a.max_seq_len, mode);
+        if i == a.index {
+            println!(
+                "pair {} (line {}{}), {} prompt tokens:",
+                a.index,
+                r.line,
+                if r.implicit {
+                    ", prompt implicit: chosen and rejected's common start"
+                } else {
+                    ""
+                },
+                ids.prompt.len()
+            );
+            match &rows {
+                Ok(p) => {
+                    for (name, seq) in [("chosen", &p.chosen), ("rejected", &p.rejected)] {
+                        let mark: Vec<bool> = seq
+                            .completion
+                            .iter()
+                            .enumerate()
+                            .map(|(t, c)| *c && t > 0)
+                            .collect();
+                        println!(
+                            "{name} ({} tokens, {} scored):\n{}\n",
+                            seq.ids.len(),
+                            seq.scored_len(),
+                            marked(tok, &seq.ids, &mark)?
+                        );
+                    }
+                }
+                Err(e) => println!("skipped in training: {e:?}\n"),
+            }
+        }
+        match rows {
+            Ok(p) => {
+                kept += 1;
+                truncated += usize::from(p.truncated);
+                tokens += p.tokens();
+                scored += p.chosen.scored_len() + p.rejected.scored_len();
+                if p.truncated {
+                    lints.push(format!(
+                        "line {}: cut to max_seq_len {} ({})",
+                        r.line, a.max_seq_len, a.truncation_mode
+                    ));
+                }
+            }
+            Err(Skip::LongPrompt) => lints.push(format!(
+                "line {}: the prompt alone ({} tokens) fills max_seq_len {}: skipped (raise it, or --truncation-mode keep_end)",
+                r.line,
+                ids.prompt.len(),
+                a.max_seq_len
+            )),
+            Err(Skip::Identical) => lints.push(format!(
+                "line {}: chosen equals rejected: skipped (nothing to prefer)",
+                r.line
+            )),
+            Err(Skip::EmptyCompletion) => lints.push(format!(
+                "line {}: a completion keeps no scored token: skipped (its average log-prob would be 0/0, NaN in TRL)",
+                r.line
+            )),
+        }
+        // TRL warns too: the prompt's last tokens merged with the completion's first.
+        let alone = match &r.prompt {
+            crate::data::pairs::Side::Messages(m) => {
+                tok.encode(&tok.template.render(m, true)?)?.get_ids().len()
+            }
+            crate::data::pairs::Side::Text(t) => tok
+                .tokenizer
+                .encode(t.as_str(), true)
+                .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
+                .get_ids()
+                .len(),
+        };
+        if alone > ids.prompt.len() {
+            lints.push(format!(
+                "line {}: the prompt's last {} token(s) merge with the completion: the completion starts where they diverge",
+                r.line,
+                alone - ids.prompt.len()
+            ));
+        }
+    }
+    println!(
+        "{} pairs, {kept} kept ({tokens} tokens, {scored} scored completion tokens), {truncated} truncated at {}, {} skipped, {} bad lines skipped",
+        raw.len(),
+        a.max_seq_len,
+        raw.len() - kept,
+        bad.len()
+    );
+    if lints.is_empty() {
+        println!("lints: none");
+    } else {
+        println!("lints:");
+        for l in lints {
+            println!("  - {l}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn run(args: DataArgs) -> Result<ExitCode> {
     let DataCommand::Inspect(a) = args.command;
     let dir = crate::hub::resolve(&a.model)?;
     let tok = TokenizerBundle::from_dir(&dir)?;
+    if holds_pairs(&a.data) {
+        return inspect_pairs(&a, &tok);
+    }
     let report = read_jsonl(&a.data, a.skip_bad_lines)?;
     let encoded = report
         .conversations

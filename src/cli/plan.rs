@@ -43,22 +43,7 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
         }
     };
     let (tok, tokenizer) = inputs::load_tokenizer(&model_dir)?;
-    let mut rows = inputs::Rows::default();
-    let mut train_rows = 0;
-    for (path, what) in [
-        (&cfg.data.train, "data.train"),
-        (&cfg.data.eval, "data.eval"),
-    ] {
-        if path.is_empty() {
-            continue;
-        }
-        let encoded =
-            crate::train::trainer::encode_rows(&tok, Path::new(path), &cfg).context(what)?;
-        if what == "data.train" {
-            train_rows = encoded.0.len();
-        }
-        rows = rows.and(inputs::Rows::of(&encoded.0));
-    }
+    let (rows, train_rows) = crate::train::trainer::plan_data(&cfg, &tok).context("data.train")?;
     let p = inputs::for_run(&cfg, &model_dir, target, tokenizer, rows, baseline)?;
     let budget = match &args.train.budget {
         Some(b) => Some(plan::parse_bytes(b)?),

@@ -228,13 +228,21 @@ pub fn for_run(
             _ => 2,
         },
     };
+    let objective = cfg.training.objective;
+    let rows_per_batch = cfg.training.micro_batch_size.max(1)
+        * if objective == crate::train::objective::Kind::Sft {
+            1
+        } else {
+            2
+        };
     let tensors = load_order(&ck, &model, cfg.training.four_bit)
         .with_context(|| format!("{}: reading the tensor headers", model_dir.display()))?;
     Ok(Inputs {
         step: Step {
-            batch: rows.count.map_or(cfg.training.micro_batch_size, |n| {
-                n.clamp(1, cfg.training.micro_batch_size.max(1))
-            }),
+            // A preference micro-batch of B pairs is 2B rows.
+            batch: rows
+                .count
+                .map_or(rows_per_batch, |n| n.clamp(1, rows_per_batch)),
             seq: rows.longest.map_or(cfg.training.max_seq_len, |l| {
                 l.min(cfg.training.max_seq_len)
             }),
@@ -261,5 +269,7 @@ pub fn for_run(
         copies: super::Copies::of(&cfg.lora),
         rows: rows.bytes,
         eval: !cfg.data.eval.is_empty(),
+        objective,
+        reference_values: objective.has_reference() && !cfg.training.precompute_ref,
     })
 }

@@ -101,6 +101,10 @@ pub struct Inputs {
     pub eval: bool,
     /// `lora.modules_to_save` copies trained (f32 `[V, H]` each).
     pub copies: Copies,
+    /// The objective: a preference one scores pairs (its rows are in `step.batch`), and DPO and
+    /// IPO keep the reference's values unless its scores are precomputed.
+    pub objective: crate::train::objective::Kind,
+    pub reference_values: bool,
 }
 
 /// Tensors of a parameter's size alive at once in [`crate::train::optim::AdamW::step`]: the new
@@ -533,6 +537,13 @@ impl Inputs {
         add(&mut common, "norm weights", w.norms);
         add(&mut common, "adapters A, B (f32)", adapters);
         add(&mut common, "modules_to_save copies (f32)", copies);
+        if self.reference_values {
+            add(
+                &mut common,
+                "reference: the starting trainable values (DPO, IPO)",
+                trainable,
+            );
+        }
         let state_name = match self.optimizer {
             OptimizerKind::AdamW => "AdamW moments (2 × f32)",
             OptimizerKind::AdamW8bit => {
@@ -553,6 +564,10 @@ impl Inputs {
                 "batch: ids, positions, targets",
                 b * s * 20 + m * 12,
             );
+        }
+        if self.objective != crate::train::objective::Kind::Sft {
+            // Per scored position: log-prob and mean logit (f64), weight (f32), pair tag.
+            add(&mut common, "preference scores, weights, tags", m * 36);
         }
 
         let mut phases = vec![PhasePeak::of(Phase::Load, load_terms)];
@@ -1105,6 +1120,8 @@ mod tests {
             rows: 0,
             eval: false,
             copies: Copies::default(),
+            objective: crate::train::objective::Kind::Sft,
+            reference_values: false,
         }
     }
 

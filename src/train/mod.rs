@@ -2,10 +2,12 @@
 //! switch, in [`grads`]), the AdamW optimizer ([`optim`]) and bitsandbytes' 8-bit AdamW
 //! ([`optim8`]), the loop ([`trainer`]) and its clean stop on a signal ([`stop`]).
 
+mod build;
 pub mod grads;
 pub mod objective;
 pub mod optim;
 pub mod optim8;
+pub mod ranks;
 pub mod stop;
 pub mod trainer;
 

@@ -1,26 +1,22 @@
-//! The training loop, top to bottom: setup (config, model, adapters, data) → optimizer → steps
-//! (micro-batches accumulated, global-norm clipping, schedule, AdamW) → evaluation → checkpoints →
-//! the final adapter, metrics and loss plot.
+//! The training loop, top to bottom: setup (config, model, adapters, the objective with its data)
+//! → optimizer → steps (the objective's micro-batches accumulated, global-norm clipping, schedule,
+//! AdamW) → evaluation → checkpoints → the final adapter, metrics and loss plot. What is optimized
+//! lives in [`super::objective`], the data-parallel plumbing in [`super::ranks`], what a run is
+//! built from in `build`.
 //!
 //! Determinism: the data order of epoch `e` is a permutation drawn from `seed` and `e`; the dropout
 //! seed of a micro-batch is drawn from `seed`, the step and the micro-batch index. So the whole RNG
 //! state is the data cursor, and a checkpoint (adapter + AdamW moments + step + cursor) resumes into
-//! exactly the loss curve an uninterrupted run produces.
-//!
-//! Data parallelism ([`crate::dist`]): a micro-batch is a *global* one of `world × micro_batch_size`
-//! rows (the same rows in any world size), rank `r` taking its rows `r, r + world, …`; each rank
-//! sums its loss and gradients, the sums are all-reduced and divided by the global count of trained
-//! tokens, and everything after (clipping, AdamW, the schedule) runs identically on every rank.
-//! Dropout masks are numbered by global row. Rank 0 alone writes files.
+//! exactly the loss curve an uninterrupted run produces. Rank 0 alone writes files.
 
-use super::objective::pref::{Preference, Reference};
-use super::objective::sft::Sft;
-use super::objective::{Kind, Objective, Params};
+use super::build::{ObjectiveData, add_tokens};
+pub use super::build::{REF_CACHE, encode_rows, plan_data};
+use super::objective::{Kind, Objective};
 use super::optim::{AdamWConfig, Optimizer, OptimizerKind};
+use super::ranks::{self, rank_micro_batch, resume_cursor};
 use super::stop::Stop;
 use crate::config::{Schedule, TrainConfig};
-use crate::data::batch::{Row, RowStats, build_rows};
-use crate::data::{TokenizerBundle, read_jsonl};
+use crate::data::TokenizerBundle;
 use crate::device::{DeviceSpec, MemorySampler, compute_dtype};
 use crate::dist::{self, Backend, Communicator};
 use crate::fsx::disk::AppendLog;
@@ -159,73 +155,6 @@ pub struct Trainer {
     tokenizer_files: Option<(Vec<u8>, Vec<u8>)>,
 }
 
-/// `data.add_tokens` into `tok` (ids in the model's unused embedding rows, which then train as
-/// trainable token rows unless an embedding copy trains them), announced on `loud`; the extended
-/// tokenizer's files, or `None` when nothing is added.
-fn add_tokens(
-    cfg: &mut TrainConfig,
-    tok: &mut TokenizerBundle,
-    model_dir: &Path,
-    loud: bool,
-) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-    if cfg.data.add_tokens.is_empty() {
-        return Ok(None);
-    }
-    let cfg_path = model_dir.join(crate::checkpoint::CONFIG_FILE);
-    let value: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&cfg_path)
-            .with_context(|| format!("{}: cannot read", cfg_path.display()))?,
-    )
-    .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
-    let model = crate::model::Phi3Config::from_value(&value, &cfg_path.display().to_string())?;
-    let added = tok.add_tokens(&cfg.data.add_tokens, model.vocab_size)?;
-    let new: Vec<u32> = added.iter().filter(|a| a.2).map(|a| a.1).collect();
-    if cfg.lora.embedding_targeted() && !new.is_empty() {
-        bail!(
-            "data.add_tokens with a LoRA on embed_tokens: the new tokens' rows need to train \
-             themselves; drop embed_tokens from lora.targets (they then train as token rows), or \
-             train the embedding whole with lora.modules_to_save = [\"embed_tokens\"]"
-        );
-    }
-    let copy = cfg.lora.modules_to_save.iter().any(|m| m == "embed_tokens");
-    if !copy && !new.is_empty() {
-        let mut rows = cfg.lora.trainable_token_indices.embedding_rows()?;
-        for id in &new {
-            if !rows.contains(id) {
-                rows.push(*id);
-            }
-        }
-        cfg.lora.trainable_token_indices = crate::lora::TokenIndices::List(rows);
-    }
-    if loud {
-        let shown: Vec<String> = added
-            .iter()
-            .map(|(t, id, is_new)| {
-                format!(
-                    "{t} → {id}{}",
-                    if *is_new {
-                        " (new row, trained)"
-                    } else {
-                        " (already in the vocabulary)"
-                    }
-                )
-            })
-            .collect();
-        eprintln!("data.add_tokens: {}", shown.join(", "));
-        if new
-            .iter()
-            .any(|_| !cfg.lora.modules_to_save.iter().any(|m| m == "lm_head"))
-        {
-            eprintln!(
-                "note: the head's rows of new tokens are the checkpoint's untrained ones; to have \
-                 the model emit them, train the head too (lora.modules_to_save = [\"lm_head\"])"
-            );
-        }
-    }
-    let base_cfg = std::fs::read(model_dir.join("tokenizer_config.json")).ok();
-    Ok(Some(tok.files(base_cfg.as_deref())?))
-}
-
 /// The data order of `epoch`: a permutation drawn from the seed and the epoch alone, so a resumed
 /// run draws the same one.
 fn epoch_order(n_rows: usize, seed: u64, epoch: u64) -> Vec<usize> {
@@ -242,216 +171,6 @@ impl std::fmt::Debug for Trainer {
             .field("output", &self.output)
             .field("state", &self.state)
             .finish()
-    }
-}
-
-pub fn encode_rows(
-    tok: &TokenizerBundle,
-    path: &Path,
-    cfg: &TrainConfig,
-) -> Result<(Vec<Row>, RowStats, usize)> {
-    let report = read_jsonl(path, cfg.data.skip_bad_lines)?;
-    let encoded = report
-        .conversations
-        .iter()
-        .map(|c| {
-            tok.encode_conversation(c)
-                .with_context(|| format!("{}", path.display()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let (rows, stats) = build_rows(&encoded, cfg.training.max_seq_len, cfg.data.pack);
-    if rows.is_empty() {
-        bail!(
-            "{}: no conversation has trainable tokens within max_seq_len {}",
-            path.display(),
-            cfg.training.max_seq_len
-        );
-    }
-    Ok((rows, stats, report.skipped.len()))
-}
-
-/// The objective before the model exists (the memory plan needs its data), then given its
-/// reference.
-enum ObjectiveData {
-    Sft(Sft),
-    Pref(Box<Preference>),
-}
-
-/// The file in the output directory holding precomputed reference scores.
-pub const REF_CACHE: &str = "ref_logps.json";
-
-/// Precomputed reference scores, as f64 bits (JSON's decimal floats do not always read back to
-/// the same bits).
-#[derive(Serialize, Deserialize)]
-struct RefCache {
-    key: String,
-    train: Vec<[u64; 2]>,
-    eval: Vec<[u64; 2]>,
-}
-
-fn to_bits(v: &[[f64; 2]]) -> Vec<[u64; 2]> {
-    v.iter().map(|p| p.map(f64::to_bits)).collect()
-}
-
-fn from_bits(v: &[[u64; 2]]) -> Vec<[f64; 2]> {
-    v.iter().map(|p| p.map(f64::from_bits)).collect()
-}
-
-impl ObjectiveData {
-    fn read(cfg: &TrainConfig, tok: &TokenizerBundle, pad_id: u32) -> Result<Self> {
-        let kind = cfg.training.objective;
-        if kind == Kind::Sft {
-            let (rows, stats, skipped_lines) = encode_rows(tok, Path::new(&cfg.data.train), cfg)?;
-            let eval_rows = if cfg.data.eval.is_empty() {
-                Vec::new()
-            } else {
-                encode_rows(tok, Path::new(&cfg.data.eval), cfg)?.0
-            };
-            return Ok(Self::Sft(Sft {
-                rows,
-                eval_rows,
-                stats,
-                skipped_lines,
-                pad_id,
-            }));
-        }
-        let load = |path: &str| {
-            crate::data::pairs::load_pairs(
-                tok,
-                Path::new(path),
-                cfg.training.max_seq_len,
-                cfg.data.truncation_mode,
-                cfg.data.skip_bad_lines,
-            )
-        };
-        let (pairs, stats) = load(&cfg.data.train)?;
-        let eval_pairs = if cfg.data.eval.is_empty() {
-            Vec::new()
-        } else {
-            load(&cfg.data.eval)?.0
-        };
-        Ok(Self::Pref(Box::new(Preference::new(
-            kind,
-            Params {
-                beta: cfg.training.beta,
-                gamma: cfg.training.simpo_gamma,
-            },
-            pairs,
-            eval_pairs,
-            stats,
-            pad_id,
-        ))))
-    }
-
-    fn as_dyn(&self) -> &dyn Objective {
-        match self {
-            Self::Sft(s) => s,
-            Self::Pref(p) => &**p,
-        }
-    }
-
-    fn into_dyn(self) -> Box<dyn Objective> {
-        match self {
-            Self::Sft(s) => Box::new(s),
-            Self::Pref(p) => p,
-        }
-    }
-
-    /// DPO and IPO: the reference is the model's trainable values now (a fresh adapter's, or the
-    /// starting adapter's); with `training.precompute_ref`, its scores of every pair instead,
-    /// from the output directory's cache when its key (data, base, reference values) matches,
-    /// else computed and cached (by `lead`).
-    fn attach_reference(
-        &mut self,
-        cfg: &TrainConfig,
-        model: &Phi3,
-        model_dir: &Path,
-        output: &Path,
-        lead: bool,
-    ) -> Result<()> {
-        let Self::Pref(p) = self else {
-            return Ok(());
-        };
-        if !p.kind.has_reference() {
-            return Ok(());
-        }
-        let reference = Reference::snapshot(model)?;
-        if !cfg.training.precompute_ref {
-            p.reference = Some(reference);
-            return Ok(());
-        }
-        let mut bytes = p.fingerprint();
-        for e in &p.eval_pairs {
-            bytes.extend(
-                e.chosen
-                    .ids
-                    .iter()
-                    .chain(&e.rejected.ids)
-                    .flat_map(|v| v.to_le_bytes()),
-            );
-        }
-        bytes.extend(
-            std::fs::read(model_dir.join(crate::checkpoint::CONFIG_FILE)).unwrap_or_default(),
-        );
-        let mut files: Vec<(String, u64)> = std::fs::read_dir(model_dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
-                    .map(|e| {
-                        (
-                            e.file_name().to_string_lossy().into_owned(),
-                            e.metadata().map_or(0, |m| m.len()),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        files.sort();
-        bytes.extend(
-            format!(
-                "{files:?}{:?}{}{}",
-                cfg.quant, cfg.training.four_bit, cfg.training.dtype
-            )
-            .into_bytes(),
-        );
-        for v in model.trainable_vars() {
-            let host: Vec<f32> = v
-                .as_tensor()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?;
-            bytes.extend(host.iter().flat_map(|x| x.to_le_bytes()));
-        }
-        let key = format!("{:016x}", dist::fnv1a(bytes));
-        let path = output.join(REF_CACHE);
-        if let Ok(text) = std::fs::read(&path)
-            && let Ok(c) = serde_json::from_slice::<RefCache>(&text)
-            && c.key == key
-            && c.train.len() == p.pairs.len()
-            && c.eval.len() == p.eval_pairs.len()
-        {
-            p.precomputed = Some((from_bits(&c.train), from_bits(&c.eval)));
-            return Ok(());
-        }
-        if lead {
-            eprintln!(
-                "computing the reference's log-probs of {} pairs once (training.precompute_ref)",
-                p.pairs.len() + p.eval_pairs.len()
-            );
-        }
-        drop(reference);
-        let (train, eval) = p.precompute(model, cfg.training.micro_batch_size)?;
-        if lead {
-            crate::fsx::disk::create_dir_all(output)?;
-            let c = RefCache {
-                key,
-                train: to_bits(&train),
-                eval: to_bits(&eval),
-            };
-            write_atomic(&path, &serde_json::to_vec(&c)?)?;
-        }
-        p.precomputed = Some((train, eval));
-        Ok(())
     }
 }
 
@@ -560,11 +279,8 @@ impl Trainer {
         let units = data.as_dyn().units();
         // The plan only where it is enforced (it reads the checkpoint's headers once more).
         if let PlanCheck::Enforce(budget) = check {
-            // A micro-batch of pairs is twice as many rows.
-            let mut plan_cfg = cfg.clone();
-            plan_cfg.training.micro_batch_size *= data.as_dyn().rows_per_unit();
             let plan = crate::plan::inputs::for_run(
-                &plan_cfg,
+                &cfg,
                 &model_dir,
                 crate::plan::Target::of(&device),
                 tokenizer_bytes,
@@ -651,25 +367,12 @@ impl Trainer {
             truncate_metrics(&output.join("metrics.jsonl"), 0)?;
         }
         state.global_micro_batch = global_micro_batch;
-        if !comm.is_single() {
-            // Every rank must train the same thing: config, data and initial adapters.
-            dist::check_same(&*comm, "config", dist::fnv1a(cfg.to_toml().into_bytes()))?;
-            dist::check_same(
-                &*comm,
-                "training data",
-                dist::fnv1a(objective.fingerprint()),
-            )?;
-            let mut bytes = Vec::new();
-            for p in opt.params() {
-                let v: Vec<f32> = p
-                    .as_tensor()
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1()?;
-                bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
-            }
-            dist::check_same(&*comm, "initial adapter", dist::fnv1a(bytes))?;
-        }
+        ranks::check_same_run(
+            &*comm,
+            &cfg.to_toml(),
+            objective.fingerprint(),
+            opt.params(),
+        )?;
         if comm.rank() == 0 {
             crate::fsx::disk::create_dir_all(&output)?;
             write_atomic(
@@ -769,7 +472,7 @@ impl Trainer {
         self.objective.begin_step(&micro_batches.concat());
         for (micro, global) in micro_batches.iter().enumerate() {
             // Local unit b is global unit rank + b·world of the global micro-batch.
-            let mine: Vec<usize> = global.iter().skip(rank).step_by(world).copied().collect();
+            let mine = ranks::share(global, rank, world);
             n_input += mine
                 .iter()
                 .map(|&i| self.objective.input_tokens(i))
@@ -805,7 +508,7 @@ impl Trainer {
                     .collect::<candle_core::Result<_>>()?,
             });
         }
-        let mut sums = match sums {
+        let sums = match sums {
             Some(s) => s,
             // No row of this step fell to this rank: it adds zeros.
             None => self
@@ -815,18 +518,7 @@ impl Trainer {
                 .map(|p| p.as_tensor().zeros_like())
                 .collect::<candle_core::Result<_>>()?,
         };
-        if !self.comm.is_single() {
-            let flat = self.comm.all_reduce_sum(&dist::flatten(&sums)?)?;
-            sums = dist::unflatten(&flat, &sums)?;
-            // A rank's stop request rides along: every rank learns it after the same step.
-            let mut v = scalars.clone();
-            v.extend([n_input as f64, self.stop.vote()]);
-            self.comm.all_reduce_scalars(&mut v)?;
-            let k = scalars.len();
-            scalars.copy_from_slice(&v[..k]);
-            n_input = v[k] as usize;
-            self.stop.agree(v[k + 1]);
-        }
+        let sums = ranks::reduce_step(&*self.comm, sums, &mut scalars, &mut n_input, &self.stop)?;
         let values = self.objective.finish(&scalars);
         let n_tokens = values.trained_tokens as usize;
         let n = values.divisor;
@@ -1146,42 +838,6 @@ fn read_state(path: &Path) -> Result<TrainState> {
         .with_context(|| format!("{}: cannot read the training state", path.display()))
 }
 
-/// Each rank's micro-batch when a checkpoint is resumed on `world` ranks: the checkpoint's global
-/// micro-batch split evenly (a checkpoint from before data parallelism keeps `micro_batch_size`).
-fn rank_micro_batch(state: &TrainState, micro_batch_size: usize, world: usize) -> Result<usize> {
-    let global = state.global_micro_batch;
-    if global == 0 || global == world * micro_batch_size {
-        return Ok(micro_batch_size);
-    }
-    if !global.is_multiple_of(world) {
-        bail!(
-            "the checkpoint's global micro-batch is {global} rows, which {world} ranks cannot split evenly; resume with a world size that divides {global}"
-        );
-    }
-    Ok(global / world)
-}
-
-/// The cursor of a resumed run in global micro-batches of `global` rows: a checkpoint counts in
-/// its own run's (`state.global_micro_batch`, or `micro_batch_size` for a checkpoint from before
-/// data parallelism). A different world size keeps the data position when the rows consumed in the
-/// epoch fill whole new micro-batches (the same loss curve needs the same global batch:
-/// `world × batch size`).
-fn resume_cursor(state: &TrainState, micro_batch_size: usize, global: usize) -> Result<usize> {
-    let saved = if state.global_micro_batch == 0 {
-        micro_batch_size
-    } else {
-        state.global_micro_batch
-    };
-    let rows = state.cursor * saved;
-    if !rows.is_multiple_of(global) {
-        bail!(
-            "the checkpoint stands {rows} rows into epoch {}, which is not a whole number of global micro-batches of {global} rows (world size × batch size); resume with a world size × batch size that divides it (the checkpoint's was {saved})",
-            state.epoch
-        );
-    }
-    Ok(rows / global)
-}
-
 /// Checkpoint directories of a run, oldest first.
 pub fn list_checkpoints(output: &Path) -> Result<Vec<PathBuf>> {
     let dir = output.join("checkpoints");
@@ -1218,42 +874,4 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         out.push('\n');
     }
     write_atomic(path, out.as_bytes())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn state(cursor: usize, global_micro_batch: usize) -> TrainState {
-        TrainState {
-            cursor,
-            global_micro_batch,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn a_resumed_world_splits_the_checkpoints_global_micro_batch() {
-        // 2 ranks × 1 resumed on 1 process: batch 2; on 2 again: 1.
-        assert_eq!(rank_micro_batch(&state(3, 2), 1, 1).unwrap(), 2);
-        assert_eq!(rank_micro_batch(&state(3, 2), 1, 2).unwrap(), 1);
-        // 1 × 4 on 4 ranks: 1 each.
-        assert_eq!(rank_micro_batch(&state(3, 4), 4, 4).unwrap(), 1);
-        // A checkpoint from before data parallelism keeps the configured batch.
-        assert_eq!(rank_micro_batch(&state(3, 0), 3, 2).unwrap(), 3);
-        // 3 rows cannot be split over 2 ranks.
-        let err = rank_micro_batch(&state(3, 3), 3, 2)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("cannot split evenly"), "{err}");
-    }
-
-    #[test]
-    fn the_cursor_keeps_the_rows_consumed() {
-        assert_eq!(resume_cursor(&state(3, 2), 1, 2).unwrap(), 3);
-        // An old checkpoint (no global batch recorded) counted in micro_batch_size rows.
-        assert_eq!(resume_cursor(&state(3, 0), 2, 1).unwrap(), 6);
-        assert_eq!(resume_cursor(&state(3, 0), 2, 2).unwrap(), 3);
-        assert!(resume_cursor(&state(3, 0), 1, 2).is_err());
-    }
 }

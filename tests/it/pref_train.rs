@@ -71,6 +71,9 @@ fn every_preference_objective_resumes_bit_for_bit() {
         }
         let eval = m.iter().rfind(|m| m.kind == "eval").expect("an eval line");
         assert!(eval.value("rewards/accuracies").is_some());
+        // The plot's second panel: the reward margin.
+        let svg = std::fs::read_to_string(a.join("loss.svg")).unwrap();
+        assert!(svg.contains("reward margin"), "{kind}: no margin panel");
     }
 }
 
@@ -170,5 +173,88 @@ fn dpo_from_an_sft_adapter_learns_the_chosen_style() {
     for p in prompts {
         let text = greedy(&dpo.join("adapter"), p);
         assert!(text.starts_with("Sure"), "after DPO: {text:?}");
+    }
+}
+
+#[test]
+fn data_inspect_shows_a_pairs_scored_tokens_and_lints_what_training_skips() {
+    let (code, out, err) = qlora(&[
+        "data",
+        "inspect",
+        "--model",
+        "builtin:tiny-phi3",
+        "--data",
+        "tests/fixtures/pref/pairs_text.jsonl",
+        "--index",
+        "3",
+        "--max-seq-len",
+        "24",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    // TRL's split: "hap" + "py" tokenize as "▁happy", so the completion is that token and eos.
+    assert!(
+        out.contains("Complete the word:⟦ happy<|endoftext|>⟧"),
+        "{out}"
+    );
+    assert!(out.contains("5 pairs, 4 kept"), "{out}");
+    assert!(
+        out.contains("line 4: the prompt's last 2 token(s) merge"),
+        "{out}"
+    );
+    assert!(
+        out.contains("line 5: the prompt alone (29 tokens) fills max_seq_len 24"),
+        "{out}"
+    );
+}
+
+#[test]
+fn pairs_training_skips_cannot_become_nan_and_bad_lines_name_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("pairs.jsonl");
+    std::fs::write(
+        &data,
+        concat!(
+            r#"{"prompt": "Hi", "chosen": " same", "rejected": " same"}"#,
+            "\n",
+            r#"{"prompt": "Hi", "chosen": " yes", "rejected": " no"}"#,
+            "\n",
+            r#"{"prompt": "Hi", "chosen": " yes"}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("run");
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "train".to_string(),
+            "--4bit".into(),
+            "--config".into(),
+            "configs/dpo.toml".into(),
+            "--data".into(),
+            data.display().to_string(),
+            "--eval-data".into(),
+            String::new(),
+            "--max-steps".into(),
+            "2".into(),
+            "--output".into(),
+            out.display().to_string(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let a = args(&[]);
+    let (code, _, err) = qlora(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_ne!(code, 0);
+    assert!(err.contains("pairs.jsonl:3: expected"), "{err}");
+    let a = args(&["--skip-bad-lines"]);
+    let (code, _, err) = qlora(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("1 DPO pairs of 2 read"), "{err}");
+    assert!(
+        err.contains("chosen equals rejected, nothing to prefer (lines 1)"),
+        "{err}"
+    );
+    for m in metrics(&out) {
+        assert!(m.loss.is_finite());
     }
 }

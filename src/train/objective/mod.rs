@@ -70,8 +70,6 @@ pub trait Objective {
     fn eval_batch(&mut self, model: &Phi3, units: &[usize]) -> Result<Vec<f64>>;
     /// The evaluation loss and metrics from the summed scalars.
     fn finish_eval(&self, scalars: &[f64]) -> (f64, BTreeMap<String, f64>);
-    /// Rows the memory plan must hold per micro-batch unit (2 for a pair), and the data's
-    /// longest row and row bytes.
+    /// The data's rows for the memory plan: their count, longest and bytes.
     fn plan_rows(&self) -> crate::plan::inputs::Rows;
-    fn rows_per_unit(&self) -> usize;
 }

@@ -529,8 +529,4 @@ impl Objective for Preference {
         };
         rows(&self.pairs).and(rows(&self.eval_pairs))
     }
-
-    fn rows_per_unit(&self) -> usize {
-        2
-    }
 }

@@ -108,8 +108,4 @@ impl Objective for Sft {
         crate::plan::inputs::Rows::of(&self.rows)
             .and(crate::plan::inputs::Rows::of(&self.eval_rows))
     }
-
-    fn rows_per_unit(&self) -> usize {
-        1
-    }
 }
