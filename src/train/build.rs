@@ -168,7 +168,7 @@ impl ObjectiveData {
         } else {
             load(&cfg.data.eval)?.0
         };
-        Ok(Self::Pref(Box::new(Preference::new(
+        let mut p = Preference::new(
             kind,
             Params {
                 beta: cfg.training.beta,
@@ -178,7 +178,10 @@ impl ObjectiveData {
             eval_pairs,
             stats,
             pad_id,
-        ))))
+        );
+        // Sequences share rows only where the rows' layout cannot matter: without dropout.
+        p.pack = cfg.data.pack && cfg.lora.dropout == 0.0;
+        Ok(Self::Pref(Box::new(p)))
     }
 
     pub(super) fn as_dyn(&self) -> &dyn Objective {

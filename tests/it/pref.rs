@@ -308,3 +308,48 @@ fn orpo_equals_trl_orpo_with_the_nll_over_the_whole_chosen_row() {
 fn simpo_equals_trl_cpo_simpo() {
     check_case("simpo_start", true);
 }
+
+#[test]
+fn packing_a_micro_batchs_sequences_changes_no_number() {
+    // The goldens' pairs (sequences of 9, 10, 11 and 6 tokens) and one of 2 + 2: packed within
+    // the longest (11), the six sequences take 4 rows (11, 10, 9 + 2, 6 + 2) instead of 6.
+    let n = json("numerics.json");
+    let extra = cut_pair(
+        &PairIds {
+            prompt: vec![10],
+            chosen: vec![11],
+            rejected: vec![12],
+            line: 3,
+        },
+        usize::MAX,
+        Truncation::KeepStart,
+    )
+    .unwrap();
+    let units = [0, 1, 2];
+    for case in ["dpo_start", "orpo_start"] {
+        let run = |pack: bool| {
+            let (model, mut obj) = setup(case, &n);
+            obj.pairs.push(extra.clone());
+            obj.pack = pack;
+            let rows = obj.batch_rows(&units, &Device::Cpu).unwrap();
+            obj.begin_step(&units);
+            let out = obj
+                .micro_batch(&model, &units, &ForwardCtx::default(), true)
+                .unwrap();
+            (rows, obj.finish(&out.scalars), out.grads)
+        };
+        let ((ra, a, ga), (rb, b, gb)) = (run(false), run(true));
+        assert_eq!((ra, rb), (6, 4), "{case}: rows unpacked, packed");
+        close(b.loss, a.loss, 1e-6, &format!("{case} packed loss"));
+        for (k, v) in &a.metrics {
+            close(b.metrics[k], *v, 1e-6, &format!("{case} packed {k}"));
+        }
+        for (x, y) in ga.iter().zip(&gb) {
+            let d = max_abs_diff(x, y);
+            assert!(
+                d <= 1e-5 * max_abs(x).max(1e-6),
+                "{case}: packed gradient |Δ| {d:e}"
+            );
+        }
+    }
+}

@@ -174,6 +174,17 @@ fn dpo_from_an_sft_adapter_learns_the_chosen_style() {
         let text = greedy(&dpo.join("adapter"), p);
         assert!(text.starts_with("Sure"), "after DPO: {text:?}");
     }
+    // A PEFT adapter like any other: it merges (and the export's own verify passes).
+    let merged = tmp.path().join("merged");
+    let (code, _, err) = qlora(&[
+        "export",
+        "--adapter",
+        &dpo.join("adapter").display().to_string(),
+        "--out",
+        &merged.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(merged.join("config.json").exists());
 }
 
 #[test]

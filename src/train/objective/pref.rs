@@ -85,8 +85,8 @@ pub type RefScores = Vec<[f64; 2]>;
 /// Which pair and side a scored position belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Tag {
-    /// Batch row: `0..B` chosen, `B..2B` rejected.
-    row: usize,
+    /// The sequence: `0..B` the pairs' chosen ones, `B..2B` their rejected.
+    seq: usize,
     /// Whether it predicts a completion token (else a prompt token of a chosen row, scored for
     /// ORPO's NLL).
     completion: bool,
@@ -124,6 +124,9 @@ pub struct Preference {
     pub reference: Option<Reference>,
     /// Precomputed reference scores `[chosen, rejected]` per training and evaluation pair.
     pub precomputed: Option<(RefScores, RefScores)>,
+    /// Sequences share rows ([`pair_batch`]): only without dropout, whose masks are drawn per
+    /// row (so the layout of rows, which depends on the micro-batch, changes nothing).
+    pub pack: bool,
     /// The step's normalisers: its pairs, and (ORPO) its chosen rows' scored tokens.
     norm: (f64, f64),
 }
@@ -137,68 +140,89 @@ impl std::fmt::Debug for Preference {
     }
 }
 
-/// The rows of `pairs` as a batch (chosen rows, then rejected), and each scored position's tag.
-/// A row scores the positions predicting its completion tokens; ORPO's chosen rows score every
-/// position (its NLL spans the prompt, as TRL's).
+/// The sequences of `pairs` (the chosen ones, then the rejected) as a batch, and each scored
+/// position's tag. A sequence scores the positions predicting its completion tokens; ORPO's chosen
+/// ones score every position (its NLL spans the prompt, as TRL's). Each sequence is a row, or with
+/// `pack` the sequences share rows first-fit by decreasing length, no row longer than the longest
+/// sequence (positions restarting, each sequence its own segment of the block-diagonal mask): the
+/// padding goes and no row grows, so the attention does no more work than padded rows do.
 fn pair_batch(
     kind: Kind,
     pairs: &[&PairRows],
     pad_id: u32,
+    pack: bool,
     device: &candle_core::Device,
 ) -> Result<(Batch, Vec<Tag>)> {
-    let b = pairs.len();
     let seqs: Vec<(&Seq, bool)> = pairs
         .iter()
         .map(|p| (&p.chosen, true))
         .chain(pairs.iter().map(|p| (&p.rejected, false)))
         .collect();
-    let rows: Vec<Row> = seqs
-        .iter()
-        .map(|(s, chosen)| {
-            let n = s.ids.len();
-            Row {
-                ids: s.ids.clone(),
-                targets: (0..n)
-                    .map(|t| {
-                        let scored =
-                            t + 1 < n && (s.completion[t + 1] || (*chosen && kind.chosen_nll()));
-                        if scored {
-                            i64::from(s.ids[t + 1])
-                        } else {
-                            IGNORE_INDEX
-                        }
-                    })
-                    .collect(),
-                positions: (0..n as u32).collect(),
-                segments: vec![1; n],
+    let len = |i: usize| seqs[i].0.ids.len();
+    let longest = (0..seqs.len()).map(len).max().unwrap_or(0);
+    // Rows as lists of sequences, with their lengths.
+    let mut bins: Vec<(usize, Vec<usize>)> = Vec::new();
+    if pack {
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(len(i)));
+        for i in order {
+            match bins.iter_mut().find(|b| b.0 + len(i) <= longest) {
+                Some(b) => {
+                    b.0 += len(i);
+                    b.1.push(i);
+                }
+                None => bins.push((len(i), vec![i])),
             }
+        }
+    } else {
+        bins = (0..seqs.len()).map(|i| (len(i), vec![i])).collect();
+    }
+    let scored = |s: &Seq, chosen: bool, t: usize| {
+        t + 1 < s.ids.len() && (s.completion[t + 1] || (chosen && kind.chosen_nll()))
+    };
+    let mut tags = Vec::new();
+    let rows: Vec<Row> = bins
+        .iter()
+        .map(|(_, members)| {
+            let mut r = Row {
+                ids: Vec::new(),
+                targets: Vec::new(),
+                positions: Vec::new(),
+                segments: Vec::new(),
+            };
+            for (k, &i) in members.iter().enumerate() {
+                let (s, chosen) = seqs[i];
+                let n = s.ids.len();
+                r.ids.extend_from_slice(&s.ids);
+                for t in 0..n {
+                    if scored(s, chosen, t) {
+                        r.targets.push(i64::from(s.ids[t + 1]));
+                        // Row-major order, as the batch's scored positions are.
+                        tags.push(Tag {
+                            seq: i,
+                            completion: s.completion[t + 1],
+                        });
+                    } else {
+                        r.targets.push(IGNORE_INDEX);
+                    }
+                }
+                r.positions.extend(0..n as u32);
+                r.segments.extend(std::iter::repeat_n(k as u32 + 1, n));
+            }
+            r
         })
         .collect();
     let refs: Vec<&Row> = rows.iter().collect();
-    let batch = collate(&refs, pad_id, device)?;
-    let t = refs.iter().map(|r| r.ids.len()).max().unwrap_or(0);
-    let mut tags = Vec::new();
-    for (row, (s, _)) in seqs.iter().enumerate() {
-        for i in 0..t {
-            if batch.targets[row * t + i] != IGNORE_INDEX {
-                tags.push(Tag {
-                    row,
-                    completion: s.completion[i + 1],
-                });
-            }
-        }
-    }
-    debug_assert_eq!(b * 2, seqs.len());
-    Ok((batch, tags))
+    Ok((collate(&refs, pad_id, device)?, tags))
 }
 
-/// Summed log-probs of each row's completion positions, and their counts.
-fn row_sums(sc: &Scores, tags: &[Tag], rows: usize) -> (Vec<f64>, Vec<usize>) {
-    let (mut sum, mut n) = (vec![0f64; rows], vec![0usize; rows]);
+/// Summed log-probs of each sequence's completion positions, and their counts.
+fn row_sums(sc: &Scores, tags: &[Tag], seqs: usize) -> (Vec<f64>, Vec<usize>) {
+    let (mut sum, mut n) = (vec![0f64; seqs], vec![0usize; seqs]);
     for (lp, tag) in sc.logp.iter().zip(tags) {
         if tag.completion {
-            sum[tag.row] += lp;
-            n[tag.row] += 1;
+            sum[tag.seq] += lp;
+            n[tag.seq] += 1;
         }
     }
     (sum, n)
@@ -256,8 +280,8 @@ fn score(
     let (pairs_norm, nll_norm) = norm;
     let mut weights = Vec::with_capacity(tags.len());
     for ((lp, ml), tag) in sc.logp.iter().zip(&sc.mean_logit).zip(tags) {
-        let chosen = tag.row < b;
-        let pair = tag.row % b;
+        let chosen = tag.seq < b;
+        let pair = tag.seq % b;
         let mut c = 0f64;
         if tag.completion {
             s[TRAINED] += 1.0;
@@ -349,7 +373,8 @@ impl Preference {
             let mut out = Vec::with_capacity(pairs.len());
             for chunk in pairs.chunks(batch.max(1)) {
                 let refs: Vec<&PairRows> = chunk.iter().collect();
-                let (b, tags) = pair_batch(self.kind, &refs, self.pad_id, &model.device)?;
+                let (b, tags) =
+                    pair_batch(self.kind, &refs, self.pad_id, self.pack, &model.device)?;
                 let sc = match &self.reference {
                     Some(r) => r.with(model, || Ok(scores(model, &b)?))?,
                     None => scores(model, &b)?,
@@ -380,8 +405,20 @@ impl Preference {
             pad_id,
             reference: None,
             precomputed: None,
+            pack: false,
             norm: (1.0, 1.0),
         }
+    }
+
+    /// The rows a micro-batch of training pairs `units` takes (2 per pair, fewer when packed).
+    pub fn batch_rows(&self, units: &[usize], device: &candle_core::Device) -> Result<usize> {
+        let pairs: Vec<&PairRows> = units.iter().map(|&i| &self.pairs[i]).collect();
+        Ok(
+            pair_batch(self.kind, &pairs, self.pad_id, self.pack, device)?
+                .0
+                .input_ids
+                .dim(0)?,
+        )
     }
 
     /// The scores of one micro-batch of training pairs with the step's normalisers, its loss,
@@ -465,7 +502,7 @@ impl Objective for Preference {
         checkpointing: bool,
     ) -> Result<Contribution> {
         let pairs: Vec<&PairRows> = units.iter().map(|&i| &self.pairs[i]).collect();
-        let (batch, tags) = pair_batch(self.kind, &pairs, self.pad_id, &model.device)?;
+        let (batch, tags) = pair_batch(self.kind, &pairs, self.pad_id, self.pack, &model.device)?;
         let refs = self.refs_for(model, &batch, &tags, units, false)?;
         let (kind, params, norm) = (self.kind, self.params, self.norm);
         let mut scalars = Vec::new();
@@ -493,7 +530,7 @@ impl Objective for Preference {
 
     fn eval_batch(&mut self, model: &Phi3, units: &[usize]) -> Result<Vec<f64>> {
         let pairs: Vec<&PairRows> = units.iter().map(|&i| &self.eval_pairs[i]).collect();
-        let (batch, tags) = pair_batch(self.kind, &pairs, self.pad_id, &model.device)?;
+        let (batch, tags) = pair_batch(self.kind, &pairs, self.pad_id, self.pack, &model.device)?;
         let refs = self.refs_for(model, &batch, &tags, units, true)?;
         let sc = scores(model, &batch)?;
         Ok(score(
