@@ -123,6 +123,13 @@ pub struct Data {
     pub pack: bool,
     /// Skip (and count) bad lines instead of stopping.
     pub skip_bad_lines: bool,
+    /// The records' format: auto (detected from each record's keys), messages,
+    /// prompt_completion, sharegpt, alpaca or text.
+    #[serde(default)]
+    pub format: crate::data::formats::Format,
+    /// The dataset's column for each name a format reads, e.g. { output = "answer" }.
+    #[serde(default)]
+    pub columns: crate::data::formats::Columns,
     /// Preference pairs longer than max_seq_len: keep_start (TRL's default; a pair whose prompt
     /// alone fills it is skipped) or keep_end.
     #[serde(default)]
@@ -186,6 +193,8 @@ impl Default for TrainConfig {
                 skip_bad_lines: false,
                 add_tokens: Vec::new(),
                 truncation_mode: crate::data::pairs::Truncation::KeepStart,
+                format: crate::data::formats::Format::Auto,
+                columns: Default::default(),
             },
         }
     }
@@ -270,6 +279,7 @@ impl TrainConfig {
             .parse::<crate::device::DeviceSpec>()
             .context("training.device")?;
         self.lora.check_targets()?;
+        crate::data::formats::check_columns(&self.data.columns)?;
         self.quant.quant_type.parse::<qlora_quant::QuantType>()?;
         qlora_quant::Blocksize::new(self.quant.blocksize)?;
         Ok(())

@@ -204,14 +204,10 @@ pub fn run(args: DataArgs) -> Result<ExitCode> {
         return inspect_pairs(&a, &tok);
     }
     let report = read_jsonl(&a.data, a.skip_bad_lines)?;
-    let encoded = report
-        .conversations
-        .iter()
-        .map(|c| tok.encode_conversation(c))
-        .collect::<Result<Vec<_>>>()?;
+    let encoded = report.encode(&tok)?;
     let Some(e) = encoded.get(a.index) else {
         bail!(
-            "--index {}: the file has {} conversations",
+            "--index {}: the file has {} examples",
             a.index,
             encoded.len()
         )

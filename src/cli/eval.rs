@@ -35,11 +35,7 @@ pub struct EvalArgs {
 pub fn run(args: EvalArgs) -> Result<ExitCode> {
     let m = args.model.load()?;
     let report = read_jsonl(&args.data, args.skip_bad_lines)?;
-    let encoded = report
-        .conversations
-        .iter()
-        .map(|c| m.tok.encode_conversation(c))
-        .collect::<Result<Vec<_>>>()?;
+    let encoded = report.encode(&m.tok)?;
     let (rows, stats) = build_rows(&encoded, args.max_seq_len, true);
     let pad = m.tok.pad_id.or(m.tok.eos_id).unwrap_or(0);
     let (mut sum, mut n) = (0f64, 0usize);

@@ -1,10 +1,10 @@
-//! JSONL chat data. One conversation per line, either
-//! `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}` or
-//! `{"prompt": "...", "completion": "..."}` (a user turn and an assistant turn). A bad line (invalid
-//! JSON, unknown role, empty content, no assistant turn) is an error naming the file and line, or is
-//! skipped and counted when asked.
+//! Chat and text data, read from any source ([`super::source`]: JSONL, JSON arrays, gzip, zstd,
+//! Parquet, directories, globs) in any format ([`super::formats`]: messages, prompt/completion,
+//! ShareGPT, Alpaca, text). A bad record (invalid JSON, unknown role, empty content, no assistant
+//! turn, a missing mapped column) is an error naming its file and line (Parquet: row group and
+//! row), or is skipped and counted when asked.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -30,100 +30,106 @@ pub struct Conversation {
     pub line: usize,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMessage {
-    role: String,
-    content: String,
+/// A document for continued pretraining (the `text` format).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextDoc {
+    pub text: String,
+    /// 1-based line (or element, or row) in its file.
+    pub line: usize,
 }
 
-#[derive(Deserialize)]
-struct RawLine {
-    messages: Option<Vec<RawMessage>>,
-    prompt: Option<String>,
-    completion: Option<String>,
-}
-
-/// Conversations read, and lines skipped.
+/// Examples read, and records skipped.
 #[derive(Debug, Clone, Default)]
 pub struct ReadReport {
     pub conversations: Vec<Conversation>,
-    /// `(line, reason)` of each skipped line.
+    /// Documents of the `text` format.
+    pub texts: Vec<TextDoc>,
+    /// `(line, reason)` of each skipped record (the reason names its place).
     pub skipped: Vec<(usize, String)>,
 }
 
-fn parse_line(text: &str) -> std::result::Result<Vec<Message>, String> {
-    let raw: RawLine = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
-    let messages = match (raw.messages, raw.prompt, raw.completion) {
-        (Some(m), None, None) => m
-            .into_iter()
-            .enumerate()
-            .map(|(i, m)| {
-                let role = match m.role.as_str() {
-                    "system" => Role::System,
-                    "user" => Role::User,
-                    "assistant" => Role::Assistant,
-                    other => {
-                        return Err(format!(
-                            "message {i}: unknown role `{other}` (use system, user or assistant)"
-                        ));
-                    }
-                };
-                Ok(Message {
-                    role,
-                    content: m.content,
-                })
-            })
-            .collect::<std::result::Result<Vec<_>, _>>()?,
-        (None, Some(p), Some(c)) => vec![
-            Message {
-                role: Role::User,
-                content: p,
-            },
-            Message {
-                role: Role::Assistant,
-                content: c,
-            },
-        ],
-        _ => {
-            return Err(
-                "expected {\"messages\": [...]} or {\"prompt\": ..., \"completion\": ...}".into(),
-            );
+impl ReadReport {
+    /// Examples read.
+    pub fn len(&self) -> usize {
+        self.conversations.len() + self.texts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every example tokenized: the conversations (chat template, assistant turns trained), then
+    /// the documents (every token trained).
+    pub fn encode(&self, tok: &super::TokenizerBundle) -> Result<Vec<super::Encoded>> {
+        let mut out = Vec::with_capacity(self.len());
+        for c in &self.conversations {
+            out.push(tok.encode_conversation(c)?);
         }
-    };
-    if let Some(i) = messages.iter().position(|m| m.content.trim().is_empty()) {
-        return Err(format!("message {i} has empty content"));
+        for d in &self.texts {
+            out.push(tok.encode_text(d)?);
+        }
+        Ok(out)
     }
-    if !messages.iter().any(|m| m.role == Role::Assistant) {
-        return Err("no assistant message: nothing to train on".into());
-    }
-    Ok(messages)
 }
 
-/// Reads a JSONL file; blank lines are ignored.
+#[cfg(test)]
+fn parse_line(text: &str) -> std::result::Result<Vec<Message>, String> {
+    let v = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    match super::formats::example(v, super::formats::Format::Auto, &Default::default())? {
+        super::formats::Example::Chat(m) => Ok(m),
+        super::formats::Example::Text(_) => Err("a text document".into()),
+    }
+}
+
+/// Reads a JSONL file of any chat or text format (detected per record); blank lines are ignored.
 pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<ReadReport> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read the data file", crate::fsx::shown(path)))?;
+    read_data(
+        &path.to_string_lossy(),
+        super::formats::Format::Auto,
+        &Default::default(),
+        skip_bad_lines,
+    )
+}
+
+/// Reads `spec` (a file, a directory or a glob: [`super::source`]) in `format` (`Auto`: detected
+/// per record) with `columns` mapped ([`super::formats`]). A bad record stops with its place and
+/// the reason, or is skipped and reported with `skip_bad_lines`.
+pub fn read_data(
+    spec: &str,
+    format: super::formats::Format,
+    columns: &super::formats::Columns,
+    skip_bad_lines: bool,
+) -> Result<ReadReport> {
+    use super::formats::{Example, example};
     let mut report = ReadReport::default();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match parse_line(line) {
-            Ok(messages) => report.conversations.push(Conversation {
+    super::source::for_each_record(spec, |place, parsed| {
+        match parsed.and_then(|v| example(v, format, columns)) {
+            Ok(Example::Chat(messages)) => report.conversations.push(Conversation {
                 messages,
-                line: i + 1,
+                line: place.line,
             }),
-            Err(reason) if skip_bad_lines => report.skipped.push((i + 1, reason)),
+            Ok(Example::Text(text)) => report.texts.push(TextDoc {
+                text,
+                line: place.line,
+            }),
+            Err(reason) if skip_bad_lines => report
+                .skipped
+                .push((place.line, format!("{place}: {reason}"))),
             Err(reason) => bail!(
-                "{}:{}: {reason} (fix the line, or pass --skip-bad-lines to skip such lines)",
-                path.display(),
-                i + 1
+                "{place}: {reason} (fix the line, or pass --skip-bad-lines to skip such lines)"
             ),
         }
+        Ok(())
+    })?;
+    if report.is_empty() {
+        bail!("{spec}: no usable conversations or documents");
     }
-    if report.conversations.is_empty() {
-        bail!("{}: no usable conversations", path.display());
+    if !report.conversations.is_empty() && !report.texts.is_empty() {
+        bail!(
+            "{spec}: mixes chat examples ({}) and text documents ({}); train them in separate runs, or force one reading with data.format",
+            report.conversations.len(),
+            report.texts.len()
+        );
     }
     Ok(report)
 }

@@ -9,11 +9,13 @@
 //! - [`pairs`]: preference pairs (prompt, chosen, rejected), tokenized as TRL tokenizes them.
 
 pub mod batch;
+pub mod formats;
 pub mod jsonl;
 pub mod pairs;
+pub mod source;
 pub mod template;
 pub mod tokenize;
 
-pub use jsonl::{Conversation, Message, Role, read_jsonl};
+pub use jsonl::{Conversation, Message, Role, TextDoc, read_data, read_jsonl};
 pub use template::ChatTemplate;
 pub use tokenize::{Encoded, TokenizerBundle};

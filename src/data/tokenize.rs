@@ -183,6 +183,30 @@ impl TokenizerBundle {
             .map_err(|e| anyhow::anyhow!("decoding: {e}"))
     }
 
+    /// A document of the `text` format as TRL's SFTTrainer tokenizes a language-modeling example:
+    /// eos appended unless the text ends with it, the tokenizer's own special tokens added, every
+    /// token trained.
+    pub fn encode_text(&self, doc: &super::jsonl::TextDoc) -> Result<Encoded> {
+        let eos = self.template.eos_token.as_str();
+        let text = if doc.text.ends_with(eos) {
+            doc.text.clone()
+        } else {
+            format!("{}{eos}", doc.text)
+        };
+        let ids = self
+            .tokenizer
+            .encode(text.as_str(), true)
+            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
+            .get_ids()
+            .to_vec();
+        Ok(Encoded {
+            trained: vec![true; ids.len()],
+            ids,
+            text,
+            line: doc.line,
+        })
+    }
+
     /// Renders, tokenizes and marks the trained tokens of a conversation.
     pub fn encode_conversation(&self, conv: &Conversation) -> Result<Encoded> {
         let text = self.template.render(&conv.messages, false)?;

@@ -7,7 +7,6 @@ use super::objective::{Kind, Objective, Params};
 use crate::config::TrainConfig;
 use crate::data::TokenizerBundle;
 use crate::data::batch::{Row, RowStats, build_rows};
-use crate::data::read_jsonl;
 use crate::dist;
 use crate::fsx::write_atomic;
 use crate::model::Phi3;
@@ -88,19 +87,19 @@ pub fn encode_rows(
     path: &Path,
     cfg: &TrainConfig,
 ) -> Result<(Vec<Row>, RowStats, usize)> {
-    let report = read_jsonl(path, cfg.data.skip_bad_lines)?;
+    let report = crate::data::read_data(
+        &path.to_string_lossy(),
+        cfg.data.format,
+        &cfg.data.columns,
+        cfg.data.skip_bad_lines,
+    )?;
     let encoded = report
-        .conversations
-        .iter()
-        .map(|c| {
-            tok.encode_conversation(c)
-                .with_context(|| format!("{}", path.display()))
-        })
-        .collect::<Result<Vec<_>>>()?;
+        .encode(tok)
+        .with_context(|| format!("{}", path.display()))?;
     let (rows, stats) = build_rows(&encoded, cfg.training.max_seq_len, cfg.data.pack);
     if rows.is_empty() {
         bail!(
-            "{}: no conversation has trainable tokens within max_seq_len {}",
+            "{}: no example has trainable tokens within max_seq_len {}",
             path.display(),
             cfg.training.max_seq_len
         );

@@ -7,6 +7,7 @@ mod diskfull;
 mod dora;
 mod embed_lora;
 mod export;
+mod formats;
 mod fused_model;
 mod fuzz;
 mod gguf;
