@@ -404,14 +404,21 @@ fn a_rank_that_fails_ends_every_rank_with_a_message_naming_it() {
 
 #[test]
 fn accumulation_and_an_epochs_short_last_batch_match_too() {
-    // 21 demo rows in global micro-batches of 4: each epoch's last one has a single row, so rank 1
-    // has none and adds zeros; two micro-batches per step.
+    // The demo packed at 48 tokens is 29 rows, in global micro-batches of 4: each epoch's last one
+    // has a single row, so rank 1 has none and adds zeros; two micro-batches per step.
     let tmp = tempfile::tempdir().unwrap();
     let (one, _, _) = two_ranks_against_one(
         tmp.path(),
         "4",
         "2",
-        &["--grad-accum", "2", "--max-steps", "8"],
+        &[
+            "--grad-accum",
+            "2",
+            "--max-steps",
+            "8",
+            "--max-seq-len",
+            "48",
+        ],
     );
     assert_eq!(losses(&one).len(), 8);
 }

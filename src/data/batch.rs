@@ -1,6 +1,7 @@
 //! Rows and micro-batches. Conversations are truncated to `max_seq_len` (counted), then either packed
-//! first-fit in order into rows of at most `max_seq_len` tokens (positions restart per conversation,
-//! each conversation its own segment, so nothing attends across them) or kept one per row. A
+//! best-fit decreasing into rows of at most `max_seq_len` tokens (positions restart per
+//! conversation, each conversation its own segment, so nothing attends across them) or kept one per
+//! row. A
 //! micro-batch pads its rows to the longest with the pad id, untrained, in a segment of their own.
 
 use super::tokenize::Encoded;
@@ -27,15 +28,29 @@ pub struct RowStats {
     pub dropped: usize,
     pub tokens: usize,
     pub trained_tokens: usize,
+    /// Rows built, and the tokens they could hold (`rows × max_seq_len`).
+    pub rows: usize,
+    pub capacity: usize,
 }
 
-/// Builds rows from encoded conversations.
+impl RowStats {
+    /// The share of the rows' room left as padding.
+    pub fn padding_fraction(&self) -> f64 {
+        1.0 - self.tokens as f64 / self.capacity.max(1) as f64
+    }
+}
+
+/// Builds rows from encoded conversations: each truncated to `max_seq_len` (counted) and dropped
+/// when nothing trained is left; then one per row, or with `pack` packed best-fit decreasing (TRL's
+/// `bfd` strategy): longest first, each into the row whose free space fits it most tightly, a new
+/// row when none does.
 pub fn build_rows(encoded: &[Encoded], max_seq_len: usize, pack: bool) -> (Vec<Row>, RowStats) {
     let mut stats = RowStats {
         conversations: encoded.len(),
         ..Default::default()
     };
-    let mut rows: Vec<Row> = Vec::new();
+    // (ids, targets) of each kept conversation, in order.
+    let mut kept: Vec<(&[u32], Vec<i64>)> = Vec::new();
     for e in encoded {
         let n = e.ids.len().min(max_seq_len);
         if n < e.ids.len() {
@@ -59,22 +74,64 @@ pub fn build_rows(encoded: &[Encoded], max_seq_len: usize, pack: bool) -> (Vec<R
         }
         stats.tokens += n;
         stats.trained_tokens += trained;
-        let fits = pack && rows.last().is_some_and(|r| r.ids.len() + n <= max_seq_len);
-        if !fits {
-            rows.push(Row {
+        kept.push((ids, targets));
+    }
+    // Row of each kept conversation.
+    let bins: Vec<Vec<usize>> = if pack {
+        let mut order: Vec<usize> = (0..kept.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(kept[i].0.len()));
+        let mut bins: Vec<Vec<usize>> = Vec::new();
+        // Free space → rows with that much free, for the tightest fit in log time.
+        let mut free: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for i in order {
+            let n = kept[i].0.len();
+            let fit = free.range(n..).next().map(|(&space, _)| space);
+            let b = match fit {
+                Some(space) => {
+                    let rows = free.get_mut(&space).expect("found above");
+                    let b = rows.pop().expect("non-empty");
+                    if rows.is_empty() {
+                        free.remove(&space);
+                    }
+                    free.entry(space - n).or_default().push(b);
+                    b
+                }
+                None => {
+                    bins.push(Vec::new());
+                    free.entry(max_seq_len - n)
+                        .or_default()
+                        .push(bins.len() - 1);
+                    bins.len() - 1
+                }
+            };
+            bins[b].push(i);
+        }
+        bins
+    } else {
+        (0..kept.len()).map(|i| vec![i]).collect()
+    };
+    let rows = bins
+        .iter()
+        .map(|members| {
+            let mut row = Row {
                 ids: Vec::new(),
                 targets: Vec::new(),
                 positions: Vec::new(),
                 segments: Vec::new(),
-            });
-        }
-        let row = rows.last_mut().expect("pushed above");
-        let seg = row.segments.last().copied().unwrap_or(0) + 1;
-        row.ids.extend_from_slice(ids);
-        row.targets.extend(targets);
-        row.positions.extend(0..n as u32);
-        row.segments.extend(std::iter::repeat_n(seg, n));
-    }
+            };
+            for (k, &i) in members.iter().enumerate() {
+                let (ids, targets) = &kept[i];
+                row.ids.extend_from_slice(ids);
+                row.targets.extend_from_slice(targets);
+                row.positions.extend(0..ids.len() as u32);
+                row.segments
+                    .extend(std::iter::repeat_n(k as u32 + 1, ids.len()));
+            }
+            row
+        })
+        .collect::<Vec<_>>();
+    stats.rows = rows.len();
+    stats.capacity = rows.len() * max_seq_len;
     (rows, stats)
 }
 
@@ -148,5 +205,32 @@ mod tests {
         assert_eq!(rows.len(), 2);
         let (rows, stats) = build_rows(&[a], 2, true);
         assert_eq!((rows.len(), stats.truncated, stats.dropped), (0, 1, 1));
+    }
+
+    #[test]
+    fn packing_is_best_fit_decreasing() {
+        // Rows of 10: 6 opens a row (4 free), 5 another (5 free); 4 goes where it fits most
+        // tightly (the 4 free, not the 5), 3 into the other. In order, 6 | 5 4 | 3 would take 3
+        // rows.
+        let conv = |n: usize, first: u32| {
+            let ids: Vec<u32> = (first..first + n as u32).collect();
+            enc(&ids, &vec![true; n])
+        };
+        let e = [conv(5, 10), conv(3, 20), conv(6, 30), conv(4, 40)];
+        let (rows, stats) = build_rows(&e, 10, true);
+        let starts: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|r| {
+                r.positions
+                    .iter()
+                    .zip(&r.ids)
+                    .filter(|(p, _)| **p == 0)
+                    .map(|(_, id)| *id)
+                    .collect()
+            })
+            .collect();
+        assert_eq!(starts, vec![vec![30, 40], vec![10, 20]]);
+        assert_eq!((stats.rows, stats.capacity, stats.tokens), (2, 20, 18));
+        assert!((stats.padding_fraction() - 0.1).abs() < 1e-12);
     }
 }

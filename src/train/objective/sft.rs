@@ -51,11 +51,12 @@ impl Objective for Sft {
     fn describe(&self) -> String {
         let s = &self.stats;
         format!(
-            "{} rows from {} conversations ({} tokens, {} trained; {} truncated to max_seq_len, {} dropped, {} bad lines skipped)",
+            "{} rows from {} examples ({} tokens, {} trained; {:.1}% of the rows' room padding; {} truncated to max_seq_len, {} dropped, {} bad lines skipped)",
             self.rows.len(),
             s.conversations,
             s.tokens,
             s.trained_tokens,
+            100.0 * s.padding_fraction(),
             s.truncated,
             s.dropped,
             self.skipped_lines
