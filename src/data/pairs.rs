@@ -1,7 +1,8 @@
 //! Preference pairs for DPO, IPO, ORPO and SimPO, read and tokenized as TRL's `DPOTrainer` does
 //! (TRL 1.16, pinned in tests/fixtures/gen_pref_goldens.py):
 //!
-//! - a JSONL line is `{"prompt", "chosen", "rejected"}`, each a string or a list of messages, or
+//! - a record (a JSONL line, a JSON array's element, a Parquet row: [`super::source`]) is
+//!   `{"prompt", "chosen", "rejected"}`, each a string or a list of messages, or
 //!   `{"chosen", "rejected"}` alone, whose prompt is their longest common prefix (of messages, or
 //!   of characters for strings: TRL's `extract_prompt`, whose space rule hands a space before the
 //!   difference to the completions);
@@ -244,8 +245,13 @@ fn common_prefix<T: PartialEq>(a: &[T], b: &[T], is_space: impl Fn(&T) -> bool) 
     n.saturating_sub(1)
 }
 
+#[cfg(test)]
 fn parse_line(text: &str) -> std::result::Result<(Side, Side, Side, bool), String> {
-    let raw: RawLine = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    parse_record(serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?)
+}
+
+fn parse_record(v: serde_json::Value) -> std::result::Result<(Side, Side, Side, bool), String> {
+    let raw: RawLine = serde_json::from_value(v).map_err(|e| format!("not a pair: {e}"))?;
     let (Some(chosen), Some(rejected)) = (raw.chosen, raw.rejected) else {
         return Err(
             "expected {\"prompt\", \"chosen\", \"rejected\"} or {\"chosen\", \"rejected\"} (strings or lists of messages)"
@@ -294,35 +300,32 @@ fn parse_line(text: &str) -> std::result::Result<(Side, Side, Side, bool), Strin
 /// `(line, reason)` of each line skipped as unreadable.
 pub type BadLines = Vec<(usize, String)>;
 
-/// Reads a preference JSONL file; blank lines are ignored. A bad line is an error naming the file
-/// and line, or (`skip_bad_lines`) skipped and reported.
+/// Reads preference pairs from any source [`super::source`] reads (JSONL, JSON arrays, gzip,
+/// zstd, Parquet, directories, globs); blank lines are ignored. A bad record is an error naming
+/// its place, or (`skip_bad_lines`) skipped and reported.
 pub fn read_pairs(path: &Path, skip_bad_lines: bool) -> Result<(Vec<RawPair>, BadLines)> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read the data file", crate::fsx::shown(path)))?;
     let (mut pairs, mut skipped) = (Vec::new(), Vec::new());
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match parse_line(line) {
+    super::source::for_each_record(&path.to_string_lossy(), |place, parsed| {
+        match parsed.and_then(parse_record) {
             Ok((prompt, chosen, rejected, implicit)) => pairs.push(RawPair {
                 prompt,
                 chosen,
                 rejected,
                 implicit,
-                line: i + 1,
+                line: place.line,
             }),
-            Err(reason) if skip_bad_lines => skipped.push((i + 1, reason)),
+            Err(reason) if skip_bad_lines => {
+                skipped.push((place.line, format!("{place}: {reason}")))
+            }
             Err(reason) => bail!(
-                "{}:{}: {reason} (fix the line, or pass --skip-bad-lines to skip such lines)",
-                path.display(),
-                i + 1
+                "{place}: {reason} (fix the line, or pass --skip-bad-lines to skip such lines)"
             ),
         }
-    }
+        Ok(())
+    })?;
     if pairs.is_empty() {
         bail!(
-            "{}: no preference pairs (expected JSONL lines with \"chosen\" and \"rejected\")",
+            "{}: no preference pairs (expected records with \"chosen\" and \"rejected\")",
             path.display()
         );
     }

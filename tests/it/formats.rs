@@ -109,3 +109,16 @@ fn every_format_trains_from_its_config() {
         assert!(stdout.contains("done: 2 steps"), "{config}: {stdout}");
     }
 }
+
+#[test]
+fn preference_pairs_read_from_parquet_as_from_jsonl() {
+    // pyarrow's copy of the TRL goldens' conversational pairs (list<struct<role, content>>).
+    let a = qlora::data::pairs::read_pairs(&fixtures().join("pref/pairs_chat.jsonl"), false)
+        .unwrap()
+        .0;
+    let b = qlora::data::pairs::read_pairs(&fixtures().join("formats/pairs_chat.parquet"), false)
+        .unwrap()
+        .0;
+    assert_eq!(a.len(), 4);
+    assert_eq!(a, b);
+}
