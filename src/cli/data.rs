@@ -45,15 +45,9 @@ struct InspectArgs {
     truncation_mode: String,
 }
 
-/// Whether the file holds preference pairs (its first line has `chosen`).
+/// Whether the data holds preference pairs (its first record has `chosen`), from any source.
 fn holds_pairs(path: &std::path::Path) -> bool {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| !l.trim().is_empty())
-                .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        })
+    crate::data::source::first_record(&path.to_string_lossy())
         .is_some_and(|v| v.get("chosen").is_some())
 }
 

@@ -104,6 +104,21 @@ pub fn for_each_record(
     Ok(())
 }
 
+/// The first record of `spec` that parses, reading no further than it (what a data set holds;
+/// `None` when nothing parses).
+pub fn first_record(spec: &str) -> Option<Value> {
+    let mut first = None;
+    // An error stops the walk at the first record; the walk's own errors mean "none".
+    let _ = for_each_record(spec, |_, v| {
+        if let Ok(v) = v {
+            first = Some(v);
+            bail!("found");
+        }
+        Ok(())
+    });
+    first
+}
+
 fn read_file(
     file: &Path,
     f: &mut impl FnMut(Place, std::result::Result<Value, String>) -> Result<()>,

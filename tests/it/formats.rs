@@ -122,3 +122,17 @@ fn preference_pairs_read_from_parquet_as_from_jsonl() {
     assert_eq!(a.len(), 4);
     assert_eq!(a, b);
 }
+
+#[test]
+fn data_inspect_finds_pairs_in_parquet() {
+    let (code, out, err) = qlora(&[
+        "data",
+        "inspect",
+        "--model",
+        "builtin:tiny-phi3",
+        "--data",
+        "tests/fixtures/formats/pairs_chat.parquet",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("4 pairs, 4 kept"), "{out}");
+}

@@ -420,13 +420,6 @@ impl Preference {
                 .dim(0)?,
         )
     }
-
-    /// The scores of one micro-batch of training pairs with the step's normalisers, its loss,
-    /// metrics and gradient sums: for tests against TRL, which the trainer reaches through
-    /// [`Objective::micro_batch`].
-    pub fn set_norm(&mut self, pairs: f64, nll_tokens: f64) {
-        self.norm = (pairs, nll_tokens);
-    }
 }
 
 /// Scored ORPO NLL positions of a pair's chosen row (every next token).
