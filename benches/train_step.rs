@@ -119,6 +119,8 @@ fn preference_step(c: &mut Criterion) {
         stats: Default::default(),
         skipped_lines: 0,
         pad_id: 0,
+        cached: false,
+        held_out: 0,
     };
     let params = Params {
         beta: 0.1,

@@ -110,10 +110,27 @@ pub struct Quant {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Data {
-    /// Training JSONL.
+    /// Training data: a file (JSONL, JSON array, gzip or zstd of those, Parquet), a directory, a
+    /// glob, or a Hub dataset `hf://datasets/owner/name[@revision][/config]`.
     pub train: String,
-    /// Evaluation JSONL ("" for none).
+    /// Evaluation data, as `train` ("" for none).
     pub eval: String,
+    /// The split of a Hub dataset `train` reads.
+    #[serde(default = "default_split")]
+    pub split: String,
+    /// The split evaluation reads: of `eval` when it is a Hub dataset (default `test`), else of
+    /// `train` ("" for none).
+    #[serde(default)]
+    pub eval_split: String,
+    /// Hold out this fraction of the training examples for evaluation (0: none), chosen by
+    /// `training.seed`; instead of `eval` / `eval_split`.
+    #[serde(default)]
+    pub eval_fraction: f64,
+    /// Keep the tokenized examples in qlora's cache (`~/.cache/qlora/data`), keyed by the data's
+    /// content, the tokenizer, the template and the reading settings, so a second run, a resume
+    /// or `qlora plan` reads them instead of tokenizing again.
+    #[serde(default = "default_true")]
+    pub cache: bool,
     /// New tokens, put in the checkpoint's unused embedding rows and trained there (as trainable
     /// token rows, or inside an embedding copy); the extended tokenizer is saved beside the
     /// adapter and every export carries it.
@@ -134,6 +151,70 @@ pub struct Data {
     /// alone fills it is skipped) or keep_end.
     #[serde(default)]
     pub truncation_mode: crate::data::pairs::Truncation,
+}
+
+fn default_split() -> String {
+    "train".into()
+}
+
+impl Data {
+    fn check(&self) -> Result<()> {
+        use crate::data::source::is_hub;
+        if self.split.is_empty() {
+            bail!("data.split is empty: name a split (train, validation, test, …)");
+        }
+        if self.split != "train" && !self.train.is_empty() && !is_hub(&self.train) {
+            bail!(
+                "data.split = `{}` names a split of a Hub dataset, and data.train `{}` is local: name the split's files in data.train",
+                self.split,
+                self.train
+            );
+        }
+        if !self.eval_split.is_empty() {
+            let of = if self.eval.is_empty() {
+                &self.train
+            } else {
+                &self.eval
+            };
+            if !of.is_empty() && !is_hub(of) {
+                bail!(
+                    "data.eval_split = `{}` names a split of a Hub dataset, and `{of}` is local: set data.eval to the evaluation files instead",
+                    self.eval_split
+                );
+            }
+        }
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            bail!(
+                "data.eval_fraction = {}: use a fraction in [0, 1), e.g. 0.05",
+                self.eval_fraction
+            );
+        }
+        if self.eval_fraction > 0.0 && (!self.eval.is_empty() || !self.eval_split.is_empty()) {
+            bail!(
+                "data.eval_fraction holds out part of data.train for evaluation: set it or data.eval / data.eval_split, not both"
+            );
+        }
+        Ok(())
+    }
+
+    /// Where training reads.
+    pub fn train_spec(&self) -> crate::data::source::Spec {
+        crate::data::source::Spec::new(&self.train, &self.split)
+    }
+
+    /// Where evaluation reads, if anywhere (not counting `eval_fraction`).
+    pub fn eval_spec(&self) -> Option<crate::data::source::Spec> {
+        use crate::data::source::Spec;
+        if !self.eval.is_empty() {
+            let split = if self.eval_split.is_empty() {
+                "test"
+            } else {
+                &self.eval_split
+            };
+            return Some(Spec::new(&self.eval, split));
+        }
+        (!self.eval_split.is_empty()).then(|| Spec::new(&self.train, &self.eval_split))
+    }
 }
 
 /// The whole configuration.
@@ -189,6 +270,10 @@ impl Default for TrainConfig {
             data: Data {
                 train: String::new(),
                 eval: String::new(),
+                split: default_split(),
+                eval_split: String::new(),
+                eval_fraction: 0.0,
+                cache: true,
                 pack: true,
                 skip_bad_lines: false,
                 add_tokens: Vec::new(),
@@ -280,6 +365,7 @@ impl TrainConfig {
             .context("training.device")?;
         self.lora.check_targets()?;
         crate::data::formats::check_columns(&self.data.columns)?;
+        self.data.check()?;
         self.quant.quant_type.parse::<qlora_quant::QuantType>()?;
         qlora_quant::Blocksize::new(self.quant.blocksize)?;
         Ok(())
@@ -306,6 +392,40 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_splits_and_held_out_evaluation_are_checked() {
+        let with = |sets: &[&str]| {
+            let mut c = TrainConfig::default();
+            for s in sets {
+                c.set(s)?;
+            }
+            c.validate().map(|()| c)
+        };
+        let hub = "data.train=\"hf://datasets/o/n\"";
+        let c = with(&[hub, "data.eval_split=\"test\""]).unwrap();
+        assert_eq!(c.data.train_spec().split, "train");
+        assert_eq!(c.data.eval_spec().unwrap().path, "hf://datasets/o/n");
+        assert_eq!(c.data.eval_spec().unwrap().split, "test");
+        // A Hub eval set without a split reads its test split.
+        let c = with(&[hub, "data.eval=\"hf://datasets/o/e\""]).unwrap();
+        assert_eq!(c.data.eval_spec().unwrap().split, "test");
+        let local = "data.train=\"a.jsonl\"";
+        let err = |sets: &[&str]| format!("{:#}", with(sets).unwrap_err());
+        assert!(err(&[local, "data.split=\"test\""]).contains("is local"));
+        assert!(err(&[local, "data.eval_split=\"test\""]).contains("is local"));
+        assert!(err(&[local, "data.eval_fraction=1.5"]).contains("[0, 1)"));
+        assert!(
+            err(&[local, "data.eval_fraction=0.1", "data.eval=\"b.jsonl\""]).contains("not both")
+        );
+        assert!(
+            with(&[local, "data.eval_fraction=0.1"])
+                .unwrap()
+                .data
+                .eval_spec()
+                .is_none()
+        );
+    }
 
     #[test]
     fn set_parses_values_and_rejects_unknown_keys() {

@@ -3,6 +3,10 @@
 
 use std::process::ExitCode;
 
+/// glibc's malloc, but a heap of their own for the threads that tokenize data.
+#[global_allocator]
+static ALLOCATOR: qlora_quant::runtime::Allocator = qlora_quant::runtime::Allocator;
+
 fn main() -> ExitCode {
     // Piped into `head`, stop quietly like other Unix tools instead of panicking on EPIPE.
     #[cfg(unix)]

@@ -248,13 +248,10 @@ impl Reference {
         prompts
             .iter()
             .map(|p| {
-                let text = self.tok.template.render(
-                    &[Message {
-                        role: Role::User,
-                        content: p.clone(),
-                    }],
-                    true,
-                )?;
+                let text = self
+                    .tok
+                    .template
+                    .render(&[Message::new(Role::User, p.clone())], true)?;
                 Ok(self.tok.encode(&text)?.get_ids().to_vec())
             })
             .collect()

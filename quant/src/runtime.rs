@@ -49,13 +49,9 @@ pub unsafe fn init() {
     }
 }
 
-/// Runs `f` on a worker of the compute pool (rayon's, built here with large stacks: candle's
-/// backward walks its graph recursively), so that every parallel op `f` starts is forked from a
-/// pool thread, which takes a share of the work itself, rather than handed over from an outside
-/// thread that sleeps until the pool is done: one wake-up per parallel op instead of two.
-pub fn run<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+fn pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
-    let pool = POOL.get_or_init(|| {
+    POOL.get_or_init(|| {
         let mut b = rayon::ThreadPoolBuilder::new().stack_size(256 << 20);
         if let Some(n) = std::env::var("RAYON_NUM_THREADS")
             .ok()
@@ -65,8 +61,94 @@ pub fn run<R: Send>(f: impl FnOnce() -> R + Send) -> R {
             b = b.num_threads(n);
         }
         b.thread_name(|i| format!("qlora-{i}")).build().ok()
-    });
-    match pool {
+    })
+    .as_ref()
+}
+
+/// The binary's allocator (`#[global_allocator]` in src/main.rs): glibc's malloc as [`init`]
+/// configures it (one heap for every thread), except on a thread running inside
+/// [`private_heap`], whose allocations come from mimalloc's heap of that thread. glibc's single
+/// heap serializes every `malloc` on one lock: two threads tokenizing data (the tokenizers crate
+/// allocates per word and per token) took longer than one (`perf`: `__libc_malloc` →
+/// `__lll_lock_wake_private`), and glibc cannot give chosen threads heaps of their own once its
+/// arena limit is set (the limit is fixed at the first thread's first allocation). A block is
+/// freed, or grown, by the allocator that made it (`mi_is_in_heap_region`: a lookup in
+/// mimalloc's segment map), whichever thread frees it; training's threads never allocate from
+/// mimalloc.
+#[derive(Debug)]
+pub struct Allocator;
+
+std::thread_local! {
+    static PRIVATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+// SAFETY: every block is allocated by exactly one of the two allocators and returned to it
+// (mimalloc owns exactly the pointers in its segment map); both honour size and alignment.
+unsafe impl std::alloc::GlobalAlloc for Allocator {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        if PRIVATE.with(std::cell::Cell::get) {
+            // SAFETY: a valid layout (the caller's contract).
+            unsafe { libmimalloc_sys::mi_malloc_aligned(l.size(), l.align()).cast() }
+        } else {
+            // SAFETY: as above.
+            unsafe { std::alloc::System.alloc(l) }
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, l: std::alloc::Layout) -> *mut u8 {
+        if PRIVATE.with(std::cell::Cell::get) {
+            // SAFETY: a valid layout (the caller's contract).
+            unsafe { libmimalloc_sys::mi_zalloc_aligned(l.size(), l.align()).cast() }
+        } else {
+            // SAFETY: as above.
+            unsafe { std::alloc::System.alloc_zeroed(l) }
+        }
+    }
+
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        // SAFETY: `p` came from this allocator with `l` (the caller's contract), so from exactly
+        // one of the two, which the segment map tells.
+        unsafe {
+            if libmimalloc_sys::mi_is_in_heap_region(p.cast()) {
+                libmimalloc_sys::mi_free(p.cast())
+            } else {
+                std::alloc::System.dealloc(p, l)
+            }
+        }
+    }
+
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, size: usize) -> *mut u8 {
+        // SAFETY: as in dealloc; the block stays with the allocator that made it.
+        unsafe {
+            if libmimalloc_sys::mi_is_in_heap_region(p.cast()) {
+                libmimalloc_sys::mi_realloc_aligned(p.cast(), size, l.align()).cast()
+            } else {
+                std::alloc::System.realloc(p, l, size)
+            }
+        }
+    }
+}
+
+/// Runs `f` with the calling thread's allocations taken from a heap of its own ([`Allocator`];
+/// without it installed, just runs `f`): for threads a caller starts for allocation-heavy work
+/// that is not a training step (tokenizing data), so that they do not queue on glibc's one lock.
+pub fn private_heap<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            PRIVATE.with(|p| p.set(self.0));
+        }
+    }
+    let _reset = Reset(PRIVATE.with(|p| p.replace(true)));
+    f()
+}
+
+/// Runs `f` on a worker of the compute pool (rayon's, built here with large stacks: candle's
+/// backward walks its graph recursively), so that every parallel op `f` starts is forked from a
+/// pool thread, which takes a share of the work itself, rather than handed over from an outside
+/// thread that sleeps until the pool is done: one wake-up per parallel op instead of two.
+pub fn run<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    match pool() {
         Some(pool) => pool.install(f),
         None => f(),
     }

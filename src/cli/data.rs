@@ -1,11 +1,11 @@
 //! `qlora data inspect`: one rendered conversation with its trained tokens marked, counts, lints;
 //! or, for preference pairs, one pair's chosen and rejected sequences with their scored tokens.
 
+use crate::data::TokenizerBundle;
 use crate::data::batch::build_rows;
-use crate::data::{TokenizerBundle, read_jsonl};
+use crate::data::source::Spec;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Look at chat data the way training will see it.
@@ -21,16 +21,29 @@ enum DataCommand {
     /// then counts and lints for the whole file; for preference pairs (lines with "chosen"), one
     /// pair's chosen and rejected sequences as training cuts them, scored tokens between ⟦ ⟧.
     Inspect(InspectArgs),
+    /// Read and tokenize data as `qlora train` will, into qlora's data cache (so the run starts
+    /// at once), and report its examples and tokens, and the speed.
+    Prepare(super::prepare::PrepareArgs),
 }
 
 #[derive(Debug, Args)]
 struct InspectArgs {
-    /// Chat JSONL.
+    /// The data, as training's --data takes it: a file (JSONL, JSON, gzip, zstd, Parquet), a
+    /// directory, a glob, or hf://datasets/owner/name[@revision][/config].
     #[arg(long)]
-    data: PathBuf,
+    data: String,
+    /// The split of a Hub dataset.
+    #[arg(long, default_value = "train")]
+    split: String,
     /// The model whose tokenizer and chat template apply (dir, Hub id, builtin:tiny-phi3).
     #[arg(long)]
     model: String,
+    /// auto, messages, prompt_completion, sharegpt, alpaca or text [data.format].
+    #[arg(long, default_value = "auto")]
+    format: String,
+    /// A dataset column for a name the formats read, as ours=theirs (repeat) [data.columns].
+    #[arg(long = "columns", value_name = "OURS=THEIRS")]
+    columns: Vec<String>,
     /// Which conversation to show (0-based).
     #[arg(long, default_value_t = 0)]
     index: usize,
@@ -45,10 +58,15 @@ struct InspectArgs {
     truncation_mode: String,
 }
 
+impl InspectArgs {
+    fn spec(&self) -> Spec {
+        Spec::new(&self.data, &self.split)
+    }
+}
+
 /// Whether the data holds preference pairs (its first record has `chosen`), from any source.
-fn holds_pairs(path: &std::path::Path) -> bool {
-    crate::data::source::first_record(&path.to_string_lossy())
-        .is_some_and(|v| v.get("chosen").is_some())
+fn holds_pairs(spec: &Spec) -> bool {
+    crate::data::source::first_record(spec).is_some_and(|v| v.get("chosen").is_some())
 }
 
 /// `ids` as text, token by token, the scored ones (`mark[t]`) between ⟦ ⟧.
@@ -77,20 +95,40 @@ fn marked(tok: &TokenizerBundle, ids: &[u32], mark: &[bool]) -> Result<String> {
     Ok(shown)
 }
 
+/// A conversation's rendered text cut at token boundaries (each token with any gap before it), the
+/// trained tokens between ⟦ ⟧.
+fn rendered(tok: &TokenizerBundle, e: &crate::data::Encoded) -> Result<String> {
+    let offsets = tok.encode(&e.text)?.get_offsets().to_vec();
+    let mut shown = String::new();
+    let mut inside = false;
+    let mut at = 0;
+    for (t, &(_, end)) in offsets.iter().enumerate() {
+        if e.trained[t] != inside {
+            shown.push(if e.trained[t] { '⟦' } else { '⟧' });
+            inside = e.trained[t];
+        }
+        shown.push_str(&e.text[at..end.max(at)]);
+        at = end.max(at);
+    }
+    if inside {
+        shown.push('⟧');
+    }
+    Ok(shown)
+}
+
 /// `data inspect` on preference pairs: one pair as training sees it (after truncation, the scored
 /// completion tokens between ⟦ ⟧), counts, and lints.
 fn inspect_pairs(a: &InspectArgs, tok: &TokenizerBundle) -> Result<ExitCode> {
     use crate::data::pairs::{Skip, cut_pair, encode_pair, read_pairs};
     let mode: crate::data::pairs::Truncation = a.truncation_mode.parse()?;
-    let (raw, bad) = read_pairs(&a.data, a.skip_bad_lines)?;
+    let (raw, bad) = read_pairs(&a.spec(), a.skip_bad_lines)?;
     if a.index >= raw.len() {
         bail!("--index {}: the file has {} pairs", a.index, raw.len())
     }
     let mut lints = Vec::new();
     let (mut truncated, mut kept, mut tokens, mut scored) = (0, 0, 0, 0);
     for (i, r) in raw.iter().enumerate() {
-        let ids =
-            encode_pair(tok, r).with_context(|| format!("{}:{}", a.data.display(), r.line))?;
+        let ids = encode_pair(tok, r).with_context(|| format!("{}:{}", a.data, r.line))?;
         let rows = cut_pair(&ids, a.max_seq_len, mode);
         if i == a.index {
             println!(
@@ -191,13 +229,19 @@ fn inspect_pairs(a: &InspectArgs, tok: &TokenizerBundle) -> Result<ExitCode> {
 }
 
 pub fn run(args: DataArgs) -> Result<ExitCode> {
-    let DataCommand::Inspect(a) = args.command;
+    let a = match args.command {
+        DataCommand::Inspect(a) => a,
+        DataCommand::Prepare(p) => return super::prepare::run(p),
+    };
+    let format = super::prepare::parse_format(&a.format)?;
+    let columns = super::prepare::parse_columns(&a.columns)?;
     let dir = crate::hub::resolve(&a.model)?;
     let tok = TokenizerBundle::from_dir(&dir)?;
-    if holds_pairs(&a.data) {
+    // A forced format is read as that format, even where the first record looks like a pair.
+    if format == crate::data::formats::Format::Auto && holds_pairs(&a.spec()) {
         return inspect_pairs(&a, &tok);
     }
-    let report = read_jsonl(&a.data, a.skip_bad_lines)?;
+    let report = crate::data::read_data(&a.spec(), format, &columns, a.skip_bad_lines)?;
     let encoded = report.encode(&tok)?;
     let Some(e) = encoded.get(a.index) else {
         bail!(
@@ -206,28 +250,24 @@ pub fn run(args: DataArgs) -> Result<ExitCode> {
             encoded.len()
         )
     };
-    println!("conversation {} (line {}):", a.index, e.line);
-    // The rendered text cut at token boundaries (each token with any gap before it).
-    let offsets = tok.encode(&e.text)?.get_offsets().to_vec();
-    let mut shown = String::new();
-    let mut inside = false;
-    let mut at = 0;
-    for (t, &(_, end)) in offsets.iter().enumerate() {
-        if e.trained[t] != inside {
-            shown.push(if e.trained[t] { '⟦' } else { '⟧' });
-            inside = e.trained[t];
-        }
-        shown.push_str(&e.text[at..end.max(at)]);
-        at = end.max(at);
+    if !report.texts.is_empty() {
+        // A document: its ids as training has them (with any special tokens the tokenizer adds),
+        // every one trained.
+        println!("document {} (line {}):", a.index, e.line);
+        println!("{}\n", marked(&tok, &e.ids, &e.trained)?);
+    } else {
+        println!("conversation {} (line {}):", a.index, e.line);
+        println!("{}\n", rendered(&tok, e)?);
     }
-    if inside {
-        shown.push('⟧');
-    }
-    println!("{shown}\n");
     let (_, stats) = build_rows(&encoded, a.max_seq_len, true);
     println!(
-        "{} conversations, {} tokens, {} trained ({:.1}%), {} truncated at {}, {} dropped (nothing trained left), {} bad lines skipped",
+        "{} {}, {} tokens, {} trained ({:.1}%), {} truncated at {}, {} dropped (nothing trained left), {} bad lines skipped",
         stats.conversations,
+        if report.texts.is_empty() {
+            "conversations"
+        } else {
+            "documents"
+        },
         encoded.iter().map(|e| e.ids.len()).sum::<usize>(),
         stats.trained_tokens,
         100.0 * stats.trained_tokens as f64 / stats.tokens.max(1) as f64,

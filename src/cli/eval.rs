@@ -2,11 +2,9 @@
 
 use super::infer::ModelArgs;
 use crate::data::batch::{Row, build_rows, collate};
-use crate::data::read_jsonl;
 use crate::train::loss;
 use anyhow::Result;
 use clap::Args;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Mean cross-entropy and perplexity of a model (optionally with an adapter) on the assistant
@@ -15,9 +13,13 @@ use std::process::ExitCode;
 pub struct EvalArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Chat JSONL.
+    /// The data, as training's --data takes it: a file (JSONL, JSON, gzip, zstd, Parquet), a
+    /// directory, a glob, or hf://datasets/owner/name[@revision][/config].
     #[arg(long)]
-    data: PathBuf,
+    data: String,
+    /// The split of a Hub dataset.
+    #[arg(long, default_value = "test")]
+    split: String,
     /// Tokens per row (longer conversations are truncated).
     #[arg(long, default_value_t = 2048)]
     max_seq_len: usize,
@@ -34,9 +36,14 @@ pub struct EvalArgs {
 
 pub fn run(args: EvalArgs) -> Result<ExitCode> {
     let m = args.model.load()?;
-    let report = read_jsonl(&args.data, args.skip_bad_lines)?;
-    let encoded = report.encode(&m.tok)?;
-    let (rows, stats) = build_rows(&encoded, args.max_seq_len, true);
+    let opts = crate::data::encode::ReadOptions {
+        skip_bad_lines: args.skip_bad_lines,
+        ..Default::default()
+    };
+    let spec = crate::data::source::Spec::new(&args.data, &args.split);
+    let cache = crate::data::encode::cache_dir();
+    let report = crate::data::encode::encode_data(&spec, &opts, &m.tok, Some(&cache))?;
+    let (rows, stats) = build_rows(&report.examples, args.max_seq_len, true);
     let pad = m.tok.pad_id.or(m.tok.eos_id).unwrap_or(0);
     let (mut sum, mut n) = (0f64, 0usize);
     for chunk in rows.chunks(args.batch_size.max(1)) {

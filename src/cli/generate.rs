@@ -97,15 +97,9 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let m = args.model.load()?;
     let mut messages = Vec::new();
     if let Some(s) = &args.system {
-        messages.push(Message {
-            role: Role::System,
-            content: s.clone(),
-        });
+        messages.push(Message::new(Role::System, s.clone()));
     }
-    messages.push(Message {
-        role: Role::User,
-        content: args.prompt.clone(),
-    });
+    messages.push(Message::new(Role::User, args.prompt.clone()));
     let text = m.tok.template.render(&messages, true)?;
     let prompt_ids = m.tok.encode(&text)?.get_ids().to_vec();
     let stops = stop_ids(&m.dir, &m.model.cfg, m.tok.end_id);

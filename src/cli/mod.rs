@@ -8,6 +8,7 @@ mod generate;
 mod infer;
 pub mod inspect;
 mod plan;
+mod prepare;
 mod quantize;
 mod train;
 mod verify;

@@ -19,12 +19,29 @@ pub struct TrainArgs {
     /// Checkpoint dir, Hub id (HF cache, else downloaded) or builtin:tiny-phi3 [training.model].
     #[arg(long)]
     model: Option<String>,
-    /// Training JSONL [data.train].
+    /// Training data: a file (.jsonl, .json, .jsonl.gz/.zst, .parquet), a directory, a glob, or
+    /// a Hub dataset hf://datasets/owner/name[@revision][/config] [data.train].
     #[arg(long)]
     data: Option<String>,
-    /// Evaluation JSONL [data.eval].
+    /// The split of a Hub dataset to train on (train, validation, test, train_sft, …)
+    /// [data.split, default train].
+    #[arg(long)]
+    data_split: Option<String>,
+    /// Evaluation data, as --data [data.eval].
     #[arg(long)]
     eval_data: Option<String>,
+    /// The split to evaluate on: of --eval-data when it is a Hub dataset, else of --data
+    /// [data.eval_split].
+    #[arg(long)]
+    eval_split: Option<String>,
+    /// Hold out this fraction of the training examples for evaluation, e.g. 0.05
+    /// [data.eval_fraction].
+    #[arg(long)]
+    eval_fraction: Option<f64>,
+    /// Tokenize the data again instead of reading (and writing) qlora's cache of tokenized
+    /// examples [data.cache = false].
+    #[arg(long)]
+    no_data_cache: bool,
     /// TOML config (see configs/); flags and --set apply on top.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -182,6 +199,18 @@ impl TrainArgs {
         }
         if let Some(v) = &self.eval_data {
             put("data.eval", toml_str(v))
+        }
+        if let Some(v) = &self.data_split {
+            put("data.split", toml_str(v))
+        }
+        if let Some(v) = &self.eval_split {
+            put("data.eval_split", toml_str(v))
+        }
+        if let Some(v) = self.eval_fraction {
+            put("data.eval_fraction", format!("{v:?}"))
+        }
+        if self.no_data_cache {
+            put("data.cache", "false".into());
         }
         if let Some(v) = &self.output {
             put("training.output", toml_str(v))

@@ -3,12 +3,21 @@
 //! the record's keys, or forced with `data.format`; `data.columns` maps the names a dataset uses
 //! onto the ones below.
 //!
-//! - `messages`: `[{"role": "system" | "user" | "assistant", "content": …}]`, as today.
+//! - `messages`: `[{"role": "system" | "user" | "assistant" | "tool", "content": …}]`, with tool
+//!   use as transformers' chat templates take it: an assistant message may carry `tool_calls`
+//!   (`[{"type": "function", "function": {"name", "arguments"}}]`, `arguments` an object or a
+//!   string) and then needs no `content`; a `tool` message is a tool's result (its `name` and
+//!   `tool_call_id` kept); the record's `tools` (JSON schemas, or a string holding their JSON list,
+//!   as LLaMA-Factory stores them) reach the template as `tools`. These values are kept as JSON
+//!   and handed to the template unchanged; `null` or `[]` counts as absent (Parquet rows carry
+//!   every field of the schema).
 //! - `prompt` / `completion`: one user turn and one assistant turn, as today (TRL's
 //!   prompt-completion format).
 //! - ShareGPT: `conversations: [{"from", "value"}]`, `from` mapped as Axolotl's `chat_template`
 //!   loader maps roles by default (`human`, `user` → user; `gpt`, `assistant`, `model` → assistant;
-//!   `system` → system).
+//!   `system` → system), and its tool turns as LLaMA-Factory's sharegpt converter reads them:
+//!   `function_call` (its value the JSON of `{"name", "arguments"}` or a list of them) → an
+//!   assistant message with those `tool_calls`, `observation` and `tool` → a `tool` message.
 //! - Alpaca: `instruction`, optional `input`, `output` (and an optional `system`): one user turn,
 //!   the instruction then the input on a new line, and one assistant turn, as LLaMA-Factory's
 //!   alpaca converter builds it.
@@ -53,8 +62,12 @@ impl Format {
 /// One training example.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Example {
-    /// A conversation, rendered with the chat template; the assistant turns are trained.
-    Chat(Vec<Message>),
+    /// A conversation, rendered with the chat template; the assistant turns are trained. `tools`:
+    /// the record's tool schemas (empty: none).
+    Chat {
+        messages: Vec<Message>,
+        tools: Vec<Value>,
+    },
     /// A document, trained on every token.
     Text(String),
 }
@@ -64,7 +77,7 @@ pub enum Example {
 pub type Columns = BTreeMap<String, String>;
 
 /// The names the formats read, for checking `data.columns`.
-pub const KEYS: [&str; 9] = [
+pub const KEYS: [&str; 10] = [
     "messages",
     "prompt",
     "completion",
@@ -74,6 +87,7 @@ pub const KEYS: [&str; 9] = [
     "output",
     "system",
     "text",
+    "tools",
 ];
 
 /// Checks `data.columns`' keys.
@@ -101,7 +115,7 @@ fn renamed(mut obj: Map<String, Value>, columns: &Columns) -> Result<Map<String,
                 obj.insert(ours.clone(), v);
             }
             // Optional fields may be absent.
-            None if matches!(ours.as_str(), "input" | "system") => {}
+            None if matches!(ours.as_str(), "input" | "system" | "tools") => {}
             None => {
                 return Err(format!(
                     "data.columns maps `{ours}` to column `{theirs}`, which this record does not have (it has: {})",
@@ -193,14 +207,107 @@ fn turns(
             let Value::Object(m) = m else {
                 return Err(format!("{} must be an object", item(i)));
             };
-            let r = string(m, role_key).map_err(|e| format!("{}: {e}", item(i)))?;
-            let content = string(m, content_key).map_err(|e| format!("{}: {e}", item(i)))?;
+            let at = |e: String| format!("{}: {e}", item(i));
+            let r = string(m, role_key).map_err(at)?;
             let role = role(&r).ok_or_else(|| {
                 format!("{}: unknown {role_key} `{r}` (use {roles_hint})", item(i))
             })?;
-            Ok(Message { role, content })
+            // An assistant message that calls tools needs no text; a missing one is empty.
+            let mut content = if role == Role::Assistant {
+                optional_string(m, content_key)
+                    .map_err(at)?
+                    .unwrap_or_default()
+            } else {
+                string(m, content_key).map_err(at)?
+            };
+            let mut calls = tool_calls(m.get("tool_calls")).map_err(at)?;
+            if key == "conversations" && r == "function_call" {
+                calls = calls_from_text(&content).map_err(at)?;
+                content.clear();
+            }
+            if !calls.is_empty() && role != Role::Assistant {
+                return Err(at(format!(
+                    "only an assistant message may carry tool_calls, not {r}"
+                )));
+            }
+            Ok(Message {
+                role,
+                content,
+                tool_calls: calls,
+                name: optional_string(m, "name").map_err(at)?,
+                tool_call_id: optional_string(m, "tool_call_id").map_err(at)?,
+            })
         })
         .collect()
+}
+
+/// The function a tool call names (`function.name`, or a flat call's `name`).
+pub fn call_name(call: &Value) -> Option<&str> {
+    call.get("function")
+        .unwrap_or(call)
+        .get("name")
+        .and_then(Value::as_str)
+}
+
+/// A message's `tool_calls`: absent, `null` and `[]` are none; else a list of calls, each an
+/// object naming its function.
+fn tool_calls(v: Option<&Value>) -> Result<Vec<Value>, String> {
+    let calls = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(calls)) => calls,
+        Some(other) => return Err(format!("`tool_calls` must be a list, not {}", kind(other))),
+    };
+    for (j, c) in calls.iter().enumerate() {
+        if !c.is_object() || call_name(c).is_none() {
+            return Err(format!(
+                "tool call {j} must be an object naming its function ({{\"type\": \"function\", \"function\": {{\"name\": …, \"arguments\": …}}}})"
+            ));
+        }
+    }
+    Ok(calls.clone())
+}
+
+/// LLaMA-Factory's `function_call` value: the JSON of `{"name", "arguments"}` or a list of them,
+/// as OpenAI-shaped calls.
+fn calls_from_text(text: &str) -> Result<Vec<Value>, String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| {
+        format!("a function_call's value must be the JSON of {{\"name\", \"arguments\"}} or a list of them ({e})")
+    })?;
+    let list = match v {
+        Value::Array(l) => l,
+        one => vec![one],
+    };
+    let calls: Vec<Value> = list
+        .into_iter()
+        .map(|f| serde_json::json!({"type": "function", "function": f}))
+        .collect();
+    if calls.is_empty() {
+        return Err("a function_call's value is an empty list".into());
+    }
+    tool_calls(Some(&Value::Array(calls)))
+}
+
+/// The record's `tools`: absent, `null` and `[]` are none; else a list of JSON schemas, or a
+/// string holding that list's JSON (LLaMA-Factory's and many Hub datasets' way).
+fn tools(obj: &Map<String, Value>) -> Result<Vec<Value>, String> {
+    let parsed;
+    let list = match obj.get("tools") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::String(s)) if s.trim().is_empty() => return Ok(Vec::new()),
+        Some(Value::String(s)) => {
+            parsed = serde_json::from_str::<Value>(s)
+                .map_err(|e| format!("`tools` is a string but not JSON ({e})"))?;
+            &parsed
+        }
+        Some(v) => v,
+    };
+    match list {
+        Value::Array(l) if l.iter().all(Value::is_object) => Ok(l.clone()),
+        other => Err(format!(
+            "`tools` must be a list of JSON schemas (objects), not {}",
+            kind(other)
+        )),
+    }
 }
 
 fn chat_role(r: &str) -> Option<Role> {
@@ -208,16 +315,19 @@ fn chat_role(r: &str) -> Option<Role> {
         "system" => Some(Role::System),
         "user" => Some(Role::User),
         "assistant" => Some(Role::Assistant),
+        "tool" => Some(Role::Tool),
         _ => None,
     }
 }
 
-/// Axolotl's default role mapping for ShareGPT-style `from` values.
+/// Axolotl's default role mapping for ShareGPT-style `from` values, and LLaMA-Factory's tool
+/// turns (`function_call`: an assistant's calls; `observation`: their result).
 fn sharegpt_role(r: &str) -> Option<Role> {
     match r {
         "system" => Some(Role::System),
         "human" | "user" => Some(Role::User),
-        "gpt" | "assistant" | "model" => Some(Role::Assistant),
+        "gpt" | "assistant" | "model" | "function_call" => Some(Role::Assistant),
+        "observation" | "tool" => Some(Role::Tool),
         _ => None,
     }
 }
@@ -250,7 +360,7 @@ pub fn example(record: Value, format: Format, columns: &Columns) -> Result<Examp
             "role",
             "content",
             chat_role,
-            "system, user or assistant",
+            "system, user, assistant or tool",
         )?,
         Format::Sharegpt => turns(
             &obj,
@@ -258,17 +368,11 @@ pub fn example(record: Value, format: Format, columns: &Columns) -> Result<Examp
             "from",
             "value",
             sharegpt_role,
-            "system, human/user or gpt/assistant/model",
+            "system, human/user, gpt/assistant/model, function_call or observation/tool",
         )?,
         Format::PromptCompletion => vec![
-            Message {
-                role: Role::User,
-                content: string(&obj, "prompt")?,
-            },
-            Message {
-                role: Role::Assistant,
-                content: string(&obj, "completion")?,
-            },
+            Message::new(Role::User, string(&obj, "prompt")?),
+            Message::new(Role::Assistant, string(&obj, "completion")?),
         ],
         Format::Alpaca => {
             let mut user = string(&obj, "instruction")?;
@@ -278,29 +382,32 @@ pub fn example(record: Value, format: Format, columns: &Columns) -> Result<Examp
             }
             let mut m = Vec::new();
             if let Some(system) = optional_string(&obj, "system")?.filter(|s| !s.is_empty()) {
-                m.push(Message {
-                    role: Role::System,
-                    content: system,
-                });
+                m.push(Message::new(Role::System, system));
             }
-            m.push(Message {
-                role: Role::User,
-                content: user,
-            });
-            m.push(Message {
-                role: Role::Assistant,
-                content: string(&obj, "output")?,
-            });
+            m.push(Message::new(Role::User, user));
+            m.push(Message::new(Role::Assistant, string(&obj, "output")?));
             m
         }
     };
-    if let Some(i) = messages.iter().position(|m| m.content.trim().is_empty()) {
-        return Err(format!("{} message {i} has empty content", format.name()));
+    if let Some(i) = messages
+        .iter()
+        .position(|m| m.content.trim().is_empty() && m.tool_calls.is_empty())
+    {
+        let calls = if messages[i].role == Role::Assistant {
+            " and no tool_calls"
+        } else {
+            ""
+        };
+        return Err(format!(
+            "{} message {i} has empty content{calls}",
+            format.name()
+        ));
     }
     if !messages.iter().any(|m| m.role == Role::Assistant) {
         return Err("no assistant message: nothing to train on".into());
     }
-    Ok(Example::Chat(messages))
+    let tools = tools(&obj)?;
+    Ok(Example::Chat { messages, tools })
 }
 
 #[cfg(test)]
@@ -310,7 +417,7 @@ mod tests {
 
     fn chat(v: Value) -> Vec<Message> {
         match example(v, Format::Auto, &Columns::new()).unwrap() {
-            Example::Chat(m) => m,
+            Example::Chat { messages, .. } => messages,
             Example::Text(t) => panic!("text {t}"),
         }
     }
@@ -359,13 +466,120 @@ mod tests {
         )
         .unwrap()
         {
-            Example::Chat(m) => m,
+            Example::Chat { messages, .. } => messages,
             _ => unreachable!(),
         };
         assert_eq!(m[1].content, "Because.");
         let e = example(json!({"question": "Why?"}), Format::Auto, &cols).unwrap_err();
         assert!(e.contains("column `answer`"), "{e}");
         assert!(check_columns(&[("reply".to_string(), "x".to_string())].into()).is_err());
+    }
+
+    #[test]
+    fn tool_calls_results_and_schemas_are_kept_as_json() {
+        let call = json!({"type": "function",
+                          "function": {"name": "get_weather", "arguments": {"city": "Paris"}}});
+        let schema = json!({"type": "function", "function": {"name": "get_weather"}});
+        let record = json!({
+            "tools": [schema],
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "name": "get_weather", "tool_call_id": "c1", "content": "22 C"},
+                // Parquet rows carry every field of the schema: nulls are absent.
+                {"role": "assistant", "content": "It is 22 C.", "tool_calls": null, "name": null}]});
+        let Example::Chat { messages, tools } =
+            example(record, Format::Auto, &Columns::new()).unwrap()
+        else {
+            panic!("not chat")
+        };
+        assert_eq!(tools, [schema]);
+        assert_eq!(
+            messages.iter().map(|m| m.role).collect::<Vec<_>>(),
+            [Role::User, Role::Assistant, Role::Tool, Role::Assistant]
+        );
+        assert_eq!(
+            (messages[1].content.as_str(), &messages[1].tool_calls),
+            ("", &vec![call])
+        );
+        assert_eq!(messages[2].name.as_deref(), Some("get_weather"));
+        assert_eq!(messages[2].tool_call_id.as_deref(), Some("c1"));
+        // What templates see: extra keys only where the data has them, so a template that never
+        // looks at them renders as before.
+        assert_eq!(
+            serde_json::to_value(&messages[3]).unwrap(),
+            json!({"role": "assistant", "content": "It is 22 C."})
+        );
+        assert_eq!(
+            serde_json::to_value(&messages[2]).unwrap(),
+            json!({"role": "tool", "content": "22 C", "name": "get_weather", "tool_call_id": "c1"})
+        );
+        // `tools` as a string holding the JSON list (LLaMA-Factory), mapped from another column.
+        let cols: Columns = [("tools".to_string(), "functions".to_string())].into();
+        let Example::Chat { tools, .. } = example(
+            json!({"functions": "[{\"name\": \"f\"}]",
+                   "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+            Format::Auto,
+            &cols,
+        )
+        .unwrap() else {
+            panic!("not chat")
+        };
+        assert_eq!(tools, [json!({"name": "f"})]);
+    }
+
+    #[test]
+    fn sharegpt_tool_turns_map_as_llama_factory_maps_them() {
+        // LLaMA-Factory's sharegpt tool data: the call's value is the JSON of {name, arguments}.
+        let m = chat(json!({"conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {"from": "function_call", "value": "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}"},
+            {"from": "observation", "value": "22 C"},
+            {"from": "gpt", "value": "It is 22 C."}]}));
+        assert_eq!(
+            m.iter().map(|m| m.role).collect::<Vec<_>>(),
+            [Role::User, Role::Assistant, Role::Tool, Role::Assistant]
+        );
+        assert_eq!(m[1].content, "");
+        assert_eq!(
+            m[1].tool_calls,
+            [json!({"type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris"}}})]
+        );
+        assert_eq!(m[2].content, "22 C");
+        let e = example(
+            json!({"conversations": [{"from": "human", "value": "x"},
+                                     {"from": "function_call", "value": "get_weather(Paris)"}]}),
+            Format::Auto,
+            &Columns::new(),
+        )
+        .unwrap_err();
+        assert!(e.contains("item 1") && e.contains("function_call"), "{e}");
+    }
+
+    #[test]
+    fn bad_tool_data_says_what_is_wrong() {
+        let e = |v: Value| example(v, Format::Auto, &Columns::new()).unwrap_err();
+        let user = json!({"role": "user", "content": "x"});
+        // Neither content nor tool_calls.
+        let msg = e(json!({"messages": [user, {"role": "assistant", "tool_calls": []}]}));
+        assert!(msg.contains("message 1 has empty content"), "{msg}");
+        let msg = e(json!({"messages": [user, {"role": "assistant"}]}));
+        assert!(msg.contains("message 1 has empty content"), "{msg}");
+        // An unknown role names its message.
+        let msg = e(json!({"messages": [user, {"role": "ipython", "content": "1"}]}));
+        assert!(msg.contains("message 1: unknown role `ipython`"), "{msg}");
+        let msg = e(json!({"messages": [{"role": "user", "content": "x",
+                                         "tool_calls": [{"function": {"name": "f"}}]}]}));
+        assert!(msg.contains("message 0: only an assistant"), "{msg}");
+        let msg = e(json!({"messages": [user, {"role": "assistant", "tool_calls": [{"x": 1}]}]}));
+        assert!(
+            msg.contains("message 1: tool call 0 must be an object naming"),
+            "{msg}"
+        );
+        let msg = e(json!({"tools": {"name": "f"}, "messages": [user,
+                          {"role": "assistant", "content": "y"}]}));
+        assert!(msg.contains("`tools` must be a list"), "{msg}");
     }
 
     #[test]

@@ -14,18 +14,47 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// A tool's result, answering an assistant's tool call (never trained).
+    Tool,
 }
 
+/// One message, as transformers' chat templates receive it: `role` and `content`, and, only when
+/// the data has them (so templates that never look at them render as before), an assistant's
+/// `tool_calls` (OpenAI's shape, `[{"type": "function", "function": {"name", "arguments"}}]`,
+/// kept as the data has it) and a tool result's `name` and `tool_call_id`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     pub role: Role,
+    /// The text; empty for an assistant message that only calls tools.
     pub content: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl Message {
+    /// A message with text only.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+            tool_calls: Vec::new(),
+            name: None,
+            tool_call_id: None,
+        }
+    }
 }
 
 /// One conversation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Conversation {
     pub messages: Vec<Message>,
+    /// The tools the conversation may call (JSON schemas, the record's `tools`), handed to the
+    /// chat template as `tools`; empty: none (the template sees `none`).
+    pub tools: Vec<serde_json::Value>,
     /// 1-based line in its file.
     pub line: usize,
 }
@@ -76,7 +105,7 @@ impl ReadReport {
 fn parse_line(text: &str) -> std::result::Result<Vec<Message>, String> {
     let v = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
     match super::formats::example(v, super::formats::Format::Auto, &Default::default())? {
-        super::formats::Example::Chat(m) => Ok(m),
+        super::formats::Example::Chat { messages, .. } => Ok(messages),
         super::formats::Example::Text(_) => Err("a text document".into()),
     }
 }
@@ -84,7 +113,7 @@ fn parse_line(text: &str) -> std::result::Result<Vec<Message>, String> {
 /// Reads a JSONL file of any chat or text format (detected per record); blank lines are ignored.
 pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<ReadReport> {
     read_data(
-        &path.to_string_lossy(),
+        &super::source::Spec::local(&path.to_string_lossy()),
         super::formats::Format::Auto,
         &Default::default(),
         skip_bad_lines,
@@ -95,7 +124,7 @@ pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<ReadReport> {
 /// per record) with `columns` mapped ([`super::formats`]). A bad record stops with its place and
 /// the reason, or is skipped and reported with `skip_bad_lines`.
 pub fn read_data(
-    spec: &str,
+    spec: &super::source::Spec,
     format: super::formats::Format,
     columns: &super::formats::Columns,
     skip_bad_lines: bool,
@@ -104,8 +133,9 @@ pub fn read_data(
     let mut report = ReadReport::default();
     super::source::for_each_record(spec, |place, parsed| {
         match parsed.and_then(|v| example(v, format, columns)) {
-            Ok(Example::Chat(messages)) => report.conversations.push(Conversation {
+            Ok(Example::Chat { messages, tools }) => report.conversations.push(Conversation {
                 messages,
+                tools,
                 line: place.line,
             }),
             Ok(Example::Text(text)) => report.texts.push(TextDoc {

@@ -5,14 +5,17 @@
 //! - [`jsonl`]: reading `{"messages": [...]}` or `{"prompt", "completion"}` lines, with file:line errors.
 //! - [`template`]: the chat template (minijinja), with Phi-3's format as the fallback.
 //! - [`tokenize`]: text → ids + trained mask.
+//! - [`encode`]: reading and tokenizing at scale (every core, bounded memory, cached).
 //! - [`batch`]: packing / padding into [`crate::train::Batch`]es.
 //! - [`pairs`]: preference pairs (prompt, chosen, rejected), tokenized as TRL tokenizes them.
 
 pub mod batch;
+pub mod encode;
 pub mod formats;
 pub mod jsonl;
 pub mod pairs;
 pub mod source;
+pub mod spm;
 pub mod template;
 pub mod tokenize;
 

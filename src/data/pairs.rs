@@ -20,10 +20,10 @@
 //! 0/0) or learn nothing (chosen equal to rejected), the pair is skipped and counted.
 
 use super::jsonl::{Message, Role};
+use super::source::Spec;
 use super::tokenize::TokenizerBundle;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 
 /// One side of a pair: plain text, or messages.
 #[derive(Debug, Clone, PartialEq)]
@@ -217,10 +217,7 @@ fn side(raw: RawSide, key: &str) -> std::result::Result<Side, String> {
                             ));
                         }
                     };
-                    Ok(Message {
-                        role,
-                        content: m.content,
-                    })
+                    Ok(Message::new(role, m.content))
                 })
                 .collect::<std::result::Result<_, _>>()?,
         ),
@@ -303,9 +300,9 @@ pub type BadLines = Vec<(usize, String)>;
 /// Reads preference pairs from any source [`super::source`] reads (JSONL, JSON arrays, gzip,
 /// zstd, Parquet, directories, globs); blank lines are ignored. A bad record is an error naming
 /// its place, or (`skip_bad_lines`) skipped and reported.
-pub fn read_pairs(path: &Path, skip_bad_lines: bool) -> Result<(Vec<RawPair>, BadLines)> {
+pub fn read_pairs(spec: &Spec, skip_bad_lines: bool) -> Result<(Vec<RawPair>, BadLines)> {
     let (mut pairs, mut skipped) = (Vec::new(), Vec::new());
-    super::source::for_each_record(&path.to_string_lossy(), |place, parsed| {
+    super::source::for_each_record(spec, |place, parsed| {
         match parsed.and_then(parse_record) {
             Ok((prompt, chosen, rejected, implicit)) => pairs.push(RawPair {
                 prompt,
@@ -324,10 +321,7 @@ pub fn read_pairs(path: &Path, skip_bad_lines: bool) -> Result<(Vec<RawPair>, Ba
         Ok(())
     })?;
     if pairs.is_empty() {
-        bail!(
-            "{}: no preference pairs (expected records with \"chosen\" and \"rejected\")",
-            path.display()
-        );
+        bail!("{spec}: no preference pairs (expected records with \"chosen\" and \"rejected\")");
     }
     Ok((pairs, skipped))
 }
@@ -451,12 +445,12 @@ pub fn cut_pair(
 /// Reads, tokenizes and cuts a preference file: the pairs kept, and what happened.
 pub fn load_pairs(
     tok: &TokenizerBundle,
-    path: &Path,
+    spec: &Spec,
     max_length: usize,
     mode: Truncation,
     skip_bad_lines: bool,
 ) -> Result<(Vec<PairRows>, PairStats)> {
-    let (raw, bad) = read_pairs(path, skip_bad_lines)?;
+    let (raw, bad) = read_pairs(spec, skip_bad_lines)?;
     let mut stats = PairStats {
         pairs: raw.len(),
         bad_lines: bad,
@@ -464,7 +458,7 @@ pub fn load_pairs(
     };
     let mut kept = Vec::new();
     for r in &raw {
-        let ids = encode_pair(tok, r).with_context(|| format!("{}:{}", path.display(), r.line))?;
+        let ids = encode_pair(tok, r).with_context(|| format!("{spec}:{}", r.line))?;
         match cut_pair(&ids, max_length, mode) {
             Ok(rows) => {
                 stats.truncated += usize::from(rows.truncated);
@@ -480,7 +474,7 @@ pub fn load_pairs(
     }
     if kept.is_empty() {
         let notes = stats.skip_notes().join("; ");
-        bail!("{}: no usable preference pair ({notes})", path.display());
+        bail!("{spec}: no usable preference pair ({notes})");
     }
     Ok((kept, stats))
 }

@@ -1,5 +1,6 @@
 //! Where records come from: `data.train` / `data.eval` name a file, a directory (its data files,
-//! sorted) or a glob of shards. A file is JSONL (`.jsonl`, and any other name), a JSON array
+//! sorted), a glob of shards, or a split of a Hub dataset (`hf://datasets/owner/name…`, its files
+//! found and downloaded into the Hugging Face cache by [`crate::hub::dataset`]). A file is JSONL (`.jsonl`, and any other name), a JSON array
 //! (`.json` whose text starts with `[`; else read as JSONL), either compressed with gzip (`.gz`) or
 //! zstd (`.zst`), or Parquet (`.parquet`, read row group by row group, each row as a JSON object).
 //! Records are handed over one at a time with their place (`file:line`, or `file: row group g,
@@ -32,6 +33,59 @@ impl std::fmt::Display for Place {
                 self.line
             ),
         }
+    }
+}
+
+/// Whether `spec` names a Hub dataset.
+pub fn is_hub(spec: &str) -> bool {
+    spec.starts_with(crate::hub::dataset::PREFIX)
+}
+
+/// What to read: a local spec, or a split of a Hub dataset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spec {
+    pub path: String,
+    /// The split, for a Hub dataset (ignored for local data).
+    pub split: String,
+}
+
+impl Spec {
+    pub fn new(path: &str, split: &str) -> Self {
+        Self {
+            path: path.to_string(),
+            split: split.to_string(),
+        }
+    }
+
+    /// Local data (or a Hub dataset's `train` split).
+    pub fn local(path: &str) -> Self {
+        Self::new(path, "train")
+    }
+
+    /// The files, in reading order (a Hub dataset's split downloaded when not in the cache).
+    pub fn files(&self) -> Result<Vec<PathBuf>> {
+        match crate::hub::dataset::DatasetRef::parse(&self.path)? {
+            Some(r) => {
+                crate::hub::dataset::resolve(&r, &self.split, &crate::hub::HubEnv::from_env())
+            }
+            None => files(&self.path),
+        }
+    }
+}
+
+impl std::fmt::Display for Spec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if is_hub(&self.path) {
+            write!(f, "{} (split {})", self.path, self.split)
+        } else {
+            f.write_str(&self.path)
+        }
+    }
+}
+
+impl From<&str> for Spec {
+    fn from(path: &str) -> Self {
+        Self::local(path)
     }
 }
 
@@ -95,18 +149,26 @@ fn named(path: &Path, suffix: &str) -> bool {
 /// why the record does not parse. Blank lines are skipped. A file that cannot be read, decompressed
 /// or decoded ends the walk with an error naming it.
 pub fn for_each_record(
-    spec: &str,
+    spec: &Spec,
+    f: impl FnMut(Place, std::result::Result<Value, String>) -> Result<()>,
+) -> Result<()> {
+    for_each_record_in(&spec.files()?, f)
+}
+
+/// [`for_each_record`] over files already resolved ([`Spec::files`]).
+pub fn for_each_record_in(
+    files: &[PathBuf],
     mut f: impl FnMut(Place, std::result::Result<Value, String>) -> Result<()>,
 ) -> Result<()> {
-    for file in files(spec)? {
-        read_file(&file, &mut f)?;
+    for file in files {
+        read_file(file, &mut f)?;
     }
     Ok(())
 }
 
 /// The first record of `spec` that parses, reading no further than it (what a data set holds;
 /// `None` when nothing parses).
-pub fn first_record(spec: &str) -> Option<Value> {
+pub fn first_record(spec: &Spec) -> Option<Value> {
     let mut first = None;
     // An error stops the walk at the first record; the walk's own errors mean "none".
     let _ = for_each_record(spec, |_, v| {
@@ -119,10 +181,45 @@ pub fn first_record(spec: &str) -> Option<Value> {
     first
 }
 
+/// A record as read, not yet parsed: parsing (and dropping what it allocates) happens where the
+/// record is used, on the encoding threads ([`super::encode`]).
+#[derive(Debug)]
+pub enum Raw {
+    /// A JSONL line.
+    Line(String),
+    /// An element of a JSON array, or a Parquet row.
+    Value(Value),
+}
+
+impl Raw {
+    /// The record as JSON, or why it does not parse.
+    pub fn parse(self) -> std::result::Result<Value, String> {
+        match self {
+            Self::Line(l) => serde_json::from_str(&l).map_err(|e| format!("invalid JSON: {e}")),
+            Self::Value(v) => Ok(v),
+        }
+    }
+}
+
+/// Calls `f` with each record of `files` unparsed ([`Raw`]), and its place.
+pub fn for_each_raw_in(
+    files: &[PathBuf],
+    mut f: impl FnMut(Place, Raw) -> Result<()>,
+) -> Result<()> {
+    for file in files {
+        read_file_raw(file, &mut f)?;
+    }
+    Ok(())
+}
+
 fn read_file(
     file: &Path,
     f: &mut impl FnMut(Place, std::result::Result<Value, String>) -> Result<()>,
 ) -> Result<()> {
+    read_file_raw(file, &mut |place, raw: Raw| f(place, raw.parse()))
+}
+
+fn read_file_raw(file: &Path, f: &mut impl FnMut(Place, Raw) -> Result<()>) -> Result<()> {
     if named(file, ".parquet") {
         return read_parquet(file, f);
     }
@@ -168,7 +265,7 @@ fn read_file(
                 line: i + 1,
                 row_group: None,
             };
-            f(place, Ok(v))?;
+            f(place, Raw::Value(v))?;
         }
         return Ok(());
     }
@@ -189,29 +286,38 @@ fn read_file(
             line: n,
             row_group: None,
         };
-        let parsed = serde_json::from_str(&line).map_err(|e| format!("invalid JSON: {e}"));
-        f(place, parsed)?;
+        f(place, Raw::Line(std::mem::take(&mut line)))?;
     }
 }
 
-fn read_parquet(
-    file: &Path,
-    f: &mut impl FnMut(Place, std::result::Result<Value, String>) -> Result<()>,
-) -> Result<()> {
+fn read_parquet(file: &Path, f: &mut impl FnMut(Place, Raw) -> Result<()>) -> Result<()> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let raw = std::fs::File::open(file)
         .with_context(|| format!("{}: cannot read the data file", crate::fsx::shown(file)))?;
-    let reader = SerializedFileReader::new(raw)
+    let reader = guarded(file, || SerializedFileReader::new(raw))?
         .with_context(|| format!("{}: not a readable Parquet file", file.display()))?;
     let groups = reader.metadata().num_row_groups();
     for g in 0..groups {
+        // parquet's ColumnChunkMetaData::byte_range asserts these (a panic on a damaged footer).
+        for c in reader.metadata().row_group(g).columns() {
+            let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
+            if start < 0 || c.compressed_size() < 0 {
+                bail!(
+                    "{}: row group {g}: damaged Parquet file (column `{}` has a negative offset or size)",
+                    file.display(),
+                    c.column_path()
+                );
+            }
+        }
         let group = reader
             .get_row_group(g)
             .with_context(|| format!("{}: row group {g} is damaged", file.display()))?;
-        let rows = group
-            .get_row_iter(None)
+        let mut rows = guarded(file, || group.get_row_iter(None))?
             .with_context(|| format!("{}: row group {g} is damaged", file.display()))?;
-        for (i, row) in rows.enumerate() {
+        for i in 0.. {
+            let Some(row) = guarded(file, || rows.next())? else {
+                break;
+            };
             let row = row.with_context(|| {
                 format!("{}: row group {g}, row {}: damaged", file.display(), i + 1)
             })?;
@@ -220,10 +326,29 @@ fn read_parquet(
                 line: i + 1,
                 row_group: Some(g),
             };
-            f(place, Ok(row.to_json_value()))?;
+            let record = guarded(file, || row.to_json_value())?;
+            f(place, Raw::Value(record))?;
         }
     }
     Ok(())
+}
+
+/// Runs `call` into the parquet crate, which panics on some damaged files instead of returning an
+/// error (a BYTE_ARRAY value's length past the end of its dictionary page fails an assertion in
+/// `bit_util::read_num_bytes` while the row iterator decodes it): the panic becomes an error naming
+/// the file. Only the crate's calls are guarded, never the code that handles the records.
+fn guarded<T>(file: &Path, call: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).map_err(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        anyhow::anyhow!(
+            "{}: damaged Parquet file (the Parquet reader failed: {why})",
+            file.display()
+        )
+    })
 }
 
 #[cfg(test)]
@@ -233,7 +358,7 @@ mod tests {
 
     fn collect(spec: &str) -> Result<Vec<(String, Value)>> {
         let mut out = Vec::new();
-        for_each_record(spec, |p, v| {
+        for_each_record(&spec.into(), |p, v| {
             out.push((p.to_string(), v.map_err(|e| anyhow::anyhow!(e))?));
             Ok(())
         })?;

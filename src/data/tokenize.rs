@@ -5,8 +5,16 @@
 //! and the end-of-turn token right after it (`<|end|>`, Phi-4's `<|im_end|>`: the special token the
 //! template puts there) are trained, nothing else (not the prompt, not the role headers,
 //! not padding, which never masks `<|end|>` or eos because masks come from spans, not ids).
+//!
+//! An assistant message that calls tools (`tool_calls`) is trained on all the template renders for
+//! it: from the end of the prefix (the messages before it, with the generation prompt) to the end
+//! of the rendering of the messages up to and including it, whatever the template writes for the
+//! calls (content, `<tool_call>` blocks, the closing token and any newline after it). An eos the
+//! template writes only because the conversation ends there (absent when a generation prompt
+//! follows, as Phi-3's template does) is not part of it. Tool results (`tool` messages) are never
+//! trained. A template that drops the calls (one without tool support, like Phi-3's) is an error.
 
-use super::jsonl::{Conversation, Role};
+use super::jsonl::{Conversation, Message, Role};
 use super::template::ChatTemplate;
 use anyhow::{Context, Result, bail};
 use std::path::Path;
@@ -25,7 +33,12 @@ pub struct TokenizerBundle {
     pub pad_id: Option<u32>,
     /// Ids of the added tokens marked special (role headers, `<|end|>`, eos…), computed once.
     special_ids: std::collections::HashSet<u32>,
+    /// The same tokenizer cutting its text into words before BPE, where that provably changes no
+    /// id ([`word_split`]): what [`Self::encode`] runs, many times faster on long texts.
+    words: Option<super::spm::WordTokenizer>,
 }
+
+pub use super::spm::word_split;
 
 /// One tokenized conversation.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,6 +91,7 @@ impl TokenizerBundle {
                 .filter(|(_, t)| t.special)
                 .map(|(id, _)| id)
                 .collect(),
+            words: word_split(&tokenizer),
             tokenizer,
             template,
         })
@@ -129,6 +143,7 @@ impl TokenizerBundle {
             }
             out.push((t.clone(), id, true));
         }
+        self.words = word_split(&self.tokenizer);
         Ok(out)
     }
 
@@ -169,11 +184,30 @@ impl TokenizerBundle {
         Ok((json.into_bytes(), serde_json::to_vec_pretty(&cfg)?))
     }
 
+    /// `text` encoded by the word-splitting copy where it is exact ([`word_split`]), else by the
+    /// tokenizer as it is.
+    fn run(&self, text: &str, add_special_tokens: bool) -> Result<tokenizers::Encoding> {
+        match &self.words {
+            Some(w) => w.encode(text, add_special_tokens),
+            None => self.tokenizer.encode(text, add_special_tokens),
+        }
+        .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))
+    }
+
+    /// Whether encoding cuts the text into words first ([`word_split`]).
+    pub fn splits_words(&self) -> bool {
+        self.words.is_some()
+    }
+
+    /// This tokenizer encoding whole texts, as HF ships it (for measuring [`word_split`]).
+    pub fn without_word_split(mut self) -> Self {
+        self.words = None;
+        self
+    }
+
     /// Token ids of `text` (special-token strings in it become their ids; nothing is added).
     pub fn encode(&self, text: &str) -> Result<tokenizers::Encoding> {
-        self.tokenizer
-            .encode(text, false)
-            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))
+        self.run(text, false)
     }
 
     /// Decodes ids to text (special tokens skipped).
@@ -193,12 +227,7 @@ impl TokenizerBundle {
         } else {
             format!("{}{eos}", doc.text)
         };
-        let ids = self
-            .tokenizer
-            .encode(text.as_str(), true)
-            .map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?
-            .get_ids()
-            .to_vec();
+        let ids = self.run(&text, true)?.get_ids().to_vec();
         Ok(Encoded {
             trained: vec![true; ids.len()],
             ids,
@@ -209,7 +238,11 @@ impl TokenizerBundle {
 
     /// Renders, tokenizes and marks the trained tokens of a conversation.
     pub fn encode_conversation(&self, conv: &Conversation) -> Result<Encoded> {
-        let text = self.template.render(&conv.messages, false)?;
+        let render =
+            |m: &[Message], generation| self.template.render_with_tools(m, &conv.tools, generation);
+        let text = render(&conv.messages, false)?;
+        // (start, end, whole): `whole` spans hold a tool call's whole rendering, closing special
+        // tokens included; the others hold a reply's content, closed by the special token after it.
         let mut spans = Vec::new();
         for (i, m) in conv
             .messages
@@ -217,12 +250,17 @@ impl TokenizerBundle {
             .enumerate()
             .filter(|(_, m)| m.role == Role::Assistant)
         {
-            let prefix = self.template.render(&conv.messages[..i], true)?;
+            let prefix = render(&conv.messages[..i], true)?;
             if !text.starts_with(&prefix) {
                 bail!(
                     "line {}: the chat template does not render turn by turn (a conversation's prefix is not a prefix of its rendering), so assistant tokens cannot be located",
                     conv.line
                 );
+            }
+            if !m.tool_calls.is_empty() {
+                let end = self.call_end(conv, i, prefix.len(), &text)?;
+                spans.push((prefix.len(), end.max(prefix.len()), true));
+                continue;
             }
             if !text[prefix.len()..].starts_with(&m.content) {
                 bail!(
@@ -230,7 +268,7 @@ impl TokenizerBundle {
                     conv.line
                 );
             }
-            spans.push((prefix.len(), prefix.len() + m.content.len()));
+            spans.push((prefix.len(), prefix.len() + m.content.len(), false));
         }
         let enc = self.encode(&text)?;
         let ids = enc.get_ids().to_vec();
@@ -238,13 +276,14 @@ impl TokenizerBundle {
         let mut trained = vec![false; ids.len()];
         for (t, &(s, e)) in offsets.iter().enumerate() {
             // A role header whose rstrip swallowed the content's leading whitespace overlaps the
-            // content without being part of it: special tokens are trained only as the closing <|end|>.
+            // content without being part of it: special tokens are trained only as the closing <|end|>
+            // (or, in a tool call's span, when they start inside it).
             let is_special = self.special_ids.contains(&ids[t]);
-            for &(cs, ce) in &spans {
-                let overlaps = s < ce && e > cs && !is_special;
+            for &(cs, ce, whole) in &spans {
+                let overlaps = s < ce && e > cs && (!is_special || (whole && s >= cs));
                 // The turn's terminator: `<|end|>` (Phi-3), `<|im_end|>` (Phi-4) or whatever
                 // special token the template puts right after the content.
-                let closes = (Some(ids[t]) == self.end_id || is_special) && s == ce;
+                let closes = !whole && (Some(ids[t]) == self.end_id || is_special) && s == ce;
                 if overlaps || closes {
                     trained[t] = true;
                 }
@@ -256,5 +295,43 @@ impl TokenizerBundle {
             text,
             line: conv.line,
         })
+    }
+
+    /// Where the rendering of tool-calling assistant message `i` (its prefix, with the generation
+    /// prompt, `prefix_len` bytes long) ends in `text` (the whole conversation's rendering): the end of the rendering of messages `..=i`, less an eos the
+    /// template adds only because the conversation ends there. Checks that every call's function
+    /// name is in it, so a template that ignores `tool_calls` is not trained on an empty turn.
+    fn call_end(
+        &self,
+        conv: &Conversation,
+        i: usize,
+        prefix_len: usize,
+        text: &str,
+    ) -> Result<usize> {
+        let upto = &conv.messages[..=i];
+        let closed = self.template.render_with_tools(upto, &conv.tools, false)?;
+        let open = self.template.render_with_tools(upto, &conv.tools, true)?;
+        let eos = self.template.eos_token.as_str();
+        let mut end = closed.len();
+        if !eos.is_empty() && closed.ends_with(eos) && !open.starts_with(&closed) {
+            end -= eos.len();
+        }
+        if !text.starts_with(&closed[..end]) {
+            bail!(
+                "line {}: the chat template does not render turn by turn (messages up to {i} do not render as a prefix of the conversation), so the tool call's tokens cannot be located",
+                conv.line
+            );
+        }
+        let span = closed.get(prefix_len..end).unwrap_or("");
+        for call in &conv.messages[i].tool_calls {
+            let name = super::formats::call_name(call).unwrap_or("");
+            if !span.contains(name) {
+                bail!(
+                    "line {}: assistant message {i} calls `{name}`, which the chat template does not render (it has no tool support: use a model whose template renders tool_calls, or set a chat template that does)",
+                    conv.line
+                );
+            }
+        }
+        Ok(end)
     }
 }

@@ -52,7 +52,7 @@ impl Failure {
 type Attempt<T> = std::result::Result<T, Failure>;
 
 /// The Hub's HTTP client for one download.
-struct Client<'a> {
+pub(crate) struct Client<'a> {
     env: &'a HubEnv,
     /// Follows redirects (file bodies from the CDN).
     follow: ureq::Agent,
@@ -70,7 +70,7 @@ fn agent(redirects: u32) -> ureq::Agent {
 }
 
 impl<'a> Client<'a> {
-    fn new(env: &'a HubEnv) -> Self {
+    pub(crate) fn new(env: &'a HubEnv) -> Self {
         Self {
             env,
             follow: agent(5),
@@ -151,15 +151,15 @@ fn status_failure(code: u16, r: ureq::Response, what: &str, id: &str, env: &HubE
 
 /// `/api/models/<id>/revision/<rev>`: the commit and the file names.
 #[derive(Debug, serde::Deserialize)]
-struct RepoInfo {
-    sha: String,
+pub(crate) struct RepoInfo {
+    pub sha: String,
     #[serde(default)]
-    siblings: Vec<Sibling>,
+    pub siblings: Vec<Sibling>,
 }
 
 #[derive(Debug, serde::Deserialize)]
-struct Sibling {
-    rfilename: String,
+pub(crate) struct Sibling {
+    pub rfilename: String,
 }
 
 /// A file's identity on the Hub.
@@ -174,9 +174,78 @@ fn is_sha256(etag: &str) -> bool {
     etag.len() == 64 && etag.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// The cache directory of a repo.
+/// What a Hub repo holds: its API path, its URLs and its cache folder differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepoKind {
+    Model,
+    Dataset,
+}
+
+impl RepoKind {
+    /// `/api/<plural>/<id>/revision/<rev>`.
+    fn plural(self) -> &'static str {
+        match self {
+            Self::Model => "models",
+            Self::Dataset => "datasets",
+        }
+    }
+
+    /// Before `<id>` in file URLs: nothing for models, `datasets/` for datasets.
+    fn url_prefix(self) -> &'static str {
+        match self {
+            Self::Model => "",
+            Self::Dataset => "datasets/",
+        }
+    }
+}
+
+/// The cache directory of a model repo (`models--owner--name`).
 pub fn repo_dir(cache: &Path, id: &str) -> PathBuf {
-    cache.join(hf_hub::Repo::model(id.to_string()).folder_name())
+    repo_dir_of(cache, RepoKind::Model, id)
+}
+
+/// The cache directory of a repo of either kind (`models--…`, `datasets--…`).
+pub fn repo_dir_of(cache: &Path, kind: RepoKind, id: &str) -> PathBuf {
+    let t = match kind {
+        RepoKind::Model => hf_hub::RepoType::Model,
+        RepoKind::Dataset => hf_hub::RepoType::Dataset,
+    };
+    cache.join(hf_hub::Repo::new(id.to_string(), t).folder_name())
+}
+
+/// A repo's commit and file names at `revision`.
+pub(crate) fn revision_info(
+    client: &Client<'_>,
+    kind: RepoKind,
+    id: &str,
+    revision: &str,
+) -> Result<RepoInfo> {
+    let url = format!(
+        "{}/api/{}/{id}/revision/{}",
+        client.env.endpoint,
+        kind.plural(),
+        urlencode(revision)
+    );
+    client.retrying(id, || {
+        let resp = client.call(client.get(&client.follow, &url), id, id)?;
+        resp.into_json::<RepoInfo>()
+            .map_err(|e| Failure::Transient(anyhow::anyhow!("{id}: unreadable revision info: {e}")))
+    })
+}
+
+/// Writes `refs/<revision>` → `sha` (nothing when the revision is the commit itself). A revision
+/// such as `refs/pr/1` or `refs/convert/parquet` is a path under refs/, as huggingface_hub
+/// stores it.
+pub(crate) fn write_ref(repo: &Path, id: &str, revision: &str, sha: &str) -> Result<()> {
+    if revision == sha {
+        return Ok(());
+    }
+    let ref_path = crate::pathsafe::join_under(&repo.join("refs"), revision)
+        .with_context(|| format!("{id}: the revision"))?;
+    if let Some(dir) = ref_path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    crate::fsx::write_atomic(&ref_path, sha.as_bytes())
 }
 
 /// Downloads what a Phi-3 checkpoint needs from `r` into the cache; returns the snapshot.
@@ -187,16 +256,7 @@ pub fn download(r: &ModelRef, env: &HubEnv) -> Result<PathBuf> {
         .context("no Hugging Face cache directory: set HF_HUB_CACHE or HF_HOME")?;
     let client = Client::new(env);
     let id = r.id.as_str();
-    let info_url = format!(
-        "{}/api/models/{id}/revision/{}",
-        env.endpoint,
-        urlencode(&r.revision)
-    );
-    let info: RepoInfo = client.retrying(id, || {
-        let resp = client.call(client.get(&client.follow, &info_url), id, id)?;
-        resp.into_json::<RepoInfo>()
-            .map_err(|e| Failure::Transient(anyhow::anyhow!("{id}: unreadable revision info: {e}")))
-    })?;
+    let info = revision_info(&client, RepoKind::Model, id, &r.revision)?;
     let names: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let plan = select_files(&names, id)?;
     let repo = repo_dir(cache, id);
@@ -205,7 +265,16 @@ pub fn download(r: &ModelRef, env: &HubEnv) -> Result<PathBuf> {
         .with_context(|| format!("{id}: the Hub's commit id for `{}`", r.revision))?;
     let snapshot = repo.join("snapshots").join(commit);
     let progress = super::progress::Progress::new();
-    let fetch = |file: &str| fetch_file(&client, &repo, &snapshot, id, &info.sha, file, &progress);
+    let fetch = |file: &str| {
+        let at = Place {
+            kind: RepoKind::Model,
+            id,
+            repo: &repo,
+            snapshot: &snapshot,
+            commit: &info.sha,
+        };
+        fetch_file(&client, &at, file, &progress)
+    };
     for f in &plan.first {
         fetch(f)?;
     }
@@ -235,16 +304,8 @@ pub fn download(r: &ModelRef, env: &HubEnv) -> Result<PathBuf> {
             missing.join(", ")
         );
     }
-    // The ref last: a snapshot is named by a ref only when complete. A revision such as
-    // `refs/pr/1` is a path under refs/, as huggingface_hub stores it.
-    if r.revision != info.sha {
-        let ref_path = crate::pathsafe::join_under(&repo.join("refs"), &r.revision)
-            .with_context(|| format!("{id}: the revision"))?;
-        if let Some(dir) = ref_path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        crate::fsx::write_atomic(&ref_path, info.sha.as_bytes())?;
-    }
+    // The ref last: a snapshot is named by a ref only when complete.
+    write_ref(&repo, id, &r.revision, &info.sha)?;
     Ok(snapshot)
 }
 
@@ -316,16 +377,29 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
+/// Where a repo's files go: its kind and id, its cache folder, the snapshot of one commit.
+pub(crate) struct Place<'a> {
+    pub kind: RepoKind,
+    pub id: &'a str,
+    pub repo: &'a Path,
+    pub snapshot: &'a Path,
+    pub commit: &'a str,
+}
+
 /// One file into the snapshot (nothing to do when it is there).
-fn fetch_file(
+pub(crate) fn fetch_file(
     client: &Client<'_>,
-    repo: &Path,
-    snapshot: &Path,
-    id: &str,
-    commit: &str,
+    at: &Place<'_>,
     file: &str,
     progress: &super::progress::Progress,
 ) -> Result<()> {
+    let Place {
+        kind,
+        id,
+        repo,
+        snapshot,
+        commit,
+    } = *at;
     let pointer = crate::pathsafe::join_under(snapshot, file)
         .with_context(|| format!("{id}: a file of the repo"))?;
     let blobs = repo.join("blobs");
@@ -339,7 +413,11 @@ fn fetch_file(
             blobs.display()
         ),
     }
-    let url = format!("{}/{id}/resolve/{commit}/{file}", client.env.endpoint);
+    let url = format!(
+        "{}/{}{id}/resolve/{commit}/{file}",
+        client.env.endpoint,
+        kind.url_prefix()
+    );
     let meta = client.retrying(file, || metadata(client, &url, file, id))?;
     std::fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
     let blob = blobs.join(&meta.etag);

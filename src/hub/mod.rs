@@ -7,11 +7,12 @@
 //! resumes what was cut short, unless `HF_HUB_OFFLINE=1`, which never touches the network and says
 //! what is missing.
 
+pub mod dataset;
 mod download;
 mod progress;
 
 use anyhow::{Context, Result, bail};
-pub use download::{FilePlan, repo_dir, select_files};
+pub use download::{FilePlan, RepoKind, repo_dir, repo_dir_of, select_files};
 use std::path::{Path, PathBuf};
 
 /// The Hugging Face settings that matter here.
@@ -156,16 +157,20 @@ fn is_hub_id(model: &str) -> bool {
 /// The cached snapshot of a model reference, complete or not: `refs/<revision>` names its commit
 /// (a revision that is itself a commit names the snapshot directly).
 pub fn cached_snapshot(cache: &Path, r: &ModelRef) -> Option<PathBuf> {
-    let repo = repo_dir(cache, &r.id);
+    snapshot_at(&repo_dir(cache, &r.id), &r.revision)
+}
+
+/// The snapshot `revision` names in the cache folder `repo` (a model's or a dataset's).
+pub(crate) fn snapshot_at(repo: &Path, revision: &str) -> Option<PathBuf> {
     let snapshots = repo.join("snapshots");
     // The revision and the commit a ref holds become paths: only names that stay in the repo.
-    let ref_path = crate::pathsafe::join_under(&repo.join("refs"), &r.revision).ok()?;
+    let ref_path = crate::pathsafe::join_under(&repo.join("refs"), revision).ok()?;
     if let Ok(commit) = std::fs::read_to_string(ref_path) {
         let commit = crate::pathsafe::file_name(commit.trim()).ok()?;
         let s = snapshots.join(commit);
         return s.is_dir().then_some(s);
     }
-    if let Ok(commit) = crate::pathsafe::file_name(&r.revision) {
+    if let Ok(commit) = crate::pathsafe::file_name(revision) {
         let s = snapshots.join(commit);
         if s.is_dir() {
             return Some(s);
@@ -178,7 +183,7 @@ pub fn cached_snapshot(cache: &Path, r: &ModelRef) -> Option<PathBuf> {
         .map(|e| e.path())
         .filter(|p| p.is_dir())
         .collect();
-    (all.len() == 1 && r.revision == "main").then(|| all.remove(0))
+    (all.len() == 1 && revision == "main").then(|| all.remove(0))
 }
 
 /// What is at a snapshot path.

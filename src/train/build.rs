@@ -7,6 +7,8 @@ use super::objective::{Kind, Objective, Params};
 use crate::config::TrainConfig;
 use crate::data::TokenizerBundle;
 use crate::data::batch::{Row, RowStats, build_rows};
+use crate::data::encode::{EncodedData, ReadOptions, encode_data};
+use crate::data::source::Spec;
 use crate::dist;
 use crate::fsx::write_atomic;
 use crate::model::Phi3;
@@ -82,29 +84,52 @@ pub(super) fn add_tokens(
     Ok(Some(tok.files(base_cfg.as_deref())?))
 }
 
-pub fn encode_rows(
+/// `spec` read and tokenized ([`crate::data::encode`]: every core, cached unless `data.cache` is
+/// off), with `data.eval_fraction` of it held out when `hold_out` (training's data).
+fn encode_examples(
     tok: &TokenizerBundle,
-    path: &Path,
+    spec: &Spec,
     cfg: &TrainConfig,
-) -> Result<(Vec<Row>, RowStats, usize)> {
-    let report = crate::data::read_data(
-        &path.to_string_lossy(),
-        cfg.data.format,
-        &cfg.data.columns,
-        cfg.data.skip_bad_lines,
-    )?;
-    let encoded = report
-        .encode(tok)
-        .with_context(|| format!("{}", path.display()))?;
-    let (rows, stats) = build_rows(&encoded, cfg.training.max_seq_len, cfg.data.pack);
+    hold_out: bool,
+) -> Result<(EncodedData, Vec<crate::data::Encoded>)> {
+    let cache = cfg.data.cache.then(crate::data::encode::cache_dir);
+    let mut d = encode_data(spec, &ReadOptions::of(&cfg.data), tok, cache.as_deref())?;
+    let mut held = Vec::new();
+    if hold_out && cfg.data.eval_fraction > 0.0 {
+        let all = std::mem::take(&mut d.examples);
+        (d.examples, held) =
+            crate::data::encode::hold_out(all, cfg.data.eval_fraction, cfg.training.seed)?;
+    }
+    Ok((d, held))
+}
+
+/// Examples into rows (packed or padded to max_seq_len); an error naming `spec` when none has a
+/// trained token.
+fn rows_of(
+    examples: &[crate::data::Encoded],
+    spec: &Spec,
+    cfg: &TrainConfig,
+) -> Result<(Vec<Row>, RowStats)> {
+    let (rows, stats) = build_rows(examples, cfg.training.max_seq_len, cfg.data.pack);
     if rows.is_empty() {
         bail!(
-            "{}: no example has trainable tokens within max_seq_len {}",
-            path.display(),
+            "{spec}: no example has trainable tokens within max_seq_len {}",
             cfg.training.max_seq_len
         );
     }
-    Ok((rows, stats, report.skipped.len()))
+    Ok((rows, stats))
+}
+
+/// The training rows of `spec`, their stats and the records skipped (what `qlora eval` and the
+/// tests read too).
+pub fn encode_rows(
+    tok: &TokenizerBundle,
+    spec: &Spec,
+    cfg: &TrainConfig,
+) -> Result<(Vec<Row>, RowStats, usize)> {
+    let (d, _) = encode_examples(tok, spec, cfg, false)?;
+    let (rows, stats) = rows_of(&d.examples, spec, cfg)?;
+    Ok((rows, stats, d.skipped.len()))
 }
 
 /// The objective before the model exists (the memory plan needs its data), then given its
@@ -137,12 +162,20 @@ fn from_bits(v: &[[u64; 2]]) -> Vec<[f64; 2]> {
 impl ObjectiveData {
     pub(super) fn read(cfg: &TrainConfig, tok: &TokenizerBundle, pad_id: u32) -> Result<Self> {
         let kind = cfg.training.objective;
+        let train = cfg.data.train_spec();
         if kind == Kind::Sft {
-            let (rows, stats, skipped_lines) = encode_rows(tok, Path::new(&cfg.data.train), cfg)?;
-            let eval_rows = if cfg.data.eval.is_empty() {
-                Vec::new()
-            } else {
-                encode_rows(tok, Path::new(&cfg.data.eval), cfg)?.0
+            let (d, held) = encode_examples(tok, &train, cfg, true)?;
+            let (rows, stats) = rows_of(&d.examples, &train, cfg)?;
+            let (skipped_lines, cached, held_out) = (d.skipped.len(), d.cached, held.len());
+            drop(d);
+            let eval_rows = match cfg.data.eval_spec() {
+                Some(spec) => encode_rows(tok, &spec, cfg)?.0,
+                None if !held.is_empty() => {
+                    rows_of(&held, &train, cfg)
+                        .context("the held-out evaluation examples")?
+                        .0
+                }
+                None => Vec::new(),
             };
             return Ok(Self::Sft(Sft {
                 rows,
@@ -150,22 +183,25 @@ impl ObjectiveData {
                 stats,
                 skipped_lines,
                 pad_id,
+                cached,
+                held_out,
             }));
         }
-        let load = |path: &str| {
+        let load = |spec: &Spec| {
             crate::data::pairs::load_pairs(
                 tok,
-                Path::new(path),
+                spec,
                 cfg.training.max_seq_len,
                 cfg.data.truncation_mode,
                 cfg.data.skip_bad_lines,
             )
         };
-        let (pairs, stats) = load(&cfg.data.train)?;
-        let eval_pairs = if cfg.data.eval.is_empty() {
-            Vec::new()
-        } else {
-            load(&cfg.data.eval)?.0
+        let (pairs, stats) = load(&train)?;
+        let (pairs, eval_pairs) = match cfg.data.eval_spec() {
+            Some(spec) => (pairs, load(&spec)?.0),
+            None => {
+                crate::data::encode::hold_out(pairs, cfg.data.eval_fraction, cfg.training.seed)?
+            }
         };
         let mut p = Preference::new(
             kind,

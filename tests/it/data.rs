@@ -23,6 +23,7 @@ fn rendering_and_ids_match_transformers_and_masks_cover_assistant_turns() {
         let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
         let conv = Conversation {
             messages: messages.clone(),
+            tools: Vec::new(),
             line: i + 1,
         };
         let enc = tok.encode_conversation(&conv).unwrap();
@@ -97,4 +98,111 @@ fn bad_lines_name_file_and_line_or_are_skipped_and_counted() {
         r.skipped.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
         vec![3, 4]
     );
+}
+
+/// Phi-3's tokenizer cuts text into words before BPE ([`qlora::data::tokenize::word_split`]):
+/// the ids and offsets of any text equal those of the tokenizer as HF ships it (which the goldens
+/// above pin against transformers), on texts built from the pieces where a cut could matter:
+/// runs of spaces, `▁` typed in the text, newlines, tabs, byte-fallback characters, special tokens.
+mod word_split {
+    use proptest::prelude::*;
+    use qlora::data::tokenize::word_split;
+
+    fn plain() -> tokenizers::Tokenizer {
+        tokenizers::Tokenizer::from_file(
+            crate::common::repo_dir().join("assets/phi3-tokenizer/tokenizer.json"),
+        )
+        .unwrap()
+    }
+
+    const PIECES: &[&str] = &[
+        " ",
+        "  ",
+        "   ",
+        "\n",
+        "\n\n",
+        "\t",
+        "▁",
+        "▁▁",
+        "a",
+        "the",
+        " the",
+        "Hello",
+        "world",
+        "don't",
+        "3.14",
+        "1234567",
+        "é",
+        "中文",
+        "🦀",
+        "\u{200b}",
+        "<|user|>",
+        "<|end|>",
+        "<|assistant|>",
+        "<s>",
+        "</s>",
+        "x▁y",
+        "  ▁ ",
+        ".",
+        ",",
+        "?!",
+        "def f(x):\n    return x",
+    ];
+
+    fn same(a: &tokenizers::Tokenizer, b: &qlora::data::spm::WordTokenizer, text: &str) {
+        let (x, y) = (
+            a.encode(text, false).unwrap(),
+            b.encode(text, false).unwrap(),
+        );
+        assert_eq!(x.get_ids(), y.get_ids(), "{text:?}");
+        assert_eq!(x.get_offsets(), y.get_offsets(), "{text:?}");
+        let (x, y) = (a.encode(text, true).unwrap(), b.encode(text, true).unwrap());
+        assert_eq!(x.get_ids(), y.get_ids(), "{text:?}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn cut_into_words_the_ids_and_offsets_do_not_change(
+            parts in proptest::collection::vec(0..PIECES.len(), 0..40)
+        ) {
+            static TOKS: std::sync::OnceLock<(
+                tokenizers::Tokenizer,
+                qlora::data::spm::WordTokenizer,
+            )> = std::sync::OnceLock::new();
+            let (tok, words) = TOKS.get_or_init(|| {
+                let tok = plain();
+                let words = word_split(&tok).expect("Phi-3's tokenizer qualifies");
+                (tok, words)
+            });
+            let text: String = parts.iter().map(|&i| PIECES[i]).collect();
+            same(tok, words, &text);
+        }
+    }
+
+    #[test]
+    fn a_vocabulary_with_a_token_across_a_cut_is_left_alone() {
+        let tok = plain();
+        let mut json: serde_json::Value =
+            serde_json::from_str(&tok.to_string(false).unwrap()).unwrap();
+        json["model"]["vocab"]["a▁b"] = serde_json::json!(40000);
+        let crossing: tokenizers::Tokenizer = json.to_string().parse().unwrap();
+        assert!(word_split(&crossing).is_none());
+        // A tokenizer that already splits words, and a byte-level BPE without ▁, are left alone.
+        let mut json: serde_json::Value =
+            serde_json::from_str(&tok.to_string(false).unwrap()).unwrap();
+        json["pre_tokenizer"] = serde_json::json!({"type": "Whitespace"});
+        let split: tokenizers::Tokenizer = json.to_string().parse().unwrap();
+        assert!(word_split(&split).is_none());
+        // Another normalizer (NFKC before the spaces) is not the one written here.
+        let mut json: serde_json::Value =
+            serde_json::from_str(&tok.to_string(false).unwrap()).unwrap();
+        json["normalizer"]["normalizers"]
+            .as_array_mut()
+            .unwrap()
+            .insert(0, serde_json::json!({"type": "NFKC"}));
+        let nfkc: tokenizers::Tokenizer = json.to_string().parse().unwrap();
+        assert!(word_split(&nfkc).is_none());
+        assert!(word_split(&tok).is_some());
+    }
 }

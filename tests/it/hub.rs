@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 pub(crate) const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+/// The commit of the `refs/convert/parquet` branch, whose files are the map's `convert:` keys.
+pub(crate) const CONVERT_COMMIT: &str = "c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0";
 
 /// What the server does to one file's requests.
 #[derive(Debug, Clone, Default)]
@@ -25,6 +27,9 @@ pub(crate) struct Fault {
     pub status: Option<(u16, usize)>,
     /// Sleep this long per 64 KiB of body.
     pub slow_ms: u64,
+    /// Send this many body bytes, then stall (a minute) before the rest, for the next `times`
+    /// body requests: a download a test kills mid-file.
+    pub stall_after: Option<(usize, usize)>,
     /// Answer 500 with the request's Authorization header in the body, for the next `times`
     /// requests (a server that echoes the token).
     pub echo_auth: usize,
@@ -51,7 +56,10 @@ pub(crate) struct FakeHub {
 }
 
 fn is_lfs(name: &str) -> bool {
-    name.ends_with(".safetensors") || name.ends_with(".bin") || name.ends_with(".model")
+    name.ends_with(".safetensors")
+        || name.ends_with(".bin")
+        || name.ends_with(".model")
+        || name.ends_with(".parquet")
 }
 
 fn etag(name: &str, data: &[u8]) -> String {
@@ -157,13 +165,24 @@ fn serve(
             return Ok(());
         }
     }
-    // /api/models/<o>/<n>/revision/<rev>
-    if path.starts_with("/api/models/") {
+    // /api/{models,datasets}/<o>/<n>/revision/<rev>; the convert branch lists the `convert:`
+    // files.
+    if path.starts_with("/api/models/") || path.starts_with("/api/datasets/") {
+        let convert = path.ends_with("/revision/refs%2Fconvert%2Fparquet");
         let siblings: Vec<serde_json::Value> = files
             .keys()
+            .filter_map(|k| match (k.strip_prefix("convert:"), convert) {
+                (Some(c), true) => Some(c.to_string()),
+                (None, false) => Some(k.clone()),
+                _ => None,
+            })
             .map(|k| serde_json::json!({ "rfilename": k }))
             .collect();
-        let commit = st.commit.clone().unwrap_or_else(|| COMMIT.into());
+        let commit = if convert {
+            CONVERT_COMMIT.into()
+        } else {
+            st.commit.clone().unwrap_or_else(|| COMMIT.into())
+        };
         drop(st);
         let body = serde_json::json!({ "sha": commit, "siblings": siblings }).to_string();
         respond(&c, 200, &[], body.as_bytes());
@@ -173,8 +192,12 @@ fn serve(
     let (file, cdn) = if let Some(f) = path.strip_prefix("/cdn/") {
         (f.to_string(), true)
     } else {
-        match path.split_once("/resolve/") {
-            Some((_, rest)) => (rest.split_once('/').map_or("", |x| x.1).to_string(), false),
+        match path
+            .split_once("/resolve/")
+            .and_then(|(_, r)| r.split_once('/'))
+        {
+            Some((CONVERT_COMMIT, f)) => (format!("convert:{f}"), false),
+            Some((_, f)) => (f.to_string(), false),
             None => (String::new(), false),
         }
     };
@@ -245,7 +268,14 @@ fn serve(
     let mut body = data[start..=end].to_vec();
     let mut cut = None;
     let mut slow = 0;
+    let mut stall = None;
     if !is_probe {
+        if let Some((n, times)) = fault.stall_after
+            && times > 0
+        {
+            fault.stall_after = Some((n, times - 1));
+            stall = Some(n);
+        }
         if let Some((n, times)) = fault.drop_after
             && times > 0
         {
@@ -272,6 +302,14 @@ fn serve(
     let mut w = &c;
     w.write_all(h.as_bytes())?;
     let send = cut.map_or(body.len(), |n| n.min(body.len()));
+    if let Some(n) = stall {
+        let n = n.min(send);
+        w.write_all(&body[..n])?;
+        w.flush()?;
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        w.write_all(&body[n..send])?;
+        return Ok(());
+    }
     for chunk in body[..send].chunks(64 << 10) {
         w.write_all(chunk)?;
         if slow > 0 {

@@ -16,6 +16,7 @@ mod gguf_phi4;
 mod gpu;
 mod head_lora;
 mod hub;
+mod hub_data;
 mod hub_hostile;
 mod kquant;
 mod model;

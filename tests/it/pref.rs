@@ -50,7 +50,11 @@ fn pairs_tokenize_truncate_and_drop_as_trl_dpo_trainer() {
     let small = t["max_length_small"].as_u64().unwrap() as usize;
     let mut checked = 0;
     for (file, cases) in t["files"].as_object().unwrap() {
-        let (raw, bad) = read_pairs(&dir().join(file), false).unwrap();
+        let (raw, bad) = read_pairs(
+            &qlora::data::source::Spec::local(&dir().join(file).to_string_lossy()),
+            false,
+        )
+        .unwrap();
         assert!(bad.is_empty());
         let cases = cases.as_array().unwrap();
         assert_eq!(raw.len(), cases.len(), "{file}");

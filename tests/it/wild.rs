@@ -497,15 +497,10 @@ fn a_phi4_like_checkpoint_trains_and_exports_with_its_cl100k_vocabulary() {
     let bundle = qlora::data::tokenize::TokenizerBundle::from_dir(&dir).unwrap();
     let conv = qlora::data::jsonl::Conversation {
         messages: vec![
-            qlora::data::jsonl::Message {
-                role: qlora::data::jsonl::Role::User,
-                content: "hello world".into(),
-            },
-            qlora::data::jsonl::Message {
-                role: qlora::data::jsonl::Role::Assistant,
-                content: "the cat".into(),
-            },
+            qlora::data::jsonl::Message::new(qlora::data::jsonl::Role::User, "hello world"),
+            qlora::data::jsonl::Message::new(qlora::data::jsonl::Role::Assistant, "the cat"),
         ],
+        tools: Vec::new(),
         line: 1,
     };
     let enc = bundle.encode_conversation(&conv).unwrap();

@@ -17,6 +17,10 @@ pub struct Sft {
     pub stats: RowStats,
     pub skipped_lines: usize,
     pub pad_id: u32,
+    /// The examples came from the data cache ([`crate::data::encode`]).
+    pub cached: bool,
+    /// Examples held out for evaluation (`data.eval_fraction`).
+    pub held_out: usize,
 }
 
 impl Objective for Sft {
@@ -50,8 +54,15 @@ impl Objective for Sft {
 
     fn describe(&self) -> String {
         let s = &self.stats;
+        let mut notes = String::new();
+        if self.held_out > 0 {
+            notes.push_str(&format!("; {} held out for evaluation", self.held_out));
+        }
+        if self.cached {
+            notes.push_str("; tokenized examples read from the data cache");
+        }
         format!(
-            "{} rows from {} examples ({} tokens, {} trained; {:.1}% of the rows' room padding; {} truncated to max_seq_len, {} dropped, {} bad lines skipped)",
+            "{} rows from {} examples ({} tokens, {} trained; {:.1}% of the rows' room padding; {} truncated to max_seq_len, {} dropped, {} bad lines skipped{notes})",
             self.rows.len(),
             s.conversations,
             s.tokens,

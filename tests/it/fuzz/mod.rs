@@ -1,9 +1,10 @@
 //! Readers that never crash: every reader of a file a user hands us (safetensors headers, GGUF,
-//! bitsandbytes quant-state JSON, tokenizer.model, adapter_config.json, config.json) is fed
-//! mutated and truncated versions of valid seed files through its public entry point. Each input
-//! must give `Ok` or one error whose message names the file, never a panic (caught here) and never
-//! an allocation above [`ALLOC_LIMIT`] (the seeds are kilobytes; a reader that trusts a length
-//! field would ask for far more, or abort the test binary outright).
+//! bitsandbytes quant-state JSON, tokenizer.model, adapter_config.json, config.json, training data
+//! in gzip, zstd and Parquet files) is fed mutated and truncated versions of valid seed files
+//! through its public entry point. Each input must give `Ok` or one error whose message names the
+//! file, never a panic (caught here) and never an allocation above [`ALLOC_LIMIT`] (the seeds are
+//! kilobytes; a reader that trusts a length field would ask for far more, or abort the test binary
+//! outright).
 //!
 //! Per target: every truncation of the seed (all lengths up to [`ALL_TRUNCATIONS`], evenly spaced
 //! ones beyond), then `QLORA_FUZZ_CASES` random mutation lists (default [`DEFAULT_CASES`]; proptest
@@ -11,6 +12,7 @@
 //! Run with `--nocapture` to see the number of inputs each reader was given.
 
 mod alloc;
+mod data;
 mod mutate;
 mod readers;
 mod seeds;

@@ -11,7 +11,7 @@ use qlora::model::load::{BaseFormat, LoadOptions, load};
 use safetensors::{Dtype, SafeTensors};
 use std::path::Path;
 
-const JSON_TOKENS: &[&[u8]] = &[
+pub(super) const JSON_TOKENS: &[&[u8]] = &[
     b"null",
     b"-1",
     b"1e400",
@@ -28,7 +28,7 @@ const JSON_TOKENS: &[&[u8]] = &[
     b"NaN",
     b"0.5",
 ];
-const BINARY_TOKENS: &[&[u8]] = &[
+pub(super) const BINARY_TOKENS: &[&[u8]] = &[
     &[0xff; 8],
     &[0x80; 10],
     &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
@@ -40,7 +40,7 @@ const BINARY_TOKENS: &[&[u8]] = &[
     b"GGUF",
 ];
 
-fn identity(b: &[u8]) -> Vec<u8> {
+pub(super) fn identity(b: &[u8]) -> Vec<u8> {
     b.to_vec()
 }
 
@@ -86,7 +86,7 @@ fn join_safetensors(header: &[u8], data: &[u8]) -> Vec<u8> {
     out
 }
 
-fn report(reader: &str, tallies: &[Tally]) {
+pub(super) fn report(reader: &str, tallies: &[Tally]) {
     let mut total = Tally::default();
     for t in tallies {
         total += *t;
