@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Side by side, in one run: qlora's data tokenization against `datasets`' (load_dataset, then
-map(apply_chat_template + tokenize, num_proc=2), as TRL's SFTTrainer prepares chat data), on the
-same file with the same tokenizer and chat template. Each side runs as its own process tree,
+"""Side by side, in one run: qlora's data tokenization (`qlora data prepare`, into its cache on
+disk) against `datasets`' (load_dataset, then map(apply_chat_template + tokenize, num_proc=2),
+as TRL's SFTTrainer prepares chat data, into its Arrow cache on disk), on the same file with the
+same tokenizer and chat template. Each side runs as its own process tree,
 sampled every 50 ms for its resident memory (the sum over the tree: pool workers included; shared
 pages count in each process, so a tree's sum can overstate it) and timed from start to exit.
 
@@ -35,7 +36,8 @@ def encode(ex):
     return tok(text, add_special_tokens=False)
 out = ds.map(encode, num_proc=nproc, remove_columns=ds.column_names)
 t2 = time.time()
-tokens = sum(len(x) for x in out["input_ids"])
+import pyarrow.compute as pc
+tokens = pc.sum(pc.list_value_length(out.data.column("input_ids"))).as_py()
 print(f"reference: {len(out)} conversations, {tokens} tokens; load {t1-t0:.1f} s, map {t2-t1:.1f} s")
 print(f"TOKENS {tokens}")
 '''
@@ -44,7 +46,9 @@ print(f"TOKENS {tokens}")
 def measure(cmd, env):
     """Runs cmd; returns (seconds, peak tree RSS bytes, stdout)."""
     t0 = time.time()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Output goes to files, not pipes: a progress bar filling an unread pipe would stall the child.
+    out_f, err_f = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True, env=env)
     root = psutil.Process(p.pid)
     peak = 0
     while p.poll() is None:
@@ -60,8 +64,10 @@ def measure(cmd, env):
         except psutil.Error:
             pass
         time.sleep(0.05)
-    out, err = p.communicate()
     secs = time.time() - t0
+    out_f.seek(0)
+    err_f.seek(0)
+    out, err = out_f.read(), err_f.read()[-4000:]
     if p.returncode != 0:
         sys.exit(f"{cmd[0]} failed ({p.returncode}):\n{out}\n{err}")
     return secs, peak, out
@@ -82,9 +88,11 @@ def main():
             rows["datasets"].append((secs, peak, tokens))
             print(f"run {r}: datasets {secs:.1f} s, peak RSS {peak / 2**20:.0f} MiB, {tokens} tokens"
                   f" ({out.splitlines()[0]})", flush=True)
-        secs, peak, out = measure(
-            [qlora, "data", "prepare", "--data", data, "--model", tok_dir, "--no-data-cache"],
-            dict(os.environ))
+        # Into qlora's cache on disk, as datasets writes its Arrow cache (a fresh one each run).
+        with tempfile.TemporaryDirectory() as cache:
+            secs, peak, out = measure(
+                [qlora, "data", "prepare", "--data", data, "--model", tok_dir],
+                dict(os.environ, XDG_CACHE_HOME=cache))
         tokens = int(out.split(" tokens (")[0].rsplit(" ", 1)[1])
         rows["qlora"].append((secs, peak, tokens))
         print(f"run {r}: qlora    {secs:.1f} s, peak RSS {peak / 2**20:.0f} MiB, {tokens} tokens"

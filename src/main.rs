@@ -14,6 +14,17 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Before any thread and any CPU feature query (QLORA_CPU=avx2: the AVX2 paths on an AVX-512
+    // CPU, for measuring both classes on one machine).
+    // SAFETY: no other thread has started yet, and no feature was asked.
+    match unsafe { qlora_quant::isa::force_from_env() } {
+        Ok(Some(note)) => eprintln!("{note}"),
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     // SAFETY: no other thread has started yet.
     unsafe { qlora_quant::runtime::init() };
     match qlora_quant::runtime::run(qlora::cli::run) {

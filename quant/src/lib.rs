@@ -28,6 +28,7 @@ pub mod cuda;
 pub mod emu;
 pub mod format;
 pub mod fused;
+pub mod isa;
 pub mod launch;
 pub mod nested;
 pub mod op;

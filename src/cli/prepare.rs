@@ -4,7 +4,7 @@
 //! `scripts/compare_data_encode.sh` sets beside `datasets.map`).
 
 use crate::data::TokenizerBundle;
-use crate::data::encode::{ReadOptions, cache_dir, encode_data};
+use crate::data::encode::{ReadOptions, cache_dir, encode_data, encode_to_cache};
 use crate::data::formats::{Columns, Format, check_columns};
 use crate::data::source::Spec;
 use anyhow::{Context, Result};
@@ -33,7 +33,8 @@ pub struct PrepareArgs {
     /// Skip and count bad records instead of stopping [data.skip_bad_lines].
     #[arg(long)]
     skip_bad_lines: bool,
-    /// Neither read nor write the cache (time the tokenization itself).
+    /// Neither read nor write the cache: tokenize into memory, as training holds the examples
+    /// (with the cache, examples go to it as they come and none is kept).
     #[arg(long)]
     no_data_cache: bool,
 }
@@ -71,18 +72,17 @@ pub fn run(a: PrepareArgs) -> Result<ExitCode> {
     let spec = Spec::new(&a.data, &a.split);
     let cache = (!a.no_data_cache).then(cache_dir);
     let t0 = std::time::Instant::now();
-    let d = encode_data(&spec, &opts, &tok, cache.as_deref())?;
+    // Into the cache, nothing kept; without it, kept in memory (as training would hold them).
+    let d = match &cache {
+        Some(dir) => encode_to_cache(&spec, &opts, &tok, dir)?,
+        None => encode_data(&spec, &opts, &tok, None)?,
+    };
     let secs = t0.elapsed().as_secs_f64();
-    let tokens: usize = d.examples.iter().map(|e| e.ids.len()).sum();
-    let trained: usize = d
-        .examples
-        .iter()
-        .map(|e| e.trained.iter().filter(|&&t| t).count())
-        .sum();
-    let records = d.examples.len() + d.skipped.len();
+    let (tokens, trained) = (d.tokens, d.trained_tokens);
+    let records = d.count + d.skipped.len();
     println!(
         "{spec}: {} examples ({} conversations, {} documents), {tokens} tokens ({trained} trained), {} bad records skipped",
-        d.examples.len(),
+        d.count,
         d.conversations,
         d.texts,
         d.skipped.len()

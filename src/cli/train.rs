@@ -332,7 +332,10 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
                 "dense base"
             },
             trainer.model.dtype.as_str(),
-            crate::device::name(&trainer.model.device),
+            match &trainer.model.device {
+                candle_core::Device::Cpu => format!("cpu, {} paths", qlora_quant::isa::class()),
+                d => crate::device::name(d),
+            },
             trainer.objective.describe(),
             trainer.total_steps,
             if trainer.state.step > 0 {

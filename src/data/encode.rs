@@ -46,8 +46,12 @@ impl ReadOptions {
 /// Encoded examples in source order, and what was skipped.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EncodedData {
-    /// `text` is empty: only ids, masks and lines are kept.
+    /// `text` is empty: only ids, masks and lines are kept. Empty from [`encode_to_cache`].
     pub examples: Vec<Encoded>,
+    /// Examples, their tokens and trained tokens (kept or not).
+    pub count: usize,
+    pub tokens: usize,
+    pub trained_tokens: usize,
     pub conversations: usize,
     pub texts: usize,
     /// `(line, reason)` of each skipped record (the reason names its place).
@@ -107,6 +111,27 @@ pub fn encode_data(
     tok: &TokenizerBundle,
     cache_dir: Option<&Path>,
 ) -> Result<EncodedData> {
+    encode(spec, opts, tok, cache_dir, true)
+}
+
+/// [`encode_data`] into the cache only, keeping no example in memory (what `qlora data prepare`
+/// does: memory stays that of the records in flight, as `datasets.map` writes its Arrow cache).
+pub fn encode_to_cache(
+    spec: &Spec,
+    opts: &ReadOptions,
+    tok: &TokenizerBundle,
+    cache_dir: &Path,
+) -> Result<EncodedData> {
+    encode(spec, opts, tok, Some(cache_dir), false)
+}
+
+fn encode(
+    spec: &Spec,
+    opts: &ReadOptions,
+    tok: &TokenizerBundle,
+    cache_dir: Option<&Path>,
+    keep: bool,
+) -> Result<EncodedData> {
     let files = spec.files()?;
     let cache = match cache_dir {
         Some(dir) => Some(dir.join(format!("{}.bin", key(&files, opts, tok)?))),
@@ -115,7 +140,7 @@ pub fn encode_data(
     if let Some(path) = &cache
         && path.exists()
     {
-        match read_cache(path) {
+        match read_cache(path, keep) {
             Ok(mut d) => {
                 d.cached = true;
                 return Ok(d);
@@ -126,17 +151,99 @@ pub fn encode_data(
             ),
         }
     }
-    let out = encode_files(spec, &files, opts, tok)?;
-    if let Some(path) = &cache {
-        // A cache that cannot be written costs the next run time, not this one its data.
-        if let Err(e) = write_cache(path, &out) {
-            eprintln!(
-                "note: cannot write the data cache {} ({e:#}); the next run tokenizes again",
-                path.display()
-            );
-        }
+    // The cache is written as the examples come; one that cannot be written costs the next run
+    // time, not this one its data.
+    let mut sink = cache.as_deref().map(CacheSink::create);
+    let out = encode_files(spec, &files, opts, tok, sink.as_mut(), keep)?;
+    if let (Some(sink), Some(path)) = (sink, &cache)
+        && let Err(e) = sink.finish(&out)
+    {
+        eprintln!(
+            "note: cannot write the data cache {} ({e:#}); the next run tokenizes again",
+            path.display()
+        );
     }
     Ok(out)
+}
+
+/// A cache file being written beside its final name; a write error stops the writing (kept, and
+/// reported by [`Self::finish`]), never the run.
+struct CacheSink {
+    path: PathBuf,
+    tmp: PathBuf,
+    w: Option<std::io::BufWriter<std::fs::File>>,
+    err: Option<anyhow::Error>,
+}
+
+impl CacheSink {
+    fn create(path: &Path) -> Self {
+        let tmp = crate::fsx::tmp_sibling(path);
+        let opened = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::File::create(&tmp));
+        let (w, err) = match opened {
+            Ok(f) => {
+                let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+                match w.write_all(MAGIC) {
+                    Ok(()) => (Some(w), None),
+                    Err(e) => (None, Some(e.into())),
+                }
+            }
+            Err(e) => (None, Some(e.into())),
+        };
+        Self {
+            path: path.to_path_buf(),
+            tmp,
+            w,
+            err,
+        }
+    }
+
+    fn push(&mut self, e: &Encoded) {
+        if let Some(w) = &mut self.w
+            && let Err(err) = write_example(w, e)
+        {
+            self.w = None;
+            self.err = Some(err.into());
+        }
+    }
+
+    /// The header and its length after the examples, then the rename into place.
+    fn finish(mut self, d: &EncodedData) -> Result<()> {
+        let done = (|| -> Result<()> {
+            if let Some(e) = self.err.take() {
+                return Err(e);
+            }
+            let mut w = self.w.take().context("not open")?;
+            let header = serde_json::to_vec(&Header {
+                examples: d.count,
+                conversations: d.conversations,
+                texts: d.texts,
+                tokens: d.tokens,
+                trained_tokens: d.trained_tokens,
+                skipped: d.skipped.clone(),
+            })?;
+            w.write_all(&header)?;
+            w.write_all(&(header.len() as u64).to_le_bytes())?;
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            std::fs::rename(&self.tmp, &self.path)?;
+            Ok(())
+        })();
+        if done.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        done
+    }
+}
+
+impl Drop for CacheSink {
+    fn drop(&mut self) {
+        // Not finished (the encoding failed): no half file stays.
+        if self.w.is_some() || self.err.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 fn encode_files(
@@ -144,6 +251,8 @@ fn encode_files(
     files: &[PathBuf],
     opts: &ReadOptions,
     tok: &TokenizerBundle,
+    mut sink: Option<&mut CacheSink>,
+    keep: bool,
 ) -> Result<EncodedData> {
     let bar =
         indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
@@ -158,21 +267,31 @@ fn encode_files(
     let mut fold = |done: Vec<(Place, std::result::Result<Item, String>)>| -> Result<()> {
         bar.inc(done.len() as u64);
         for (place, item) in done {
-            match item {
+            let e = match item {
                 Ok(Item::Chat(e)) => {
                     out.conversations += 1;
-                    out.examples.push(e);
+                    e
                 }
                 Ok(Item::Text(e)) => {
                     out.texts += 1;
-                    out.examples.push(e);
+                    e
                 }
                 Err(reason) if opts.skip_bad_lines => {
-                    out.skipped.push((place.line, format!("{place}: {reason}")))
+                    out.skipped.push((place.line, format!("{place}: {reason}")));
+                    continue;
                 }
                 Err(reason) => bail!(
                     "{place}: {reason} (fix the line, or pass --skip-bad-lines to skip such lines)"
                 ),
+            };
+            out.count += 1;
+            out.tokens += e.ids.len();
+            out.trained_tokens += e.trained.iter().filter(|&&t| t).count();
+            if let Some(sink) = sink.as_deref_mut() {
+                sink.push(&e);
+            }
+            if keep {
+                out.examples.push(e);
             }
         }
         Ok(())
@@ -259,7 +378,7 @@ fn encode_files(
     };
     bar.finish_and_clear();
     read?;
-    if out.examples.is_empty() {
+    if out.count == 0 {
         bail!("{spec}: no usable conversations or documents");
     }
     if out.conversations > 0 && out.texts > 0 {
@@ -312,75 +431,91 @@ pub fn cache_dir() -> PathBuf {
     crate::hub::qlora_cache_dir().join("data")
 }
 
-const MAGIC: &[u8; 8] = b"QLDATA01";
+const MAGIC: &[u8; 8] = b"QLDATA02";
 
-/// The cache file's header (JSON); the examples follow it.
+/// The cache file's header (JSON), after the examples.
 #[derive(Serialize, Deserialize)]
 struct Header {
     examples: usize,
     conversations: usize,
     texts: usize,
+    tokens: usize,
+    trained_tokens: usize,
     skipped: Vec<(usize, String)>,
 }
 
-/// `MAGIC`, the header's length and JSON, then per example: its line (u64), its length n (u64),
-/// n ids (u32), ⌈n/8⌉ bytes of trained bits (least significant first); little-endian.
-fn write_cache(path: &Path, d: &EncodedData) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+/// One example: its line (u64), its length n (u64), n ids (u32), ⌈n/8⌉ bytes of trained bits
+/// (least significant first); little-endian. The file is `MAGIC`, the examples, the header's JSON
+/// and its length (u64): written in one pass as the examples come.
+fn write_example(w: &mut impl Write, e: &Encoded) -> std::io::Result<()> {
+    w.write_all(&(e.line as u64).to_le_bytes())?;
+    w.write_all(&(e.ids.len() as u64).to_le_bytes())?;
+    for id in &e.ids {
+        w.write_all(&id.to_le_bytes())?;
     }
-    let header = serde_json::to_vec(&Header {
-        examples: d.examples.len(),
-        conversations: d.conversations,
-        texts: d.texts,
-        skipped: d.skipped.clone(),
-    })?;
-    crate::fsx::disk::write_with(path, None, |w| {
-        w.write_all(MAGIC)?;
-        w.write_all(&(header.len() as u64).to_le_bytes())?;
-        w.write_all(&header)?;
-        for e in &d.examples {
-            w.write_all(&(e.line as u64).to_le_bytes())?;
-            w.write_all(&(e.ids.len() as u64).to_le_bytes())?;
-            for id in &e.ids {
-                w.write_all(&id.to_le_bytes())?;
-            }
-            let mut bits = vec![0u8; e.trained.len().div_ceil(8)];
-            for (t, &on) in e.trained.iter().enumerate() {
-                bits[t / 8] |= u8::from(on) << (t % 8);
-            }
-            w.write_all(&bits)?;
-        }
-        Ok(())
-    })
+    let mut bits = vec![0u8; e.trained.len().div_ceil(8)];
+    for (t, &on) in e.trained.iter().enumerate() {
+        bits[t / 8] |= u8::from(on) << (t % 8);
+    }
+    w.write_all(&bits)
 }
 
-fn read_cache(path: &Path) -> Result<EncodedData> {
-    let file = std::fs::File::open(path)?;
+#[cfg(test)]
+fn write_cache(path: &Path, d: &EncodedData) -> Result<()> {
+    let mut sink = CacheSink::create(path);
+    for e in &d.examples {
+        sink.push(e);
+    }
+    sink.finish(d)
+}
+
+/// The cache at `path`: its header, and the examples too with `keep`. Every length is checked
+/// against the file's size before anything that large is allocated.
+fn read_cache(path: &Path, keep: bool) -> Result<EncodedData> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
     let size = file.metadata()?.len();
-    let mut r = BufReader::with_capacity(1 << 20, file);
     let mut magic = [0u8; 8];
-    r.read_exact(&mut magic)?;
+    file.read_exact(&mut magic)?;
     if &magic != MAGIC {
         bail!("not a qlora data cache");
     }
-    let read_u64 = |r: &mut BufReader<std::fs::File>| -> Result<u64> {
+    let read_u64 = |r: &mut dyn Read| -> Result<u64> {
         let mut b = [0u8; 8];
         r.read_exact(&mut b)?;
         Ok(u64::from_le_bytes(b))
     };
-    let n = read_u64(&mut r)?;
-    if n > size {
+    if size < 16 {
+        bail!("cut short");
+    }
+    file.seek(SeekFrom::Start(size - 8))?;
+    let n = read_u64(&mut file)?;
+    if n > size - 16 {
         bail!("a header longer than the file");
     }
+    let body_end = size - 8 - n;
+    file.seek(SeekFrom::Start(body_end))?;
     let mut header = vec![0u8; n as usize];
-    r.read_exact(&mut header)?;
+    file.read_exact(&mut header)?;
     let header: Header = serde_json::from_slice(&header)?;
-    // Every length is checked against the file's size before anything that large is allocated.
     if header.examples as u64 > size {
         bail!("more examples than bytes");
     }
-    let mut examples = Vec::with_capacity(header.examples);
+    let mut out = EncodedData {
+        count: header.examples,
+        conversations: header.conversations,
+        texts: header.texts,
+        tokens: header.tokens,
+        trained_tokens: header.trained_tokens,
+        skipped: header.skipped,
+        ..Default::default()
+    };
+    if !keep {
+        return Ok(out);
+    }
+    file.seek(SeekFrom::Start(8))?;
+    let mut r = BufReader::with_capacity(1 << 20, file).take(body_end - 8);
+    out.examples.reserve_exact(header.examples);
     for _ in 0..header.examples {
         let line = read_u64(&mut r)? as usize;
         let len = read_u64(&mut r)?;
@@ -397,7 +532,7 @@ fn read_cache(path: &Path) -> Result<EncodedData> {
         let mut bits = vec![0u8; len.div_ceil(8)];
         r.read_exact(&mut bits)?;
         let trained = (0..len).map(|t| bits[t / 8] >> (t % 8) & 1 == 1).collect();
-        examples.push(Encoded {
+        out.examples.push(Encoded {
             ids,
             trained,
             text: String::new(),
@@ -406,15 +541,9 @@ fn read_cache(path: &Path) -> Result<EncodedData> {
     }
     let mut rest = [0u8; 1];
     if r.read(&mut rest)? != 0 {
-        bail!("bytes after the last example");
+        bail!("bytes between the examples and the header");
     }
-    Ok(EncodedData {
-        examples,
-        conversations: header.conversations,
-        texts: header.texts,
-        skipped: header.skipped,
-        cached: false,
-    })
+    Ok(out)
 }
 
 /// Splits `examples` into (train, held-out) with `fraction` of them (rounded, at least one, and
@@ -479,22 +608,28 @@ mod tests {
                     line: 9,
                 },
             ],
+            count: 2,
+            tokens: 22,
+            trained_tokens: 9,
             conversations: 2,
             texts: 0,
             skipped: vec![(2, "f:2: bad".into())],
             cached: false,
         };
         write_cache(&p, &d).unwrap();
-        assert_eq!(read_cache(&p).unwrap(), d);
+        assert_eq!(read_cache(&p, true).unwrap(), d);
+        let header_only = read_cache(&p, false).unwrap();
+        assert!(header_only.examples.is_empty());
+        assert_eq!((header_only.count, header_only.tokens), (2, 22));
         let bytes = std::fs::read(&p).unwrap();
         for cut in [4, 20, bytes.len() - 1] {
             std::fs::write(&p, &bytes[..cut]).unwrap();
-            assert!(read_cache(&p).is_err(), "cut at {cut}");
+            assert!(read_cache(&p, true).is_err(), "cut at {cut}");
         }
         let mut long = bytes.clone();
         long.push(0);
         std::fs::write(&p, &long).unwrap();
-        assert!(read_cache(&p).is_err());
+        assert!(read_cache(&p, true).is_err());
     }
 
     #[test]

@@ -290,3 +290,50 @@ fn inspect_prints_metadata_and_tensor_tables() {
     assert_eq!(code, 2);
     assert!(stderr.contains("neither GGUF nor safetensors"), "{stderr}");
 }
+
+/// `QLORA_CPU=avx2` runs the AVX2 paths on an AVX-512 CPU (cpuid traps and is answered without
+/// AVX-512: `qlora_quant::isa`); what each host can show, it shows.
+#[test]
+fn qlora_cpu_avx2_hides_avx512_from_every_dispatch() {
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let has = |f: &str| flags.split_whitespace().any(|w| w == f);
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |cpu: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_qlora"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args([
+                "train",
+                "--config",
+                "configs/demo.toml",
+                "--max-steps",
+                "1",
+                "--output",
+            ])
+            .arg(tmp.path().join(cpu))
+            .env("QLORA_CPU", cpu)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run("sse9");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("QLORA_CPU=sse9: use native"), "{err}");
+    let (code, native) = run("native");
+    assert_eq!(code, 0, "{native}");
+    let (code, err) = run("avx2");
+    if !has("avx512f") {
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("no AVX-512 to hide"), "{err}");
+    } else if !has("cpuid_fault") {
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("needs CPUID faulting"), "{err}");
+    } else {
+        assert_eq!(code, 0, "{err}");
+        assert!(native.contains("cpu, avx512 paths"), "{native}");
+        assert!(err.contains("AVX-512 and AMX hidden"), "{err}");
+        assert!(err.contains("cpu, avx2 paths"), "{err}");
+    }
+}
