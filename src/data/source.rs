@@ -90,7 +90,7 @@ impl From<&str> for Spec {
 }
 
 /// The extensions a directory's data files have.
-const DATA_EXTENSIONS: [&str; 7] = [
+pub const DATA_EXTENSIONS: [&str; 7] = [
     ".jsonl",
     ".json",
     ".jsonl.gz",

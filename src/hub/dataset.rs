@@ -81,16 +81,8 @@ impl DatasetRef {
     }
 }
 
-/// The extensions of the data files a split is made of.
-const EXTENSIONS: [&str; 7] = [
-    ".parquet",
-    ".jsonl",
-    ".json",
-    ".jsonl.gz",
-    ".json.gz",
-    ".jsonl.zst",
-    ".json.zst",
-];
+/// The extensions of the data files a split is made of: those the reader reads.
+use crate::data::source::DATA_EXTENSIONS as EXTENSIONS;
 
 /// The characters that bound a split keyword in a name (`datasets`' NON_WORDS_CHARS).
 fn is_sep(c: char) -> bool {
@@ -468,12 +460,7 @@ pub fn resolve(r: &DatasetRef, split: &str, env: &HubEnv) -> Result<Vec<PathBuf>
                 env.endpoint
             )
         })
-        .map_err(|e| match &env.token {
-            Some(t) if format!("{e:?}").contains(t.as_str()) => {
-                anyhow::anyhow!("{}", env.redact(&format!("{e:#}")))
-            }
-            _ => e,
-        })
+        .map_err(|e| env.redact_error(e))
 }
 
 #[cfg(test)]

@@ -86,6 +86,17 @@ impl HubEnv {
         }
     }
 
+    /// `e` with the token replaced ([`Self::redact`]) when it appears anywhere in the chain: the
+    /// token never reaches an error, though a server may echo it in a body we quote.
+    pub fn redact_error(&self, e: anyhow::Error) -> anyhow::Error {
+        match &self.token {
+            Some(t) if format!("{e:?}").contains(t.as_str()) => {
+                anyhow::anyhow!("{}", self.redact(&format!("{e:#}")))
+            }
+            _ => e,
+        }
+    }
+
     /// Offline settings over `cache` (tests).
     pub fn offline_at(cache: &Path) -> Self {
         Self {
@@ -353,13 +364,7 @@ pub fn download(model: &str, env: &HubEnv) -> Result<PathBuf> {
                 env.endpoint
             )
         })
-        // The token never reaches an error: a server may echo it in a body we quote.
-        .map_err(|e| match &env.token {
-            Some(t) if format!("{e:?}").contains(t.as_str()) => {
-                anyhow::anyhow!("{}", env.redact(&format!("{e:#}")))
-            }
-            _ => e,
-        })
+        .map_err(|e| env.redact_error(e))
 }
 
 #[cfg(test)]
