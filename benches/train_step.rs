@@ -150,7 +150,7 @@ fn preference_step(c: &mut Criterion) {
     group.bench_function("sft_same_rows", |b| {
         b.iter(|| {
             black_box(
-                sft.micro_batch(&model, &[0, 1], &ctx, true)
+                sft.micro_batch(&model, &[0, 1], &ctx, &true.into())
                     .expect("sft")
                     .scalars,
             )
@@ -159,7 +159,7 @@ fn preference_step(c: &mut Criterion) {
     group.bench_function("dpo", |b| {
         b.iter(|| {
             black_box(
-                dpo.micro_batch(&model, &[0], &ctx, true)
+                dpo.micro_batch(&model, &[0], &ctx, &true.into())
                     .expect("dpo")
                     .scalars,
             )
@@ -168,7 +168,7 @@ fn preference_step(c: &mut Criterion) {
     group.bench_function("dpo_precomputed_reference", |b| {
         b.iter(|| {
             black_box(
-                pre.micro_batch(&model, &[0], &ctx, true)
+                pre.micro_batch(&model, &[0], &ctx, &true.into())
                     .expect("dpo")
                     .scalars,
             )

@@ -3,7 +3,8 @@
 # GNU time's %M; the median of 3 runs of 4 steps) of `qlora train` on the same settings, over a
 # matrix of configurations: two model
 # shapes (random bf16 Phi-3s, written under a temp dir), sequence 128-1024, batch 1-4, rank 8-64,
-# gradient checkpointing on/off, NF4 and dense bases, AdamW and 8-bit AdamW, LoRA, DoRA and
+# gradient checkpointing on/off/selective and "auto" under budgets that mix the policies per
+# block, NF4 and dense bases, AdamW and 8-bit AdamW, LoRA, DoRA and
 # modules_to_save copies of the embedding and head ("copies"), DPO on preference pairs. Prints a markdown
 # table with the ratio.
 # Usage: scripts/plan_accuracy.sh [WORKDIR]   (CPU only; ~15 minutes on 2 cores)
@@ -52,7 +53,14 @@ run() {
   local flags=(--model "$work/$model" --data "$data" --max-seq-len "$seq" --batch-size "$batch"
     --rank "$rank" --dropout "$dropout" --targets all-linear --set "training.optimizer=\"$opt\"")
   [ "$base" = nf4 ] && flags+=(--4bit)
-  [ "$ckpt" = off ] && flags+=(--no-gradient-checkpointing)
+  # on / off / selective: every block the same; auto@SIZE: "auto" under a budget of SIZE, which
+  # mixes the policies (plan and train both pick them; train --force keeps the budget for that).
+  case "$ckpt" in
+    on) flags+=(--gradient-checkpointing true) ;;
+    off) flags+=(--gradient-checkpointing false) ;;
+    selective) flags+=(--gradient-checkpointing selective) ;;
+    auto@*) flags+=(--gradient-checkpointing auto --budget "${ckpt#auto@}") ;;
+  esac
   [ "$kind" = dora ] && flags+=(--use-dora)
   [ "$kind" = copies ] && flags+=(--modules-to-save embed_tokens,lm_head)
   # DPO: pairs (a micro-batch of `batch` pairs is 2 × batch rows), the reference's values kept.
@@ -91,3 +99,8 @@ run B nf4 1024 2 16 on 0
 run B nf4 1024 1 32 off 0
 run B dense 256 4 8 on 0
 run B nf4 1024 4 16 on 0.05
+run A nf4 1024 1 16 selective 0
+run A nf4 1024 2 16 selective 0.05
+run A nf4 1024 2 16 auto@600MiB 0.05
+run A nf4 1024 2 16 auto@900MiB 0.05
+run B nf4 1024 2 16 auto@1100MiB 0

@@ -61,8 +61,11 @@ pub struct Training {
     /// Where to train: auto (CUDA device 0 when built with the cuda feature and one opens, else
     /// the CPU), cpu, cuda or cuda:N.
     pub device: String,
-    /// Recompute each block in the backward instead of keeping its activations.
-    pub gradient_checkpointing: bool,
+    /// What each block keeps for the backward: "auto" (per block, the fewest recomputed FLOPs
+    /// whose predicted peak fits the budget), true (only its input: recompute the block), false
+    /// (everything) or "selective" (its input, attention and gate/up outputs).
+    #[serde(default)]
+    pub gradient_checkpointing: crate::train::policy::Setting,
     /// What to optimize: sft (chat data), or dpo, ipo, orpo, simpo (preference pairs).
     #[serde(default)]
     pub objective: crate::train::objective::Kind,
@@ -253,7 +256,7 @@ impl Default for TrainConfig {
                 keep_last: 2,
                 dtype: "auto".into(),
                 device: "auto".into(),
-                gradient_checkpointing: true,
+                gradient_checkpointing: crate::train::policy::Setting::Auto,
                 objective: crate::train::objective::Kind::Sft,
                 beta: default_beta(),
                 simpo_gamma: default_simpo_gamma(),

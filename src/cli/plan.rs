@@ -44,11 +44,21 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
     };
     let (tok, tokenizer) = inputs::load_tokenizer(&model_dir)?;
     let (rows, train_rows) = crate::train::trainer::plan_data(&cfg, &tok).context("data.train")?;
-    let p = inputs::for_run(&cfg, &model_dir, target, tokenizer, rows, baseline)?;
-    let budget = match &args.train.budget {
-        Some(b) => Some(plan::parse_bytes(b)?),
-        None => device.as_ref().and_then(plan::budget),
-    };
+    let mut p = inputs::for_run(&cfg, &model_dir, target, tokenizer, rows, baseline)?;
+    let given = args
+        .train
+        .budget
+        .as_deref()
+        .map(plan::parse_bytes)
+        .transpose()?;
+    let budget = given.or_else(|| device.as_ref().and_then(plan::budget));
+    // "auto" checkpointing: the policies the trainer would pick (under --budget, else what is
+    // free less a margin).
+    let choice = p.auto_checkpointing.then(|| {
+        let c = p.choose(given.or_else(|| budget.map(|b| b - plan::auto_margin(b))));
+        p.checkpointing = crate::train::policy::Checkpointing::Blocks(c.chosen.policies.clone());
+        c
+    });
     let verdict = p.verdict(budget);
     let output = Path::new(&cfg.training.output);
     let steps = plan::disk::total_steps(&cfg, train_rows, 1);
@@ -69,6 +79,19 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
             "disk_needed_bytes": disk_verdict.needed_bytes,
             "disk_free_bytes": disk_verdict.free_bytes,
             "disk_fits": disk_verdict.fits,
+            "checkpointing": choice.as_ref().map_or_else(
+                || serde_json::json!({
+                    "policies": (0..p.cfg.num_hidden_layers).map(|l| p.checkpointing.of(l)).collect::<Vec<_>>(),
+                    "recompute_flops": p.recompute_flops(),
+                    "forward_flops": p.forward_flops(),
+                }),
+                |c| serde_json::json!({
+                    "auto": c,
+                    "policies": c.chosen.policies,
+                    "recompute_flops": c.chosen.recompute_flops,
+                    "forward_flops": c.forward_flops,
+                }),
+            ),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -92,10 +115,13 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
             } else {
                 String::new()
             },
-            if p.checkpointing {
-                ", gradient checkpointing"
+            if p.auto_checkpointing {
+                ", gradient checkpointing auto".to_string()
             } else {
-                ", no gradient checkpointing"
+                format!(
+                    ", gradient checkpointing: {}",
+                    p.checkpointing.describe(p.cfg.num_hidden_layers)
+                )
             },
             s.elem,
             match target {
@@ -107,6 +133,9 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
         );
         if cfg.data.train.is_empty() {
             println!("(no --data: the encoded rows are not counted)");
+        }
+        if let Some(c) = &choice {
+            print!("{}", c.explain());
         }
         print!("{}", plan::explain(&p, &verdict));
         print!("{}", disk.explain(output, &disk_verdict));

@@ -125,8 +125,13 @@ pub struct TrainArgs {
     #[arg(long)]
     device: Option<String>,
     /// [training.gradient_checkpointing = false]
-    #[arg(long)]
+    #[arg(long, conflicts_with = "gradient_checkpointing")]
     no_gradient_checkpointing: bool,
+    /// What each block keeps for the backward: auto (fewest recomputed FLOPs that fit the
+    /// budget), true (its input: recompute it), false (everything), selective (its input,
+    /// attention and gate/up outputs) [training.gradient_checkpointing]
+    #[arg(long, value_name = "auto|true|false|selective")]
+    gradient_checkpointing: Option<String>,
     /// Skip and count bad data lines instead of stopping [data.skip_bad_lines].
     #[arg(long)]
     skip_bad_lines: bool,
@@ -287,6 +292,14 @@ impl TrainArgs {
         if self.no_gradient_checkpointing {
             put("training.gradient_checkpointing", "false".into());
         }
+        if let Some(v) = &self.gradient_checkpointing {
+            let setting: crate::train::policy::Setting =
+                v.parse().context("--gradient-checkpointing")?;
+            put(
+                "training.gradient_checkpointing",
+                toml::Value::try_from(setting)?.to_string(),
+            );
+        }
         if self.skip_bad_lines {
             put("data.skip_bad_lines", "true".into());
         }
@@ -302,15 +315,15 @@ impl TrainArgs {
 
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let cfg = args.resolve()?;
+    let budget = args
+        .budget
+        .as_deref()
+        .map(crate::plan::parse_bytes)
+        .transpose()?;
     let check = if args.force {
-        PlanCheck::Skip
+        PlanCheck::Skip(budget)
     } else {
-        PlanCheck::Enforce(
-            args.budget
-                .as_deref()
-                .map(crate::plan::parse_bytes)
-                .transpose()?,
-        )
+        PlanCheck::Enforce(budget)
     };
     let backend: crate::dist::Backend = args.dist.parse().context("--dist")?;
     let mut trainer = Trainer::launch(cfg, args.resume.is_some(), check, backend)?;
@@ -344,6 +357,15 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
                 String::new()
             }
         );
+        match &trainer.choice {
+            Some(c) => eprint!("{}", c.explain()),
+            None => eprintln!(
+                "gradient checkpointing: {}",
+                trainer
+                    .checkpointing
+                    .describe(trainer.model.cfg.num_hidden_layers)
+            ),
+        }
         let n_params: usize = trainer.opt.params().iter().map(|p| p.elem_count()).sum();
         let bytes = trainer.opt.state_bytes();
         eprintln!(

@@ -472,24 +472,48 @@ impl LoraLinear {
     /// into the base's output, one backward for both: the same function with fewer passes; a DoRA
     /// adapter without dropout scales its output by `g`); anything else takes the composition.
     pub fn forward_fused(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        self.forward_fused_known(x, ctx, None)
+    }
+
+    /// Whether [`Self::forward_fused`] runs as the one op that can take its output back
+    /// ([`Self::forward_fused_known`]): an NF4 base with a plain (not DoRA) adapter, an even input
+    /// width, `x` f32 on the CPU.
+    pub fn replayable(&self, x: &Tensor) -> bool {
+        matches!(
+            (&self.base, &self.adapter),
+            (BaseWeight::Nf4(_), Some(a)) if a.dora.is_none() && a.a.dims()[1] % 2 == 0
+        ) && x.device().is_cpu()
+            && x.dtype() == DType::F32
+    }
+
+    /// [`Self::forward_fused`] with its output `known` from an earlier forward of the same input
+    /// (selective recomputation): handed over instead of computed where the linear is
+    /// [`Self::replayable`], else ignored (computed again, the same values).
+    pub fn forward_fused_known(
+        &self,
+        x: &Tensor,
+        ctx: &ForwardCtx,
+        known: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         if let (BaseWeight::Nf4(w), Some(a)) = (&self.base, &self.adapter)
             && x.device().is_cpu()
             && x.dtype() == DType::F32
             && a.a.dim(1)? % 2 == 0
         {
-            let fused = |dropout| {
-                qlora_quant::fused::lora_nf4_linear(
+            let fused = |dropout, known| {
+                qlora_quant::fused::lora_nf4_linear_known(
                     x,
                     w,
                     a.a.as_tensor(),
                     a.b.as_tensor(),
                     a.scale as f32,
                     dropout,
+                    known,
                 )
             };
             return match (a.dora_scale(&self.base, x.dtype())?, a.dropout_for(ctx)) {
-                (None, dropout) => fused(dropout),
-                (Some(g), None) => fused(None)?.broadcast_mul(&g),
+                (None, dropout) => fused(dropout, known),
+                (Some(g), None) => fused(None, None)?.broadcast_mul(&g),
                 (Some(g), Some(_)) => self.dora_forward(a, x, &g, ctx),
             };
         }

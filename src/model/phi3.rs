@@ -16,6 +16,27 @@ use crate::lora::{Adapter, ForwardCtx, LoraLinear};
 use candle_core::{D, DType, Device, Result, Tensor};
 use qlora_quant::fused;
 
+/// What a block's forward does with its expensive outputs (selective recomputation: see
+/// `train::grads`).
+#[derive(Debug)]
+pub enum Tap<'a> {
+    /// Nothing kept.
+    Off,
+    /// Keep the attention's output and the gate/up projection's, each where its op can take it
+    /// back ([`OpPath::replays_attention`], [`OpPath::replays_linear`]).
+    Record(&'a mut Kept),
+    /// A recomputation of the same forward: the kept outputs are handed over, not computed.
+    Replay(&'a Kept),
+}
+
+/// The outputs a [`Tap::Record`] kept: the attention's (`[B, h, T, d]`, before the heads are
+/// merged) and each gate/up part's (`None` where the op cannot take it back).
+#[derive(Debug, Clone, Default)]
+pub struct Kept {
+    pub attention: Option<Tensor>,
+    pub gate_up: Vec<Option<Tensor>>,
+}
+
 /// One decoder block.
 #[derive(Debug, Clone)]
 pub struct Block {
@@ -173,10 +194,33 @@ impl OpPath {
 
     /// A block linear with its adapter ([`LoraLinear::forward_fused`] on the fused path).
     pub fn linear(self, lin: &LoraLinear, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.linear_known(lin, x, ctx, None)
+    }
+
+    /// [`Self::linear`] with its output `known` from an earlier forward (selective recomputation;
+    /// used where [`Self::replays_linear`]).
+    pub fn linear_known(
+        self,
+        lin: &LoraLinear,
+        x: &Tensor,
+        ctx: &ForwardCtx,
+        known: Option<&Tensor>,
+    ) -> Result<Tensor> {
         match self {
             Self::Composed => lin.forward(x, ctx),
-            Self::Fused(_) => lin.forward_fused(x, ctx),
+            Self::Fused(_) => lin.forward_fused_known(x, ctx, known),
         }
+    }
+
+    /// Whether this path's linear can take its output back instead of computing it.
+    pub fn replays_linear(self, lin: &LoraLinear, x: &Tensor) -> bool {
+        matches!(self, Self::Fused(_)) && lin.replayable(x)
+    }
+
+    /// Whether this path's attention can take its output back instead of computing it (the fused
+    /// ops: their backward reads q, k, v and the output only).
+    pub fn replays_attention(self) -> bool {
+        matches!(self, Self::Fused(_))
     }
 
     /// `weight · x / √(mean(x²) + eps)`, in f32 for half types, cast back before the weight.
@@ -195,7 +239,9 @@ impl OpPath {
         }
     }
 
-    /// `softmax(q·kᵀ · scale + mask) · v`, grouped-query heads included (k, v unexpanded).
+    /// `softmax(q·kᵀ · scale + mask) · v`, grouped-query heads included (k, v unexpanded); with
+    /// `known`, the output of an earlier forward of the same inputs, where
+    /// [`Self::replays_attention`].
     pub fn attention(
         self,
         q: &Tensor,
@@ -203,21 +249,23 @@ impl OpPath {
         v: &Tensor,
         mask: &Tensor,
         scale: f64,
+        known: Option<&Tensor>,
     ) -> Result<Tensor> {
         match self {
             Self::Composed => fused::attention_ref(q, k, v, Some(mask), scale),
             // The model's masks are causal (Phi3::prepare): key blocks past a row block's last
             // visible key are skipped.
-            Self::Fused(FusedAttention::Blocked) => fused::attention_blocked(
+            Self::Fused(FusedAttention::Blocked) => fused::attention_blocked_known(
                 q,
                 k,
                 v,
                 Some(mask),
                 scale,
                 fused::Blocking::for_device(q.device(), true),
+                known,
             ),
             Self::Fused(FusedAttention::Streaming) => {
-                fused::attention_fused(q, k, v, Some(mask), scale)
+                fused::attention_fused_known(q, k, v, Some(mask), scale, known)
             }
         }
     }
@@ -337,35 +385,73 @@ impl Phi3 {
         ctx: &ForwardCtx,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        self.block_tapped(layer, x, prep, ctx, cache, Tap::Off)
+    }
+
+    /// [`Self::block`] keeping its expensive outputs ([`Tap::Record`]) or taking them back
+    /// ([`Tap::Replay`]): selective recomputation.
+    pub fn block_with(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        prep: &Prepared,
+        ctx: &ForwardCtx,
+        tap: Tap<'_>,
+    ) -> Result<Tensor> {
+        self.block_tapped(layer, x, prep, ctx, None, tap)
+    }
+
+    fn block_tapped(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        prep: &Prepared,
+        ctx: &ForwardCtx,
+        cache: Option<&mut KvCache>,
+        mut tap: Tap<'_>,
+    ) -> Result<Tensor> {
         let blk = &self.layers[layer];
         let eps = self.cfg.rms_norm_eps;
         let h = self.ops.rms_norm(x, &blk.input_layernorm, eps)?;
-        let attn = self.attention(layer, &h, prep, ctx, cache)?;
+        let attn = self.attention(layer, &h, prep, ctx, cache, &mut tap)?;
         let x = (x + attn)?;
         let h = self.ops.rms_norm(&x, &blk.post_attention_layernorm, eps)?;
-        let gu = self.projection(&blk.gate_up, &h, ctx)?;
+        let gu = self.projection(&blk.gate_up, &h, ctx, &mut tap)?;
         let mlp = self
             .ops
             .linear(&blk.down_proj, &self.ops.swiglu(&gu)?, ctx)?;
         x + mlp
     }
 
-    /// A fused projection's output, or a split one's parts concatenated (the same rows).
+    /// A fused projection's output, or a split one's parts concatenated (the same rows); the
+    /// gate/up projection's parts kept or replayed through `tap` (the only projection given one).
     fn projection(
         &self,
         parts: &[(&'static str, LoraLinear)],
         x: &Tensor,
         ctx: &ForwardCtx,
+        tap: &mut Tap<'_>,
     ) -> Result<Tensor> {
-        match parts {
-            [(_, lin)] => self.ops.linear(lin, x, ctx),
-            _ => {
-                let outs = parts
-                    .iter()
-                    .map(|(_, lin)| self.ops.linear(lin, x, ctx))
-                    .collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&outs, D::Minus1)
-            }
+        let mut outs = Vec::with_capacity(parts.len());
+        for (i, (_, lin)) in parts.iter().enumerate() {
+            let y = match tap {
+                Tap::Off => self.ops.linear(lin, x, ctx)?,
+                Tap::Record(kept) => {
+                    let y = self.ops.linear(lin, x, ctx)?;
+                    kept.gate_up
+                        .push(self.ops.replays_linear(lin, x).then(|| y.detach()));
+                    y
+                }
+                Tap::Replay(kept) => {
+                    let known = kept.gate_up.get(i).and_then(Option::as_ref);
+                    self.ops.linear_known(lin, x, ctx, known)?
+                }
+            };
+            outs.push(y);
+        }
+        match outs.len() {
+            1 => Ok(outs.pop().expect("one part")),
+            _ => Tensor::cat(&outs, D::Minus1),
         }
     }
 
@@ -376,6 +462,7 @@ impl Phi3 {
         prep: &Prepared,
         ctx: &ForwardCtx,
         cache: Option<&mut KvCache>,
+        tap: &mut Tap<'_>,
     ) -> Result<Tensor> {
         let blk = &self.layers[layer];
         let (b, t, _) = x.dims3()?;
@@ -384,7 +471,7 @@ impl Phi3 {
             self.cfg.num_kv_heads(),
             self.cfg.head_dim(),
         );
-        let qkv = self.projection(&blk.qkv, x, ctx)?;
+        let qkv = self.projection(&blk.qkv, x, ctx, &mut Tap::Off)?;
         let heads = |start: usize, n: usize| -> Result<Tensor> {
             qkv.narrow(D::Minus1, start * d, n * d)?
                 .reshape((b, t, n, d))?
@@ -408,11 +495,15 @@ impl Phi3 {
         };
         // Grouped-query heads: query head h reads key/value head h / (nh / nkv).
         let scale = 1.0 / (d as f64).sqrt();
-        let out = self
-            .ops
-            .attention(&q, &k, &v, &prep.mask, scale)?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * d))?;
+        let known = match tap {
+            Tap::Replay(kept) => kept.attention.as_ref(),
+            _ => None,
+        };
+        let out = self.ops.attention(&q, &k, &v, &prep.mask, scale, known)?;
+        if let Tap::Record(kept) = tap {
+            kept.attention = self.ops.replays_attention().then(|| out.detach());
+        }
+        let out = out.transpose(1, 2)?.reshape((b, t, nh * d))?;
         self.ops.linear(&blk.o_proj, &out, ctx)
     }
 
@@ -758,6 +849,66 @@ pub mod memory {
                 let bytes = parts.iter().map(|&p| t.bytes(p)).sum();
                 t.op(Kind::Cat, &parts, bytes)
             }
+        }
+    }
+
+    /// What one block costs to recompute, for `qlora plan`'s choice of checkpointing policies.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct Work {
+        /// FLOPs of the block's forward (its linears with their adapters, and the attention's two
+        /// products over the causal half of the scores).
+        pub forward_flops: f64,
+        /// FLOPs a selective recomputation skips: the attention's products (on the fused path)
+        /// and the gate/up parts whose op takes its output back.
+        pub selective_skips: f64,
+        /// Bytes [`super::Kept`] holds beyond the block input: the attention's output and each
+        /// replayed gate/up part's.
+        pub selective_bytes: u64,
+        /// Of those, the gate/up outputs a replayed op holds in the recomputed graph (the blocked
+        /// attention holds its output in any graph, so the attention's is there already).
+        pub selective_held: u64,
+    }
+
+    /// [`Work`] of one block of `cfg` on `s`, as [`super::OpPath::for_device`]'s path runs it
+    /// (fused: the attention replays; a gate/up part replays where it is an NF4 linear with a
+    /// plain adapter, in f32 on the CPU: [`crate::lora::LoraLinear::replayable`]).
+    pub fn work(s: &Step, cfg: &Phi3Config) -> Work {
+        let m = s.rows() as f64;
+        let shape = |target: &str| {
+            let [o, i] = cfg.any_linear_shape(target).expect("a linear of the model");
+            (o, i)
+        };
+        let parts = |fused: &'static str| -> Vec<&'static str> {
+            match cfg.layout() {
+                Layout::Fused => vec![fused],
+                Layout::Split => super::super::names::split_parts(fused).to_vec(),
+            }
+        };
+        let flops = |target: &str| {
+            let (o, i) = shape(target);
+            let lora = s.rank(target).map_or(0, |r| r * (i + o));
+            2.0 * m * (o * i + lora) as f64
+        };
+        let linears: f64 = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+            .into_iter()
+            .flat_map(parts)
+            .map(flops)
+            .sum();
+        let (b, t) = (s.batch as f64, s.seq as f64);
+        let heads = (cfg.num_attention_heads * cfg.head_dim()) as f64;
+        // q·kᵀ and p·v, 2 FLOPs a product term, over half of the [T, T] scores.
+        let attention = 2.0 * b * heads * t * t;
+        let cpu_f32 = s.cpu_threads.is_some() && s.elem == 4;
+        let replayed: Vec<&str> = parts("gate_up_proj")
+            .into_iter()
+            .filter(|p| s.nf4 && !s.dora && cpu_f32 && shape(p).1 % 2 == 0 && s.rank(p).is_some())
+            .collect();
+        let held: u64 = replayed.iter().map(|p| s.act(shape(p).0)).sum();
+        Work {
+            forward_flops: linears + attention,
+            selective_skips: attention + replayed.iter().map(|p| flops(p)).sum::<f64>(),
+            selective_bytes: s.act(cfg.num_attention_heads * cfg.head_dim()) + held,
+            selective_held: held,
         }
     }
 

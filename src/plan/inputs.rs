@@ -258,7 +258,12 @@ pub fn for_run(
         },
         cfg: model,
         target,
-        checkpointing: cfg.training.gradient_checkpointing,
+        checkpointing: cfg
+            .training
+            .gradient_checkpointing
+            .fixed()
+            .unwrap_or_else(|| true.into()),
+        auto_checkpointing: cfg.training.gradient_checkpointing.fixed().is_none(),
         grad_accum: cfg.training.grad_accum,
         optimizer: cfg.training.optimizer.parse()?,
         tensors,

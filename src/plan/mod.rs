@@ -28,6 +28,7 @@ use crate::model::Phi3Config;
 use crate::model::phi3::memory::{self, Step};
 use crate::train::optim::OptimizerKind;
 use crate::train::optim8;
+use crate::train::policy::{BlockPolicy, Checkpointing};
 use tape::{Id, Kind, Memory, Tape};
 
 /// Where the run trains.
@@ -82,7 +83,11 @@ pub struct Inputs {
     pub cfg: Phi3Config,
     pub step: Step,
     pub target: Target,
-    pub checkpointing: bool,
+    /// What each block keeps for the backward (under `"auto"`, what [`Inputs::choose`] picked).
+    pub checkpointing: Checkpointing,
+    /// `training.gradient_checkpointing` is `"auto"`: the trainer and `qlora plan` pick the
+    /// policies ([`Inputs::choose`]).
+    pub auto_checkpointing: bool,
     pub grad_accum: usize,
     /// `training.optimizer`: its state and its step's temporaries.
     pub optimizer: OptimizerKind,
@@ -596,10 +601,31 @@ impl Inputs {
         } else {
             0
         };
-        if self.checkpointing {
+        if self.checkpointing.recomputes(n_layers as usize) {
             let (_, _, blk) = block_tape(true);
+            let work = memory::work(&self.step, &self.cfg);
+            let layers = n_layers as usize;
+            // What blocks 0..upto hold from their forward until their backward (grads::Saved).
+            let kept_name = |v: &mut Vec<Term>, upto: usize| {
+                let n = |p| (0..upto).filter(|&l| self.checkpointing.of(l) == p).count() as u64;
+                add(v, "block inputs kept (checkpoints)", upto as u64 * nh);
+                add(
+                    v,
+                    "attention and gate/up outputs kept (selective blocks)",
+                    n(BlockPolicy::Selective) * work.selective_bytes,
+                );
+                add(
+                    v,
+                    "activations of blocks that keep everything",
+                    n(BlockPolicy::Keep) * blk.kept,
+                );
+            };
+            // The forward: the earlier blocks' saved values and one block's forward (a block
+            // that keeps everything holds its graph past its forward's peak).
             let mut fwd = common.clone();
-            add(&mut fwd, "block inputs kept (checkpoints)", n_layers * nh);
+            let last = layers.saturating_sub(1);
+            kept_name(&mut fwd, last);
+            add(&mut fwd, "the last block's input", nh);
             add(&mut fwd, "one block's forward", blk.forward_peak);
             add(&mut fwd, "gradients of earlier micro-batches", accum);
             phases.push(PhasePeak::of(Phase::Forward, fwd));
@@ -608,11 +634,8 @@ impl Inputs {
             let root = self.head_tape(&mut ht, xv, m);
             let head = ht.simulate(root);
             let mut hd = common.clone();
-            add(
-                &mut hd,
-                "block inputs kept (checkpoints)",
-                (n_layers + 2) * nh,
-            );
+            kept_name(&mut hd, layers);
+            add(&mut hd, "the trunk's output and its variable copy", 2 * nh);
             add(
                 &mut hd,
                 "head: selected rows, loss chunks",
@@ -621,32 +644,52 @@ impl Inputs {
             add(&mut hd, "head copy's gradient", head_dw);
             add(&mut hd, "gradients of earlier micro-batches", accum);
             phases.push(PhasePeak::of(Phase::Head, hd));
-            let mut bw = common.clone();
-            // grads::loss_and_grads: the inputs, the running gradient `g` (the head's store,
-            // the trunk output and its variable copy are dropped once `g` is taken) and the
-            // block input's variable copy.
-            add(&mut bw, "block inputs kept (checkpoints)", n_layers * nh);
-            add(
-                &mut bw,
-                "running gradient, the block input's variable copy",
-                2 * nh,
-            );
-            add(
-                &mut bw,
-                "one block's recompute (kept activations)",
-                blk.kept,
-            );
-            add(
-                &mut bw,
-                "one block's backward (gradients, attention waves, dequantized tiles)",
-                blk.backward_peak,
-            );
-            add(
-                &mut bw,
-                "adapter gradients of later blocks",
-                adapters * (n_layers - 1) / n_layers.max(1) + accum,
-            );
-            add(&mut bw, "head copy's gradient", head_dw);
+            // grads::loss_and_grads walks the blocks down, each block's saved values freed once
+            // it is done: block l's backward runs beside blocks 0..l's saved values, the running
+            // gradient `g`, its input's variable copy and the later blocks' adapter gradients
+            // (which grow as the saved values shrink): the largest of every block's.
+            let mut worst: Option<(u64, Vec<Term>)> = None;
+            for l in 0..layers {
+                let mut bw = common.clone();
+                kept_name(&mut bw, l);
+                add(
+                    &mut bw,
+                    "running gradient, the block input's variable copy",
+                    2 * nh,
+                );
+                let (graph, peak) = match self.checkpointing.of(l) {
+                    BlockPolicy::Recompute => (blk.kept, blk.backward_peak),
+                    BlockPolicy::Selective => (
+                        blk.kept + work.selective_held,
+                        blk.backward_peak.max(
+                            (work.selective_bytes + blk.forward_peak)
+                                .saturating_sub(blk.kept + work.selective_held),
+                        ),
+                    ),
+                    BlockPolicy::Keep => (blk.kept, blk.backward_peak),
+                };
+                add(
+                    &mut bw,
+                    &format!("block {l}'s graph ({})", self.checkpointing.of(l).name()),
+                    graph,
+                );
+                add(
+                    &mut bw,
+                    "one block's backward (gradients, attention waves, dequantized tiles)",
+                    peak,
+                );
+                add(
+                    &mut bw,
+                    "adapter gradients of later blocks",
+                    adapters * (n_layers - 1 - l as u64) / n_layers.max(1) + accum,
+                );
+                add(&mut bw, "head copy's gradient", head_dw);
+                let total: u64 = bw.iter().map(|t| t.bytes).sum();
+                if worst.as_ref().is_none_or(|(w, _)| total > *w) {
+                    worst = Some((total, bw));
+                }
+            }
+            let (_, bw) = worst.expect("a model has blocks");
             phases.push(PhasePeak::of(Phase::Backward, bw));
             if embed_dw > 0 {
                 let mut em = common.clone();
@@ -829,11 +872,14 @@ impl Inputs {
                 .unwrap_or(0),
         );
         let mut switches: Vec<(String, Inputs)> = Vec::new();
-        if !self.checkpointing {
+        let all_recomputed = Checkpointing::from(true);
+        if (0..self.cfg.num_hidden_layers)
+            .any(|l| self.checkpointing.of(l) != BlockPolicy::Recompute)
+        {
             let mut i = self.clone();
-            i.checkpointing = true;
+            i.checkpointing = all_recomputed;
             switches.push((
-                "gradient checkpointing on (drop --no-gradient-checkpointing)".into(),
+                "--gradient-checkpointing true (every block recomputed from its input)".into(),
                 i,
             ));
         }
@@ -897,6 +943,175 @@ impl Inputs {
         scored.sort_by_key(|(_, p)| *p);
         v.switches = scored;
         v
+    }
+}
+
+/// One assignment of checkpointing policies and what it costs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PolicyCost {
+    /// Block 0 first.
+    pub policies: Vec<BlockPolicy>,
+    pub peak_bytes: u64,
+    /// FLOPs the backward spends recomputing forwards, a step.
+    pub recompute_flops: f64,
+}
+
+/// What `training.gradient_checkpointing = "auto"` picked under a budget.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Choice {
+    pub chosen: PolicyCost,
+    /// The chosen policies fit the budget (else they are the ones that need the least memory).
+    pub fits: bool,
+    pub budget_bytes: Option<u64>,
+    /// The assignment with the next fewer recomputed FLOPs, which does not fit (none when the
+    /// chosen one recomputes nothing).
+    pub next_cheaper: Option<PolicyCost>,
+    /// FLOPs of the trunk's forward, a step (what "recompute everything" costs).
+    pub forward_flops: f64,
+}
+
+/// What `auto` leaves free of the device's memory when no `--budget` is given: a sixteenth, at
+/// least 256 MiB (other processes, the page cache the run reads through, allocator growth).
+pub fn auto_margin(budget: u64) -> u64 {
+    (budget / 16).max(256 << 20).min(budget / 2)
+}
+
+impl Inputs {
+    /// FLOPs the backward recomputes with these inputs' policies, a step (micro-batches included).
+    pub fn recompute_flops(&self) -> f64 {
+        let w = memory::work(&self.step, &self.cfg);
+        let per_block = |p: BlockPolicy| match p {
+            BlockPolicy::Keep => 0.0,
+            BlockPolicy::Selective => w.forward_flops - w.selective_skips,
+            BlockPolicy::Recompute => w.forward_flops,
+        };
+        let blocks: f64 = (0..self.cfg.num_hidden_layers)
+            .map(|l| per_block(self.checkpointing.of(l)))
+            .sum();
+        blocks * self.grad_accum.max(1) as f64
+    }
+
+    /// The trunk's forward FLOPs a step.
+    pub fn forward_flops(&self) -> f64 {
+        memory::work(&self.step, &self.cfg).forward_flops
+            * self.cfg.num_hidden_layers as f64
+            * self.grad_accum.max(1) as f64
+    }
+
+    /// The checkpointing policies with the fewest recomputed FLOPs whose predicted peak fits
+    /// `budget` (ties: the lower peak). Blocks are identical, so an assignment is how many of the
+    /// last blocks keep everything and how many below them keep their attention and gate/up
+    /// outputs, the rest recomputing from their input: the backward reaches the last blocks first,
+    /// so what they keep is freed before any recomputed block's graph is built. Every such
+    /// assignment is planned. Without a budget (a GPU this build cannot query), or when none fits,
+    /// every block recomputes (the least memory).
+    pub fn choose(&self, budget: Option<u64>) -> Choice {
+        let layers = self.cfg.num_hidden_layers;
+        let work = memory::work(&self.step, &self.cfg);
+        let cost = |policies: Vec<BlockPolicy>| {
+            let mut i = self.clone();
+            i.checkpointing = Checkpointing::Blocks(policies.clone());
+            PolicyCost {
+                peak_bytes: i.plan().peak_bytes,
+                recompute_flops: i.recompute_flops(),
+                policies,
+            }
+        };
+        let assignment = |keep: usize, selective: usize| {
+            let mut v = vec![BlockPolicy::Recompute; layers - keep - selective];
+            v.extend(std::iter::repeat_n(BlockPolicy::Selective, selective));
+            v.extend(std::iter::repeat_n(BlockPolicy::Keep, keep));
+            v
+        };
+        let least = cost(assignment(0, 0));
+        let Some(budget_bytes) = budget else {
+            return Choice {
+                fits: true,
+                budget_bytes: None,
+                next_cheaper: None,
+                forward_flops: self.forward_flops(),
+                chosen: least,
+            };
+        };
+        // Selective recomputation only where it skips work (a composed path replays nothing).
+        let max_selective = if work.selective_skips > 0.0 {
+            layers
+        } else {
+            0
+        };
+        let mut all = Vec::new();
+        for keep in 0..=layers {
+            for selective in 0..=max_selective.min(layers - keep) {
+                all.push(cost(assignment(keep, selective)));
+            }
+        }
+        let better = |a: &PolicyCost, b: &PolicyCost| {
+            (a.recompute_flops, a.peak_bytes) < (b.recompute_flops, b.peak_bytes)
+        };
+        let mut chosen: Option<&PolicyCost> = None;
+        for c in all.iter().filter(|c| c.peak_bytes <= budget_bytes) {
+            if chosen.is_none_or(|b| better(c, b)) {
+                chosen = Some(c);
+            }
+        }
+        let fits = chosen.is_some();
+        let chosen = chosen.cloned().unwrap_or(least);
+        let next_cheaper = all
+            .iter()
+            .filter(|c| c.recompute_flops < chosen.recompute_flops)
+            .min_by(|a, b| {
+                b.recompute_flops
+                    .total_cmp(&a.recompute_flops)
+                    .then(a.peak_bytes.cmp(&b.peak_bytes))
+            })
+            .cloned();
+        Choice {
+            chosen,
+            fits,
+            budget_bytes: Some(budget_bytes),
+            next_cheaper,
+            forward_flops: self.forward_flops(),
+        }
+    }
+}
+
+impl Choice {
+    /// For people: the policies by runs of blocks, the peak, the recompute cost and the next
+    /// cheaper assignment.
+    pub fn explain(&self) -> String {
+        let layers = self.chosen.policies.len();
+        let gflop = |f: f64| f / 1e9;
+        let share = |f: f64| {
+            if self.forward_flops > 0.0 {
+                100.0 * f / self.forward_flops
+            } else {
+                0.0
+            }
+        };
+        let mut s = format!(
+            "gradient checkpointing (auto{}): {}\n  peak {}, recomputes {:.1} GFLOP a step ({:.0}% of the trunk's forward)\n",
+            match self.budget_bytes {
+                Some(b) => format!(" under {}", human(b)),
+                None => ", budget unknown: every block recomputed".into(),
+            },
+            Checkpointing::Blocks(self.chosen.policies.clone()).describe(layers),
+            human(self.chosen.peak_bytes),
+            gflop(self.chosen.recompute_flops),
+            share(self.chosen.recompute_flops),
+        );
+        if !self.fits {
+            s.push_str("  (nothing fits the budget: the least memory is shown)\n");
+        }
+        if let Some(n) = &self.next_cheaper {
+            s.push_str(&format!(
+                "  next cheaper, does not fit: {}: peak {}, recomputes {:.1} GFLOP ({:.0}%)\n",
+                Checkpointing::Blocks(n.policies.clone()).describe(layers),
+                human(n.peak_bytes),
+                gflop(n.recompute_flops),
+                share(n.recompute_flops),
+            ));
+        }
+        s
     }
 }
 
@@ -1109,7 +1324,8 @@ mod tests {
             },
             cfg,
             target: Target::Cpu { threads: 2 },
-            checkpointing: ckpt,
+            checkpointing: ckpt.into(),
+            auto_checkpointing: false,
             grad_accum: 1,
             optimizer: OptimizerKind::AdamW,
             tensors,
@@ -1136,6 +1352,59 @@ mod tests {
         // Dense f32 linears: 3.4M values a layer, 4 bytes instead of ~0.53.
         let dense = inputs(8, 1, 1024, false, true).plan().peak_bytes;
         assert!(dense > base + 8 * 3_400_000 * 3, "{dense} vs {base}");
+    }
+
+    #[test]
+    fn auto_checkpointing_recomputes_the_least_that_fits() {
+        use BlockPolicy::*;
+        let i = inputs(4, 1, 1024, true, true);
+        let least = i.plan().peak_bytes;
+        let most = inputs(4, 1, 1024, true, false).plan().peak_bytes;
+        assert!(most > least);
+        // Room for everything: nothing recomputed, the plain plan's peak.
+        let c = i.choose(Some(u64::MAX));
+        assert!(c.fits && c.next_cheaper.is_none());
+        assert_eq!(c.chosen.policies, vec![Keep; 4]);
+        assert_eq!((c.chosen.recompute_flops, c.chosen.peak_bytes), (0.0, most));
+        // Below what recomputing everything needs: nothing fits; the least memory is shown.
+        let c = i.choose(Some(least - 1));
+        assert!(!c.fits);
+        assert_eq!(c.chosen.policies, vec![Recompute; 4]);
+        assert_eq!(c.chosen.recompute_flops, i.forward_flops());
+        // Every assignment of the 3 policies to the 4 blocks (any order, not only the ordered
+        // ones `choose` plans): the chosen one fits, and each that recomputes less does not.
+        let all: Vec<Vec<BlockPolicy>> = (0..81)
+            .map(|n: usize| {
+                (0..4)
+                    .map(|b| [Keep, Selective, Recompute][(n / 3usize.pow(b)) % 3])
+                    .collect()
+            })
+            .collect();
+        for budget in [least + (most - least) / 5, (least + most) / 2, most - 1] {
+            let c = i.choose(Some(budget));
+            assert!(c.fits && c.chosen.peak_bytes <= budget, "{}", c.explain());
+            assert!(c.chosen.recompute_flops > 0.0);
+            for p in &all {
+                let mut j = i.clone();
+                j.checkpointing = Checkpointing::Blocks(p.clone());
+                if j.recompute_flops() < c.chosen.recompute_flops {
+                    assert!(
+                        j.plan().peak_bytes > budget,
+                        "{p:?} fits {budget} and recomputes less"
+                    );
+                }
+            }
+            let n = c.next_cheaper.as_ref().expect("something recomputes less");
+            assert!(n.peak_bytes > budget && n.recompute_flops < c.chosen.recompute_flops);
+        }
+        // What a selective block skips on this path (NF4, f32 on the CPU): the attention's two
+        // products over half the scores and the gate/up projection with its adapter.
+        let w = memory::work(&i.step, &i.cfg);
+        let (m, h, inter, r) = (1024.0, 512.0, 1536.0, 16.0);
+        let attention = 2.0 * 1024.0 * 512.0 * 1024.0;
+        let gate_up = 2.0 * m * (2.0 * inter * h + r * (h + 2.0 * inter));
+        assert_eq!(w.selective_skips, attention + gate_up);
+        assert_eq!(w.selective_bytes, 4 * 1024 * (512 + 2 * 1536));
     }
 
     #[test]

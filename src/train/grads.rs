@@ -7,15 +7,19 @@
 //! `[tokens, V]` logits and their gradient never coexist; then `sum(h · dh)` is backpropagated
 //! through the trunk, which seeds the trunk's output gradient with exactly `dh`.
 //!
-//! With checkpointing, the forward keeps only each block's (detached) input; the backward walks the
-//! blocks in reverse, recomputes block `l` on its saved input made a variable, backpropagates
-//! `sum(out · g)` (seeding the block output's gradient with `g`), keeps the LoRA gradients of that
-//! block and takes the input's gradient as the next `g`. Dropout masks are drawn from seeds, so the
-//! recomputed forward is the same forward.
+//! With checkpointing, each block follows its [`BlockPolicy`]: `Recompute` keeps only the block's
+//! (detached) input, `Selective` also the outputs of its attention and gate/up ops
+//! (`model::phi3::Tap`), `Keep` its whole graph over its input made a variable. The backward walks
+//! the blocks in reverse, recomputes block `l` on its saved input made a variable (handing the kept
+//! outputs back to their ops, which then run only their backward), backpropagates `sum(out · g)`
+//! (seeding the block output's gradient with `g`), keeps the LoRA gradients of that block and takes
+//! the input's gradient as the next `g`; each block's saved values are freed as it is done.
+//! Dropout masks are drawn from seeds, so the recomputed forward is the same forward.
 
 use crate::lora::ForwardCtx;
 use crate::model::Phi3;
-use crate::model::phi3::OpPath;
+use crate::model::phi3::{Kept, OpPath, Tap};
+use crate::train::policy::{BlockPolicy, Checkpointing};
 use candle_core::{D, DType, Result, Tensor, Var};
 
 /// Rows of the vocabulary projection per chunk.
@@ -66,6 +70,16 @@ impl Batch {
             .map(|(i, t)| (i as u32, *t as u32))
             .unzip()
     }
+}
+
+/// What the checkpointed forward keeps of a block for its backward ([`BlockPolicy`]).
+enum Saved {
+    /// The block's input (`Recompute`).
+    Input(Tensor),
+    /// The input and the outputs its ops take back (`Selective`).
+    Selective(Tensor, Kept),
+    /// The input as a variable and the block's output with its whole graph (`Keep`).
+    Graph(Var, Tensor),
 }
 
 /// The summed loss, its token count, and the gradient of the summed loss for each trainable
@@ -564,13 +578,13 @@ fn scored_head(
     Ok((pass, Some(sc)))
 }
 
-/// The summed loss and the LoRA gradients of a batch; `checkpointing` recomputes each block in the
-/// backward instead of keeping its activations.
+/// The summed loss and the LoRA gradients of a batch; `checkpointing` says what each block keeps
+/// for the backward (`true`: only its input; `false`: everything; or per block).
 pub fn loss_and_grads(
     model: &Phi3,
     batch: &Batch,
     ctx: &ForwardCtx,
-    checkpointing: bool,
+    checkpointing: impl Into<Checkpointing>,
 ) -> Result<LossAndGrads> {
     Ok(loss_and_grads_with(model, batch, ctx, checkpointing, None)?.0)
 }
@@ -583,9 +597,10 @@ pub fn loss_and_grads_with(
     model: &Phi3,
     batch: &Batch,
     ctx: &ForwardCtx,
-    checkpointing: bool,
+    checkpointing: impl Into<Checkpointing>,
     mut weigh: Option<Weigh<'_, '_>>,
 ) -> Result<(LossAndGrads, Option<Scores>)> {
+    let checkpointing: Checkpointing = checkpointing.into();
     let scores;
     let (idx, targets) = batch.selected();
     let prep = model.prepare(&batch.positions, batch.segments.as_ref(), 0)?;
@@ -613,12 +628,30 @@ pub fn loss_and_grads_with(
     let mut embed_lora_dw = None;
     let head_lora_dw: Option<(Tensor, Tensor)>;
     let head_dw;
-    let loss_sum = if checkpointing {
-        let mut inputs = Vec::with_capacity(model.layers.len());
+    let loss_sum = if checkpointing.recomputes(model.layers.len()) {
+        let mut saved = Vec::with_capacity(model.layers.len());
         let mut x = x0;
         for layer in 0..model.layers.len() {
-            let out = model.block(layer, &x, &prep, ctx, None)?.detach();
-            inputs.push(x);
+            let (out, s) = match checkpointing.of(layer) {
+                BlockPolicy::Recompute => {
+                    let out = model.block(layer, &x, &prep, ctx, None)?.detach();
+                    (out, Saved::Input(x))
+                }
+                BlockPolicy::Selective => {
+                    let mut kept = Kept::default();
+                    let out = model
+                        .block_with(layer, &x, &prep, ctx, Tap::Record(&mut kept))?
+                        .detach();
+                    (out, Saved::Selective(x, kept))
+                }
+                BlockPolicy::Keep => {
+                    let xin = Var::from_tensor(&x)?;
+                    drop(x);
+                    let out = model.block(layer, xin.as_tensor(), &prep, ctx, None)?;
+                    (out.detach(), Saved::Graph(xin, out))
+                }
+            };
+            saved.push(s);
             x = out;
         }
         let xv = Var::from_tensor(&x)?;
@@ -651,8 +684,22 @@ pub fn loss_and_grads_with(
         drop(store);
         drop(xv);
         for layer in (0..model.layers.len()).rev() {
-            let xin = Var::from_tensor(&inputs[layer])?;
-            let out = model.block(layer, xin.as_tensor(), &prep, ctx, None)?;
+            let (xin, out) = match saved.pop().expect("one saved entry a block") {
+                Saved::Input(x) => {
+                    let xin = Var::from_tensor(&x)?;
+                    drop(x);
+                    let out = model.block(layer, xin.as_tensor(), &prep, ctx, None)?;
+                    (xin, out)
+                }
+                Saved::Selective(x, kept) => {
+                    let xin = Var::from_tensor(&x)?;
+                    drop(x);
+                    let out =
+                        model.block_with(layer, xin.as_tensor(), &prep, ctx, Tap::Replay(&kept))?;
+                    (xin, out)
+                }
+                Saved::Graph(xin, out) => (xin, out),
+            };
             let store = (out * &g)?.sum_all()?.backward()?;
             keep(&store)?;
             if layer > 0 || embed_trainable {

@@ -7,6 +7,7 @@ pub mod grads;
 pub mod objective;
 pub mod optim;
 pub mod optim8;
+pub mod policy;
 pub mod ranks;
 pub mod stop;
 pub mod trainer;

@@ -153,6 +153,10 @@ pub struct Trainer {
     /// tokenizer.json and tokenizer_config.json with `data.add_tokens`, saved beside every
     /// adapter.
     tokenizer_files: Option<(Vec<u8>, Vec<u8>)>,
+    /// What each block keeps for the backward (`training.gradient_checkpointing`, resolved).
+    pub checkpointing: crate::train::policy::Checkpointing,
+    /// What `"auto"` chose, and why.
+    pub choice: Option<crate::plan::Choice>,
 }
 
 /// The data order of `epoch`: a permutation drawn from the seed and the epoch alone, so a resumed
@@ -180,13 +184,24 @@ pub enum PlanCheck {
     /// Against this many bytes, or (`None`) the device's free memory / the machine's available
     /// RAM.
     Enforce(Option<u64>),
-    Skip,
+    /// Not enforced; `"auto"` checkpointing still plans under this budget (`None`: the device's
+    /// free memory less [`crate::plan::auto_margin`]).
+    Skip(Option<u64>),
+}
+
+impl PlanCheck {
+    /// The budget given (`--budget`), if any.
+    fn budget(self) -> Option<u64> {
+        match self {
+            Self::Enforce(b) | Self::Skip(b) => b,
+        }
+    }
 }
 
 impl Trainer {
     /// Sets up a run: a fresh one, or the continuation of the latest checkpoint in `output`.
     pub fn new(cfg: TrainConfig, resume: bool) -> Result<Self> {
-        Self::with_plan(cfg, resume, PlanCheck::Skip)
+        Self::with_plan(cfg, resume, PlanCheck::Skip(None))
     }
 
     /// [`Self::new`], with the memory plan made after the data is read and before the model is
@@ -277,9 +292,13 @@ impl Trainer {
         let pad_id = tok.pad_id.or(tok.eos_id).unwrap_or(0);
         let mut data = ObjectiveData::read(&cfg, &tok, pad_id)?;
         let units = data.as_dyn().units();
-        // The plan only where it is enforced (it reads the checkpoint's headers once more).
-        if let PlanCheck::Enforce(budget) = check {
-            let plan = crate::plan::inputs::for_run(
+        // The plan where it is enforced or picks the checkpointing (it reads the checkpoint's
+        // headers once more).
+        let fixed = cfg.training.gradient_checkpointing.fixed();
+        let mut checkpointing = fixed.clone().unwrap_or_else(|| true.into());
+        let mut choice = None;
+        if matches!(check, PlanCheck::Enforce(_)) || fixed.is_none() {
+            let mut plan = crate::plan::inputs::for_run(
                 &cfg,
                 &model_dir,
                 crate::plan::Target::of(&device),
@@ -287,18 +306,36 @@ impl Trainer {
                 data.as_dyn().plan_rows(),
                 baseline,
             )?;
-            let budget = budget.or_else(|| crate::plan::budget(&device));
-            let verdict = plan.verdict(budget);
-            if !verdict.fits {
-                bail!(
-                    "{}: this run does not fit in memory; --force trains anyway\n{}",
-                    model_dir.display(),
-                    crate::plan::explain(&plan, &verdict)
-                );
+            let budget = check.budget().or_else(|| crate::plan::budget(&device));
+            if fixed.is_none() {
+                // Under the given budget, else what is free less a margin.
+                let auto_budget = check
+                    .budget()
+                    .or_else(|| budget.map(|b| b - crate::plan::auto_margin(b)));
+                let c = plan.choose(auto_budget);
+                checkpointing =
+                    crate::train::policy::Checkpointing::Blocks(c.chosen.policies.clone());
+                plan.checkpointing = checkpointing.clone();
+                choice = Some(c);
             }
-            if comm.rank() == 0 {
-                let steps = crate::plan::disk::total_steps(&cfg, units, comm.world());
-                crate::plan::disk::check(&cfg, &plan.cfg, steps, Path::new(&cfg.training.output))?;
+            if let PlanCheck::Enforce(_) = check {
+                let verdict = plan.verdict(budget);
+                if !verdict.fits {
+                    bail!(
+                        "{}: this run does not fit in memory; --force trains anyway\n{}",
+                        model_dir.display(),
+                        crate::plan::explain(&plan, &verdict)
+                    );
+                }
+                if comm.rank() == 0 {
+                    let steps = crate::plan::disk::total_steps(&cfg, units, comm.world());
+                    crate::plan::disk::check(
+                        &cfg,
+                        &plan.cfg,
+                        steps,
+                        Path::new(&cfg.training.output),
+                    )?;
+                }
             }
         }
         let mut model = load(
@@ -396,6 +433,8 @@ impl Trainer {
             comm,
             stop: Stop::never(),
             tokenizer_files,
+            checkpointing,
+            choice,
         })
     }
 
@@ -490,12 +529,9 @@ impl Trainer {
                     step: world as u64,
                 },
             };
-            let c = self.objective.micro_batch(
-                &self.model,
-                &mine,
-                &ctx,
-                self.cfg.training.gradient_checkpointing,
-            )?;
+            let c = self
+                .objective
+                .micro_batch(&self.model, &mine, &ctx, &self.checkpointing)?;
             for (a, b) in scalars.iter_mut().zip(&c.scalars) {
                 *a += b;
             }

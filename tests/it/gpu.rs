@@ -107,13 +107,23 @@ fn cuda_loss_and_lora_gradients_match_the_cpu() {
         attach::init_adapters(&mut m, &lora(4, 0.1), 5).unwrap();
         randomize_b(&m, 20);
         m.ops = OpPath::Fused(attention);
-        for checkpointing in [false, true] {
+        // Every checkpointing policy, a mix included (the attention replays its kept output).
+        use qlora::train::policy::{BlockPolicy, Checkpointing};
+        for checkpointing in [
+            Checkpointing::from(false),
+            Checkpointing::from(true),
+            Checkpointing::from(BlockPolicy::Selective),
+            Checkpointing::Blocks(vec![BlockPolicy::Selective, BlockPolicy::Keep]),
+        ] {
             assert_grads_close(
-                &loss_and_grads(&m, &b, &ctx, checkpointing).unwrap(),
+                &loss_and_grads(&m, &b, &ctx, &checkpointing).unwrap(),
                 &want,
                 1e-5,
                 1e-4,
-                &format!("cuda {attention:?}, checkpointing {checkpointing}"),
+                &format!(
+                    "cuda {attention:?}, checkpointing {}",
+                    checkpointing.describe(2)
+                ),
             );
         }
     }

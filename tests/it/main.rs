@@ -25,6 +25,7 @@ mod optim8;
 mod optim8_train;
 mod peft_goldens;
 mod plan;
+mod policy;
 mod preempt;
 mod pref;
 mod pref_train;

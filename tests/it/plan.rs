@@ -116,3 +116,103 @@ fn a_bad_budget_names_itself() {
     assert_eq!(code, 2);
     assert!(stderr.contains("budget `lots`"), "{stderr}");
 }
+
+#[test]
+fn auto_checkpointing_mixes_policies_under_a_budget_and_trains_the_same_curve() {
+    // The demo at 4 × 512 with "auto" (the default).
+    let demo = &[&DEMO[..7], &["--gradient-checkpointing", "auto"][..]].concat();
+    let plan = |budget: &str| {
+        let (code, stdout, stderr) =
+            qlora(&[&["plan", "--json", "--budget", budget][..], &demo[..]].concat());
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()
+    };
+    let policies = |p: &serde_json::Value| -> Vec<String> {
+        p["checkpointing"]["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    // Plenty: nothing recomputed.
+    let roomy = plan("8GiB");
+    assert!(policies(&roomy).iter().all(|p| p == "keep"), "{roomy}");
+    assert_eq!(roomy["checkpointing"]["recompute_flops"], 0.0);
+    // Between what recomputing everything and keeping everything need: a mix that fits.
+    let least = {
+        let (_, stdout, _) = qlora(
+            &[
+                &["plan", "--json"][..],
+                &DEMO[..7],
+                &["--gradient-checkpointing", "true"][..],
+            ]
+            .concat(),
+        );
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()["peak_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    let most = roomy["peak_bytes"].as_u64().unwrap();
+    let budget = (least + most) / 2;
+    let mixed = plan(&format!("{budget}"));
+    let kinds: std::collections::BTreeSet<String> = policies(&mixed).into_iter().collect();
+    assert!(kinds.len() > 1, "{mixed}");
+    assert!(mixed["peak_bytes"].as_u64().unwrap() <= budget);
+    let auto = &mixed["checkpointing"]["auto"];
+    assert_eq!(auto["fits"], true);
+    assert!(auto["next_cheaper"]["peak_bytes"].as_u64().unwrap() > budget);
+    // Trained under that budget, and with every block kept or recomputed: the same losses, bit
+    // for bit.
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let (code, stdout, stderr) = qlora(
+            &[
+                &[
+                    "train",
+                    "--max-steps",
+                    "3",
+                    "--output",
+                    out.to_str().unwrap(),
+                ][..],
+                &DEMO[..7],
+                &[
+                    "--set",
+                    "training.save_every=0",
+                    "--set",
+                    "training.eval_every=0",
+                ][..],
+                extra,
+            ]
+            .concat(),
+        );
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        let losses: Vec<String> = std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|m| m["kind"] == "train")
+            .map(|m| format!("{} {}", m["loss"], m["grad_norm"]))
+            .collect();
+        assert_eq!(losses.len(), 3, "{stderr}");
+        (losses, stderr)
+    };
+    let (auto_losses, stderr) = run(
+        "auto",
+        &[
+            "--gradient-checkpointing",
+            "auto",
+            "--budget",
+            &budget.to_string(),
+        ],
+    );
+    assert!(
+        stderr.contains("gradient checkpointing (auto under") && stderr.contains("keep all"),
+        "{stderr}"
+    );
+    let (kept, _) = run("kept", &["--gradient-checkpointing", "false"]);
+    let (recomputed, _) = run("recomputed", &["--gradient-checkpointing", "true"]);
+    assert_eq!(auto_losses, kept);
+    assert_eq!(auto_losses, recomputed);
+}

@@ -217,7 +217,12 @@ fn check_case(case: &str, checkpointing: bool) {
     let units = [0, 1];
     obj.begin_step(&units);
     let out = obj
-        .micro_batch(&model, &units, &ForwardCtx::default(), checkpointing)
+        .micro_batch(
+            &model,
+            &units,
+            &ForwardCtx::default(),
+            &checkpointing.into(),
+        )
         .unwrap();
     let v = obj.finish(&out.scalars);
     assert_eq!(v.divisor, 1.0);
@@ -266,7 +271,12 @@ fn check_case(case: &str, checkpointing: bool) {
     opt.step(&out.grads, o["lr"].as_f64().unwrap()).unwrap();
     obj.begin_step(&units);
     let out = obj
-        .micro_batch(&model, &units, &ForwardCtx::default(), checkpointing)
+        .micro_batch(
+            &model,
+            &units,
+            &ForwardCtx::default(),
+            &checkpointing.into(),
+        )
         .unwrap();
     let v = obj.finish(&out.scalars);
     let step2 = &c["step2"];
@@ -338,7 +348,7 @@ fn packing_a_micro_batchs_sequences_changes_no_number() {
             let rows = obj.batch_rows(&units, &Device::Cpu).unwrap();
             obj.begin_step(&units);
             let out = obj
-                .micro_batch(&model, &units, &ForwardCtx::default(), true)
+                .micro_batch(&model, &units, &ForwardCtx::default(), &true.into())
                 .unwrap();
             (rows, obj.finish(&out.scalars), out.grads)
         };

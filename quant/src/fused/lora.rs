@@ -45,6 +45,20 @@ pub fn lora_nf4_linear(
     scale: f32,
     dropout: Option<super::DropoutSpec>,
 ) -> Result<Tensor> {
+    lora_nf4_linear_known(x, w, a, b, scale, dropout, None)
+}
+
+/// [`lora_nf4_linear`] whose output `known` an earlier forward of the same inputs computed: it is
+/// handed over instead of computed, and the backward is the op's (selective recomputation).
+pub fn lora_nf4_linear_known(
+    x: &Tensor,
+    w: &Nf4Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f32,
+    dropout: Option<super::DropoutSpec>,
+    known: Option<&Tensor>,
+) -> Result<Tensor> {
     let (out, inp) = w.dims2().map_err(to_candle)?;
     let (r, a_in) = a.dims2()?;
     let (b_out, b_r) = b.dims2()?;
@@ -65,15 +79,25 @@ pub fn lora_nf4_linear(
         Some(d) if d.p > 0.0 => Some(Dropout::new(d.p, d.seed, row_len as u64, d.rows)?),
         _ => None,
     };
-    x.contiguous()?.apply_op3(
-        &a.to_dtype(DType::F32)?.contiguous()?,
-        &b.to_dtype(DType::F32)?.contiguous()?,
-        LoraNf4 {
-            w: w.clone(),
-            scale,
-            dropout,
-        },
-    )
+    let op = LoraNf4 {
+        w: w.clone(),
+        scale,
+        dropout,
+    };
+    let (x, a, b) = (
+        x.contiguous()?,
+        a.to_dtype(DType::F32)?.contiguous()?,
+        b.to_dtype(DType::F32)?.contiguous()?,
+    );
+    match known {
+        None => x.apply_op3(&a, &b, op),
+        Some(y) => {
+            let mut shape = x.dims().to_vec();
+            *shape.last_mut().expect("x has a last dim") = out;
+            let out = super::known::known_output("lora_nf4_linear", y, &x, &shape)?;
+            x.apply_op3(&a, &b, super::known::Known { op, out })
+        }
+    }
 }
 
 /// Bytes [`lora_nf4_linear`] holds at its peak beyond its input and output (`forward`) and beyond

@@ -74,19 +74,21 @@ mod cuda;
 mod emu;
 mod gemm;
 mod head;
+mod known;
 mod lora;
 mod ops;
 
 pub use attention::{
     BlockedMemory, Blocking, CHUNK_BYTES, CPU_CHUNK_BYTES, MAX_HEAD_DIM, WAVE_BYTES,
-    attention_blocked, attention_fused, attention_ref,
+    attention_blocked, attention_blocked_known, attention_fused, attention_fused_known,
+    attention_ref,
 };
 use candle_core::{D, DType, Result, Tensor, bail};
 pub use head::{
     HeadLora, HeadLoraGrads, HeadOptions, HeadOutput, head_cpu, head_cross_entropy_cpu,
     head_cross_entropy_cpu_lora, head_cross_entropy_cpu_with,
 };
-pub use lora::{lora_nf4_linear, lora_nf4_linear_memory};
+pub use lora::{lora_nf4_linear, lora_nf4_linear_known, lora_nf4_linear_memory};
 
 fn check_float(what: &str, x: &Tensor) -> Result<()> {
     if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {

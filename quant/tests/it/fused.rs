@@ -580,3 +580,95 @@ fn blocked_attention_backward_waves_change_no_bit() {
         assert!(grads(wave_bytes) == all_at_once, "wave_bytes {wave_bytes}");
     }
 }
+
+/// Selective recomputation (`*_known`): an op given the output an earlier forward of the same
+/// inputs computed hands it back and backpropagates exactly like the op that computed it (the
+/// same bits); given another output, it hands that back (so it computes nothing).
+#[test]
+fn known_outputs_are_handed_back_and_backpropagate_bit_for_bit() {
+    type Op<'a> = dyn Fn(&[Tensor], Option<&Tensor>) -> candle_core::Result<Tensor> + 'a;
+    let bits = |t: &Tensor| host_f32(t);
+    let replay = |what: &str, inputs: &[Tensor], op: &Op<'_>| {
+        let run = |known: Option<&Tensor>| {
+            let vars: Vec<Var> = inputs
+                .iter()
+                .map(|x| Var::from_tensor(x).unwrap())
+                .collect();
+            let args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = op(&args, known).unwrap();
+            let r = uniform(y.dims(), 99, -1.0, 1.0)
+                .to_device(y.device())
+                .unwrap();
+            let g = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads: Vec<Vec<f32>> = vars
+                .iter()
+                .map(|v| bits(g.get(v.as_tensor()).expect("a gradient")))
+                .collect();
+            (y, grads)
+        };
+        let (y, grads) = run(None);
+        let (y2, grads2) = run(Some(&y.detach()));
+        assert_eq!(bits(&y2), bits(&y), "{what}: output");
+        assert_eq!(grads2, grads, "{what}: gradients");
+        let other = (&y * 2.0).unwrap();
+        let (y3, _) = run(Some(&other));
+        assert_eq!(
+            bits(&y3),
+            bits(&other),
+            "{what}: the known output is handed back"
+        );
+        // A known output of another shape is refused.
+        let vars: Vec<Tensor> = inputs.to_vec();
+        assert!(
+            op(&vars, Some(&y.narrow(0, 0, 1).unwrap())).is_err(),
+            "{what}"
+        );
+    };
+    let (b, h, hk, t, d) = (2, 4, 2, 5, 8);
+    let mask = causal_mask(1, t, t);
+    let blocking = fused::Blocking {
+        chunk_bytes: 2 * 2 * t * 4,
+        causal: true,
+        wave_bytes: fused::WAVE_BYTES,
+    };
+    for dev in devices() {
+        let qkv: Vec<Tensor> = [(h, 21), (hk, 22), (hk, 23)]
+            .iter()
+            .map(|&(n, seed)| {
+                uniform(&[b, n, t, d], seed, -1.0, 1.0)
+                    .to_device(&dev)
+                    .unwrap()
+            })
+            .collect();
+        let m = mask.to_device(&dev).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        replay(&format!("blocked attention {dev:?}"), &qkv, &|a, known| {
+            fused::attention_blocked_known(&a[0], &a[1], &a[2], Some(&m), scale, blocking, known)
+        });
+        replay(&format!("attention {dev:?}"), &qkv, &|a, known| {
+            fused::attention_fused_known(&a[0], &a[1], &a[2], Some(&m), scale, known)
+        });
+    }
+    // The CPU's NF4 linear with its adapter, dropout on.
+    let (out, inp, r) = (128, 64, 4);
+    let w = qlora_quant::Nf4Tensor::quantize(
+        &uniform(&[out, inp], 1, -0.1, 0.1),
+        qlora_quant::QuantType::Nf4,
+        qlora_quant::Blocksize::DEFAULT,
+        true,
+    )
+    .unwrap();
+    let dropout = Some(fused::DropoutSpec {
+        p: 0.1,
+        seed: 77,
+        rows: fused::MaskRows { first: 0, step: 1 },
+    });
+    let inputs = [
+        uniform(&[2, 6, inp], 2, -1.0, 1.0),
+        uniform(&[r, inp], 3, -0.06, 0.06),
+        uniform(&[out, r], 4, -0.05, 0.05),
+    ];
+    replay("lora_nf4_linear", &inputs, &|a, known| {
+        fused::lora_nf4_linear_known(&a[0], &w, &a[1], &a[2], 2.0, dropout, known)
+    });
+}

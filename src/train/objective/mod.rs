@@ -62,7 +62,7 @@ pub trait Objective {
         model: &Phi3,
         units: &[usize],
         ctx: &ForwardCtx,
-        checkpointing: bool,
+        checkpointing: &crate::train::policy::Checkpointing,
     ) -> Result<Contribution>;
     /// The step's values from its scalars summed over micro-batches and ranks.
     fn finish(&self, scalars: &[f64]) -> StepValues;

@@ -492,7 +492,7 @@ impl Objective for Preference {
         model: &Phi3,
         units: &[usize],
         ctx: &ForwardCtx,
-        checkpointing: bool,
+        checkpointing: &crate::train::policy::Checkpointing,
     ) -> Result<Contribution> {
         let pairs: Vec<&PairRows> = units.iter().map(|&i| &self.pairs[i]).collect();
         let (batch, tags) = pair_batch(self.kind, &pairs, self.pad_id, self.pack, &model.device)?;

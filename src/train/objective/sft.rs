@@ -85,7 +85,7 @@ impl Objective for Sft {
         model: &Phi3,
         units: &[usize],
         ctx: &ForwardCtx,
-        checkpointing: bool,
+        checkpointing: &crate::train::policy::Checkpointing,
     ) -> Result<Contribution> {
         let rows: Vec<&Row> = units.iter().map(|&i| &self.rows[i]).collect();
         let batch = collate(&rows, self.pad_id, &model.device)?;

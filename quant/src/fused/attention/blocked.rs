@@ -442,6 +442,7 @@ pub(super) fn attention(
     mask: Option<&Tensor>,
     scale: f64,
     blocking: Blocking,
+    known: Option<&Tensor>,
 ) -> Result<Tensor> {
     let s = super::check(q, k, v, mask, None)?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
@@ -451,7 +452,19 @@ pub(super) fn attention(
         scale: super::super::affine_scale(q.dtype(), scale),
         blocking,
     };
-    let out = ctx.forward(&q.detach(), &k.detach(), &v.detach())?;
+    let out = match known {
+        Some(out) => {
+            return q.apply_op3(
+                &k,
+                &v,
+                Blocked {
+                    out: super::super::known::known_output("attention", out, &q, q.dims())?,
+                    ctx,
+                },
+            );
+        }
+        None => ctx.forward(&q.detach(), &k.detach(), &v.detach())?,
+    };
     // The op hands over out's whole buffer: it must be exactly the output.
     let l = out.layout();
     let out = if l.is_contiguous() && l.start_offset() == 0 {

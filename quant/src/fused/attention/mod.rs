@@ -74,6 +74,19 @@ pub fn attention_fused(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    attention_fused_known(q, k, v, mask, scale, None)
+}
+
+/// [`attention_fused`] whose output `known` an earlier forward of the same inputs computed: it is
+/// handed over instead of computed, and the backward is the op's (selective recomputation).
+pub fn attention_fused_known(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    known: Option<&Tensor>,
+) -> Result<Tensor> {
     let s = check(q, k, v, mask, Some(MAX_HEAD_DIM))?;
     let mask_batch_stride = match mask {
         Some(m) if m.dim(0)? != 1 => s.t * s.tk,
@@ -93,8 +106,15 @@ pub fn attention_fused(
         mask: mask.map(Tensor::contiguous).transpose()?,
         geom,
     };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    match known {
+        None => q.contiguous()?.apply_op3(&k, &v, op),
+        Some(out) => {
+            let out = super::known::known_output("attention", out, q, q.dims())?;
+            q.contiguous()?
+                .apply_op3(&k, &v, super::known::Known { op, out })
+        }
+    }
 }
 
 /// `softmax(q·kᵀ · scale + mask) · v` computed in chunks of heads and query rows with the device's
@@ -110,7 +130,21 @@ pub fn attention_blocked(
     scale: f64,
     blocking: Blocking,
 ) -> Result<Tensor> {
-    blocked::attention(q, k, v, mask, scale, blocking)
+    blocked::attention(q, k, v, mask, scale, blocking, None)
+}
+
+/// [`attention_blocked`] whose output `known` an earlier forward of the same inputs computed: it
+/// is handed over instead of computed, and the backward is the op's (selective recomputation).
+pub fn attention_blocked_known(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    blocking: Blocking,
+    known: Option<&Tensor>,
+) -> Result<Tensor> {
+    blocked::attention(q, k, v, mask, scale, blocking, known)
 }
 
 /// The sizes of an attention call.
