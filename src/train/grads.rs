@@ -74,10 +74,8 @@ impl Batch {
 
 /// What the checkpointed forward keeps of a block for its backward ([`BlockPolicy`]).
 enum Saved {
-    /// The block's input (`Recompute`).
-    Input(Tensor),
-    /// The input and the outputs its ops take back (`Selective`).
-    Selective(Tensor, Kept),
+    /// The block's input and the outputs its ops take back (`Selective`; none for `Recompute`).
+    Input(Tensor, Kept),
     /// The input as a variable and the block's output with its whole graph (`Keep`).
     Graph(Var, Tensor),
 }
@@ -635,14 +633,14 @@ pub fn loss_and_grads_with(
             let (out, s) = match checkpointing.of(layer) {
                 BlockPolicy::Recompute => {
                     let out = model.block(layer, &x, &prep, ctx, None)?.detach();
-                    (out, Saved::Input(x))
+                    (out, Saved::Input(x, Kept::default()))
                 }
                 BlockPolicy::Selective => {
                     let mut kept = Kept::default();
                     let out = model
                         .block_with(layer, &x, &prep, ctx, Tap::Record(&mut kept))?
                         .detach();
-                    (out, Saved::Selective(x, kept))
+                    (out, Saved::Input(x, kept))
                 }
                 BlockPolicy::Keep => {
                     let xin = Var::from_tensor(&x)?;
@@ -685,13 +683,8 @@ pub fn loss_and_grads_with(
         drop(xv);
         for layer in (0..model.layers.len()).rev() {
             let (xin, out) = match saved.pop().expect("one saved entry a block") {
-                Saved::Input(x) => {
-                    let xin = Var::from_tensor(&x)?;
-                    drop(x);
-                    let out = model.block(layer, xin.as_tensor(), &prep, ctx, None)?;
-                    (xin, out)
-                }
-                Saved::Selective(x, kept) => {
+                // Nothing kept (Recompute) replays as a plain recomputation.
+                Saved::Input(x, kept) => {
                     let xin = Var::from_tensor(&x)?;
                     drop(x);
                     let out =

@@ -24,6 +24,7 @@
 //! Products run in the inputs' dtype (as the composition's do); the softmax and its backward in
 //! f32 inside the fused op, rounded where the composition rounds.
 
+use super::super::known::{Known, known_output};
 use super::super::ops::{Softmax, SoftmaxBwd};
 use super::Shapes;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
@@ -428,25 +429,11 @@ impl Ctx {
     }
 }
 
-/// The op: its forward hands over the output computed chunk by chunk (outside the graph, before
-/// the op is applied); its backward runs the chunked backward.
+/// The op's backward: the chunked one. Its output is computed chunk by chunk outside the graph
+/// (or kept from an earlier forward) and handed over by [`Known`], so the op has no forward.
 #[derive(Debug, Clone)]
 struct Blocked {
     ctx: Ctx,
-    out: Tensor,
-}
-
-impl Blocked {
-    fn copy_out<S>(&self, pick: impl FnOnce(&candle_core::Storage) -> Option<&S>) -> Result<S>
-    where
-        S: candle_core::backend::BackendStorage,
-    {
-        let (storage, layout) = self.out.storage_and_layout();
-        match pick(&storage) {
-            Some(s) => s.try_clone(layout),
-            None => bail!("blocked attention: the output lives on another device"),
-        }
-    }
 }
 
 impl CustomOp3 for Blocked {
@@ -463,28 +450,7 @@ impl CustomOp3 for Blocked {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = self.copy_out(|s| match s {
-            candle_core::Storage::Cpu(s) => Some(s),
-            _ => None,
-        })?;
-        Ok((out, self.out.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = self.copy_out(|s| match s {
-            candle_core::Storage::Cuda(s) => Some(s),
-            _ => None,
-        })?;
-        Ok((out, self.out.shape().clone()))
+        bail!("blocked attention: the output is computed outside the op and handed over by Known")
     }
 
     fn bwd(
@@ -521,26 +487,19 @@ pub(super) fn attention(
         blocking,
     };
     let out = match known {
-        Some(out) => {
-            return q.apply_op3(
-                &k,
-                &v,
-                Blocked {
-                    out: super::super::known::known_output("attention", out, &q, q.dims())?,
-                    ctx,
-                },
-            );
-        }
+        Some(out) => out.clone(),
         None => ctx.forward(&q.detach(), &k.detach(), &v.detach())?,
     };
-    // The op hands over out's whole buffer: it must be exactly the output.
-    let l = out.layout();
-    let out = if l.is_contiguous() && l.start_offset() == 0 {
-        out
-    } else {
-        out.copy()?
-    };
-    q.apply_op3(&k, &v, Blocked { ctx, out })
+    // The op hands over out's whole buffer: exactly the output, copied only if it is a view.
+    let out = known_output("attention", &out, &q, q.dims())?;
+    q.apply_op3(
+        &k,
+        &v,
+        Known {
+            op: Blocked { ctx },
+            out,
+        },
+    )
 }
 
 #[cfg(test)]
