@@ -160,12 +160,15 @@ pub fn fail(comm: &dyn Communicator, err: anyhow::Error) -> anyhow::Error {
     if comm.world() <= 1 {
         return err;
     }
-    eprintln!(
-        "rank {} of {} ({}): error: {err:#}; ending every rank",
+    // One write: `eprintln!` writes each piece of its format on its own (stderr is unbuffered),
+    // and the launcher's abort banner, printed meanwhile, could land in the middle of the line.
+    let line = format!(
+        "rank {} of {} ({}): error: {err:#}; ending every rank\n",
         comm.rank(),
         comm.world(),
         comm.name()
     );
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     comm.abort(2)
 }
 

@@ -949,7 +949,8 @@ pub mod memory {
                 1,
             ),
         };
-        // The blocked attention op keeps its output for the backward besides handing out a copy.
+        // The blocked attention op keeps its output (and on the CPU in f32 its row statistics) for
+        // the backward besides handing out a copy.
         let att = t.op_holding(
             Kind::Custom {
                 grads: vec![Some(u), Some(kv), Some(kv)],
@@ -958,7 +959,7 @@ pub mod memory {
             },
             &[q, k, v],
             u,
-            u,
+            u + am.held,
         );
         let tr = t.view(Kind::Pass, att, u);
         let merged = t.op(Kind::Pass, &[tr], u);

@@ -38,15 +38,39 @@ pub(super) fn mm(
     rhs: Mat,
     beta: f32,
 ) {
-    assert!(
-        dst.len() >= m * n && lhs.holds(m, k) && rhs.holds(k, n),
-        "gemm operands too small for [{m}, {k}] · [{k}, {n}]"
-    );
     let par = if m * n * k >= 1 << 20 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
     };
+    mm_with((m, n, k), dst, acc, lhs, rhs, beta, par)
+}
+
+/// [`mm`] on the calling thread only: for callers that already run one task per thread.
+pub(super) fn mm_serial(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    acc: bool,
+    lhs: Mat,
+    rhs: Mat,
+    beta: f32,
+) {
+    mm_with((m, n, k), dst, acc, lhs, rhs, beta, gemm::Parallelism::None)
+}
+
+fn mm_with(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    acc: bool,
+    lhs: Mat,
+    rhs: Mat,
+    beta: f32,
+    par: gemm::Parallelism,
+) {
+    assert!(
+        dst.len() >= m * n && lhs.holds(m, k) && rhs.holds(k, n),
+        "gemm operands too small for [{m}, {k}] · [{k}, {n}]"
+    );
     // SAFETY: dst holds m × n (row stride n); lhs and rhs lie inside their slices (checked above),
     // which outlive the call.
     unsafe {

@@ -418,6 +418,51 @@ fn blocked_attention_matches_the_composition_for_every_chunking() {
     }
 }
 
+/// On the CPU in f32 the blocked attention runs on slices in chunks of one key/value head and 64
+/// stacked query rows (`ROWS / rep` positions of each of its query heads), each seeing the keys its
+/// last row can see under a causal mask: at 150 queries there are several chunks per head, the
+/// last one partial, with 1, 3 and 6 query heads per key/value head, a cached prefix (170 keys),
+/// per-batch masks, a packed-documents mask (causal within two documents), and no mask.
+#[test]
+fn blocked_attention_on_cpu_slices_matches_the_composition_over_many_chunks() {
+    let (b, h, t, d) = (2, 6, 150, 12);
+    // Causal within documents [0, 60) and [60, t) (a packed row), the prefix seen by all.
+    let packed = |tk: usize| {
+        let past = tk - t;
+        let v: Vec<f32> = (0..b * t * tk)
+            .map(|x| {
+                let (i, j) = ((x / tk) % t, x % tk);
+                let doc = |p: usize| usize::from(p >= 60);
+                let visible = j <= i + past && (j < past || doc(j - past) == doc(i));
+                if visible { 0.0 } else { f32::NEG_INFINITY }
+            })
+            .collect();
+        Tensor::from_vec(v, (b, 1, t, tk), &Device::Cpu).unwrap()
+    };
+    for tk in [t, t + 20] {
+        let masks = [
+            (None, false),
+            (Some(causal_mask(1, t, tk)), true),
+            (Some(causal_mask(2, t, tk)), false),
+            (Some(packed(tk)), true),
+        ];
+        for kv_heads in [6, 2, 1] {
+            for (mask, causal) in &masks {
+                let blocking = fused::Blocking::for_device(&Device::Cpu, *causal);
+                check_attention_shaped(
+                    &Device::Cpu,
+                    DType::F32,
+                    (b, h, t, tk, d),
+                    kv_heads,
+                    mask.as_ref(),
+                    &format!("blocked attention on slices tk={tk} causal={causal}"),
+                    &move |q, k, v, m, s| fused::attention_blocked(q, k, v, m, s, blocking),
+                );
+            }
+        }
+    }
+}
+
 /// Blocked attention's chunkings on a small shape (2 batches, 3 query heads, 3 queries, 5 keys,
 /// D = 8): every chunking and mask in f32, one chunking (row blocks, causal, per-batch mask) in
 /// bf16 and f16. The test above covers more; this one is sized for the emulated kernels
@@ -528,11 +573,14 @@ fn fused_ops_refuse_bad_input_with_errors() {
     }
 }
 
-/// The backward's waves (how many chunks' partial key/value gradients are held before they are
-/// summed) change no bit of the gradients: the partials are summed in chunk order either way.
+/// Neither the thread count nor the backward's waves (how many chunks' partial key/value gradients
+/// are held before they are summed, on the candle-op path: bf16 here) change a bit of the
+/// gradients: partials are summed in chunk (or task) order, cut by the shapes alone.
 #[test]
-fn blocked_attention_backward_waves_change_no_bit() {
-    let (b, h, hk, t, d) = (2, 4, 2, 24, 8);
+fn blocked_attention_backward_threads_and_waves_change_no_bit() {
+    // 100 queries, 2 query heads per key/value head: 32 positions per chunk on the CPU in f32, 4
+    // chunks per key/value head.
+    let (b, h, hk, t, d) = (2, 4, 2, 100, 8);
     let dev = Device::Cpu;
     let x = |n: usize, seed: u64| {
         let v: Vec<f32> = (0..n)
@@ -545,25 +593,30 @@ fn blocked_attention_backward_waves_change_no_bit() {
     let v = Var::from_vec(x(b * hk * t * d, 3), (b, hk, t, d), &dev).unwrap();
     let w = Tensor::from_vec(x(b * h * t * d, 4), (b, h, t, d), &dev).unwrap();
     let mask = causal_mask(b, t, t);
-    let grads = |wave_bytes: usize| {
-        // Rows of 3: 8 row blocks per key/value group, 16 chunks.
+    let grads = |dtype: DType, wave_bytes: usize, threads: usize| {
         let blocking = fused::Blocking {
-            chunk_bytes: b * (h / hk) * 3 * t * 4,
             causal: true,
             wave_bytes,
+            ..fused::Blocking::for_device(&dev, true)
         };
-        let o = fused::attention_blocked(
-            q.as_tensor(),
-            k.as_tensor(),
-            v.as_tensor(),
-            Some(&mask),
-            0.35,
-            blocking,
-        )
-        .unwrap();
-        let g = (o * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let (qd, kd, vd) = (
+            q.to_dtype(dtype).unwrap(),
+            k.to_dtype(dtype).unwrap(),
+            v.to_dtype(dtype).unwrap(),
+        );
+        let (md, wd) = (mask.to_dtype(dtype).unwrap(), w.to_dtype(dtype).unwrap());
+        let g = pool.install(|| {
+            let o = fused::attention_blocked(&qd, &kd, &vd, Some(&md), 0.35, blocking).unwrap();
+            (o * &wd).unwrap().sum_all().unwrap().backward().unwrap()
+        });
         [&q, &k, &v].map(|x| {
             g.get(x.as_tensor())
+                .unwrap()
+                .to_dtype(DType::F32)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
@@ -574,10 +627,18 @@ fn blocked_attention_backward_waves_change_no_bit() {
                 .collect::<Vec<u32>>()
         })
     };
-    let all_at_once = grads(usize::MAX);
-    let per_chunk_bytes = 2 * b * t * d * 4;
-    for wave_bytes in [0, per_chunk_bytes, 3 * per_chunk_bytes, fused::WAVE_BYTES] {
-        assert!(grads(wave_bytes) == all_at_once, "wave_bytes {wave_bytes}");
+    for dtype in [DType::F32, DType::BF16] {
+        let all_at_once = grads(dtype, usize::MAX, 1);
+        let per_chunk_bytes = 2 * b * t * d * dtype.size_in_bytes();
+        for wave_bytes in [0, per_chunk_bytes, 3 * per_chunk_bytes, fused::WAVE_BYTES] {
+            for threads in [1, 2, 3] {
+                let got = grads(dtype, wave_bytes, threads);
+                assert!(
+                    got == all_at_once,
+                    "{dtype:?} wave_bytes {wave_bytes} threads {threads}"
+                );
+            }
+        }
     }
 }
 

@@ -23,17 +23,26 @@
 //!
 //! Products run in the inputs' dtype (as the composition's do); the softmax and its backward in
 //! f32 inside the fused op, rounded where the composition rounds.
+//!
+//! On the CPU in f32 (the CPU's training dtype) the same chunks run on the tensors' slices
+//! instead of through candle's ops, with the softmax's passes fused and the forward's log-sum-exp
+//! kept for the backward ([`super::slices`]); on CUDA and for half types on the CPU, the ops
+//! above.
 
+use super::super::cpu::with_host;
 use super::super::known::{Known, known_output};
 use super::super::ops::{Softmax, SoftmaxBwd};
 use super::Shapes;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use super::slices::{self, Rows, Slices};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use std::sync::Arc;
 
 /// Default bytes of one chunk's scores: 8 heads of 2048 × 2048 in bf16; the backward holds about
 /// four such tensors (S, P, dP, dS) at once.
 pub const CHUNK_BYTES: usize = 64 << 20;
-/// On the CPU: chunks that stay in a core's cache, many of them, run in parallel on rayon (the
-/// chunks of a causal mask differ in work, so many small ones balance the threads).
+/// On the CPU for half types (f32 runs on [`super::slices`], whose chunks are rows, not bytes):
+/// chunks that stay in a core's cache, many of them, run in parallel on rayon (the chunks of a
+/// causal mask differ in work, so many small ones balance the threads).
 pub const CPU_CHUNK_BYTES: usize = 128 << 10;
 
 /// Bytes of the partial key/value gradients of one backward wave on the CPU (see
@@ -116,6 +125,8 @@ fn plan(s: &Shapes, elem: usize, blocking: Blocking) -> (usize, usize) {
 pub struct BlockedMemory {
     pub forward: u64,
     pub backward: u64,
+    /// Kept by the op for its backward besides its output: the row statistics on the CPU in f32.
+    pub held: u64,
 }
 
 impl Blocking {
@@ -130,13 +141,17 @@ impl Blocking {
         workers: usize,
     ) -> BlockedMemory {
         let s = Shapes { b, h, hk, t, tk, d };
-        let all = chunks(&s, elem, self);
+        let all = chunks(&s, elem, self, cpu);
         let Some(first) = all.first() else {
             return BlockedMemory {
                 forward: 0,
                 backward: 0,
+                held: 0,
             };
         };
+        if on_slices(cpu, elem) {
+            return slices_memory(&s, &all, workers);
+        }
         let rep = h / hk.max(1);
         let inflight = if cpu { workers.max(1) } else { 1 }.min(all.len()) as u64;
         let (g, n, keys) = (first.g as u64, first.n as u64, first.keys as u64);
@@ -186,7 +201,45 @@ impl Blocking {
         let during = waves + out + 2 * kv + inflight * bwd_chunk;
         let end = 2 * out + 4 * kv;
         let backward = during.max(end).saturating_sub(out + 2 * kv);
-        BlockedMemory { forward, backward }
+        BlockedMemory {
+            forward,
+            backward,
+            held: 0,
+        }
+    }
+}
+
+/// [`Blocking::memory`] on [`slices`] (f32), each term what [`Ctx::forward`] and
+/// [`Ctx::backward_slices`] allocate.
+fn slices_memory(s: &Shapes, all: &[Chunk], workers: usize) -> BlockedMemory {
+    let f = 4u64;
+    let (b, h, t, d) = (s.b as u64, s.h as u64, s.t as u64, s.d as u64);
+    let rep = (s.h / s.hk) as u64;
+    let inflight = workers.clamp(1, all.len()) as u64;
+    let rows = all.iter().map(|c| rep * c.n as u64).max().unwrap_or(0);
+    let keys = all.iter().map(|c| c.keys as u64).max().unwrap_or(0);
+    let out = b * h * t * d * f;
+    let lse = b * h * t * f;
+    // Forward: per worker its scratch (scores, stacked queries); every chunk's output rows and
+    // statistics collected (an output and L), then the output and L assembled (the output and
+    // the op's copy of it are the caller's).
+    let forward = inflight * (rows * keys + rows * d) * f + 2 * lse;
+    // Backward: the output gradient made contiguous (a transposed view's), every task's dq rows
+    // (a dq's worth) and key/value partials, per worker its scratch (probabilities, their
+    // gradients, three stacked row blocks); dq, dk and dv are the caller's.
+    let rows_of: Vec<slices::Rows> = all.iter().map(|c| c.rows()).collect();
+    let partials: u64 = slices::tasks(&rows_of, s.hk)
+        .iter()
+        .map(|r| {
+            let keys = rows_of[r.clone()].iter().map(|c| c.keys).max().unwrap_or(0) as u64;
+            2 * b * keys * d * f
+        })
+        .sum();
+    let scratch = inflight * (2 * rows * keys + 3 * rows * d) * f;
+    BlockedMemory {
+        forward,
+        backward: 2 * out + partials + scratch,
+        held: lse,
     }
 }
 
@@ -200,8 +253,30 @@ struct Chunk {
     keys: usize,
 }
 
-fn chunks(s: &Shapes, elem: usize, blocking: Blocking) -> Vec<Chunk> {
-    let (g, n) = plan(s, elem, blocking);
+impl Chunk {
+    /// The chunk on [`slices`] (one key/value head there).
+    fn rows(self) -> Rows {
+        debug_assert_eq!(self.g, 1);
+        Rows {
+            g: self.g0,
+            i0: self.i0,
+            n: self.n,
+            keys: self.keys,
+        }
+    }
+}
+
+/// Whether a call runs on [`slices`]: on the CPU in f32.
+fn on_slices(cpu: bool, elem: usize) -> bool {
+    cpu && elem == 4
+}
+
+fn chunks(s: &Shapes, elem: usize, blocking: Blocking, cpu: bool) -> Vec<Chunk> {
+    let (g, n) = if on_slices(cpu, elem) {
+        (1, slices::positions(s.t, s.h / s.hk))
+    } else {
+        plan(s, elem, blocking)
+    };
     let past = s.tk.saturating_sub(s.t);
     let mut out = Vec::new();
     for g0 in (0..s.hk).step_by(g) {
@@ -293,34 +368,65 @@ impl Ctx {
         }
     }
 
-    /// `acc[b, j, ..keys, :] += x[b, j, .., :]` for the chunk's `x: [B, g, keys, D]` (f32,
-    /// contiguous) into the group's `acc: [B, g, Tk, D]`; the group's first chunk is copied
-    /// (the padded sum started from it).
-    fn add_keys(&self, acc: &mut [f32], x: &Tensor, c: Chunk, first: bool) -> Result<()> {
-        let x = x.contiguous()?;
-        let (storage, layout) = x.storage_and_layout();
-        let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-            bail!("blocked attention: a CPU f32 gradient was expected");
+    /// Runs `f` on the call's f32 slices ([`slices`]).
+    fn with_slices<R>(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        f: impl FnOnce(&Slices<'_>) -> Result<R>,
+    ) -> Result<R> {
+        let mask_batch_stride = match &self.mask {
+            Some(m) if m.dim(0)? != 1 => self.s.t * self.s.tk,
+            _ => 0,
         };
-        let rows = c.keys * self.s.d;
-        let x = &data[layout.start_offset()..layout.start_offset() + self.s.b * c.g * rows];
-        let full = self.s.tk * self.s.d;
-        for (head, src) in x.chunks_exact(rows).enumerate() {
-            let dst = &mut acc[head * full..head * full + rows];
-            if first {
-                dst.copy_from_slice(src);
-            } else {
-                dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
-            }
-        }
-        Ok(())
+        let mask = |f: &mut dyn FnMut(Option<&[f32]>) -> Result<R>| match &self.mask {
+            Some(m) => with_host::<f32, _>(m, |m| f(Some(m)))?,
+            None => f(None),
+        };
+        with_host::<f32, _>(q, |q| {
+            with_host::<f32, _>(k, |k| {
+                with_host::<f32, _>(v, |v| {
+                    let mut f = Some(f);
+                    mask(&mut |mask| {
+                        let f = f.take().expect("called once");
+                        f(&Slices {
+                            s: self.s,
+                            q,
+                            k,
+                            v,
+                            mask,
+                            mask_batch_stride,
+                            scale: self.scale,
+                        })
+                    })
+                })?
+            })?
+        })?
     }
 
-    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    /// The output, with its row statistics `L [B, H, T]` on [`slices`] (for the backward).
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Option<Lse>)> {
+        let elem = q.dtype().size_in_bytes();
+        let cpu = q.device().is_cpu();
+        let all = chunks(&self.s, elem, self.blocking, cpu);
+        if on_slices(cpu, elem) {
+            let s = self.s;
+            let (out, lse) = self.with_slices((q, k, v), |sl| {
+                let outs = map_chunks(&all, true, |c| Ok(sl.forward(c.rows())))?;
+                let mut out = vec![0f32; s.b * s.h * s.t * s.d];
+                let mut lse = vec![0f32; s.b * s.h * s.t];
+                for (c, (o, l)) in all.iter().zip(&outs) {
+                    let at = (c.g0, c.i0, c.n);
+                    sl.scatter(o, at, s.d, &mut out);
+                    sl.scatter(l, at, 1, &mut lse);
+                }
+                Ok((out, lse))
+            })?;
+            let out = Tensor::from_vec(out, (s.b, s.h, s.t, s.d), q.device())?;
+            return Ok((out, Some(Arc::new(lse))));
+        }
         let mut heads = Vec::new();
         let mut rows = Vec::new();
-        let all = chunks(&self.s, q.dtype().size_in_bytes(), self.blocking);
-        let outs = map_chunks(&all, q.device().is_cpu(), |c| {
+        let outs = map_chunks(&all, cpu, |c| {
             let (_, p, _) = self.scores(&self.stack(q, c)?, &self.heads(k, c)?, c)?;
             let o = self.stack_scores(&p, c)?.matmul(&self.heads(v, c)?)?;
             self.unstack(&o, c)
@@ -333,40 +439,89 @@ impl Ctx {
                 rows.clear();
             }
         }
-        Tensor::cat(&heads, 1)
+        Ok((Tensor::cat(&heads, 1)?, None))
+    }
+
+    /// The chunks' partial key/value gradients each `[B, g, Tk, D]` per chunk in a wave of at
+    /// most `wave_bytes` (at least one chunk; one on a GPU stream).
+    fn wave(&self, all: &[Chunk], elem: usize, cpu: bool) -> usize {
+        let per_chunk = 2 * self.s.b * all.first().map_or(1, |c| c.g) * self.s.tk * self.s.d * elem;
+        if cpu {
+            (self.blocking.wave_bytes / per_chunk.max(1)).max(1)
+        } else {
+            1
+        }
+    }
+
+    /// The backward on [`slices`]: its tasks' dq rows, dk and dv (`[B, keys, D]`) in parallel,
+    /// then dq rows written into dq and dk, dv added in place into the `[B, Hk, Tk, D]` sums in
+    /// task order, row by row up to each task's keys.
+    fn backward_slices(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        (o, dout): (&Tensor, &Tensor),
+        lse: Option<&[f32]>,
+        all: &[Chunk],
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        use rayon::prelude::*;
+        let s = self.s;
+        let rows: Vec<Rows> = all.iter().map(|c| c.rows()).collect();
+        let tasks = slices::tasks(&rows, s.hk);
+        let (dq, dk, dv) = self.with_slices((q, k, v), |sl| {
+            with_host::<f32, _>(dout, |dout| {
+                with_host::<f32, _>(o, |o| {
+                    let grads: Vec<slices::Grads> = tasks
+                        .par_iter()
+                        .with_max_len(1)
+                        .map(|r| sl.backward(dout, o, lse, &rows[r.clone()]))
+                        .collect();
+                    let mut dq = vec![0f32; s.b * s.h * s.t * s.d];
+                    let mut dk = vec![0f32; s.b * s.hk * s.tk * s.d];
+                    let mut dv = vec![0f32; s.b * s.hk * s.tk * s.d];
+                    for (i, (r, g)) in tasks.iter().zip(&grads).enumerate() {
+                        let cs = &rows[r.clone()];
+                        let (c0, last) = (cs[0], cs[cs.len() - 1]);
+                        let keys = cs.iter().map(|c| c.keys).max().unwrap_or(0);
+                        sl.scatter(&g.dq, (c0.g, c0.i0, last.i0 + last.n - c0.i0), s.d, &mut dq);
+                        let first = i == 0 || rows[tasks[i - 1].start].g != c0.g;
+                        sl.add_keys(&g.dk, c0.g, keys, first, &mut dk);
+                        sl.add_keys(&g.dv, c0.g, keys, first, &mut dv);
+                    }
+                    (dq, dk, dv)
+                })
+            })?
+        })?;
+        let dev = q.device();
+        Ok((
+            Tensor::from_vec(dq, (s.b, s.h, s.t, s.d), dev)?,
+            Tensor::from_vec(dk, (s.b, s.hk, s.tk, s.d), dev)?,
+            Tensor::from_vec(dv, (s.b, s.hk, s.tk, s.d), dev)?,
+        ))
     }
 
     fn backward(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        o: &Tensor,
         dout: &Tensor,
+        lse: Option<&[f32]>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let elem = q.dtype().size_in_bytes();
+        let cpu = q.device().is_cpu();
+        let all = chunks(&self.s, elem, self.blocking, cpu);
+        if on_slices(cpu, elem) {
+            let (o, dout) = (o.contiguous()?, dout.contiguous()?);
+            return self.backward_slices((q, k, v), (&o, &dout), lse, &all);
+        }
         let (mut dq_heads, mut dk_heads, mut dv_heads) = (Vec::new(), Vec::new(), Vec::new());
         let mut dq_rows = Vec::new();
         let mut dkv: Option<(Tensor, Tensor)> = None;
-        let elem = q.dtype().size_in_bytes();
-        let all = chunks(&self.s, elem, self.blocking);
-        let cpu = q.device().is_cpu();
-        // On the CPU in f32, each chunk's dk and dv (`[B, g, keys, D]`) are added in place into
-        // the group's `[B, g, Tk, D]` sums, row by row up to its keys, instead of padded with
-        // zeros to Tk and added as tensors (which moved O(chunks × Tk × D) bytes: a sixth of a
-        // step at 2048 tokens). The same additions in the same order; the rows past a chunk's
-        // keys, which the padding added zeros to, are left alone.
-        let in_place = cpu && q.dtype() == DType::F32;
-        let mut acc: Option<(Vec<f32>, Vec<f32>)> = None;
         // Each chunk's (dq rows, dk, dv) in parallel on the CPU; dk and dv are then summed over a
         // group's chunks in chunk order, so the result does not depend on the thread count. The
         // chunks go in waves whose partial dk and dv (each `[B, g, Tk, D]`) take at most
         // WAVE_BYTES, and each wave is summed before the next: collecting every chunk's partials
         // first would hold O(chunks × Tk × D), 1 GB for one layer at 2048 tokens.
-        let per_chunk = 2 * self.s.b * all.first().map_or(1, |c| c.g) * self.s.tk * self.s.d * elem;
-        let wave = if cpu {
-            (self.blocking.wave_bytes / per_chunk.max(1)).max(1)
-        } else {
-            1
-        };
+        let wave = self.wave(&all, elem, cpu);
         for (w, part) in all.chunks(wave).enumerate() {
             let parts = map_chunks(part, cpu, |c| {
                 let (qs, kc, vc) = (self.stack(q, c)?, self.heads(k, c)?, self.heads(v, c)?);
@@ -379,43 +534,20 @@ impl Ctx {
                 let (ds, p) = (self.stack_scores(&ds, c)?, self.stack_scores(&p, c)?);
                 let dq = self.unstack(&ds.matmul(&kc)?, c)?;
                 let (dk, dv) = (ds.t()?.matmul(&qs)?, p.t()?.matmul(&dos)?);
-                if in_place {
-                    Ok((dq, dk, dv))
-                } else {
-                    Ok((dq, self.pad_keys(dk, c)?, self.pad_keys(dv, c)?))
-                }
+                Ok((dq, self.pad_keys(dk, c)?, self.pad_keys(dv, c)?))
             })?;
             for (i, (&c, (dq, dk, dv))) in part.iter().zip(parts).enumerate() {
                 let idx = w * wave + i;
                 dq_rows.push(dq);
-                if in_place {
-                    let (ak, av) = acc.get_or_insert_with(|| {
-                        let n = self.s.b * c.g * self.s.tk * self.s.d;
-                        (vec![0f32; n], vec![0f32; n])
-                    });
-                    let first = idx == 0 || all[idx - 1].g0 != c.g0;
-                    self.add_keys(ak, &dk, c, first)?;
-                    self.add_keys(av, &dv, c, first)?;
-                } else {
-                    dkv = Some(match dkv {
-                        Some((pk, pv)) => ((pk + dk)?, (pv + dv)?),
-                        None => (dk, dv),
-                    });
-                }
+                dkv = Some(match dkv {
+                    Some((pk, pv)) => ((pk + dk)?, (pv + dv)?),
+                    None => (dk, dv),
+                });
                 let group_done = all.get(idx + 1).is_none_or(|next| next.g0 != c.g0);
                 if group_done {
                     dq_heads.push(Tensor::cat(&dq_rows, 2)?);
                     dq_rows.clear();
-                    let (dk, dv) = match acc.take() {
-                        Some((ak, av)) => {
-                            let shape = (self.s.b, c.g, self.s.tk, self.s.d);
-                            (
-                                Tensor::from_vec(ak, shape, q.device())?,
-                                Tensor::from_vec(av, shape, q.device())?,
-                            )
-                        }
-                        None => dkv.take().expect("a group has chunks"),
-                    };
+                    let (dk, dv) = dkv.take().expect("a group has chunks");
                     dk_heads.push(dk);
                     dv_heads.push(dv);
                 }
@@ -434,7 +566,13 @@ impl Ctx {
 #[derive(Debug, Clone)]
 struct Blocked {
     ctx: Ctx,
+    /// The forward's row statistics on [`slices`] (none for an output computed earlier: the
+    /// backward recomputes them).
+    lse: Option<Lse>,
 }
+
+/// Row statistics `L [B, H, T]` of a forward on [`slices`].
+type Lse = Arc<Vec<f32>>;
 
 impl CustomOp3 for Blocked {
     fn name(&self) -> &'static str {
@@ -458,12 +596,15 @@ impl CustomOp3 for Blocked {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _o: &Tensor,
+        o: &Tensor,
         dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) =
-            self.ctx
-                .backward(&q.detach(), &k.detach(), &v.detach(), &dout.detach())?;
+        let (dq, dk, dv) = self.ctx.backward(
+            (&q.detach(), &k.detach(), &v.detach()),
+            &o.detach(),
+            &dout.detach(),
+            self.lse.as_deref().map(Vec::as_slice),
+        )?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -486,8 +627,8 @@ pub(super) fn attention(
         scale: super::super::affine_scale(q.dtype(), scale),
         blocking,
     };
-    let out = match known {
-        Some(out) => out.clone(),
+    let (out, lse) = match known {
+        Some(out) => (out.clone(), None),
         None => ctx.forward(&q.detach(), &k.detach(), &v.detach())?,
     };
     // The op hands over out's whole buffer: exactly the output, copied only if it is a view.
@@ -496,7 +637,7 @@ pub(super) fn attention(
         &k,
         &v,
         Known {
-            op: Blocked { ctx },
+            op: Blocked { ctx, lse },
             out,
         },
     )
@@ -534,7 +675,7 @@ mod tests {
                     wave_bytes: WAVE_BYTES,
                 };
                 let mut seen = vec![0u32; s.hk * s.t];
-                for c in chunks(&s, elem, blocking) {
+                for c in chunks(&s, elem, blocking, false) {
                     let bytes = s.b * c.g * (s.h / s.hk) * c.n * s.tk * elem;
                     assert!(bytes <= budget.max(s.b * (s.h / s.hk) * s.tk * elem));
                     // Causal: the block's last row sees keys up to its index + (Tk − T).
@@ -558,7 +699,7 @@ mod tests {
         let s = shapes(1, 32, 32, 2048, 2048);
         assert_eq!(plan(&s, 2, Blocking::new(false)), (8, 2048));
         assert_eq!(plan(&s, 2, Blocking::new(true)), (32, 512));
-        let keys: Vec<usize> = chunks(&s, 2, Blocking::new(true))
+        let keys: Vec<usize> = chunks(&s, 2, Blocking::new(true), false)
             .iter()
             .map(|c| c.keys)
             .collect();

@@ -25,6 +25,7 @@ mod cpu;
 mod cuda;
 #[cfg(feature = "emulate")]
 mod emu;
+mod slices;
 
 pub use blocked::{BlockedMemory, Blocking, CHUNK_BYTES, CPU_CHUNK_BYTES, WAVE_BYTES};
 
