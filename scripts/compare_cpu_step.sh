@@ -17,7 +17,7 @@
 #        WORK             scratch dir for the model, data and runs (default: a new temp dir, removed)
 #        MODES            "default ckpt plain" (default), or some of them
 #        SEQS             tokens per row, "256" (default); e.g. "256 1024 4096"
-#        QLORA_CPU=avx2   qlora's AVX2 paths on an AVX-512 machine (see the README)
+#        QLORA_CPU=avx2   qlora's AVX2 paths on an AVX-512 machine (see docs/measurements.md)
 # Measure on a quiet machine: nothing else running (no builds), as contention skews the ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -12,7 +12,7 @@
 #               block than the smallest card allows (48 KiB: the static limit on every target; the
 #               opt-in dynamic limit is larger everywhere, and the kernels use no dynamic shared
 #               memory), or more than 255 registers per thread.
-#   --markdown  print the table as markdown (the README's GPU section carries it).
+#   --markdown  print the table as markdown (docs/gpu-and-multi-machine.md carries it).
 # Needs the CUDA toolchain: sources scripts/cuda-env.sh (installs the pinned PyPI one once).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -9,7 +9,7 @@
 # (dequantization bit for bit, the fused ops within the device tests' tolerances).
 #
 # Exit 0 only if every test passed and every kernel the .cu files define was launched at least
-# once. Prints the launches per kernel. What it cannot see: README, "The emulation harness".
+# once. Prints the launches per kernel. What it cannot see: docs/gpu-and-multi-machine.md, "The emulation harness".
 #
 # usage: scripts/kernels_emulated.sh [TEST_FILTER...]
 #   With filters (e.g. fused::rms_norm), runs only the matching tests and skips the check that

@@ -48,7 +48,7 @@ impl DeviceSpec {
                 if !cfg!(feature = "cuda") {
                     bail!(
                         "device cuda:{n}: this qlora was built without CUDA; rebuild with \
-                         `cargo build --release --features cuda` (README, \"GPU (CUDA)\") or use \
+                         `cargo build --release --features cuda` (docs/gpu-and-multi-machine.md, \"GPU (CUDA)\") or use \
                          --device cpu"
                     );
                 }

@@ -3,7 +3,7 @@
 //! dense f32 matmul on the same shape.
 //!
 //! Run: `cargo bench -p qlora-quant --bench quant` (RAYON_NUM_THREADS sets the thread count; the
-//! README records the medians measured with the command there).
+//! medians measured with the command are in docs/measurements.md, "The 4-bit kernels").
 
 use candle_core::{Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};

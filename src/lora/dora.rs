@@ -1,6 +1,6 @@
 //! DoRA, weight-decomposed LoRA (Liu et al. 2024), as PEFT computes it (`tuners/lora/dora.py`,
-//! `DoraLinearLayer`; `tuners/lora/layer.py`, `Linear.forward`; facts and sources in the README's
-//! format notes). Each adapted linear gains a trained magnitude `m: [out]` that starts at the row
+//! `DoraLinearLayer`; `tuners/lora/layer.py`, `Linear.forward`; facts and sources in
+//! docs/formats.md). Each adapted linear gains a trained magnitude `m: [out]` that starts at the row
 //! norms of the frozen base, `m_j = ‖W_j,:‖₂` (B = 0 at init), and the layer computes
 //!
 //! ```text

@@ -30,6 +30,7 @@ mod preempt;
 mod pref;
 mod pref_train;
 mod quantize;
+mod readme;
 mod tokens;
 mod train;
 mod trainer;
