@@ -83,7 +83,7 @@ pub struct Training {
     /// policy's log-probs compare with the reference's; false keeps lora.dropout.
     #[serde(default = "default_true")]
     pub disable_dropout: bool,
-    /// A PEFT adapter to start from (its LoRA settings replace [lora]'s); for DPO and IPO its
+    /// A PEFT adapter to start from (its LoRA settings replace `[lora]`'s); for DPO and IPO its
     /// frozen copy is the reference, as TRL's. "" for a fresh adapter.
     #[serde(default)]
     pub init_adapter: String,

@@ -30,6 +30,7 @@ pub mod export;
 pub mod fsx;
 pub mod hub;
 pub mod lora;
+pub mod memstat;
 pub mod model;
 pub mod pathsafe;
 pub mod plan;

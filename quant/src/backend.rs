@@ -158,7 +158,7 @@ pub fn code8_cpu(lut: &[u8; 65536], v: f32) -> u8 {
 /// Written with selects instead of branches (the search's direction is a coin flip per value, so
 /// branches mispredict): the same pivots, and `lower`/`upper` are always `code[lower_pivot]` /
 /// `code[upper_pivot]` once the kernel's ±1 start values are replaced by the map's ends, as it
-/// does. [`tests::code8_cuda_branchy`] transcribes the kernel's branches; a test holds them equal.
+/// does. `tests::code8_cuda_branchy` transcribes the kernel's branches; a test holds them equal.
 #[inline]
 pub fn code8_cuda(code: &[f32; 256], x: f32) -> u8 {
     let (mut pivot, mut upper_pivot, mut lower_pivot) = (127usize, 255usize, 0usize);

@@ -54,8 +54,8 @@ fn tile_len_for(n: usize, across: usize, elems: usize, threads: usize) -> usize 
     n.div_ceil(count).next_multiple_of(TILE_ALIGN)
 }
 
-/// Bytes of dequantized `W [out, in]` tiles that [`x_wt`] (`transposed`: the forward's
-/// `x · Wᵀ`) or [`x_w`] (the backward's `dy · W`) hold at once on a pool of `threads`: one tile
+/// Bytes of dequantized `W [out, in]` tiles that `x_wt` (`transposed`: the forward's
+/// `x · Wᵀ`) or `x_w` (the backward's `dy · W`) hold at once on a pool of `threads`: one tile
 /// buffer per worker (`for_each_init`), each `tile × across` f32 values. (`qlora plan` counts it.)
 pub fn nf4_tile_bytes(out: usize, inp: usize, transposed: bool, threads: usize) -> u64 {
     let (n, across, elems) = if transposed {

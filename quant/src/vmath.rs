@@ -59,7 +59,7 @@ pub fn exp(x: f32) -> f32 {
 const LANES: usize = 16;
 
 /// `(max(v), Σ exp(v − max))` of a row, each `exp(v − max)` left in `v`. The sum runs over
-/// [`LANES`] interleaved partial sums (element `i` into lane `i % 16`), then the lanes in order:
+/// 16 interleaved partial sums (element `i` into lane `i % 16`), then the lanes in order:
 /// the same bits on every target.
 #[multiversion(targets(
     "x86_64+avx512f+avx512vl+avx512bw+avx512dq",
@@ -121,7 +121,7 @@ pub fn scale_mask_exp(v: &mut [f32], scale: f32, mask: Option<&[f32]>, l: f32) {
     }
 }
 
-/// `Σ a[j] · b[j]` over [`LANES`] interleaved partial sums, then the lanes in order.
+/// `Σ a[j] · b[j]` over 16 interleaved partial sums, then the lanes in order.
 #[multiversion(targets(
     "x86_64+avx512f+avx512vl+avx512bw+avx512dq",
     "x86_64+avx2+fma",

@@ -21,7 +21,7 @@ pub struct PlanArgs {
 }
 
 pub fn run(args: PlanArgs) -> Result<ExitCode> {
-    let baseline = inputs::resident_bytes();
+    let baseline = crate::memstat::resident_bytes();
     let cfg = args.train.settings()?;
     let model_dir = crate::hub::resolve(&cfg.training.model)?;
     // A GPU run can be planned on a machine without one (or a build without CUDA): the device is
@@ -42,7 +42,7 @@ pub fn run(args: PlanArgs) -> Result<ExitCode> {
             (Some(d), t)
         }
     };
-    let (tok, tokenizer) = inputs::load_tokenizer(&model_dir)?;
+    let (tok, tokenizer) = crate::data::TokenizerBundle::load_measured(&model_dir)?;
     let (rows, train_rows) = crate::train::trainer::plan_data(&cfg, &tok).context("data.train")?;
     let mut p = inputs::for_run(&cfg, &model_dir, target, tokenizer, rows, baseline)?;
     let given = args

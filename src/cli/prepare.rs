@@ -97,7 +97,7 @@ pub fn run(a: PrepareArgs) -> Result<ExitCode> {
         records as f64 / secs.max(1e-9),
         tokens as f64 / secs.max(1e-9),
         rayon::current_num_threads(),
-        crate::plan::inputs::peak_resident_bytes() as f64 / (1u64 << 20) as f64
+        crate::memstat::peak_resident_bytes() as f64 / (1u64 << 20) as f64
     );
     if let Some(c) = &cache {
         println!("cache: {}", c.display());

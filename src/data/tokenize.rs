@@ -53,6 +53,18 @@ pub struct Encoded {
 }
 
 impl TokenizerBundle {
+    /// The tokenizer of `dir`, loaded, with the heap it took (0 where the allocator cannot
+    /// say): what `qlora plan` counts for it.
+    pub fn load_measured(dir: &Path) -> Result<(Self, u64)> {
+        let before = crate::memstat::heap_in_use();
+        let tok = Self::from_dir(dir)?;
+        let bytes = match (before, crate::memstat::heap_in_use()) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => 0,
+        };
+        Ok((tok, bytes))
+    }
+
     /// Reads tokenizer.json and tokenizer_config.json (chat template, special tokens) from `dir`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let tok_path = dir.join("tokenizer.json");

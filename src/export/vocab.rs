@@ -4,9 +4,9 @@
 //!   UNUSED), then the added tokens of added_tokens.json (USER_DEFINED), tokenizer_config.json and
 //!   tokenizer.json (score −1000, CONTROL when special, else USER_DEFINED).
 //! - BPE (`"gpt2"`, Phi-4-mini: tokenizer_config.json's `tokenizer_class` is `GPT2Tokenizer`): see
-//!   [`bpe`].
+//!   `bpe`.
 //!
-//! Both then get gguf-py's special tokens, flags, merges (BPE) and chat template ([`special`]).
+//! Both then get gguf-py's special tokens, flags, merges (BPE) and chat template (`special`).
 
 mod bpe;
 mod post_processor;

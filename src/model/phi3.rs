@@ -611,7 +611,7 @@ pub fn default_positions(ids: &Tensor) -> Result<Tensor> {
 }
 
 /// The memory of [`Phi3::block`] as training runs it, for `qlora plan`: the same ops in the same
-/// order as [`Phi3::block`], [`Phi3::attention`] and [`Phi3::projection`] (on the op path
+/// order as [`Phi3::block`], `Phi3::attention` and `Phi3::projection` (on the op path
 /// [`OpPath::for_device`] picks), each with the storage it allocates and how candle's backward
 /// allocates for it (see [`crate::plan::tape`]). Change one, change the other: the plan's tests
 /// compare it with what the block allocates.

@@ -1,6 +1,7 @@
 //! A plan's [`Inputs`] from a run's settings: the model's config and its checkpoint's tensor
-//! headers (nothing loaded), the tokenizer (loaded and measured) and the data (encoded as the
-//! trainer encodes it).
+//! headers (nothing loaded), the tokenizer's measured heap
+//! ([`crate::data::TokenizerBundle::load_measured`]) and the data (encoded as the trainer encodes
+//! it).
 
 use super::{Inputs, LoadKind, LoadTensor, Target};
 use crate::checkpoint::Checkpoint;
@@ -11,51 +12,6 @@ use crate::model::phi3::memory::Step;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
-
-/// Resident bytes of this process now (`VmRSS`), 0 where /proc is absent.
-pub fn resident_bytes() -> u64 {
-    proc_status_kb("VmRSS:") * 1024
-}
-
-/// Peak resident bytes of this process (`VmHWM`), 0 where /proc is absent.
-pub fn peak_resident_bytes() -> u64 {
-    proc_status_kb("VmHWM:") * 1024
-}
-
-fn proc_status_kb(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// Bytes the heap hands out now (glibc's `mallinfo2`: arena and mmapped blocks in use); `None`
-/// where the allocator cannot say.
-pub fn heap_in_use() -> Option<u64> {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallinfo2 only reads the allocator's statistics.
-        let m = unsafe { libc::mallinfo2() };
-        Some((m.uordblks + m.hblkhd) as u64)
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    None
-}
-
-/// The tokenizer of `dir`, loaded, with the heap it took (0 where the allocator cannot say).
-pub fn load_tokenizer(dir: &Path) -> Result<(crate::data::TokenizerBundle, u64)> {
-    let before = heap_in_use();
-    let tok = crate::data::TokenizerBundle::from_dir(dir)?;
-    let bytes = match (before, heap_in_use()) {
-        (Some(a), Some(b)) => b.saturating_sub(a),
-        _ => 0,
-    };
-    Ok((tok, bytes))
-}
 
 /// Bytes of the rows the trainer keeps: ids, positions, segments (u32) and targets (i64) per
 /// token, and each row's four vectors.

@@ -1127,7 +1127,7 @@ pub fn cpu_budget() -> Option<u64> {
         .trim()
         .parse()
         .ok()?;
-    Some(kb * 1024 + inputs::resident_bytes())
+    Some(kb * 1024 + crate::memstat::resident_bytes())
 }
 
 /// `8GiB`, `512MiB`, `1.5GB`, `2000000000` as bytes.

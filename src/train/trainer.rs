@@ -219,7 +219,7 @@ impl Trainer {
         check: PlanCheck,
         backend: Backend,
     ) -> Result<Self> {
-        let baseline = crate::plan::inputs::resident_bytes();
+        let baseline = crate::memstat::resident_bytes();
         if backend == Backend::Nccl {
             // One GPU per rank: the launcher's LOCAL_RANK.
             cfg.training.device = dist::rank_device(&cfg.training.device)?;
@@ -287,7 +287,7 @@ impl Trainer {
             // The adapters take their dropout from the adapter's config.
             a.config.dropout = cfg.lora.dropout;
         }
-        let (mut tok, tokenizer_bytes) = crate::plan::inputs::load_tokenizer(&model_dir)?;
+        let (mut tok, tokenizer_bytes) = crate::data::TokenizerBundle::load_measured(&model_dir)?;
         let tokenizer_files = add_tokens(&mut cfg, &mut tok, &model_dir, comm.rank() == 0)?;
         let pad_id = tok.pad_id.or(tok.eos_id).unwrap_or(0);
         let mut data = ObjectiveData::read(&cfg, &tok, pad_id)?;

@@ -124,7 +124,7 @@ pub struct Preference {
     pub reference: Option<Reference>,
     /// Precomputed reference scores `[chosen, rejected]` per training and evaluation pair.
     pub precomputed: Option<(RefScores, RefScores)>,
-    /// Sequences share rows ([`pair_batch`]): only without dropout, whose masks are drawn per
+    /// Sequences share rows (`pair_batch`): only without dropout, whose masks are drawn per
     /// row (so the layout of rows, which depends on the micro-batch, changes nothing).
     pub pack: bool,
     /// The step's normalisers: its pairs, and (ORPO) its chosen rows' scored tokens.

@@ -40,7 +40,7 @@ use std::sync::Arc;
 /// Default bytes of one chunk's scores: 8 heads of 2048 × 2048 in bf16; the backward holds about
 /// four such tensors (S, P, dP, dS) at once.
 pub const CHUNK_BYTES: usize = 64 << 20;
-/// On the CPU for half types (f32 runs on [`super::slices`], whose chunks are rows, not bytes):
+/// On the CPU for half types (f32 runs on `attention/slices.rs`, whose chunks are rows, not bytes):
 /// chunks that stay in a core's cache, many of them, run in parallel on rayon (the chunks of a
 /// causal mask differ in work, so many small ones balance the threads).
 pub const CPU_CHUNK_BYTES: usize = 128 << 10;
@@ -120,7 +120,7 @@ fn plan(s: &Shapes, elem: usize, blocking: Blocking) -> (usize, usize) {
 
 /// Bytes a blocked attention call holds beyond its inputs, its output (and the copy of it the op
 /// keeps for the backward) and the gradients it returns, at its peak (`qlora plan` counts them;
-/// each term is what [`Ctx::forward`] and [`Ctx::backward`] allocate).
+/// each term is what `Ctx::forward` and `Ctx::backward` allocate).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockedMemory {
     pub forward: u64,
