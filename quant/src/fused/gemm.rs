@@ -28,8 +28,16 @@ pub(super) fn rm(v: &[f32], cols: usize, t: bool) -> Mat {
     }
 }
 
-/// `dst[m, n] = (dst if acc) + beta · lhs[m, k] · rhs[k, n]`, dst row-major; parallel on rayon
-/// when there is enough work.
+/// Which threads run a product.
+#[derive(Clone, Copy)]
+pub(super) enum Threads {
+    /// The rayon pool's, when there is enough work.
+    Pool,
+    /// The calling thread's only: for callers that already run one task per thread.
+    Caller,
+}
+
+/// `dst[m, n] = (dst if acc) + beta · lhs[m, k] · rhs[k, n]`, dst row-major, on `threads`.
 pub(super) fn mm(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
@@ -37,36 +45,14 @@ pub(super) fn mm(
     lhs: Mat,
     rhs: Mat,
     beta: f32,
+    threads: Threads,
 ) {
-    let par = if m * n * k >= 1 << 20 {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
+    let par = match threads {
+        Threads::Pool if m * n * k >= 1 << 20 => {
+            gemm::Parallelism::Rayon(rayon::current_num_threads())
+        }
+        _ => gemm::Parallelism::None,
     };
-    mm_with((m, n, k), dst, acc, lhs, rhs, beta, par)
-}
-
-/// [`mm`] on the calling thread only: for callers that already run one task per thread.
-pub(super) fn mm_serial(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    acc: bool,
-    lhs: Mat,
-    rhs: Mat,
-    beta: f32,
-) {
-    mm_with((m, n, k), dst, acc, lhs, rhs, beta, gemm::Parallelism::None)
-}
-
-fn mm_with(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    acc: bool,
-    lhs: Mat,
-    rhs: Mat,
-    beta: f32,
-    par: gemm::Parallelism,
-) {
     assert!(
         dst.len() >= m * n && lhs.holds(m, k) && rhs.holds(k, n),
         "gemm operands too small for [{m}, {k}] · [{k}, {n}]"

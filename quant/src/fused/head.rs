@@ -9,7 +9,7 @@
 //! `exp` per logit, and 64·V floats of memory.
 
 use super::cpu::exp_sum_in_place;
-use super::gemm::{mm, rm};
+use super::gemm::{Threads, mm, rm};
 use candle_core::{DType, Device, Result, Tensor, bail};
 use rayon::prelude::*;
 
@@ -190,6 +190,7 @@ pub fn head_cpu(
                 rm(&hdv, hd, false),
                 rm(&av, hd, true),
                 1.0,
+                Threads::Pool,
             );
             Some((r, l.scale, hdv, av, bv, u))
         }
@@ -211,6 +212,7 @@ pub fn head_cpu(
             rm(&hv[start * hd..], hd, false),
             rm(wv, hd, true),
             1.0,
+            Threads::Pool,
         );
         if let Some((r, s, _, _, bv, u)) = &lo {
             mm(
@@ -220,6 +222,7 @@ pub fn head_cpu(
                 rm(&u[start * r..], *r, false),
                 rm(bv, *r, true),
                 *s,
+                Threads::Pool,
             );
         }
         // Per row: Σ z, max, Σ exp (each exp written in place), loss; then c·(p − onehot) in
@@ -270,6 +273,7 @@ pub fn head_cpu(
             rm(z, v, false),
             rm(wv, hd, false),
             1.0,
+            Threads::Pool,
         );
         if want_dw {
             mm(
@@ -279,6 +283,7 @@ pub fn head_cpu(
                 rm(z, v, true),
                 rm(&hv[start * hd..], hd, false),
                 1.0,
+                Threads::Pool,
             );
         }
         if let Some((r, s, hdv, av, bv, u)) = &lo {
@@ -291,6 +296,7 @@ pub fn head_cpu(
                 rm(z, v, false),
                 rm(bv, r, false),
                 1.0,
+                Threads::Pool,
             );
             mm(
                 (rows, hd, r),
@@ -299,6 +305,7 @@ pub fn head_cpu(
                 rm(&t, r, false),
                 rm(av, hd, false),
                 *s,
+                Threads::Pool,
             );
             mm(
                 (r, hd, rows),
@@ -307,6 +314,7 @@ pub fn head_cpu(
                 rm(&t, r, true),
                 rm(&hdv[start * hd..], hd, false),
                 *s,
+                Threads::Pool,
             );
             mm(
                 (v, r, rows),
@@ -315,6 +323,7 @@ pub fn head_cpu(
                 rm(z, v, true),
                 rm(&u[start * r..], r, false),
                 *s,
+                Threads::Pool,
             );
         }
     }

@@ -18,7 +18,7 @@
 //! gradients, with and without dropout.
 
 use super::cpu::{data, dropout_slice};
-use super::gemm::{mm, rm};
+use super::gemm::{Threads, mm, rm};
 use super::ops::Dropout;
 use crate::Nf4Tensor;
 use crate::op::{to_candle, x_w, x_wt};
@@ -138,6 +138,7 @@ fn adapter_in(xd: &[f32], a: &[f32], (m, r, inp): (usize, usize, usize)) -> Vec<
         rm(xd, inp, false),
         rm(a, inp, true),
         1.0,
+        Threads::Pool,
     );
     h
 }
@@ -190,6 +191,7 @@ impl CustomOp3 for LoraNf4 {
             rm(&h, r, false),
             rm(b, r, true),
             self.scale,
+            Threads::Pool,
         );
         let mut dims = l1.shape().dims().to_vec();
         *dims.last_mut().expect("x has a last dim") = out;
@@ -227,6 +229,7 @@ impl CustomOp3 for LoraNf4 {
             rm(dy, out, false),
             rm(b, r, false),
             self.scale,
+            Threads::Pool,
         );
         let mut dx = self
             .w
@@ -240,6 +243,7 @@ impl CustomOp3 for LoraNf4 {
                 rm(&g, r, false),
                 rm(a, inp, false),
                 1.0,
+                Threads::Pool,
             ),
             Some(op) => {
                 let mut gd = vec![0f32; m * inp];
@@ -250,6 +254,7 @@ impl CustomOp3 for LoraNf4 {
                     rm(&g, r, false),
                     rm(a, inp, false),
                     1.0,
+                    Threads::Pool,
                 );
                 let gd = dropout_slice(&gd, op, |v| v * op.scale);
                 dx.iter_mut().zip(&gd).for_each(|(d, v)| *d += v);
@@ -263,6 +268,7 @@ impl CustomOp3 for LoraNf4 {
             rm(&g, r, true),
             rm(&xd, inp, false),
             1.0,
+            Threads::Pool,
         );
         let h = adapter_in(&xd, a, (m, r, inp));
         let mut db = vec![0f32; out * r];
@@ -273,6 +279,7 @@ impl CustomOp3 for LoraNf4 {
             rm(dy, out, true),
             rm(&h, r, false),
             self.scale,
+            Threads::Pool,
         );
         let dev = Device::Cpu;
         Ok((

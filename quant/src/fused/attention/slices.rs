@@ -26,7 +26,7 @@
 //! query rows, so every product was an 8-row gemm behind a dozen tensor allocations, and every
 //! chunk's key/value gradients were a fresh allocation (18 GB of pages per step of the 135M model).
 
-use super::super::gemm::{mm_serial, rm};
+use super::super::gemm::{Threads, mm, rm};
 use super::Shapes;
 use crate::vmath;
 use std::cell::RefCell;
@@ -155,13 +155,14 @@ impl Slices<'_> {
     /// `S = qs kᵀ [rep·n, keys]` into `s`.
     fn scores(&self, qs: &[f32], kc: &[f32], c: Rows, s: &mut [f32]) {
         let (d, rows) = (self.s.d, self.rep() * c.n);
-        mm_serial(
+        mm(
             (rows, c.keys, d),
             s,
             false,
             rm(qs, d, false),
             rm(kc, d, true),
             1.0,
+            Threads::Caller,
         );
     }
 
@@ -191,13 +192,14 @@ impl Slices<'_> {
                 self.scores(qs, self.heads(self.k, b, c), c, s);
                 self.exp_rows(b, c, s, &mut stats);
                 let vc = self.heads(self.v, b, c);
-                mm_serial(
+                mm(
                     (rows, d, c.keys),
                     o,
                     false,
                     rm(s, c.keys, false),
                     rm(vc, d, false),
                     1.0,
+                    Threads::Caller,
                 );
                 for (orow, &(m, l)) in o.chunks_exact_mut(d).zip(&stats) {
                     orow.iter_mut().for_each(|x| *x /= l);
@@ -260,13 +262,14 @@ impl Slices<'_> {
                             }
                         }
                     }
-                    mm_serial(
+                    mm(
                         (rows, c.keys, d),
                         ds,
                         false,
                         rm(dos, d, false),
                         rm(vc, d, true),
                         1.0,
+                        Threads::Caller,
                     );
                     for (r, (pr, dr)) in p[..rows * c.keys]
                         .chunks_exact(c.keys)
@@ -277,13 +280,14 @@ impl Slices<'_> {
                         let delta = vmath::dot(&dout[at..at + d], &o[at..at + d]);
                         vmath::softmax_grad(pr, dr, delta, self.scale);
                     }
-                    mm_serial(
+                    mm(
                         (rows, d, c.keys),
                         dq,
                         false,
                         rm(ds, c.keys, false),
                         rm(kc, d, false),
                         1.0,
+                        Threads::Caller,
                     );
                     // dq rows into the task's [B, rep, n_all, D].
                     for r in 0..rep {
@@ -293,21 +297,23 @@ impl Slices<'_> {
                     }
                     let kv = b * keys_all * d..b * keys_all * d + c.keys * d;
                     let acc = ci > 0;
-                    mm_serial(
+                    mm(
                         (c.keys, d, rows),
                         &mut g.dk[kv.clone()],
                         acc,
                         rm(ds, c.keys, true),
                         rm(qs, d, false),
                         1.0,
+                        Threads::Caller,
                     );
-                    mm_serial(
+                    mm(
                         (c.keys, d, rows),
                         &mut g.dv[kv],
                         acc,
                         rm(p, c.keys, true),
                         rm(dos, d, false),
                         1.0,
+                        Threads::Caller,
                     );
                 }
             }
