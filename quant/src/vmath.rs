@@ -285,10 +285,6 @@ mod tests {
                 .map(|i| s[i] * scale + m.map_or(0.0, |m| m[i]))
                 .collect();
             let mut v = s.clone();
-            if m.is_none() {
-                v.iter_mut().zip(&s).for_each(|(v, s)| *v = s * scale);
-            }
-            let mut v = s.clone();
             let max = scale_mask_max(&mut v, scale, m);
             let want = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(max, want);

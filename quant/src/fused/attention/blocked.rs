@@ -29,7 +29,7 @@
 //! kept for the backward ([`super::slices`]); on CUDA and for half types on the CPU, the ops
 //! above.
 
-use super::super::cpu::with_host;
+use super::super::cpu::{with_host, with_mask};
 use super::super::known::{Known, known_output};
 use super::super::ops::{Softmax, SoftmaxBwd};
 use super::Shapes;
@@ -378,16 +378,10 @@ impl Ctx {
             Some(m) if m.dim(0)? != 1 => self.s.t * self.s.tk,
             _ => 0,
         };
-        let mask = |f: &mut dyn FnMut(Option<&[f32]>) -> Result<R>| match &self.mask {
-            Some(m) => with_host::<f32, _>(m, |m| f(Some(m)))?,
-            None => f(None),
-        };
         with_host::<f32, _>(q, |q| {
             with_host::<f32, _>(k, |k| {
                 with_host::<f32, _>(v, |v| {
-                    let mut f = Some(f);
-                    mask(&mut |mask| {
-                        let f = f.take().expect("called once");
+                    with_mask::<f32, _>(self.mask.as_ref(), |mask| {
                         f(&Slices {
                             s: self.s,
                             q,
@@ -397,7 +391,7 @@ impl Ctx {
                             mask_batch_stride,
                             scale: self.scale,
                         })
-                    })
+                    })?
                 })?
             })?
         })?

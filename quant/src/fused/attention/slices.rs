@@ -251,7 +251,8 @@ impl Slices<'_> {
                             }
                         }
                         None => {
-                            // L as the forward computes it, then P = exp(x − L) from the kept x.
+                            // L as the forward computes it (its passes leave e in p), then S
+                            // again for P = exp(x − L): the same bits as the forward's L gives.
                             self.exp_rows(b, c, p, &mut stats);
                             self.scores(qs, kc, c, p);
                             for (r, row) in p[..rows * c.keys].chunks_exact_mut(c.keys).enumerate()
